@@ -1,0 +1,3 @@
+"""c2vkd_hf: distil CNN segmentation teachers into ViT students (C2VKD, arXiv 2310.07265)."""
+
+__version__ = "0.1.0"

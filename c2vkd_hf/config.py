@@ -1,0 +1,144 @@
+"""Argument dataclasses parsed with :class:`transformers.HfArgumentParser`.
+
+``TrainingArguments`` stays transformers' own; these two dataclasses hold everything else:
+
+* :class:`DataArguments`: where the data comes from and how it is augmented;
+* :class:`DistillationArguments`: teacher, student, method, loss weights and temperatures, text
+  embeddings.
+
+Every loss constant documented in ``c2vkd_hf.losses`` has a flag here; the defaults are the
+project's defaults (see the module docstrings of ``c2vkd_hf.losses`` for the formulas).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+#: The one internal ignore value used for labels everywhere in the package.
+IGNORE_INDEX = 255
+
+METHODS = ("c2vkd", "kd", "cwd", "dist", "dkd", "none")
+
+
+@dataclass
+class DataArguments:
+    """Where the segmentation data comes from, and how it is transformed.
+
+    Exactly one source is used, in this order of precedence: local folders
+    (``train_images``/``train_labels``/...), a Hub or local ``datasets`` dataset
+    (``dataset_name``), or the built-in synthetic dataset (``dataset_name="synthetic"``, default).
+    """
+
+    dataset_name: str = field(
+        default="synthetic",
+        metadata={"help": "'synthetic' (built-in procedural scenes), or a Hub dataset id / local path "
+                  "for datasets.load_dataset. Ignored when --train_images is given."},
+    )
+    dataset_config_name: Optional[str] = field(default=None, metadata={"help": "datasets config name."})
+    image_column: str = field(default="image", metadata={"help": "Image column of a datasets dataset."})
+    label_column: str = field(default="label", metadata={"help": "Mask column of a datasets dataset."})
+    train_split: str = field(default="train", metadata={"help": "Training split name."})
+    validation_split: str = field(default="validation", metadata={"help": "Evaluation split name."})
+    train_images: Optional[str] = field(default=None, metadata={"help": "Folder of training images."})
+    train_labels: Optional[str] = field(default=None, metadata={"help": "Folder of training masks (same file stems)."})
+    validation_images: Optional[str] = field(default=None, metadata={"help": "Folder of validation images."})
+    validation_labels: Optional[str] = field(default=None, metadata={"help": "Folder of validation masks."})
+    labels_file: Optional[str] = field(
+        default=None,
+        metadata={"help": "JSON: a list of class names, or an object with 'classes' and optional "
+                  "'ignore_index' (the dataset's own void value, mapped to 255)."},
+    )
+    dataset_ignore_index: Optional[int] = field(
+        default=None,
+        metadata={"help": "The dataset's own void label value, mapped to the internal ignore value 255 "
+                  "(overrides labels_file's ignore_index)."},
+    )
+    reduce_labels: bool = field(
+        default=False,
+        metadata={"help": "Label 0 is background to ignore: 0 -> 255, every other value v -> v - 1."},
+    )
+    synthetic_train_size: int = field(default=64, metadata={"help": "Synthetic dataset: training images."})
+    synthetic_validation_size: int = field(default=16, metadata={"help": "Synthetic dataset: validation images."})
+    synthetic_height: int = field(default=64, metadata={"help": "Synthetic dataset: image height."})
+    synthetic_width: int = field(default=64, metadata={"help": "Synthetic dataset: image width."})
+    synthetic_seed: int = field(default=0, metadata={"help": "Synthetic dataset: seed."})
+    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Truncate the training split."})
+    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Truncate the validation split."})
+    resize_height: Optional[int] = field(
+        default=None, metadata={"help": "Images (train and eval) are first resized to this height (default: keep)."}
+    )
+    resize_width: Optional[int] = field(default=None, metadata={"help": "Resize width (with resize_height)."})
+    crop_height: Optional[int] = field(default=None, metadata={"help": "Training crop height (default: resized height)."})
+    crop_width: Optional[int] = field(default=None, metadata={"help": "Training crop width (default: resized width)."})
+    min_scale: float = field(default=0.75, metadata={"help": "Random rescale range, lower bound."})
+    max_scale: float = field(default=1.5, metadata={"help": "Random rescale range, upper bound."})
+    hflip: bool = field(default=True, metadata={"help": "Random horizontal flip for training."})
+    eval_full_resolution: bool = field(
+        default=True,
+        metadata={"help": "Evaluate against labels at their original size (logits upsampled); otherwise "
+                  "labels are resized (nearest) to the eval image size."},
+    )
+
+
+@dataclass
+class DistillationArguments:
+    """Teacher, student, method and loss constants (formulas: ``c2vkd_hf.losses``)."""
+
+    student_name_or_path: str = field(
+        default="segformer-b0",
+        metadata={"help": "Hub id or folder of an AutoModelForSemanticSegmentation, or segformer-b0..b5 "
+                  "(random init)."},
+    )
+    teacher_name_or_path: Optional[str] = field(
+        default=None,
+        metadata={"help": "Hub id or folder of a CNN AutoModelForSemanticSegmentation teacher. Required unless "
+                  "--method none; the offline default trains a small one when omitted."},
+    )
+    method: str = field(default="c2vkd", metadata={"help": f"One of {', '.join(METHODS)}."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow Hub code for teacher/student."})
+
+    # total loss weights
+    ce_weight: float = field(default=1.0, metadata={"help": "Weight of cross-entropy on labels."})
+    pdd_weight: float = field(default=1.0, metadata={"help": "C2VKD: weight of PDD."})
+    glob_weight: float = field(default=1.0, metadata={"help": "C2VKD: weight of the VLFD global term."})
+    rel_weight: float = field(default=1.0, metadata={"help": "C2VKD: weight of the VLFD relation term."})
+    ling_weight: float = field(default=1.0, metadata={"help": "C2VKD: weight of the VLFD linguistic term."})
+    kd_weight: Optional[float] = field(
+        default=None,
+        metadata={"help": "Weight of the peer loss (kd/cwd/dist/dkd); default is each method's published recipe."},
+    )
+
+    # PDD / DKD
+    pdd_alpha: float = field(default=1.0, metadata={"help": "PDD: weight of the target-class term TC."})
+    pdd_beta: float = field(default=1.0, metadata={"help": "PDD: weight of the non-target term NC."})
+    pdd_temperature: float = field(default=1.0, metadata={"help": "PDD: temperature T."})
+    label_weight: float = field(default=0.5, metadata={"help": "PDD/linguistic label correction g in [0, 1]."})
+
+    # VLFD
+    feature_pairs: Optional[str] = field(
+        default=None,
+        metadata={"help": "Comma-separated student:teacher feature names (default: last student stage with "
+                  "last teacher stage)."},
+    )
+    glob_tau: float = field(default=1.0, metadata={"help": "VLFD global term: channel softmax temperature."})
+    rel_grid: int = field(default=16, metadata={"help": "VLFD relation term: pooled grid size G."})
+    ling_tau: float = field(default=0.03, metadata={"help": "VLFD linguistic term: pixel-text temperature."})
+
+    # text embeddings
+    text_embeddings: Optional[str] = field(
+        default=None, metadata={"help": "Precomputed class-name embeddings [K, D] (.pth, .safetensors, .npy)."}
+    )
+    clip_model: Optional[str] = field(default=None, metadata={"help": "open_clip model name, e.g. ViT-B-16."})
+    clip_pretrained: Optional[str] = field(
+        default=None, metadata={"help": "open_clip pretrained tag or local checkpoint path."}
+    )
+    prompt_templates: str = field(
+        default="ensemble", metadata={"help": "'ensemble' (standard ImageNet templates) or one template with {}."}
+    )
+
+    # peers (None: the published recipe)
+    kd_temperature: Optional[float] = field(default=None, metadata={"help": "KD/CWD/DIST/DKD temperature."})
+
+    # teacher training (offline default / train_teacher.py)
+    teacher_cache_dir: Optional[str] = field(default=None, metadata={"help": "Where a trained default teacher is cached."})
