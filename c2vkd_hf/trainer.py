@@ -1,0 +1,233 @@
+"""``DistillationTrainer``: a :class:`transformers.Trainer` that distils a frozen CNN teacher into a student.
+
+One code path serves every method (``c2vkd``, ``kd``, ``cwd``, ``dist``, ``dkd`` and ``none``): the
+trainer runs the frozen teacher, then calls the trained :class:`DistillationModel` (student + the
+loss module that owns the projectors), which returns a dict of named loss terms. Design choices,
+each forced by how ``Trainer`` works (see DESIGN.md, "Trainer facts"):
+
+* The projectors must be optimised, DDP-synchronised and checkpointed, so they live inside the
+  module the Trainer trains (:class:`DistillationModel`); the loss is computed inside its
+  ``forward`` so that DDP sees every parameter that gets a gradient.
+* The teacher is placed with ``accelerator.prepare_model(..., evaluation_mode=True)``: right device,
+  mixed precision, never DDP-wrapped; it is frozen (``eval()``, ``requires_grad_(False)``) and runs
+  under ``torch.no_grad()``.
+* Our loss is a per-batch mean, so ``model_accepts_loss_kwargs`` and ``loss_is_scaled_for_ga`` are
+  both ``False``: the Trainer then divides it by the accumulation steps exactly once.
+* Saving: the output folder (``save_model``) is a plain student: weights, config with ``id2label``
+  and the image processor, loadable with ``AutoModelForSemanticSegmentation``. Checkpoints
+  additionally hold ``distillation_modules.safetensors`` (the projectors), restored on resume.
+* Evaluation skips the teacher: the student's logits and cross-entropy only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import Trainer
+from transformers.modeling_outputs import SemanticSegmenterOutput
+
+from .losses.common import cross_entropy
+from .models import forward_features, renormalize
+
+logger = logging.getLogger(__name__)
+
+DISTILLATION_MODULES_NAME = "distillation_modules.safetensors"
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN or infinite during training."""
+
+
+class DistillationModel(nn.Module):
+    """The module the Trainer optimises: the student plus the loss module holding the projectors.
+
+    ``forward(pixel_values, labels=None, teacher_logits=None, teacher_features=None)``:
+    without teacher outputs (evaluation) it returns the student's logits and, given labels, the
+    loss module's cross-entropy; with them it returns the total distillation loss, the logits and
+    every unweighted term in ``terms``.
+    """
+
+    main_input_name = "pixel_values"
+
+    def __init__(self, student: nn.Module, loss_module: nn.Module,
+                 student_feature_names: Optional[list[str]] = None):
+        super().__init__()
+        self.student = student
+        self.distill_loss = loss_module
+        self.student_feature_names = list(student_feature_names or [])
+        self.config = student.config  # read by Trainer (e.g. keys_to_ignore_at_inference)
+
+    def forward(self, pixel_values: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                teacher_logits: Optional[torch.Tensor] = None,
+                teacher_features: Optional[list[torch.Tensor]] = None, return_terms: bool = False):
+        if teacher_logits is not None and self.student_feature_names:
+            logits, features = forward_features(self.student, pixel_values)
+            student_features = [features[name] for name in self.student_feature_names]
+        else:
+            logits, student_features = self.student(pixel_values=pixel_values).logits, None
+        if labels is None:
+            return SemanticSegmenterOutput(logits=logits)
+        if teacher_logits is None and self.distill_loss.requires_teacher:
+            # evaluation: the student's weighted cross-entropy only
+            ce = cross_entropy(logits, labels, ignore_index=self.distill_loss.ignore_index)
+            terms = {"ce": ce, "loss": self.distill_loss.weights["ce"] * ce}
+        else:
+            terms = self.distill_loss(logits, teacher_logits, labels, student_features=student_features,
+                                      teacher_features=teacher_features)
+        if return_terms:
+            return {"loss": terms["loss"], "logits": logits, "terms": terms}
+        return SemanticSegmenterOutput(loss=terms["loss"], logits=logits)
+
+
+class DistillationTrainer(Trainer):
+    """Trainer that distils ``teacher`` into ``model.student`` with ``model.distill_loss``.
+
+    Args:
+        model: a :class:`DistillationModel`.
+        teacher: a segmentation model, or ``None`` for ``--method none``.
+        teacher_feature_names: names (see :func:`c2vkd_hf.models.forward_features`) of the teacher
+            feature maps paired with ``model.student_feature_names``.
+        student_mean_std / teacher_mean_std: input normalisations; the batch arrives normalised
+            for the student and is re-normalised for the teacher.
+        All other arguments are :class:`transformers.Trainer`'s.
+    """
+
+    def __init__(self, *args, teacher: Optional[nn.Module] = None,
+                 teacher_feature_names: Optional[list[str]] = None,
+                 student_mean_std: Optional[tuple] = None, teacher_mean_std: Optional[tuple] = None,
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        # Our loss is a per-batch mean; the Trainer must divide it by the accumulation steps.
+        self.model_accepts_loss_kwargs = False
+        self.loss_is_scaled_for_ga = False
+        self.teacher_feature_names = list(teacher_feature_names or [])
+        self.student_mean_std = student_mean_std
+        self.teacher_mean_std = teacher_mean_std
+        self.teacher = None
+        if teacher is not None:
+            teacher.eval()
+            teacher.requires_grad_(False)
+            self.teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
+        self._term_sums: dict[str, torch.Tensor] = {}
+        self._term_count = 0
+
+    # ----------------------------------------------------------------------------- loss
+    def _teacher_outputs(self, pixel_values: torch.Tensor):
+        if self.student_mean_std is not None and self.teacher_mean_std is not None:
+            pixel_values = renormalize(pixel_values, *self.student_mean_std, *self.teacher_mean_std)
+        with torch.no_grad():
+            if self.teacher_feature_names:
+                logits, features = forward_features(self.teacher, pixel_values)
+                feats = [features[name].detach() for name in self.teacher_feature_names]
+            else:
+                logits, feats = self.teacher(pixel_values=pixel_values).logits, None
+        return logits.detach(), feats
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        pixel_values, labels = inputs["pixel_values"], inputs.get("labels")
+        if not model.training:
+            # Evaluation (or prediction): the student alone, no teacher.
+            outputs = model(pixel_values=pixel_values, labels=labels)
+            return (outputs.loss, outputs) if return_outputs else outputs.loss
+        teacher_logits, teacher_features = (None, None)
+        if self.teacher is not None:
+            teacher_logits, teacher_features = self._teacher_outputs(pixel_values)
+        outputs = model(pixel_values=pixel_values, labels=labels, teacher_logits=teacher_logits,
+                        teacher_features=teacher_features, return_terms=True)
+        self._check_finite(outputs["terms"])
+        self._accumulate_terms(outputs["terms"])
+        return (outputs["loss"], outputs) if return_outputs else outputs["loss"]
+
+    def _check_finite(self, terms: dict[str, torch.Tensor]) -> None:
+        for name, value in terms.items():
+            if not torch.isfinite(value.detach()).all():
+                raise NonFiniteLossError(
+                    f"Loss term '{name}' became {value.item()} at step {self.state.global_step}. Training was "
+                    f"stopped; the last good checkpoint in {self.args.output_dir} is kept. Lower the learning "
+                    f"rate or this term's weight, or use float32.")
+
+    def _accumulate_terms(self, terms: dict[str, torch.Tensor]) -> None:
+        for name, value in terms.items():
+            if name == "loss":
+                continue
+            value = value.detach().float()
+            self._term_sums[name] = self._term_sums.get(name, 0.0) + value
+        self._term_count += 1
+
+    def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
+        """Adds the mean of every loss term since the last log, unweighted (``loss/<term>``) and
+        weighted (``loss_weighted/<term>``), averaged across processes."""
+        if "loss" in logs and self._term_count:
+            names = sorted(self._term_sums)
+            stacked = torch.stack([torch.as_tensor(self._term_sums[n], device=self.args.device)
+                                   for n in names]) / self._term_count
+            if self.accelerator.num_processes > 1:
+                stacked = self.accelerator.reduce(stacked, reduction="mean")
+            weights = getattr(self.accelerator.unwrap_model(self.model).distill_loss, "weights", {})
+            for name, value in zip(names, stacked.tolist()):
+                logs[f"loss/{name}"] = round(value, 6)
+                if name in weights:
+                    logs[f"loss_weighted/{name}"] = round(value * weights[name], 6)
+            self._term_sums, self._term_count = {}, 0
+        super().log(logs, start_time)
+
+    # ----------------------------------------------------------------------------- saving
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        self._saving_checkpoint = _internal_call
+        try:
+            super().save_model(output_dir, _internal_call=_internal_call)
+        finally:
+            self._saving_checkpoint = False
+
+    def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
+        """Saves the plain student (and, in checkpoints, the projectors beside it)."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        wrapper = self.accelerator.unwrap_model(self.model)
+        wrapper.student.save_pretrained(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        if getattr(self, "_saving_checkpoint", False):
+            extra = {k: v.detach().cpu().contiguous() for k, v in wrapper.distill_loss.state_dict().items()}
+            if extra:
+                save_file(extra, os.path.join(output_dir, DISTILLATION_MODULES_NAME))
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_student_and_modules(self, folder: str) -> None:
+        wrapper = self.accelerator.unwrap_model(self.model)
+        weights = os.path.join(folder, "model.safetensors")
+        if not os.path.isfile(weights):
+            raise ValueError(f"Can't find a valid checkpoint at {folder} (no model.safetensors).")
+        wrapper.student.load_state_dict(load_file(weights, device="cpu"), strict=True)
+        extra = os.path.join(folder, DISTILLATION_MODULES_NAME)
+        if os.path.isfile(extra):
+            wrapper.distill_loss.load_state_dict(load_file(extra, device="cpu"), strict=True)
+        elif any(True for _ in wrapper.distill_loss.parameters()):
+            logger.warning("%s has no %s: projectors start from scratch.", folder, DISTILLATION_MODULES_NAME)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        self._load_student_and_modules(resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        self._load_student_and_modules(self.state.best_model_checkpoint)
+
+
+def parse_feature_pairs(spec: Optional[str]) -> list[tuple[str, str]]:
+    """``"stage4:stage4,stage3:stage3"`` -> ``[("stage4", "stage4"), ("stage3", "stage3")]``."""
+    if not spec:
+        return []
+    pairs = []
+    for item in spec.split(","):
+        if item.count(":") != 1 or not all(part.strip() for part in item.split(":")):
+            raise ValueError(f"--feature_pairs entry '{item}' must look like student_name:teacher_name.")
+        student_name, teacher_name = (part.strip() for part in item.split(":"))
+        pairs.append((student_name, teacher_name))
+    return pairs
+
