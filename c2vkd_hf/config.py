@@ -95,6 +95,11 @@ class DistillationArguments:
         metadata={"help": "Hub id or folder of a CNN AutoModelForSemanticSegmentation teacher. Required unless "
                   "--method none; the offline default trains a small one when omitted."},
     )
+    student_config_overrides: Optional[str] = field(
+        default=None,
+        metadata={"help": "JSON object of config fields for a named SegFormer size, e.g. "
+                  "'{\"hidden_sizes\": [16, 32, 64, 128]}' (tiny students for tests)."},
+    )
     method: str = field(default="c2vkd", metadata={"help": f"One of {', '.join(METHODS)}."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow Hub code for teacher/student."})
 
@@ -141,4 +146,8 @@ class DistillationArguments:
     kd_temperature: Optional[float] = field(default=None, metadata={"help": "KD/CWD/DIST/DKD temperature."})
 
     # teacher training (offline default / train_teacher.py)
-    teacher_cache_dir: Optional[str] = field(default=None, metadata={"help": "Where a trained default teacher is cached."})
+    teacher_cache_dir: Optional[str] = field(
+        default=None, metadata={"help": "Offline default job: where its trained teacher is cached (default "
+                                "<output_dir>/teacher)."})
+    default_teacher_steps: int = field(
+        default=150, metadata={"help": "Offline default job: training steps of its small teacher."})

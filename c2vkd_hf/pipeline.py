@@ -200,12 +200,11 @@ def train_teacher(data: SegmentationData, data_args: DataArguments, training_arg
 
 # ------------------------------------------------------------------------------------------ distil
 #: The offline default job: small enough for a 2-core CPU in well under 10 minutes.
-DEFAULT_TEACHER_STEPS = 150
 DEFAULT_TEACHER_LR = 2e-3
 
 
 def _default_teacher(data: SegmentationData, data_args: DataArguments, training_args: TrainingArguments,
-                     folder: Path) -> str:
+                     folder: Path, steps: int) -> str:
     """Trains (once; reused afterwards) the small CNN teacher of the offline default job."""
     if (folder / "teacher_results.json").is_file():
         logger.info("Reusing the default teacher in %s", folder)
@@ -213,7 +212,7 @@ def _default_teacher(data: SegmentationData, data_args: DataArguments, training_
     logger.warning("No --teacher_name_or_path: training a small CNN teacher first, in %s (cached for later runs).",
                    folder)
     args = TrainingArguments(
-        output_dir=str(folder), max_steps=DEFAULT_TEACHER_STEPS, learning_rate=DEFAULT_TEACHER_LR,
+        output_dir=str(folder), max_steps=steps, learning_rate=DEFAULT_TEACHER_LR,
         per_device_train_batch_size=training_args.per_device_train_batch_size,
         per_device_eval_batch_size=training_args.per_device_eval_batch_size,
         lr_scheduler_type="polynomial", warmup_steps=10, weight_decay=1e-4, logging_steps=25,
@@ -269,11 +268,13 @@ def run_distillation(dist_args: DistillationArguments, data_args: DataArguments,
                 raise UserInputError(f"--teacher_name_or_path is required for --method {dist_args.method} "
                                      f"(a CNN AutoModelForSemanticSegmentation folder or Hub id).")
             cache = Path(dist_args.teacher_cache_dir or output_dir / "teacher")
-            teacher_name = _default_teacher(data, data_args, training_args, cache)
+            teacher_name = _default_teacher(data, data_args, training_args, cache, dist_args.default_teacher_steps)
         teacher = load_teacher(teacher_name, trust_remote_code=dist_args.trust_remote_code)
         check_class_agreement(id2label, teacher=teacher, teacher_name=teacher_name)
 
-    student = load_student(dist_args.student_name_or_path, id2label, trust_remote_code=dist_args.trust_remote_code)
+    overrides = json.loads(dist_args.student_config_overrides) if dist_args.student_config_overrides else None
+    student = load_student(dist_args.student_name_or_path, id2label, trust_remote_code=dist_args.trust_remote_code,
+                           config_overrides=overrides)
     processor = student_image_processor(student, size=processor_size(data_args, data))
     student_mean, student_std = image_mean_std(student)
 

@@ -201,11 +201,13 @@ class DistillationTrainer(Trainer):
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _load_student_and_modules(self, folder: str) -> None:
+        """Restores the student (through ``from_pretrained``, which maps transformers' on-disk key
+        names) and the projectors of a checkpoint folder."""
         wrapper = self.accelerator.unwrap_model(self.model)
-        weights = os.path.join(folder, "model.safetensors")
-        if not os.path.isfile(weights):
-            raise ValueError(f"Can't find a valid checkpoint at {folder} (no model.safetensors).")
-        wrapper.student.load_state_dict(load_file(weights, device="cpu"), strict=True)
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            raise ValueError(f"Can't find a valid checkpoint at {folder} (no config.json).")
+        saved = type(wrapper.student).from_pretrained(folder)
+        wrapper.student.load_state_dict(saved.state_dict(), strict=True)
         extra = os.path.join(folder, DISTILLATION_MODULES_NAME)
         if os.path.isfile(extra):
             wrapper.distill_loss.load_state_dict(load_file(extra, device="cpu"), strict=True)

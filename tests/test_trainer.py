@@ -1,0 +1,131 @@
+"""DistillationTrainer on tiny models: gradient accumulation, resume, saving, evaluation, logging."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForSemanticSegmentation, TrainerCallback
+
+from c2vkd_hf.trainer import DISTILLATION_MODULES_NAME, NonFiniteLossError, parse_feature_pairs
+from tiny import c2vkd_model, make_trainer, tensor_dataset, tiny_student, tiny_teacher
+
+
+def _params(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same(a: dict, b: dict, atol: float = 1e-6):
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=1e-5, msg=lambda m: f"{key}: {m}")
+
+
+def test_gradient_accumulation_matches_full_batch(tmp_path):
+    """Batch 8 once == batch 2 x 4 accumulation steps (SGD, no BatchNorm, no ignore pixels)."""
+    data = tensor_dataset(8)
+    results = []
+    for batch, accumulation in ((8, 1), (2, 4)):
+        teacher = tiny_teacher()
+        model = c2vkd_model(tiny_student(batch_norm=False), teacher)
+        start = _params(model)
+        trainer = make_trainer(str(tmp_path / f"b{batch}"), model, teacher, data, per_device_train_batch_size=batch,
+                               gradient_accumulation_steps=accumulation, max_steps=1, optim="sgd",
+                               learning_rate=0.1, lr_scheduler_type="constant")
+        trainer.train()
+        results.append(_params(model))
+    moved = max((results[0][k] - start[k]).abs().max().item() for k in start)
+    assert moved > 1e-4, "the step must change the weights for the comparison to mean anything"
+    _assert_same(results[0], results[1], atol=1e-5)
+
+
+class _StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+
+
+def test_resume_restores_student_projectors_optimizer_and_rng(tmp_path):
+    data = tensor_dataset(16, seed=1)
+    common = dict(per_device_train_batch_size=4, max_steps=4, save_strategy="steps", save_steps=2,
+                  learning_rate=3e-3)
+
+    teacher = tiny_teacher()
+    full = c2vkd_model(tiny_student(), teacher)
+    make_trainer(str(tmp_path / "full"), full, teacher, data, **common).train()
+
+    teacher = tiny_teacher()
+    part = c2vkd_model(tiny_student(), teacher)
+    trainer = make_trainer(str(tmp_path / "part"), part, teacher, data, **common)
+    trainer.add_callback(_StopAt(2))
+    trainer.train()
+    checkpoint = tmp_path / "part" / "checkpoint-2"
+    assert (checkpoint / DISTILLATION_MODULES_NAME).is_file()
+    assert (checkpoint / "optimizer.pt").is_file() and (checkpoint / "scheduler.pt").is_file()
+
+    teacher = tiny_teacher()
+    resumed = c2vkd_model(tiny_student(seed=5), teacher, seed=5)  # different init: everything must come from disk
+    make_trainer(str(tmp_path / "part"), resumed, teacher, data, **common).train(resume_from_checkpoint=str(checkpoint))
+    _assert_same(_params(full), _params(resumed), atol=1e-5)
+
+
+def test_saved_folder_is_a_plain_student_and_eval_skips_teacher(tmp_path):
+    teacher = tiny_teacher()
+    model = c2vkd_model(tiny_student(), teacher)
+    trainer = make_trainer(str(tmp_path), model, teacher, tensor_dataset(8), eval_dataset=tensor_dataset(4, seed=9))
+    trainer.train()
+    calls = []
+    handle = teacher.register_forward_hook(lambda *a: calls.append(1))
+    metrics = trainer.evaluate()
+    handle.remove()
+    assert not calls, "evaluation must not run the teacher"
+    assert 0.0 <= metrics["eval_mean_iou"] <= 1.0
+    out = tmp_path / "student"
+    trainer.save_model(str(out))
+    assert not (out / DISTILLATION_MODULES_NAME).exists()
+    reloaded = AutoModelForSemanticSegmentation.from_pretrained(str(out)).eval()
+    assert reloaded.config.id2label == model.student.config.id2label
+    x = torch.randn(1, 3, 32, 32)
+    model.student.eval()
+    torch.testing.assert_close(reloaded(pixel_values=x).logits, model.student(pixel_values=x).logits)
+
+
+def test_every_loss_term_is_logged_and_teacher_untouched(tmp_path):
+    teacher = tiny_teacher()
+    before = _params(teacher)
+    model = c2vkd_model(tiny_student(), teacher)
+    projectors_before = _params(model.distill_loss)
+    trainer = make_trainer(str(tmp_path), model, teacher, tensor_dataset(8))
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert logged
+    for term in ("ce", "pdd", "glob", "rel", "ling"):
+        assert f"loss/{term}" in logged[0], logged[0]
+        assert f"loss_weighted/{term}" in logged[0]
+    _assert_same(before, _params(teacher), atol=0)
+    assert all(p.grad is None for p in teacher.parameters())
+    # projectors are trained, the text embeddings are not
+    after = _params(model.distill_loss)
+    changed = [k for k in projectors_before if not torch.equal(projectors_before[k], after[k])]
+    assert changed and all("text" not in k for k in changed), changed
+
+
+def test_non_finite_loss_stops_with_the_term_name(tmp_path):
+    teacher = tiny_teacher()
+    model = c2vkd_model(tiny_student(), teacher)
+    data = tensor_dataset(8)
+    data[0]["pixel_values"][:] = float("nan")
+    trainer = make_trainer(str(tmp_path), model, teacher, data)
+    with pytest.raises(NonFiniteLossError, match="Loss term '.*' became nan at step 0"):
+        trainer.train()
+
+
+def test_parse_feature_pairs():
+    assert parse_feature_pairs("stage4:stage4, stage3:stage2") == [("stage4", "stage4"), ("stage3", "stage2")]
+    assert parse_feature_pairs(None) == []
+    with pytest.raises(ValueError, match="student_name:teacher_name"):
+        parse_feature_pairs("stage4")
