@@ -1,0 +1,86 @@
+"""Base class of the loss modules: cross-entropy on labels plus named, weighted terms.
+
+Every registered loss is an ``nn.Module`` whose ``forward(student_logits, teacher_logits, labels,
+student_features=None, teacher_features=None)`` returns a dict of *unweighted* scalar terms plus
+``"loss"``, the weighted total ``sum(weights[k] * terms[k])``. ``self.weights`` maps each reported
+term name to its weight, so a trainer can log ``loss/<term>`` and the weighted values.
+
+Cross-entropy (term ``"ce"``, weight ``ce_weight``) is always computed and reported, even at weight
+0 (it is cheap and the most useful curve to watch). Any other term whose weight is 0 is neither
+computed nor reported, and no projector is built for it.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from ..config import IGNORE_INDEX
+from .common import check_positive, check_weight, cross_entropy
+
+__all__ = ["DistillationLoss", "pick_temperature"]
+
+
+def pick_temperature(temperature: Optional[float], tau: Optional[float], default: float) -> float:
+    """Resolve the ``temperature`` / ``tau`` aliases (None means the method's default)."""
+    if temperature is not None and tau is not None and float(temperature) != float(tau):
+        raise ValueError(f"temperature={temperature!r} and tau={tau!r} are aliases; give only one")
+    value = temperature if temperature is not None else tau
+    return check_positive("temperature", default if value is None else value)
+
+
+class DistillationLoss(nn.Module):
+    """Cross-entropy plus distillation terms; subclasses fill ``self.weights`` and ``terms()``."""
+
+    method_name: str = ""
+    #: whether forward needs teacher logits
+    requires_teacher: bool = True
+
+    def __init__(self, *, ce_weight: float = 1.0, ignore_index: int = IGNORE_INDEX) -> None:
+        super().__init__()
+        self.ce_weight = check_weight("ce_weight", ce_weight)
+        self.ignore_index = int(ignore_index)
+        self.weights: Dict[str, float] = {"ce": self.ce_weight}
+
+    @property
+    def term_names(self) -> List[str]:
+        """Names of the terms ``forward`` reports (besides ``"loss"``)."""
+        return list(self.weights)
+
+    def distillation_terms(
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        labels: Optional[torch.Tensor],
+        student_features=None,
+        teacher_features=None,
+    ) -> Dict[str, torch.Tensor]:
+        """Unweighted distillation terms (everything except ``"ce"``)."""
+        raise NotImplementedError
+
+    def forward(
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: Optional[torch.Tensor],
+        labels: torch.Tensor,
+        student_features=None,
+        teacher_features=None,
+    ) -> Dict[str, torch.Tensor]:
+        terms = {"ce": cross_entropy(student_logits, labels, ignore_index=self.ignore_index)}
+        if len(self.weights) > 1:
+            if teacher_logits is None and self.requires_teacher:
+                raise ValueError(f"loss {self.method_name!r} needs teacher_logits")
+            terms.update(
+                self.distillation_terms(student_logits, teacher_logits, labels, student_features, teacher_features)
+            )
+        total = None
+        for key, value in terms.items():
+            weighted = self.weights[key] * value
+            total = weighted if total is None else total + weighted
+        terms["loss"] = total
+        return terms
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}_weight={v:g}" for k, v in self.weights.items())

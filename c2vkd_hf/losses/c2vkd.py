@@ -1,0 +1,216 @@
+"""C2VKD: CNN-to-ViT knowledge distillation = CE + PDD + VLFD (global, relation, linguistic).
+
+Zheng, Luo, Zhou, Wang, "Distilling Efficient Vision Transformers from CNNs for Semantic
+Segmentation", arXiv 2310.07265. Total loss (formulas in :mod:`.pdd` and :mod:`.vlfd`):
+
+``L = w_ce CE + w_pdd L_pdd + w_glob L_glob + w_rel L_rel + w_ling L_ling``
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import IGNORE_INDEX
+from .base import DistillationLoss
+from .common import check_positive, check_unit_interval, check_weight
+from .pdd import pdd_loss
+from .registry import register_loss
+from .vlfd import pixel_text_logits, vlfd_global_loss, vlfd_linguistic_loss, vlfd_relation_loss
+
+__all__ = ["C2VKDLoss"]
+
+FeatureList = Optional[Union[torch.Tensor, Sequence[torch.Tensor]]]
+
+
+def _as_channel_list(name: str, value) -> Optional[List[int]]:
+    if value is None:
+        return None
+    if isinstance(value, int):
+        value = [value]
+    value = [int(v) for v in value]
+    if not value or any(v < 1 for v in value):
+        raise ValueError(f"{name} must be a non-empty list of positive channel counts, got {value!r}")
+    return value
+
+
+def _as_feature_list(name: str, value: FeatureList) -> Optional[List[torch.Tensor]]:
+    if value is None:
+        return None
+    if torch.is_tensor(value):
+        return [value]
+    if isinstance(value, dict):
+        raise TypeError(f"{name} must be a list of (B, C, h, w) tensors in pair order, not a dict")
+    return list(value)
+
+
+@register_loss("c2vkd")
+class C2VKDLoss(DistillationLoss):
+    """CE + PDD + VLFD, with the projectors it needs.
+
+    Args:
+        student_channels: channel count of each student feature in the aligned pairs (an int is one
+            pair). ``None``: no feature pairs, so no ``glob``/``rel``/``ling`` terms.
+        teacher_channels: channel count of each teacher feature, same length.
+        text_embeddings: ``(K, D)`` class-name embeddings, stored L2-normalised as a non-persistent
+            buffer (never trained, not saved); ``None`` turns the linguistic term off.
+        ling_feature_index: which student feature (index into the pair list) feeds ``P_l``.
+        ce_weight, pdd_weight, glob_weight, rel_weight, ling_weight: term weights (>= 0); a term of
+            weight 0 is not computed, not reported, and gets no projector.
+        pdd_alpha, pdd_beta, pdd_temperature, label_weight: PDD constants (``label_weight`` is also
+            the linguistic target's label correction g).
+        glob_tau, rel_grid, ling_tau: VLFD constants.
+        ignore_index: void label value.
+
+    ``forward(student_logits, teacher_logits, labels, student_features, teacher_features)`` returns
+    the unweighted terms among ``ce, pdd, glob, rel, ling`` plus ``loss``. Feature terms average over
+    the pairs. Teacher tensors are detached.
+    """
+
+    def __init__(
+        self,
+        *,
+        student_channels: Optional[Union[int, Sequence[int]]] = None,
+        teacher_channels: Optional[Union[int, Sequence[int]]] = None,
+        text_embeddings: Optional[torch.Tensor] = None,
+        ling_feature_index: int = -1,
+        ce_weight: float = 1.0,
+        pdd_weight: float = 1.0,
+        glob_weight: float = 1.0,
+        rel_weight: float = 1.0,
+        ling_weight: float = 1.0,
+        pdd_alpha: float = 1.0,
+        pdd_beta: float = 1.0,
+        pdd_temperature: float = 1.0,
+        label_weight: float = 0.5,
+        glob_tau: float = 1.0,
+        rel_grid: int = 16,
+        ling_tau: float = 0.03,
+        ignore_index: int = IGNORE_INDEX,
+    ) -> None:
+        super().__init__(ce_weight=ce_weight, ignore_index=ignore_index)
+        pdd_weight = check_weight("pdd_weight", pdd_weight)
+        glob_weight = check_weight("glob_weight", glob_weight)
+        rel_weight = check_weight("rel_weight", rel_weight)
+        ling_weight = check_weight("ling_weight", ling_weight)
+        self.pdd_alpha = check_weight("pdd_alpha", pdd_alpha)
+        self.pdd_beta = check_weight("pdd_beta", pdd_beta)
+        self.pdd_temperature = check_positive("pdd_temperature", pdd_temperature)
+        self.label_weight = check_unit_interval("label_weight", label_weight)
+        self.glob_tau = check_positive("glob_tau", glob_tau)
+        self.ling_tau = check_positive("ling_tau", ling_tau)
+        if not isinstance(rel_grid, int) or isinstance(rel_grid, bool) or rel_grid < 1:
+            raise ValueError(f"rel_grid must be an integer >= 1, got {rel_grid!r}")
+        self.rel_grid = rel_grid
+
+        s_ch = _as_channel_list("student_channels", student_channels)
+        t_ch = _as_channel_list("teacher_channels", teacher_channels)
+        if (s_ch is None) != (t_ch is None) or (s_ch is not None and len(s_ch) != len(t_ch)):
+            raise ValueError(
+                f"student_channels and teacher_channels must be given together with one entry per feature "
+                f"pair, got {student_channels!r} and {teacher_channels!r}"
+            )
+        self.student_channels = s_ch or []
+        self.teacher_channels = t_ch or []
+        n_pairs = len(self.student_channels)
+
+        if pdd_weight > 0:
+            self.weights["pdd"] = pdd_weight
+        self.visual_projectors = None
+        if n_pairs and glob_weight > 0:
+            self.weights["glob"] = glob_weight
+            self.visual_projectors = nn.ModuleList(
+                nn.Conv2d(cs, ct, kernel_size=1) for cs, ct in zip(self.student_channels, self.teacher_channels)
+            )
+        if n_pairs and rel_weight > 0:
+            self.weights["rel"] = rel_weight
+
+        self.ling_projector = None
+        self.ling_feature_index = int(ling_feature_index)
+        emb = None
+        if text_embeddings is not None:
+            emb = torch.as_tensor(text_embeddings).detach().float()
+            if emb.dim() != 2:
+                raise ValueError(f"text_embeddings must be (K, D), got shape {tuple(emb.shape)}")
+            emb = F.normalize(emb, dim=1)
+            if ling_weight > 0:
+                if not n_pairs:
+                    raise ValueError("the linguistic term needs student features: pass student_channels/teacher_channels")
+                if not -n_pairs <= self.ling_feature_index < n_pairs:
+                    raise ValueError(f"ling_feature_index {ling_feature_index} is out of range for {n_pairs} feature pair(s)")
+                self.weights["ling"] = ling_weight
+                self.ling_projector = nn.Conv2d(self.student_channels[self.ling_feature_index], emb.shape[1], kernel_size=1)
+        self.register_buffer("text_embeddings", emb, persistent=False)
+
+    @property
+    def uses_features(self) -> bool:
+        """Whether ``forward`` needs ``student_features`` and ``teacher_features``."""
+        return any(k in self.weights for k in ("glob", "rel", "ling"))
+
+    def _check_features(self, student_features, teacher_features):
+        fs = _as_feature_list("student_features", student_features)
+        ft = _as_feature_list("teacher_features", teacher_features)
+        if fs is None or ft is None:
+            raise ValueError(
+                "C2VKD with feature terms "
+                f"{[k for k in self.weights if k in ('glob', 'rel', 'ling')]} needs student_features and teacher_features"
+            )
+        n = len(self.student_channels)
+        if len(fs) != n or len(ft) != n:
+            raise ValueError(f"expected {n} feature pair(s), got {len(fs)} student and {len(ft)} teacher features")
+        for i, (a, b, ca, cb) in enumerate(zip(fs, ft, self.student_channels, self.teacher_channels)):
+            if a.dim() != 4 or b.dim() != 4 or a.shape[1] != ca or b.shape[1] != cb:
+                raise ValueError(
+                    f"feature pair {i}: expected (B, {ca}, h, w) student and (B, {cb}, h, w) teacher tensors, "
+                    f"got {tuple(a.shape)} and {tuple(b.shape)}"
+                )
+        return fs, ft
+
+    def distillation_terms(
+        self, student_logits, teacher_logits, labels, student_features=None, teacher_features=None
+    ) -> Dict[str, torch.Tensor]:
+        terms: Dict[str, torch.Tensor] = {}
+        if "pdd" in self.weights:
+            terms["pdd"] = pdd_loss(
+                student_logits,
+                teacher_logits,
+                labels,
+                alpha=self.pdd_alpha,
+                beta=self.pdd_beta,
+                temperature=self.pdd_temperature,
+                label_weight=self.label_weight,
+                ignore_index=self.ignore_index,
+            )
+        if not self.uses_features:
+            return terms
+        fs, ft = self._check_features(student_features, teacher_features)
+        if "glob" in self.weights:
+            per_pair = [vlfd_global_loss(p(a), b, tau=self.glob_tau) for p, a, b in zip(self.visual_projectors, fs, ft)]
+            terms["glob"] = torch.stack(per_pair).mean()
+        if "rel" in self.weights:
+            per_pair = [vlfd_relation_loss(a, b, grid=self.rel_grid) for a, b in zip(fs, ft)]
+            terms["rel"] = torch.stack(per_pair).mean()
+        if "ling" in self.weights:
+            terms["ling"] = vlfd_linguistic_loss(
+                self.ling_projector(fs[self.ling_feature_index]),
+                teacher_logits,
+                labels,
+                self.text_embeddings,
+                tau=self.ling_tau,
+                label_weight=self.label_weight,
+                ignore_index=self.ignore_index,
+            )
+        return terms
+
+    def pixel_text_logits(
+        self, student_feature: torch.Tensor, text_embeddings: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """Score each pixel of a student feature against class-name embeddings (default: the training
+        classes; any ``(K', D)`` embeddings work, e.g. unseen class names). Returns ``(B, K', h, w)``."""
+        if self.ling_projector is None:
+            raise ValueError("this C2VKDLoss has no linguistic projector (no text_embeddings or ling_weight == 0)")
+        emb = self.text_embeddings if text_embeddings is None else text_embeddings.to(student_feature.device)
+        return pixel_text_logits(self.ling_projector(student_feature), emb, tau=self.ling_tau)

@@ -1,0 +1,81 @@
+"""DKD: decoupled knowledge distillation, per pixel.
+
+Zhao, Cui, Song, Qiu, Liang, "Decoupled Knowledge Distillation", CVPR 2022 (arXiv 2203.08679).
+This is PDD (:mod:`c2vkd_hf.losses.pdd`) without label correction (g = 0):
+``L_dkd = T^2 * mean_pixels(alpha * KL(b_t || b_s) + beta * KL(p_hat_t || p_hat_s))``, ignored pixels
+removed before the target class is indexed. Recipe here: alpha = beta = 0.5, T = 1, weight 1.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..config import IGNORE_INDEX
+from .base import DistillationLoss, pick_temperature
+from .common import check_weight
+from .pdd import pdd_loss
+from .registry import register_loss
+
+__all__ = ["dkd_loss", "DKDLoss"]
+
+
+def dkd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    alpha: float = 0.5,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """Per-pixel DKD, i.e. :func:`~c2vkd_hf.losses.pdd.pdd_loss` with ``label_weight=0``."""
+    return pdd_loss(
+        student_logits,
+        teacher_logits,
+        labels,
+        alpha=alpha,
+        beta=beta,
+        temperature=temperature,
+        label_weight=0.0,
+        ignore_index=ignore_index,
+    )
+
+
+@register_loss("dkd")
+class DKDLoss(DistillationLoss):
+    """CE + DKD. Terms: ``ce``, ``dkd``. Defaults: ``kd_weight=1.0``, ``alpha=beta=0.5``, ``T=1``."""
+
+    def __init__(
+        self,
+        *,
+        kd_weight: Optional[float] = None,
+        alpha: float = 0.5,
+        beta: float = 0.5,
+        temperature: Optional[float] = None,
+        tau: Optional[float] = None,
+        ce_weight: float = 1.0,
+        ignore_index: int = IGNORE_INDEX,
+    ) -> None:
+        super().__init__(ce_weight=ce_weight, ignore_index=ignore_index)
+        self.alpha = check_weight("alpha", alpha)
+        self.beta = check_weight("beta", beta)
+        self.temperature = pick_temperature(temperature, tau, 1.0)
+        weight = check_weight("kd_weight", 1.0 if kd_weight is None else kd_weight)
+        if weight > 0:
+            self.weights["dkd"] = weight
+
+    def distillation_terms(self, student_logits, teacher_logits, labels, student_features=None, teacher_features=None):
+        return {
+            "dkd": dkd_loss(
+                student_logits,
+                teacher_logits,
+                labels,
+                alpha=self.alpha,
+                beta=self.beta,
+                temperature=self.temperature,
+                ignore_index=self.ignore_index,
+            )
+        }

@@ -1,0 +1,73 @@
+"""KD: pixel-wise knowledge distillation.
+
+Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural Network", arXiv 1503.02531, applied per
+pixel as in the segmentation-distillation literature (recipe T = 1, weight 1 as used by CIRKD: Yang et
+al., "Cross-Image Relational Knowledge Distillation for Semantic Segmentation", CVPR 2022).
+
+``L_kd = T^2 * mean_pixels KL(softmax(z_t / T) || softmax(z_s / T))``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..config import IGNORE_INDEX
+from .base import DistillationLoss, pick_temperature
+from .common import check_positive, check_weight, flatten_valid, float32_compute, resize, zero_like_graph
+from .registry import register_loss
+
+__all__ = ["kd_loss", "KDLoss"]
+
+
+@float32_compute
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """Pixel KD. With ``labels``, both logits go to the label grid and ignored pixels are dropped;
+    with ``labels=None`` the teacher is resized to the student grid and every pixel counts."""
+    temperature = check_positive("temperature", temperature)
+    size = labels.shape[-2:] if labels is not None else student_logits.shape[-2:]
+    zs = resize(student_logits.float(), size)
+    zt = resize(teacher_logits.detach().float(), size)
+    target, (zs, zt) = flatten_valid(labels, ignore_index, zs, zt)
+    if zs.shape[0] == 0:
+        return zero_like_graph(student_logits)
+    log_ps = F.log_softmax(zs / temperature, dim=1)
+    log_pt = F.log_softmax(zt / temperature, dim=1)
+    kl = (log_pt.exp() * (log_pt - log_ps)).sum(dim=1)
+    return temperature**2 * kl.mean()
+
+
+@register_loss("kd")
+class KDLoss(DistillationLoss):
+    """CE + pixel KD. Terms: ``ce``, ``kd``. Defaults: ``kd_weight=1.0``, ``temperature=1.0``."""
+
+    def __init__(
+        self,
+        *,
+        kd_weight: Optional[float] = None,
+        temperature: Optional[float] = None,
+        tau: Optional[float] = None,
+        ce_weight: float = 1.0,
+        ignore_index: int = IGNORE_INDEX,
+    ) -> None:
+        super().__init__(ce_weight=ce_weight, ignore_index=ignore_index)
+        self.temperature = pick_temperature(temperature, tau, 1.0)
+        weight = check_weight("kd_weight", 1.0 if kd_weight is None else kd_weight)
+        if weight > 0:
+            self.weights["kd"] = weight
+
+    def distillation_terms(self, student_logits, teacher_logits, labels, student_features=None, teacher_features=None):
+        return {
+            "kd": kd_loss(
+                student_logits, teacher_logits, labels, temperature=self.temperature, ignore_index=self.ignore_index
+            )
+        }
