@@ -109,6 +109,10 @@ def prepare_training_args(training_args: TrainingArguments) -> TrainingArguments
     training_args.remove_unused_columns = False  # the transforms need the raw image/label columns
     training_args.batch_eval_metrics = True  # stream the confusion matrix; keep no predictions
     training_args.label_names = ["labels"]
+    steps = training_args.max_steps
+    if steps and steps > 0 and training_args.warmup_steps >= max(steps, 1):
+        # a warm-up as long as the run leaves the polynomial schedule nothing to decay (division by zero)
+        training_args.warmup_steps = steps // 10
     return training_args
 
 
@@ -340,6 +344,8 @@ def run_distillation(dist_args: DistillationArguments, data_args: DataArguments,
         "notes": notes,
         "eval_history": [{"step": e["step"], "val_mean_iou": e["eval_mean_iou"]}
                          for e in trainer.state.log_history if "eval_mean_iou" in e],
+        "loss_history": [{k: v for k, v in e.items() if k == "step" or k.startswith("loss")}
+                         for e in trainer.state.log_history if "loss" in e],
         "loss_weights": dict(getattr(loss_module, "weights", {})),
         "config": {"distillation": dataclasses.asdict(dist_args), "data": dataclasses.asdict(data_args),
                    "training": {k: v for k, v in training_args.to_dict().items() if "token" not in k}},
@@ -406,7 +412,7 @@ def write_student_card(output_dir: Path, trainer: DistillationTrainer, results: 
         loss_weights=results.get("loss_weights"),
         schedule={"steps": results["steps"], "per_device_batch_size": args.per_device_train_batch_size,
                   "gradient_accumulation_steps": args.gradient_accumulation_steps,
-                  "learning_rate": args.learning_rate, "scheduler": str(args.lr_scheduler_type), "seed": args.seed},
+                  "learning_rate": args.learning_rate, "scheduler": getattr(args.lr_scheduler_type, "value", str(args.lr_scheduler_type)), "seed": args.seed},
         notes=results.get("notes", []), student_type=type(student).__name__.replace("ForSemanticSegmentation", ""),
         overlay_image=OVERLAY_NAME if overlay else None, curves_image=CURVES_NAME if curves else None)
     card.save(str(output_dir / "README.md"))

@@ -1,0 +1,293 @@
+#!/usr/bin/env python
+"""CamVid benchmark: every distillation method x seeds under one shared configuration.
+
+    python scripts/benchmark.py                        # run what is missing, then write RESULTS.md
+    python scripts/benchmark.py --report_only          # only regenerate RESULTS.md and plots
+    python scripts/benchmark.py --suite ablations --runs "pdd-only:c2vkd:--glob_weight 0 --rel_weight 0 --ling_weight 0"
+
+Each run is ``scripts/distill.py`` in a subprocess (own folder under ``--work_dir``, resumed from its
+last checkpoint when interrupted) and leaves ``<out_dir>/runs/<name>-seed<k>.json`` with the method,
+seed, validation mIoU, per-class IoU, steps, wall time, peak RSS, the loss terms over training and
+the full configuration. Runs whose JSON exists are skipped, so the table can be built over several
+sittings. The report (``RESULTS.md`` or ``ABLATIONS.md``) and plots are regenerated from all JSONs.
+
+The gain ratio is ``(mIoU(c2vkd) - mIoU(none)) / max over kd, cwd, dist, dkd of (mIoU(peer) - mIoU(none))``
+on seed means, computed here from the JSONs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+PEERS = ("kd", "cwd", "dist", "dkd")
+DEFAULT_RUNS = ["none:none", "kd:kd", "cwd:cwd", "dist:dist", "dkd:dkd", "c2vkd:c2vkd"]
+
+
+def shared_config(args) -> dict:
+    data = Path(args.data_dir)
+    return {
+        "train_images": str(data / "train"), "train_labels": str(data / "trainannot"),
+        "validation_images": str(data / "val"), "validation_labels": str(data / "valannot"),
+        "labels_file": str(data / "classes.json"),
+        "resize_height": args.height, "resize_width": args.width,
+        "min_scale": 0.75, "max_scale": 1.5, "hflip": True,
+        "teacher_name_or_path": args.teacher, "student_name_or_path": "segformer-b0",
+        "text_embeddings": args.text_embeddings,
+        "max_steps": args.max_steps, "per_device_train_batch_size": 8, "per_device_eval_batch_size": 8,
+        "learning_rate": 6e-4, "lr_scheduler_type": "polynomial", "warmup_steps": 30, "weight_decay": 0.01,
+        "eval_strategy": "steps", "eval_steps": args.eval_steps, "save_strategy": "steps",
+        "save_steps": args.eval_steps, "save_total_limit": 1, "logging_steps": 20,
+        "report_to": "none", "disable_tqdm": True, "train_baseline": "false",
+    }
+
+
+def parse_run(spec: str) -> tuple[str, str, list[str]]:
+    """``name:method[:extra flags]``."""
+    parts = spec.split(":", 2)
+    if len(parts) < 2:
+        raise SystemExit(f"--runs entry {spec!r} must be name:method[:extra flags]")
+    return parts[0], parts[1], shlex.split(parts[2]) if len(parts) == 3 else []
+
+
+def seeds_for(name: str, method: str, args) -> list[int]:
+    if method in ("none", "c2vkd") and name in ("none", "c2vkd"):
+        return list(range(args.main_seeds))
+    return list(range(args.other_seeds))
+
+
+def run_one(name: str, method: str, extra: list[str], seed: int, args) -> None:
+    run_json = Path(args.out_dir) / "runs" / f"{name}-seed{seed}.json"
+    if run_json.is_file():
+        print(f"[skip] {run_json.name} exists")
+        return
+    work = Path(args.work_dir) / f"{name}-seed{seed}"
+    work.mkdir(parents=True, exist_ok=True)
+    config = {**shared_config(args), "method": method, "seed": seed, "output_dir": str(work)}
+    config_file = work / "benchmark_config.json"
+    config_file.write_text(json.dumps(config, indent=2))
+    cmd = [sys.executable, str(ROOT / "scripts" / "distill.py")]
+    if extra:  # extra flags override the file: pass everything on the command line
+        cmd += [f"--{k}={v}" for k, v in config.items()] + extra
+    else:
+        cmd += [str(config_file)]
+    print(f"[run] {name} seed {seed}: {' '.join(extra) or '(defaults)'}", flush=True)
+    start = time.time()
+    with open(work / "log.txt", "a") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    if proc.returncode != 0:
+        print(f"[fail] {name} seed {seed}: exit {proc.returncode}, see {work / 'log.txt'}", flush=True)
+        return
+    results = json.loads((work / "results.json").read_text())
+    id2label = json.loads((work / "config.json").read_text())["id2label"]
+    record = {
+        "name": name, "method": method, "seed": seed, "extra_flags": extra,
+        "val_mean_iou": results["val_mean_iou"],
+        "per_category_iou": {id2label[str(i)]: v for i, v in enumerate(results["per_category_iou"])},
+        "steps": results["steps"], "wall_time_s": results["wall_time_s"], "peak_rss_mb": results["peak_rss_mb"],
+        "teacher_val_mean_iou": results.get("teacher_val_mean_iou"),
+        "eval_history": results["eval_history"], "loss_history": results["loss_history"],
+        "loss_weights": results["loss_weights"], "config": results["config"],
+        "command": " ".join(shlex.quote(c) for c in cmd), "finished_in_s": time.time() - start,
+    }
+    run_json.parent.mkdir(parents=True, exist_ok=True)
+    tmp = run_json.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(run_json)
+    print(f"[done] {name} seed {seed}: mIoU {record['val_mean_iou'] * 100:.2f}% in {record['wall_time_s'] / 60:.1f} min",
+          flush=True)
+
+
+# ------------------------------------------------------------------------------------------ report
+def load_runs(out_dir: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((out_dir / "runs").glob("*.json"))]
+
+
+def summarise(runs: list[dict]) -> dict[str, dict]:
+    by_name: dict[str, list[dict]] = {}
+    for run in runs:
+        by_name.setdefault(run["name"], []).append(run)
+    table = {}
+    for name, items in by_name.items():
+        values = [r["val_mean_iou"] * 100 for r in items]
+        table[name] = {"method": items[0]["method"], "n": len(values), "mean": statistics.mean(values),
+                       "std": statistics.stdev(values) if len(values) > 1 else float("nan"),
+                       "min": min(values), "max": max(values), "values": values,
+                       "wall_min": statistics.mean(r["wall_time_s"] for r in items) / 60,
+                       "rss": max(r["peak_rss_mb"] for r in items), "flags": " ".join(items[0]["extra_flags"])}
+    return table
+
+
+def gain_ratio(table: dict[str, dict], c2vkd_name: str = "c2vkd") -> tuple[float | None, str | None]:
+    """(mIoU(c2vkd) - mIoU(none)) / max over peers of (mIoU(peer) - mIoU(none)), on seed means."""
+    if "none" not in table or c2vkd_name not in table:
+        return None, None
+    base = table["none"]["mean"]
+    peers = {p: table[p]["mean"] - base for p in PEERS if p in table}
+    if not peers:
+        return None, None
+    best = max(peers, key=peers.get)
+    return (table[c2vkd_name]["mean"] - base) / peers[best], best
+
+
+def make_plots(runs: list[dict], table: dict[str, dict], out_dir: Path, prefix: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted(table, key=lambda n: table[n]["mean"])
+    files = []
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names)), 4))
+    for i, name in enumerate(names):
+        ax.bar(i, table[name]["mean"], color="tab:orange" if name.startswith("c2vkd") else "tab:blue", alpha=0.7)
+        ax.scatter([i] * table[name]["n"], table[name]["values"], color="black", zorder=3, s=14)
+    if "none" in table:
+        ax.axhline(table["none"]["mean"], color="gray", ls="--", lw=1, label="no teacher")
+        ax.legend()
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_ylabel("val mIoU (%)")
+    lo = min(min(t["values"]) for t in table.values())
+    ax.set_ylim(max(0, lo - 5), max(max(t["values"]) for t in table.values()) + 3)
+    ax.set_title("CamVid val mIoU per method (bars: seed mean, dots: seeds)")
+    fig.tight_layout()
+    files.append(f"{prefix}_miou.png")
+    fig.savefig(out_dir / files[-1], dpi=90)
+    plt.close(fig)
+
+    classes = list(runs[0]["per_category_iou"])
+    fig, ax = plt.subplots(figsize=(11, 4))
+    width = 0.8 / len(names)
+    for j, name in enumerate(names):
+        items = [r for r in runs if r["name"] == name]
+        means = [statistics.mean((r["per_category_iou"][c] or 0) * 100 for r in items) for c in classes]
+        ax.bar([i + j * width for i in range(len(classes))], means, width, label=name)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(classes))], classes, rotation=30, ha="right")
+    ax.set_ylabel("IoU (%)")
+    ax.legend(fontsize=7, ncol=3)
+    ax.set_title("Per-class IoU (seed mean)")
+    fig.tight_layout()
+    files.append(f"{prefix}_per_class.png")
+    fig.savefig(out_dir / files[-1], dpi=90)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for name in names:
+        for k, run in enumerate(r for r in runs if r["name"] == name):
+            hist = run["eval_history"]
+            axes[0].plot([h["step"] for h in hist], [h["val_mean_iou"] * 100 for h in hist], marker="o", ms=3,
+                         label=name if k == 0 else None, color=f"C{names.index(name)}")
+    axes[0].set_xlabel("step"), axes[0].set_ylabel("val mIoU (%)"), axes[0].legend(fontsize=7)
+    axes[0].set_title("Validation mIoU over training")
+    for name in names:
+        run = next(r for r in runs if r["name"] == name)
+        if not run["method"] == "c2vkd":
+            continue
+        for key in sorted({k for e in run["loss_history"] for k in e if k.startswith("loss_weighted/")}):
+            steps = [e["step"] for e in run["loss_history"] if key in e]
+            axes[1].plot(steps, [e[key] for e in run["loss_history"] if key in e],
+                         label=f"{name}: {key.split('/')[1]}")
+    axes[1].set_yscale("log"), axes[1].set_xlabel("step"), axes[1].set_ylabel("weighted loss term")
+    axes[1].legend(fontsize=6, ncol=2)
+    axes[1].set_title("C2VKD runs: weighted loss terms")
+    fig.tight_layout()
+    files.append(f"{prefix}_curves.png")
+    fig.savefig(out_dir / files[-1], dpi=90)
+    plt.close(fig)
+    return files
+
+
+def write_report(args) -> str:
+    out_dir = Path(args.out_dir)
+    runs = [r for r in load_runs(out_dir) if args.suite == "main" and r["name"] in {parse_run(s)[0] for s in DEFAULT_RUNS}
+            or args.suite != "main"]
+    if not runs:
+        return ""
+    table = summarise(runs)
+    ratio, best_peer = gain_ratio(table)
+    base = table.get("none", {}).get("mean")
+    cfg = runs[0]["config"]
+    lines = [f"# CamVid distillation benchmark{' : ablations' if args.suite != 'main' else ''}", "",
+             "Generated by `scripts/benchmark.py` from `runs/*.json` (do not edit by hand).", "",
+             "| run | method | extra flags | seeds | val mIoU % (mean) | std | min..max | gain over none | "
+             "minutes/run | peak RSS MiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name in sorted(table, key=lambda n: -table[n]["mean"]):
+        t = table[name]
+        gain = f"{t['mean'] - base:+.2f}" if base is not None else "n/a"
+        std = f"{t['std']:.2f}" if t["n"] > 1 else "-"
+        lines.append(f"| {name} | {t['method']} | {t['flags'] or '-'} | {t['n']} | {t['mean']:.2f} | {std} | "
+                     f"{t['min']:.2f}..{t['max']:.2f} | {gain} | {t['wall_min']:.1f} | {t['rss']:.0f} |")
+    lines.append("")
+    if ratio is not None:
+        lines += [f"**Gain ratio** (c2vkd gain over none) / (best peer gain, {best_peer}) = "
+                  f"**{ratio:.2f}** (paper's claim: > 2). Computed from seed means.", ""]
+        if table[best_peer]["mean"] - base <= 0:
+            lines += ["Note: the best peer does not improve on the plain student, so the ratio's denominator is "
+                      "<= 0 and the ratio is not meaningful; compare the gains directly.", ""]
+    teacher = next((r["teacher_val_mean_iou"] for r in runs if r.get("teacher_val_mean_iou")), None)
+    lines += ["## Protocol", "",
+              f"- data: CamVid (11 classes, void ignored), train split ({cfg['data']['train_images']}) for training, "
+              f"val split (101 images) for evaluation at full 360x480 label resolution (logits upsampled)",
+              f"- input resolution: images resized to {cfg['data']['resize_height']}x{cfg['data']['resize_width']}, "
+              f"random scale {cfg['data']['min_scale']}-{cfg['data']['max_scale']}, crop, horizontal flip",
+              f"- teacher: `{cfg['distillation']['teacher_name_or_path']}` (UperNet + ImageNet EfficientNet-Lite0), "
+              f"val mIoU at this input resolution {teacher * 100:.2f}%" if teacher else "- teacher: none",
+              f"- student: SegFormer-B0 from random init (no ImageNet weights exist offline)",
+              f"- schedule: {cfg['training']['max_steps']} steps, batch {cfg['training']['per_device_train_batch_size']}, "
+              f"AdamW lr {cfg['training']['learning_rate']}, polynomial decay, warm-up {cfg['training']['warmup_steps']}",
+              f"- text embeddings (C2VKD): `{cfg['distillation']['text_embeddings']}`",
+              "- peers at their published recipes (DESIGN.md): KD T=1 w=1; CWD tau=4 w=3; DIST beta=gamma=1 tau=1; "
+              "DKD alpha=beta=0.5 T=1; each plus cross-entropy", "",
+              "Command:", "", "```bash", args.command, "```", ""]
+    files = make_plots(runs, table, out_dir, "ablations" if args.suite != "main" else "results")
+    lines += [f"![{f}]({f})" for f in files]
+    lines += ["", "## Runs", "", "| run | seed | mIoU % | minutes | steps |", "|---|---|---|---|---|"]
+    for r in sorted(runs, key=lambda r: (r["name"], r["seed"])):
+        lines.append(f"| {r['name']} | {r['seed']} | {r['val_mean_iou'] * 100:.2f} | {r['wall_time_s'] / 60:.1f} | "
+                     f"{r['steps']} |")
+    report = out_dir / ("RESULTS.md" if args.suite == "main" else "ABLATIONS.md")
+    report.write_text("\n".join(lines) + "\n")
+    print(f"wrote {report}" + (f"; gain ratio {ratio:.2f}" if ratio is not None else ""))
+    return str(report)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_dir", default=str(SHARED / "data" / "camvid"))
+    parser.add_argument("--teacher", default=str(SHARED / "models" / "camvid-upernet-lite0"))
+    parser.add_argument("--text_embeddings", default=str(SHARED / "data" / "clip_text" /
+                                                           "camvid11_from_city_ViT16_clip_text.pth"))
+    parser.add_argument("--out_dir", default=str(ROOT / "benchmarks" / "camvid"))
+    parser.add_argument("--work_dir", default=str(ROOT / "outputs" / "benchmark-camvid"))
+    parser.add_argument("--height", type=int, default=120)
+    parser.add_argument("--width", type=int, default=160)
+    parser.add_argument("--max_steps", type=int, default=400)
+    parser.add_argument("--eval_steps", type=int, default=100)
+    parser.add_argument("--main_seeds", type=int, default=2, help="seeds for none and c2vkd")
+    parser.add_argument("--other_seeds", type=int, default=1, help="seeds for the other runs")
+    parser.add_argument("--suite", default="main", help="'main' (RESULTS.md) or 'ablations' (ABLATIONS.md)")
+    parser.add_argument("--runs", nargs="*", default=None, help="name:method[:extra flags] (default: the six methods)")
+    parser.add_argument("--report_only", action="store_true")
+    args = parser.parse_args(argv)
+    args.command = "python scripts/benchmark.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    specs = args.runs or DEFAULT_RUNS
+    if not args.report_only:
+        # interleave seeds so that a partial table already covers every method
+        plan = [(parse_run(s), seed) for seed in range(max(args.main_seeds, args.other_seeds)) for s in specs]
+        for (name, method, extra), seed in plan:
+            if seed in seeds_for(name, method, args):
+                run_one(name, method, extra, seed, args)
+                write_report(args)
+    write_report(args)
+
+
+if __name__ == "__main__":
+    main()
