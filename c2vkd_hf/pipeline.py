@@ -8,6 +8,7 @@ benchmark share one code path with what users run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -90,6 +91,16 @@ def check_class_agreement(id2label: dict[int, str], *, teacher: Optional[nn.Modu
     if text_embeddings is not None and text_embeddings.shape[0] != num_labels:
         raise UserInputError(f"{text_source} has {text_embeddings.shape[0]} rows but the dataset has {num_labels} "
                              f"classes: one embedding per class name is needed, in label order.")
+
+
+@contextlib.contextmanager
+def user_errors(what: str):
+    """Turns the loaders' ValueError/OSError about the user's input into one :class:`UserInputError`."""
+    try:
+        yield
+    except (ValueError, OSError) as error:
+        message = str(error)
+        raise UserInputError(message if what.split()[0] in message else f"{what}: {message}") from None
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -273,21 +284,24 @@ def run_distillation(dist_args: DistillationArguments, data_args: DataArguments,
                                      f"(a CNN AutoModelForSemanticSegmentation folder or Hub id).")
             cache = Path(dist_args.teacher_cache_dir or output_dir / "teacher")
             teacher_name = _default_teacher(data, data_args, training_args, cache, dist_args.default_teacher_steps)
-        teacher = load_teacher(teacher_name, trust_remote_code=dist_args.trust_remote_code)
+        with user_errors(f"--teacher_name_or_path {teacher_name}"):
+            teacher = load_teacher(teacher_name, trust_remote_code=dist_args.trust_remote_code)
         check_class_agreement(id2label, teacher=teacher, teacher_name=teacher_name)
 
     overrides = json.loads(dist_args.student_config_overrides) if dist_args.student_config_overrides else None
-    student = load_student(dist_args.student_name_or_path, id2label, trust_remote_code=dist_args.trust_remote_code,
-                           config_overrides=overrides)
+    with user_errors(f"--student_name_or_path {dist_args.student_name_or_path}"):
+        student = load_student(dist_args.student_name_or_path, id2label,
+                               trust_remote_code=dist_args.trust_remote_code, config_overrides=overrides)
     processor = student_image_processor(student, size=processor_size(data_args, data))
     student_mean, student_std = image_mean_std(student)
 
     text_embeddings = None
     if dist_args.method == "c2vkd" and dist_args.ling_weight > 0:
-        text_embeddings = get_text_embeddings(
-            [id2label[i] for i in range(len(id2label))], text_embeddings=dist_args.text_embeddings,
-            clip_model=dist_args.clip_model, clip_pretrained=dist_args.clip_pretrained,
-            templates=dist_args.prompt_templates, cache_dir=str(output_dir / "text_cache"))
+        with user_errors("text embeddings"):
+            text_embeddings = get_text_embeddings(
+                [id2label[i] for i in range(len(id2label))], text_embeddings=dist_args.text_embeddings,
+                clip_model=dist_args.clip_model, clip_pretrained=dist_args.clip_pretrained,
+                templates=dist_args.prompt_templates, cache_dir=str(output_dir / "text_cache"))
         if text_embeddings is None:
             logger.warning(
                 "\n" + "!" * 100 + "\nC2VKD's linguistic term is OFF: no class-name text embeddings. Enable it with "

@@ -23,7 +23,13 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from c2vkd_hf.config import DataArguments, DistillationArguments
 from c2vkd_hf.data import DataValidationError
-from c2vkd_hf.pipeline import RESULTS_NAME, UserInputError, push_student_to_hub, run_distillation
+from c2vkd_hf.pipeline import (
+    RESULTS_NAME,
+    UserInputError,
+    push_student_to_hub,
+    run_distillation,
+    validate_distillation_args,
+)
 
 logger = logging.getLogger("c2vkd_hf")
 
@@ -71,6 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     dist_args, data_args, training_args, train_baseline = parse_args(argv)
+    validate_distillation_args(dist_args)  # before anything is loaded or trained
     push, training_args.push_to_hub = training_args.push_to_hub, False  # pushed once, after everything is saved
     is_default_job = data_args.dataset_name == "synthetic" and data_args.train_images is None
     baseline = is_default_job if train_baseline == "auto" else train_baseline == "true"

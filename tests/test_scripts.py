@@ -1,0 +1,120 @@
+"""End to end: scripts/distill.py (offline default job, tiny), evaluate.py, the model card, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
+
+from tiny import TINY_SEGFORMER_JSON
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import distill  # noqa: E402
+import evaluate as evaluate_script  # noqa: E402
+
+TINY_DATA = ["--synthetic_train_size", "16", "--synthetic_validation_size", "6", "--synthetic_height", "32",
+             "--synthetic_width", "32"]
+TINY_RUN = TINY_DATA + ["--student_config_overrides", TINY_SEGFORMER_JSON, "--default_teacher_steps", "4",
+                        "--max_steps", "4", "--eval_steps", "2", "--save_steps", "2", "--logging_steps", "1",
+                        "--per_device_train_batch_size", "4", "--disable_tqdm", "true"]
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("default")
+    results = distill.main(["--output_dir", str(out)] + TINY_RUN)
+    return out, results
+
+
+def test_default_job_saves_a_plain_student_with_card(default_run):
+    out, results = default_run
+    assert results["method"] == "c2vkd" and results["steps"] == 4
+    assert (out / "teacher" / "teacher_results.json").is_file(), "the default teacher is trained and cached"
+    assert (out / "baseline" / "results.json").is_file(), "a no-teacher baseline on the same schedule"
+    assert results["baseline_val_mean_iou"] is not None and results["teacher_val_mean_iou"] is not None
+    assert results["linguistic_term"] is False and any("linguistic" in n for n in results["notes"])
+    model = AutoModelForSemanticSegmentation.from_pretrained(out)
+    assert model.config.id2label[0] == "sky" and model.config.num_labels == 6
+    processor = AutoImageProcessor.from_pretrained(out)
+    image = PIL.Image.fromarray(np.zeros((40, 50, 3), dtype=np.uint8))
+    with torch.no_grad():
+        outputs = model(**processor(images=image, return_tensors="pt"))
+    seg = processor.post_process_semantic_segmentation(outputs, target_sizes=[(40, 50)])[0]
+    assert seg.shape == (40, 50)
+    assert not any(p.name.startswith("distillation_modules") for p in out.iterdir())
+
+    card = ModelCard.load(out / "README.md")
+    result = card.data.eval_results[0]
+    assert result.metric_type == "mean_iou" and result.task_type == "image-segmentation"
+    assert result.metric_value == pytest.approx(round(results["val_mean_iou"] * 100, 2))
+    assert "linguistic" in card.text and "| sky |" in card.text
+    assert (out / "predictions.png").is_file() and (out / "training_curves.png").is_file()
+
+
+def test_evaluate_reproduces_the_card(default_run):
+    out, results = default_run
+    metrics = evaluate_script.main(["--model_name_or_path", str(out)])
+    assert metrics["mean_iou"] == pytest.approx(results["val_mean_iou"], abs=1e-6)
+
+
+def test_rerun_reuses_teacher_and_resumes(default_run):
+    out, results = default_run
+    teacher_mtime = (out / "teacher" / "model.safetensors").stat().st_mtime
+    again = distill.main(["--output_dir", str(out)] + TINY_RUN)
+    assert (out / "teacher" / "model.safetensors").stat().st_mtime == teacher_mtime
+    assert again["steps"] == 4
+
+
+def _cli(*args, timeout=240):
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "distill.py"), *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--method", "fitnet"], "--method 'fitnet' is unknown"),
+    (["--ling_tau", "0"], "--ling_tau must be a finite number > 0"),
+    (["--label_weight", "1.5"], "--label_weight must be in [0, 1]"),
+    (["--train_images", "/nonexistent/x", "--train_labels", "/nonexistent/y"], "--validation_images"),
+    (["--train_images", "/nonexistent/x", "--train_labels", "/nonexistent/y", "--validation_images", "/nonexistent/v",
+      "--validation_labels", "/nonexistent/w"], "--labels_file is required"),
+    (["--train_images", "/nonexistent/x", "--train_labels", "/nonexistent/y", "--validation_images", "/nonexistent/v",
+      "--validation_labels", "/nonexistent/w", "--labels_file", "/nonexistent/classes.json"], "/nonexistent/"),
+])
+def test_bad_input_exits_with_one_message(tmp_path, flags, message):
+    proc = _cli("--output_dir", str(tmp_path), *TINY_DATA, *flags)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_class_count_mismatch_with_text_embeddings(tmp_path, default_run):
+    out, _ = default_run
+    emb = tmp_path / "emb.pth"
+    torch.save(torch.nn.functional.normalize(torch.randn(4, 8), dim=1), emb)
+    proc = _cli("--output_dir", str(tmp_path / "o"), *TINY_DATA, "--teacher_name_or_path", str(out / "teacher"),
+                "--text_embeddings", str(emb), "--max_steps", "1")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "4 rows" in proc.stderr and "6 classes" in proc.stderr
+
+
+def test_push_to_hub_offline_fails_clearly_after_saving(tmp_path, default_run, monkeypatch):
+    from c2vkd_hf.pipeline import UserInputError, push_student_to_hub
+
+    out, _ = default_run
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserInputError, match="saved in"):
+        push_student_to_hub(out, "someone/tiny-student", token="hf_secret_token_value")
+    try:
+        push_student_to_hub(out, "someone/tiny-student", token="hf_secret_token_value")
+    except UserInputError as error:
+        assert "hf_secret_token_value" not in str(error)
