@@ -198,6 +198,8 @@ class DistillationTrainer(Trainer):
             extra = {k: v.detach().cpu().contiguous() for k, v in wrapper.distill_loss.state_dict().items()}
             if extra:
                 save_file(extra, os.path.join(output_dir, DISTILLATION_MODULES_NAME))
+        else:
+            save_text_head(wrapper, output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _load_student_and_modules(self, folder: str) -> None:
@@ -219,6 +221,27 @@ class DistillationTrainer(Trainer):
 
     def _load_best_model(self) -> None:
         self._load_student_and_modules(self.state.best_model_checkpoint)
+
+
+TEXT_HEAD_NAME = "text_head.safetensors"
+
+
+def save_text_head(wrapper: DistillationModel, output_dir: str) -> Optional[str]:
+    """Saves C2VKD's linguistic projector with the class-name embeddings it was trained against as an
+    optional extra beside the plain student (``text_head.safetensors``; ``from_pretrained`` ignores
+    it). With it the student scores pixels against the embedding of any class name: see
+    ``c2vkd_hf.losses.vlfd.pixel_text_logits``. Returns the path, or ``None`` without a projector."""
+    loss = wrapper.distill_loss
+    projector = getattr(loss, "ling_projector", None)
+    if projector is None:
+        return None
+    tensors = {"projector.weight": projector.weight.detach().cpu().contiguous(),
+               "projector.bias": projector.bias.detach().cpu().contiguous(),
+               "text_embeddings": loss.text_embeddings.detach().cpu().contiguous()}
+    feature = wrapper.student_feature_names[loss.ling_feature_index]
+    path = os.path.join(output_dir, TEXT_HEAD_NAME)
+    save_file(tensors, path, metadata={"feature": feature, "tau": str(loss.ling_tau)})
+    return path
 
 
 def parse_feature_pairs(spec: Optional[str]) -> list[tuple[str, str]]:

@@ -129,3 +129,28 @@ def test_parse_feature_pairs():
     assert parse_feature_pairs(None) == []
     with pytest.raises(ValueError, match="student_name:teacher_name"):
         parse_feature_pairs("stage4")
+
+
+def test_final_save_keeps_the_text_head_beside_the_plain_student(tmp_path):
+    from safetensors import safe_open
+
+    from c2vkd_hf.losses.vlfd import pixel_text_logits
+    from c2vkd_hf.models import forward_features
+    from c2vkd_hf.trainer import TEXT_HEAD_NAME
+
+    teacher = tiny_teacher()
+    model = c2vkd_model(tiny_student(), teacher)
+    trainer = make_trainer(str(tmp_path), model, teacher, tensor_dataset(8))
+    trainer.train()
+    trainer.save_model(str(tmp_path / "out"))
+    with safe_open(str(tmp_path / "out" / TEXT_HEAD_NAME), "pt") as head:
+        meta = head.metadata()
+        weight, bias, text = (head.get_tensor(k) for k in ("projector.weight", "projector.bias", "text_embeddings"))
+    assert meta["feature"] == "stage4" and float(meta["tau"]) == model.distill_loss.ling_tau
+    student = AutoModelForSemanticSegmentation.from_pretrained(str(tmp_path / "out")).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        _, feats = forward_features(student, x)
+        u = torch.nn.functional.conv2d(feats["stage4"], weight[..., None, None] if weight.dim() == 2 else weight, bias)
+        expected = model.distill_loss.eval().pixel_text_logits(feats["stage4"])
+    torch.testing.assert_close(pixel_text_logits(u, text, tau=float(meta["tau"])), expected)
