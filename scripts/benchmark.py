@@ -196,7 +196,8 @@ def make_plots(runs: list[dict], table: dict[str, dict], out_dir: Path, prefix: 
             axes[1].plot(steps, [e[key] for e in run["loss_history"] if key in e],
                          label=f"{name}: {key.split('/')[1]}")
     axes[1].set_yscale("log"), axes[1].set_xlabel("step"), axes[1].set_ylabel("weighted loss term")
-    axes[1].legend(fontsize=6, ncol=2)
+    if axes[1].get_legend_handles_labels()[0]:
+        axes[1].legend(fontsize=6, ncol=2)
     axes[1].set_title("C2VKD runs: weighted loss terms")
     fig.tight_layout()
     files.append(f"{prefix}_curves.png")
@@ -255,8 +256,28 @@ def write_report(args) -> str:
                      f"{r['steps']} |")
     report = out_dir / ("RESULTS.md" if args.suite == "main" else "ABLATIONS.md")
     report.write_text("\n".join(lines) + "\n")
+    if args.suite == "main":
+        table_end = lines.index("## Protocol")
+        update_readme(lines[4:table_end], report)
     print(f"wrote {report}" + (f"; gain ratio {ratio:.2f}" if ratio is not None else ""))
     return str(report)
+
+
+README_START, README_END = "<!-- benchmark:start -->", "<!-- benchmark:end -->"
+
+
+def update_readme(table_lines: list[str], report: Path) -> None:
+    """Replaces the table between the benchmark markers of README.md (when both are there)."""
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        return
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    body = "\n".join(table_lines).strip()
+    link = report.relative_to(ROOT) if report.is_relative_to(ROOT) else report
+    readme.write_text(f"{head}{README_START}\n{body}\n\nFull protocol, plots and per-run numbers: [{link}]({link}).\n"
+                      f"{README_END}{tail}")
 
 
 def main(argv=None):
@@ -277,7 +298,8 @@ def main(argv=None):
     parser.add_argument("--runs", nargs="*", default=None, help="name:method[:extra flags] (default: the six methods)")
     parser.add_argument("--report_only", action="store_true")
     args = parser.parse_args(argv)
-    args.command = "python scripts/benchmark.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    args.command = " ".join(["python scripts/benchmark.py"] + [shlex.quote(a) for a in (argv or sys.argv[1:])
+                                                                 if a != "--report_only"])
     specs = args.runs or DEFAULT_RUNS
     if not args.report_only:
         # interleave seeds so that a partial table already covers every method
