@@ -258,7 +258,7 @@ def write_report(args) -> str:
     report.write_text("\n".join(lines) + "\n")
     if args.suite == "main":
         table_end = lines.index("## Protocol")
-        update_readme(lines[4:table_end], report)
+        update_readme(Path(args.readme), lines[4:table_end], report)
     print(f"wrote {report}" + (f"; gain ratio {ratio:.2f}" if ratio is not None else ""))
     return str(report)
 
@@ -266,16 +266,17 @@ def write_report(args) -> str:
 README_START, README_END = "<!-- benchmark:start -->", "<!-- benchmark:end -->"
 
 
-def update_readme(table_lines: list[str], report: Path) -> None:
-    """Replaces the table between the benchmark markers of README.md (when both are there)."""
-    readme = ROOT / "README.md"
+def update_readme(readme: Path, table_lines: list[str], report: Path) -> None:
+    """Replaces the table between the benchmark markers of ``readme`` (when both are there)."""
+    if not readme.is_file():
+        return
     text = readme.read_text()
     if README_START not in text or README_END not in text:
         return
     head, rest = text.split(README_START, 1)
     _, tail = rest.split(README_END, 1)
     body = "\n".join(table_lines).strip()
-    link = report.relative_to(ROOT) if report.is_relative_to(ROOT) else report
+    link = report.relative_to(readme.parent) if report.is_relative_to(readme.parent) else report
     readme.write_text(f"{head}{README_START}\n{body}\n\nFull protocol, plots and per-run numbers: [{link}]({link}).\n"
                       f"{README_END}{tail}")
 
@@ -297,6 +298,7 @@ def main(argv=None):
     parser.add_argument("--suite", default="main", help="'main' (RESULTS.md) or 'ablations' (ABLATIONS.md)")
     parser.add_argument("--runs", nargs="*", default=None, help="name:method[:extra flags] (default: the six methods)")
     parser.add_argument("--report_only", action="store_true")
+    parser.add_argument("--readme", default=str(ROOT / "README.md"), help="README whose benchmark table is updated")
     args = parser.parse_args(argv)
     args.command = " ".join(["python scripts/benchmark.py"] + [shlex.quote(a) for a in (argv or sys.argv[1:])
                                                                  if a != "--report_only"])

@@ -1,0 +1,50 @@
+"""scripts/benchmark.py's report: table, gain ratio and README table from per-run JSONs (no training)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import benchmark  # noqa: E402
+
+
+def _run(out: Path, name: str, method: str, seed: int, miou: float):
+    record = {
+        "name": name, "method": method, "seed": seed, "extra_flags": [], "val_mean_iou": miou,
+        "per_category_iou": {"Sky": miou, "Road": miou / 2}, "steps": 10, "wall_time_s": 60.0, "peak_rss_mb": 100.0,
+        "teacher_val_mean_iou": 0.6, "eval_history": [{"step": 10, "val_mean_iou": miou}],
+        "loss_history": [{"step": 5, "loss": 1.0, "loss_weighted/pdd": 0.5}], "loss_weights": {"ce": 1.0},
+        "config": {"data": {"train_images": "t", "resize_height": 12, "resize_width": 16, "min_scale": 0.75,
+                            "max_scale": 1.5},
+                   "distillation": {"teacher_name_or_path": "T", "text_embeddings": "E"},
+                   "training": {"max_steps": 10, "per_device_train_batch_size": 8, "learning_rate": 1e-3,
+                                "warmup_steps": 1}},
+    }
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    (out / "runs" / f"{name}-seed{seed}.json").write_text(json.dumps(record))
+
+
+def test_gain_ratio_from_seed_means(tmp_path):
+    for seed, value in enumerate((0.30, 0.32)):
+        _run(tmp_path, "none", "none", seed, value)
+    for seed, value in enumerate((0.36, 0.38)):
+        _run(tmp_path, "c2vkd", "c2vkd", seed, value)
+    _run(tmp_path, "kd", "kd", 0, 0.33)
+    _run(tmp_path, "cwd", "cwd", 0, 0.34)
+    _run(tmp_path, "dist", "dist", 0, 0.29)
+    table = benchmark.summarise(benchmark.load_runs(tmp_path))
+    ratio, best = benchmark.gain_ratio(table)
+    assert best == "cwd"
+    assert ratio == pytest.approx((37 - 31) / (34 - 31))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{benchmark.README_START}\nold\n{benchmark.README_END}\noutro\n")
+    benchmark.main(["--report_only", "--out_dir", str(tmp_path), "--readme", str(readme)])
+    report = (tmp_path / "RESULTS.md").read_text()
+    assert "**2.00**" in report and "| c2vkd | c2vkd | - | 2 | 37.00 |" in report
+    text = readme.read_text()
+    assert "old" not in text and "| c2vkd | c2vkd |" in text and text.endswith("outro\n")
+    assert (tmp_path / "results_miou.png").is_file()
