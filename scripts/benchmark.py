@@ -64,6 +64,21 @@ def seeds_for(name: str, method: str, args) -> list[int]:
     return list(range(args.other_seeds))
 
 
+def claim(lock: Path) -> bool:
+    """Takes the run's lock file unless a live process holds it (so that several benchmark processes
+    can share the table; a lock left by a killed process is taken over)."""
+    import os
+
+    if lock.is_file():
+        try:
+            os.kill(int(lock.read_text()), 0)
+            return False
+        except (ValueError, ProcessLookupError):
+            pass
+    lock.write_text(str(os.getpid()))
+    return True
+
+
 def run_one(name: str, method: str, extra: list[str], seed: int, args) -> None:
     run_json = Path(args.out_dir) / "runs" / f"{name}-seed{seed}.json"
     if run_json.is_file():
@@ -71,6 +86,9 @@ def run_one(name: str, method: str, extra: list[str], seed: int, args) -> None:
         return
     work = Path(args.work_dir) / f"{name}-seed{seed}"
     work.mkdir(parents=True, exist_ok=True)
+    if not claim(work / "RUNNING"):
+        print(f"[skip] {name} seed {seed}: another benchmark process is running it")
+        return
     config = {**shared_config(args), "method": method, "seed": seed, "output_dir": str(work)}
     config_file = work / "benchmark_config.json"
     config_file.write_text(json.dumps(config, indent=2))
@@ -83,6 +101,7 @@ def run_one(name: str, method: str, extra: list[str], seed: int, args) -> None:
     start = time.time()
     with open(work / "log.txt", "a") as log:
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    (work / "RUNNING").unlink(missing_ok=True)
     if proc.returncode != 0:
         print(f"[fail] {name} seed {seed}: exit {proc.returncode}, see {work / 'log.txt'}", flush=True)
         return
