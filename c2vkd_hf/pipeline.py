@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import os
+import pickle
 import resource
 import sys
 import time
@@ -20,16 +21,18 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+import timm
 import torch
+from safetensors import SafetensorError
 from torch import nn
-from transformers import Trainer, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import AutoConfig, TrainingArguments
 
 from .config import IGNORE_INDEX, METHODS, DataArguments, DistillationArguments
 from .data import SegmentationData, build_transform, collate_fn, default_palette, load_segmentation_data
 from .losses import get_loss
 from .metrics import StreamingMeanIoU, make_compute_metrics
 from .models import (
+    SEGFORMER_SIZES,
     build_teacher,
     default_feature_pair,
     feature_channels,
@@ -39,7 +42,15 @@ from .models import (
     student_image_processor,
 )
 from .text import get_text_embeddings
-from .trainer import DistillationModel, DistillationTrainer, parse_feature_pairs
+from .trainer import (
+    DistillationModel,
+    DistillationTrainer,
+    NonFiniteLossError,
+    TeacherTrainer,
+    checkpoint_problems,
+    last_complete_checkpoint,
+    parse_feature_pairs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -50,9 +61,34 @@ class UserInputError(ValueError):
     """A problem with the user's flags, files or data: reported as one message, no traceback."""
 
 
+#: Exit codes of the scripts: bad input (flags, files, data) and a loss that became NaN/inf.
+EXIT_USER_ERROR = 2
+EXIT_NON_FINITE_LOSS = 3
+
+
+def run_script(main, argv: Optional[list[str]] = None, user_errors: tuple = ()) -> int:
+    """Runs a script's ``main(argv)`` and returns its exit code: 0; :data:`EXIT_USER_ERROR` for a
+    :class:`UserInputError`, :class:`~c2vkd_hf.data.DataValidationError`, ``FileNotFoundError`` or
+    one of ``user_errors``; :data:`EXIT_NON_FINITE_LOSS` when training stopped on a NaN/inf loss (the
+    last complete checkpoint is kept). These print one ``error: ...`` paragraph on stderr, no
+    traceback; any other exception is a bug and propagates with its traceback."""
+    from .data import DataValidationError
+
+    try:
+        main(argv)
+    except (UserInputError, DataValidationError, FileNotFoundError, *user_errors) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except NonFiniteLossError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_NON_FINITE_LOSS
+    return 0
+
+
 # ------------------------------------------------------------------------------------------ checks
 def validate_distillation_args(args: DistillationArguments) -> None:
-    """Rejects unknown methods and invalid weights/temperatures before anything is loaded."""
+    """Rejects unknown methods, invalid weights/temperatures, malformed flags and missing local files
+    before anything is loaded."""
     if args.method not in METHODS:
         raise UserInputError(f"--method '{args.method}' is unknown; choose one of {', '.join(METHODS)}.")
     for name in ("ce_weight", "pdd_weight", "glob_weight", "rel_weight", "ling_weight", "kd_weight",
@@ -68,6 +104,28 @@ def validate_distillation_args(args: DistillationArguments) -> None:
         raise UserInputError(f"--label_weight must be in [0, 1], got {args.label_weight}.")
     if args.rel_grid < 1:
         raise UserInputError(f"--rel_grid must be >= 1, got {args.rel_grid}.")
+    try:
+        parse_feature_pairs(args.feature_pairs)
+    except ValueError as error:
+        raise UserInputError(str(error)) from None
+    student_config_overrides(args)
+    check_local_path("--teacher_name_or_path", args.teacher_name_or_path)
+    check_local_path("--student_name_or_path", args.student_name_or_path)
+    if args.text_embeddings and not Path(args.text_embeddings).is_file():
+        raise UserInputError(f"--text_embeddings {args.text_embeddings} does not exist.")
+
+
+def student_config_overrides(args: DistillationArguments) -> Optional[dict]:
+    """``--student_config_overrides`` parsed (a JSON object), or ``None``."""
+    if not args.student_config_overrides:
+        return None
+    try:
+        overrides = json.loads(args.student_config_overrides)
+    except ValueError as error:
+        raise UserInputError(f"--student_config_overrides is not valid JSON ({error}).") from None
+    if not isinstance(overrides, dict):
+        raise UserInputError("--student_config_overrides must be a JSON object of config fields.")
+    return overrides
 
 
 def check_class_agreement(id2label: dict[int, str], *, teacher: Optional[nn.Module] = None,
@@ -93,14 +151,41 @@ def check_class_agreement(id2label: dict[int, str], *, teacher: Optional[nn.Modu
                              f"classes: one embedding per class name is needed, in label order.")
 
 
+def student_head_note(name_or_path: str, id2label: dict[int, str], trust_remote_code: bool = False) -> Optional[str]:
+    """A sentence saying that a pretrained student's classification layer is re-initialised for the
+    dataset's classes (its checkpoint predicts another number of classes), else ``None``."""
+    if name_or_path.lower() in SEGFORMER_SIZES and not os.path.isdir(name_or_path):
+        return None  # a named size (segformer-b0): randomly initialised anyway
+    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if getattr(config, "num_labels", len(id2label)) == len(id2label):
+        return None
+    return (f"The student {name_or_path} predicts {config.num_labels} classes: its classification layer was "
+            f"re-initialised for the dataset's {len(id2label)} classes; the other weights were kept.")
+
+
 @contextlib.contextmanager
 def user_errors(what: str):
-    """Turns the loaders' ValueError/OSError about the user's input into one :class:`UserInputError`."""
+    """Turns the loaders' errors about the user's input (ValueError, OSError, and unreadable
+    pickle/safetensors files) into one :class:`UserInputError` that starts with ``what``."""
     try:
         yield
     except (ValueError, OSError) as error:
         message = str(error)
         raise UserInputError(message if what.split()[0] in message else f"{what}: {message}") from None
+    except pickle.UnpicklingError:
+        # torch.load(weights_only=True) refused the file; never suggest weights_only=False (runs pickled code)
+        raise UserInputError(f"{what}: a file is corrupt, or is a pickle holding more than tensors, which is never "
+                             f"loaded (only safetensors and torch.load(weights_only=True) are used).") from None
+    except SafetensorError as error:
+        raise UserInputError(f"{what}: a safetensors file is corrupt or truncated ({error}).") from None
+
+
+def check_local_path(flag: str, name: Optional[str]) -> None:
+    """A value that can only be a local path (absolute, ``./``, ``../``, ``~`` or more than one ``/``,
+    unlike a Hub id ``org/name``) must exist."""
+    if name and (os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1):
+        if not Path(name).expanduser().exists():
+            raise UserInputError(f"{flag} {name} does not exist (it is a local path, not a Hub id).")
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -116,7 +201,13 @@ def _datasets_for(data: SegmentationData, data_args: DataArguments, mean, std):
 
 
 def prepare_training_args(training_args: TrainingArguments) -> TrainingArguments:
-    """Forces what segmentation training with our data pipeline needs."""
+    """Forces what segmentation training with our data pipeline needs. A ``--hub_token`` is moved
+    into this process's ``HF_TOKEN`` environment variable (which ``huggingface_hub`` reads), so that
+    nothing that saves or prints the arguments (``training_args.bin``, ``results.json``, logs) can
+    contain it."""
+    if training_args.hub_token:
+        os.environ["HF_TOKEN"] = training_args.hub_token
+        training_args.hub_token = None
     training_args.remove_unused_columns = False  # the transforms need the raw image/label columns
     training_args.batch_eval_metrics = True  # stream the confusion matrix; keep no predictions
     training_args.label_names = ["labels"]
@@ -127,31 +218,155 @@ def prepare_training_args(training_args: TrainingArguments) -> TrainingArguments
     return training_args
 
 
+def _window_starts(length: int, window: int, stride: int) -> list[int]:
+    """Window offsets along one axis: every ``stride`` pixels, the last window flush with the end."""
+    if window >= length:
+        return [0]
+    return list(range(0, length - window, stride)) + [length - window]
+
+
+@torch.no_grad()
+def sliding_window_logits(model: nn.Module, pixel_values: torch.Tensor, window: tuple[int, int],
+                          stride: Optional[tuple[int, int]] = None, *, max_batch: int = 8) -> torch.Tensor:
+    """Logits of ``model`` over (B, C, H, W) images from overlapping ``window`` = (h, w) crops.
+
+    Offsets every ``stride`` (default: 2/3 of the window) with the last window flush with the image
+    border; a window larger than the image is clamped to it. Each crop's logits are upsampled
+    (bilinear) to the crop and averaged where crops overlap, giving (B, K, H, W). When one window
+    covers the whole image this is exactly ``model(pixel_values).logits`` (at the model's own output
+    resolution). Crops of all images are batched, at most ``max(max_batch, B)`` images per forward.
+    """
+    height, width = pixel_values.shape[-2:]
+    wh, ww = min(int(window[0]), height), min(int(window[1]), width)
+    if (wh, ww) == (height, width):
+        return model(pixel_values=pixel_values).logits
+    sh, sw = stride if stride is not None else (max(1, 2 * wh // 3), max(1, 2 * ww // 3))
+    if sh < 1 or sw < 1:
+        raise ValueError(f"the sliding-window stride must be positive, got {(sh, sw)}")
+    offsets = [(y, x) for y in _window_starts(height, wh, int(sh)) for x in _window_starts(width, ww, int(sw))]
+    batch = pixel_values.shape[0]
+    per_call = max(1, max_batch // batch)
+    total = count = None
+    for first in range(0, len(offsets), per_call):
+        group = offsets[first:first + per_call]
+        crops = torch.cat([pixel_values[..., y:y + wh, x:x + ww] for y, x in group])
+        logits = model(pixel_values=crops).logits.float()
+        logits = nn.functional.interpolate(logits, size=(wh, ww), mode="bilinear", align_corners=False)
+        if total is None:
+            total = logits.new_zeros(batch, logits.shape[1], height, width)
+            count = logits.new_zeros(1, 1, height, width)
+        for (y, x), part in zip(group, logits.split(batch)):
+            total[..., y:y + wh, x:x + ww] += part
+            count[..., y:y + wh, x:x + ww] += 1
+    return total / count
+
+
+@torch.no_grad()
+def segmentation_scores(model: nn.Module, pixel_values: torch.Tensor, *, output_size: Optional[tuple] = None,
+                        scales: tuple = (1.0,), flip: bool = False, window: Optional[tuple[int, int]] = None,
+                        stride: Optional[tuple[int, int]] = None, max_batch: int = 8) -> torch.Tensor:
+    """(B, K, H', W') class scores of ``model`` on normalised images, resized (bilinear) to
+    ``output_size`` (default: the image size); their argmax is the prediction.
+
+    * one view (``scales == (1.0,)``, no ``flip``): the logits, from the whole image or from
+      :func:`sliding_window_logits` when ``window`` is set; without a window this is exactly the plain
+      ``model(pixel_values).logits`` upsampled.
+    * several views (multi-scale and/or horizontal flip test-time augmentation): the image is resized
+      by each scale (bilinear), optionally flipped, segmented (whole or sliding window at that scale),
+      flipped back, resized to ``output_size``; the returned scores are the mean softmax
+      probability over the views.
+    """
+    scales = tuple(float(s) for s in scales) or (1.0,)
+    if any(s <= 0 for s in scales):
+        raise ValueError(f"scales must be positive, got {scales}")
+    height, width = pixel_values.shape[-2:]
+    size = tuple(int(v) for v in (output_size or (height, width)))
+
+    def view(images: torch.Tensor) -> torch.Tensor:
+        if window is not None:
+            logits = sliding_window_logits(model, images, window, stride, max_batch=max_batch)
+        else:
+            logits = model(pixel_values=images).logits
+        logits = logits.float()
+        if tuple(logits.shape[-2:]) != size:
+            logits = nn.functional.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        return logits
+
+    if scales == (1.0,) and not flip:
+        return view(pixel_values)
+    probs = None
+    for scale in scales:
+        scaled = pixel_values
+        if scale != 1.0:
+            scaled_size = (max(1, round(height * scale)), max(1, round(width * scale)))
+            scaled = nn.functional.interpolate(pixel_values, size=scaled_size, mode="bilinear", align_corners=False)
+        for flipped in ((False, True) if flip else (False,)):
+            logits = view(scaled.flip(-1)) if flipped else view(scaled)
+            if flipped:
+                logits = logits.flip(-1)
+            p = logits.softmax(dim=1)
+            probs = p if probs is None else probs + p
+    return probs / (len(scales) * (2 if flip else 1))
+
+
 @torch.no_grad()
 def evaluate_model(model: nn.Module, dataset, num_labels: int, *, batch_size: int = 8,
                    model_mean_std: Optional[tuple] = None, data_mean_std: Optional[tuple] = None,
-                   progress: bool = True) -> dict[str, Any]:
-    """mIoU of ``model`` on a transformed dataset (``pixel_values``/``labels``), logits upsampled
-    bilinearly to the label size. Re-normalises inputs when the model's mean/std differ from the
-    data's."""
-    from torch.utils.data import DataLoader
+                   progress: bool = True, scales: tuple = (1.0,), flip: bool = False,
+                   window: Optional[tuple[int, int]] = None, stride: Optional[tuple[int, int]] = None,
+                   accelerator=None, predictions_dir: Optional[str] = None, palette=None,
+                   max_predictions: Optional[int] = None) -> dict[str, Any]:
+    """mIoU of ``model`` on a transformed dataset (``pixel_values``/``labels``), predictions at the label
+    size. Re-normalises inputs when the model's mean/std differ from the data's.
+
+    By default the logits are upsampled bilinearly to the labels and arg-maxed. ``scales``/``flip``
+    (multi-scale + horizontal-flip test-time augmentation) and ``window``/``stride`` (sliding-window
+    inference for images larger than the training crops) are those of :func:`segmentation_scores`.
+
+    ``accelerator`` (an ``accelerate.Accelerator``): each process evaluates every
+    ``num_processes``-th image (no padding, so no image counts twice) on ``accelerator.device`` and the
+    confusion matrices are summed across processes (:meth:`StreamingMeanIoU.reduce`); every process
+    returns the same metrics. ``predictions_dir``: colourised predictions (``palette``, default
+    :func:`default_palette`) saved as ``<dataset index>.png``, for the first ``max_predictions`` images
+    (all when ``None``).
+    """
+    from torch.utils.data import DataLoader, Subset
     from tqdm.auto import tqdm
 
+    from .data import colorize
     from .models import renormalize
 
     model.eval()
     device = next(model.parameters()).device
+    indices = list(range(len(dataset)))
+    if accelerator is not None:
+        device = accelerator.device
+        model.to(device)
+        indices = indices[accelerator.process_index::accelerator.num_processes]
+        progress = progress and accelerator.is_local_main_process
+    if predictions_dir is not None:
+        os.makedirs(predictions_dir, exist_ok=True)
+        palette = palette or default_palette(num_labels)
     metric = StreamingMeanIoU(num_labels, ignore_index=IGNORE_INDEX)
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn)
+    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, collate_fn=collate_fn)
+    position = 0
     for batch in tqdm(loader, desc="evaluating", disable=not progress, leave=False):
         pixel_values = batch["pixel_values"].to(device)
         if model_mean_std is not None and data_mean_std is not None:
             pixel_values = renormalize(pixel_values, *data_mean_std, *model_mean_std)
-        logits = model(pixel_values=pixel_values).logits
         labels = batch["labels"].to(device)
-        logits = nn.functional.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear",
-                                           align_corners=False)
-        metric.update(logits.argmax(1).cpu(), labels.cpu())
+        scores = segmentation_scores(model, pixel_values, output_size=labels.shape[-2:], scales=scales, flip=flip,
+                                     window=window, stride=stride, max_batch=batch_size)
+        preds = scores.argmax(1).cpu()
+        metric.update(preds, labels.cpu())
+        if predictions_dir is not None:
+            for pred in preds:
+                index = indices[position]
+                position += 1
+                if max_predictions is None or index < max_predictions:
+                    colorize(pred, palette).save(os.path.join(predictions_dir, f"{index:05d}.png"))
+    if accelerator is not None and accelerator.num_processes > 1:
+        metric.reduce()
     return metric.compute()
 
 
@@ -161,6 +376,21 @@ def processor_size(data_args: DataArguments, data: SegmentationData) -> dict[str
         return {"height": data_args.resize_height, "width": data_args.resize_width}
     width, height = data.validation[0]["image"].size
     return {"height": height, "width": width}
+
+
+def resume_checkpoint(training_args: TrainingArguments) -> Optional[str]:
+    """The checkpoint to resume from: ``--resume_from_checkpoint`` when given (it must be a complete
+    checkpoint, else :class:`UserInputError` says what is missing), otherwise the newest complete
+    ``checkpoint-N`` in ``--output_dir`` (incomplete ones, left by a kill during a save, are skipped)."""
+    require_optimizer = not training_args.save_only_model
+    named = training_args.resume_from_checkpoint
+    if named:
+        problems = checkpoint_problems(named, require_optimizer=require_optimizer)
+        if problems:
+            raise UserInputError(f"--resume_from_checkpoint {named} is not a complete checkpoint: "
+                                 f"{'; '.join(problems)}.")
+        return named
+    return last_complete_checkpoint(training_args.output_dir, require_optimizer=require_optimizer)
 
 
 def _write_json(path: Path, payload: dict) -> None:
@@ -173,13 +403,19 @@ def _write_json(path: Path, payload: dict) -> None:
 def train_teacher(data: SegmentationData, data_args: DataArguments, training_args: TrainingArguments, *,
                   arch: str = "upernet", backbone: str = "tf_efficientnet_lite0",
                   backbone_weights: Optional[str] = None, head_lr_multiplier: float = 5.0) -> dict[str, Any]:
-    """Fine-tunes a CNN teacher with the plain ``transformers.Trainer`` and saves an
+    """Fine-tunes a CNN teacher with :class:`~c2vkd_hf.trainer.TeacherTrainer` (``transformers.Trainer``
+    with kill-safe checkpoints and the NaN/inf loss check) and saves an
     ``AutoModelForSemanticSegmentation`` folder in ``training_args.output_dir`` with
     ``teacher_results.json`` (validation mIoU, schedule, wall time). Resumes from the last checkpoint
     there. The backbone gets ``learning_rate``, the decoder ``head_lr_multiplier`` times it."""
     start = time.time()
     output_dir = Path(training_args.output_dir)
-    model = build_teacher(arch=arch, backbone=backbone, id2label=data.id2label, backbone_weights=backbone_weights)
+    if not timm.is_model(backbone):
+        raise UserInputError(f"--backbone {backbone} is not a timm model name (e.g. tf_efficientnet_lite0, resnet50).")
+    if backbone_weights is not None and not os.path.isfile(backbone_weights):
+        raise UserInputError(f"--backbone_weights {backbone_weights} does not exist.")
+    with user_errors(f"--arch {arch} --backbone {backbone}"):
+        model = build_teacher(arch=arch, backbone=backbone, id2label=data.id2label, backbone_weights=backbone_weights)
     mean, std = image_mean_std(model)
     train, validation = _datasets_for(data, data_args, mean, std)
     prepare_training_args(training_args)
@@ -189,12 +425,14 @@ def train_teacher(data: SegmentationData, data_args: DataArguments, training_arg
         [{"params": backbone_params, "lr": training_args.learning_rate},
          {"params": head_params, "lr": training_args.learning_rate * head_lr_multiplier}],
         weight_decay=training_args.weight_decay)
-    trainer = Trainer(model=model, args=training_args, train_dataset=train, eval_dataset=validation,
+    trainer = TeacherTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=validation,
                       data_collator=collate_fn, compute_metrics=make_compute_metrics(len(data.id2label), IGNORE_INDEX,
                                                                                    data.id2label),
                       processing_class=student_image_processor(model, size=processor_size(data_args, data)), optimizers=(optimizer, None))
     trainer.model_accepts_loss_kwargs = False  # the model's own loss is a per-batch mean
-    last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    last = resume_checkpoint(training_args)
+    if last:
+        logger.warning("Resuming from %s", last)
     trainer.train(resume_from_checkpoint=last)
     metrics = trainer.evaluate()
     trainer.save_model(str(output_dir))
@@ -275,29 +513,11 @@ def run_distillation(dist_args: DistillationArguments, data_args: DataArguments,
     id2label = data.id2label
     notes: list[str] = []
 
-    teacher = None
-    teacher_name = dist_args.teacher_name_or_path
-    if dist_args.method != "none":
-        if teacher_name is None:
-            if data.name != "synthetic":
-                raise UserInputError(f"--teacher_name_or_path is required for --method {dist_args.method} "
-                                     f"(a CNN AutoModelForSemanticSegmentation folder or Hub id).")
-            cache = Path(dist_args.teacher_cache_dir or output_dir / "teacher")
-            teacher_name = _default_teacher(data, data_args, training_args, cache, dist_args.default_teacher_steps)
-        with user_errors(f"--teacher_name_or_path {teacher_name}"):
-            teacher = load_teacher(teacher_name, trust_remote_code=dist_args.trust_remote_code)
-        check_class_agreement(id2label, teacher=teacher, teacher_name=teacher_name)
-
-    overrides = json.loads(dist_args.student_config_overrides) if dist_args.student_config_overrides else None
-    with user_errors(f"--student_name_or_path {dist_args.student_name_or_path}"):
-        student = load_student(dist_args.student_name_or_path, id2label,
-                               trust_remote_code=dist_args.trust_remote_code, config_overrides=overrides)
-    processor = student_image_processor(student, size=processor_size(data_args, data))
-    student_mean, student_std = image_mean_std(student)
-
     text_embeddings = None
     if dist_args.method == "c2vkd" and dist_args.ling_weight > 0:
-        with user_errors("text embeddings"):
+        # fork_rng: computing embeddings (or finding them cached) must not change the models' initialisation
+        with user_errors(f"--text_embeddings {dist_args.text_embeddings}" if dist_args.text_embeddings
+                         else "text embeddings"), torch.random.fork_rng(devices=[]):
             text_embeddings = get_text_embeddings(
                 [id2label[i] for i in range(len(id2label))], text_embeddings=dist_args.text_embeddings,
                 clip_model=dist_args.clip_model, clip_pretrained=dist_args.clip_pretrained,
@@ -311,6 +531,30 @@ def run_distillation(dist_args: DistillationArguments, data_args: DataArguments,
         else:
             check_class_agreement(id2label, text_embeddings=text_embeddings,
                                   text_source=dist_args.text_embeddings or f"{dist_args.clip_model} embeddings")
+
+    teacher = None
+    teacher_name = dist_args.teacher_name_or_path
+    if dist_args.method != "none":
+        if teacher_name is None:
+            if data.name != "synthetic":
+                raise UserInputError(f"--teacher_name_or_path is required for --method {dist_args.method} "
+                                     f"(a CNN AutoModelForSemanticSegmentation folder or Hub id).")
+            cache = Path(dist_args.teacher_cache_dir or output_dir / "teacher")
+            teacher_name = _default_teacher(data, data_args, training_args, cache, dist_args.default_teacher_steps)
+        with user_errors(f"--teacher_name_or_path {teacher_name}"):
+            teacher = load_teacher(teacher_name, trust_remote_code=dist_args.trust_remote_code)
+        check_class_agreement(id2label, teacher=teacher, teacher_name=teacher_name)
+
+    overrides = student_config_overrides(dist_args)
+    with user_errors(f"--student_name_or_path {dist_args.student_name_or_path}"):
+        head_note = student_head_note(dist_args.student_name_or_path, id2label, dist_args.trust_remote_code)
+        student = load_student(dist_args.student_name_or_path, id2label,
+                               trust_remote_code=dist_args.trust_remote_code, config_overrides=overrides)
+    if head_note:
+        logger.warning(head_note)
+        notes.append(head_note)
+    processor = student_image_processor(student, size=processor_size(data_args, data))
+    student_mean, student_std = image_mean_std(student)
 
     pairs: list[tuple[str, str]] = []
     student_channels: list[int] = []
@@ -335,7 +579,7 @@ def run_distillation(dist_args: DistillationArguments, data_args: DataArguments,
         teacher=teacher, teacher_feature_names=[t for _, t in pairs],
         student_mean_std=(student_mean, student_std),
         teacher_mean_std=image_mean_std(teacher) if teacher is not None else None)
-    last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    last = resume_checkpoint(training_args)
     if last:
         logger.warning("Resuming from %s", last)
     trainer.train(resume_from_checkpoint=last)

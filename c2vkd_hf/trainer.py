@@ -16,13 +16,19 @@ each forced by how ``Trainer`` works (see DESIGN.md, "Trainer facts"):
 * Saving: the output folder (``save_model``) is a plain student: weights, config with ``id2label``
   and the image processor, loadable with ``AutoModelForSemanticSegmentation``. Checkpoints
   additionally hold ``distillation_modules.safetensors`` (the projectors), restored on resume.
+  ``training_args.bin`` is written without ``hub_token``.
+* Checkpoints survive a kill at any moment and a NaN/inf loss stops training
+  (:class:`SafeCheckpointTrainer`, the base class it shares with the teacher's ``TeacherTrainer``).
 * Evaluation skips the teacher: the student's logits and cross-entropy only.
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import os
+import re
 from typing import Optional
 
 import torch
@@ -30,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer
 from transformers.modeling_outputs import SemanticSegmenterOutput
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .losses.common import cross_entropy
 from .models import forward_features, renormalize
@@ -37,6 +44,8 @@ from .models import forward_features, renormalize
 logger = logging.getLogger(__name__)
 
 DISTILLATION_MODULES_NAME = "distillation_modules.safetensors"
+TRAINER_STATE_NAME = "trainer_state.json"  # written last by Trainer._save_checkpoint: the commit marker
+_CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -84,7 +93,77 @@ class DistillationModel(nn.Module):
         return SemanticSegmenterOutput(loss=terms["loss"], logits=logits)
 
 
-class DistillationTrainer(Trainer):
+class SafeCheckpointTrainer(Trainer):
+    """``Trainer`` whose checkpoints are safe against a kill at any moment (SIGKILL, out-of-memory
+    killer, preemption) and which stops on a non-finite loss with :class:`NonFiniteLossError`.
+
+    Atomic checkpoints, by a commit marker: ``Trainer._save_checkpoint`` writes straight into
+    ``checkpoint-N`` (weights, projectors, optimizer, scheduler, RNG state) and writes
+    ``trainer_state.json`` last, so that file marks a finished save. A checkpoint is *complete* only
+    when ``trainer_state.json`` parses and every file resume reads is present
+    (:func:`checkpoint_problems`). Before a folder is (re)written its old marker is removed, so a
+    half-rewritten folder never looks complete. Resuming (:func:`last_complete_checkpoint`, which the
+    scripts use, and ``train(resume_from_checkpoint=True)``) skips incomplete folders with a warning
+    and takes the newest complete one; a named incomplete checkpoint is rejected with the list of
+    what is missing. This is simpler than writing into a temporary folder and renaming it
+    (``Trainer``'s best-model bookkeeping, hub pushes and checkpoint rotation all assume the final
+    name) and gives the same guarantee. It does not cover power loss (``Trainer`` does not ``fsync``).
+    ``training_args.bin`` is written without ``hub_token``.
+    """
+
+    def _check_finite(self, terms: dict[str, torch.Tensor]) -> None:
+        for name, value in terms.items():
+            if not torch.isfinite(value.detach()).all():
+                raise NonFiniteLossError(
+                    f"Loss term '{name}' became {value.item()} at step {self.state.global_step}. Training was "
+                    f"stopped; the last good checkpoint in {self.args.output_dir} is kept. Lower the learning "
+                    f"rate or this term's weight, or use float32.")
+
+    def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
+        token, self.args.hub_token = self.args.hub_token, None  # Trainer._save pickles self.args
+        try:
+            super()._save(output_dir, state_dict)
+        finally:
+            self.args.hub_token = token
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """``Trainer._save_checkpoint``, after removing the commit marker of a folder about to be rewritten."""
+        if self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            marker = os.path.join(folder, TRAINER_STATE_NAME)
+            if os.path.isfile(marker):
+                os.remove(marker)
+        super()._save_checkpoint(model, trial)
+
+    def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
+        """``Trainer.train``; ``resume_from_checkpoint=True`` means the last *complete* checkpoint in
+        ``output_dir``, and a named checkpoint must be complete."""
+        require_optimizer = not self.args.save_only_model
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir, require_optimizer=require_optimizer)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No complete checkpoint found in output directory ({self.args.output_dir})")
+        elif isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            problems = checkpoint_problems(resume_from_checkpoint, require_optimizer=require_optimizer)
+            if problems:
+                raise ValueError(f"Can't resume from {resume_from_checkpoint}: it is not a complete checkpoint "
+                                 f"({'; '.join(problems)}).")
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+
+
+class TeacherTrainer(SafeCheckpointTrainer):
+    """The plain ``Trainer`` for the CNN teacher (the model computes its own loss), with safe
+    checkpoints and the non-finite loss check."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                      num_items_in_batch=num_items_in_batch)
+        if model.training:
+            self._check_finite({"loss": result[0] if return_outputs else result})
+        return result
+
+
+class DistillationTrainer(SafeCheckpointTrainer):
     """Trainer that distils ``teacher`` into ``model.student`` with ``model.distill_loss``.
 
     Args:
@@ -143,14 +222,6 @@ class DistillationTrainer(Trainer):
         self._accumulate_terms(outputs["terms"])
         return (outputs["loss"], outputs) if return_outputs else outputs["loss"]
 
-    def _check_finite(self, terms: dict[str, torch.Tensor]) -> None:
-        for name, value in terms.items():
-            if not torch.isfinite(value.detach()).all():
-                raise NonFiniteLossError(
-                    f"Loss term '{name}' became {value.item()} at step {self.state.global_step}. Training was "
-                    f"stopped; the last good checkpoint in {self.args.output_dir} is kept. Lower the learning "
-                    f"rate or this term's weight, or use float32.")
-
     def _accumulate_terms(self, terms: dict[str, torch.Tensor]) -> None:
         for name, value in terms.items():
             if name == "loss":
@@ -200,7 +271,7 @@ class DistillationTrainer(Trainer):
                 save_file(extra, os.path.join(output_dir, DISTILLATION_MODULES_NAME))
         else:
             save_text_head(wrapper, output_dir)
-        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        torch.save(args_without_token(self.args), os.path.join(output_dir, "training_args.bin"))
 
     def _load_student_and_modules(self, folder: str) -> None:
         """Restores the student (through ``from_pretrained``, which maps transformers' on-disk key
@@ -221,6 +292,61 @@ class DistillationTrainer(Trainer):
 
     def _load_best_model(self) -> None:
         self._load_student_and_modules(self.state.best_model_checkpoint)
+
+
+def args_without_token(args):
+    """A shallow copy of ``TrainingArguments`` without ``hub_token``, for ``training_args.bin``."""
+    safe = copy.copy(args)
+    safe.hub_token = None
+    return safe
+
+
+# --------------------------------------------------------------------------------------------- checkpoints
+def checkpoint_problems(folder: str, *, require_optimizer: bool = True) -> list[str]:
+    """What makes ``folder`` an incomplete checkpoint (an empty list: it is complete).
+
+    Complete means: ``trainer_state.json`` (written last) parses, and the config, the weights and,
+    with ``require_optimizer`` (unless ``save_only_model``), the optimizer, scheduler and RNG state
+    are present.
+    """
+    if not os.path.isdir(folder):
+        return [f"{folder} is not a folder"]
+    problems = []
+    try:
+        with open(os.path.join(folder, TRAINER_STATE_NAME), encoding="utf-8") as handle:
+            json.load(handle)["global_step"]
+    except FileNotFoundError:
+        problems.append(f"no {TRAINER_STATE_NAME} (the save did not finish)")
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        problems.append(f"{TRAINER_STATE_NAME} is unreadable or truncated ({type(error).__name__})")
+    files = set(os.listdir(folder))
+    if "config.json" not in files:
+        problems.append("no config.json")
+    if not files & {"model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"}:
+        problems.append("no model weights (model.safetensors)")
+    if require_optimizer:
+        problems += [f"no {name}" for name in ("optimizer.pt", "scheduler.pt") if name not in files]
+        if not any(name.startswith("rng_state") for name in files):
+            problems.append("no rng_state.pth")
+    return problems
+
+
+def last_complete_checkpoint(output_dir: str, *, require_optimizer: bool = True) -> Optional[str]:
+    """The newest complete ``checkpoint-N`` folder in ``output_dir`` (``None`` if there is none);
+    incomplete ones (a save interrupted by a kill) are skipped with a warning."""
+    if not os.path.isdir(output_dir):
+        return None
+    steps = sorted(((int(m.group(1)), name) for name in os.listdir(output_dir) if (m := _CHECKPOINT_RE.match(name))
+                    and os.path.isdir(os.path.join(output_dir, name))), reverse=True)
+    for _, name in steps:
+        folder = os.path.join(output_dir, name)
+        problems = checkpoint_problems(folder, require_optimizer=require_optimizer)
+        if not problems:
+            return folder
+        logger.warning("Skipping the incomplete checkpoint %s (%s): it was interrupted while being written "
+                       "or deleted.", folder,
+                       "; ".join(problems))
+    return None
 
 
 TEXT_HEAD_NAME = "text_head.safetensors"

@@ -22,12 +22,12 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from c2vkd_hf.config import DataArguments, DistillationArguments
-from c2vkd_hf.data import DataValidationError
 from c2vkd_hf.pipeline import (
     RESULTS_NAME,
     UserInputError,
     push_student_to_hub,
     run_distillation,
+    run_script,
     validate_distillation_args,
 )
 
@@ -63,10 +63,15 @@ def parse_args(argv: list[str]):
         path = Path(argv[0])
         if not path.is_file():
             raise UserInputError(f"Config file {path} does not exist.")
-        config = yaml.safe_load(path.read_text()) if path.suffix != ".json" else json.loads(path.read_text())
-        merged = {**SCRIPT_DEFAULTS, **config}
-        train_baseline = str(merged.pop("train_baseline", "auto")).lower()
-        dist_args, data_args, training_args = parser.parse_dict(merged)
+        try:
+            config = yaml.safe_load(path.read_text()) if path.suffix != ".json" else json.loads(path.read_text())
+            if not isinstance(config, dict):
+                raise ValueError("expected a mapping of flag names to values")
+            merged = {**SCRIPT_DEFAULTS, **config}
+            train_baseline = str(merged.pop("train_baseline", "auto")).lower()
+            dist_args, data_args, training_args = parser.parse_dict(merged)
+        except (yaml.YAMLError, ValueError) as error:
+            raise UserInputError(f"Config file {path}: {error}") from None
         return dist_args, data_args, training_args, train_baseline
     defaults = [f"--{key}={value}" for key, value in SCRIPT_DEFAULTS.items()]
     dist_args, data_args, training_args, extra = parser.parse_args_into_dataclasses(args=defaults + argv)
@@ -114,8 +119,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (UserInputError, DataValidationError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_script(main))

@@ -22,9 +22,9 @@ from typing import Optional
 from transformers import HfArgumentParser, TrainingArguments
 
 from c2vkd_hf.config import DataArguments
-from c2vkd_hf.data import DataValidationError, load_segmentation_data
+from c2vkd_hf.data import load_segmentation_data
 from c2vkd_hf.models import efficientnet_lite0_weights_path
-from c2vkd_hf.pipeline import UserInputError, train_teacher
+from c2vkd_hf.pipeline import run_script, train_teacher
 
 
 @dataclass
@@ -79,8 +79,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (UserInputError, DataValidationError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_script(main))

@@ -1,0 +1,374 @@
+"""Reliability and security: kill and resume, kill-safe checkpoints, bad input rejected before training
+with one message and exit code 2, a NaN loss stopping with exit code 3, no Hub token on disk, class
+names escaped in the model card. docs/RELIABILITY.md lists every case with its test here.
+
+Scripts are run in a subprocess where the real process matters (SIGKILL, the ``__main__`` exit code, no
+traceback); otherwise through :func:`c2vkd_hf.pipeline.run_script`, which is exactly what their
+``__main__`` runs, to keep this file fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainingArguments
+
+from c2vkd_hf.data import SYNTHETIC_CLASSES
+from c2vkd_hf.models import load_student
+from c2vkd_hf.pipeline import EXIT_NON_FINITE_LOSS, EXIT_USER_ERROR, resume_checkpoint, run_script
+from c2vkd_hf.losses import get_loss
+from c2vkd_hf.trainer import (
+    TRAINER_STATE_NAME,
+    DistillationModel,
+    DistillationTrainer,
+    checkpoint_problems,
+    last_complete_checkpoint,
+)
+from tiny import ID2LABEL, TINY_SEGFORMER, TINY_SEGFORMER_JSON, make_trainer, tensor_dataset, tiny_student
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import distill  # noqa: E402
+
+SECRET = "hf_reliabilityTestSecretToken123"
+TINY_DATA = ["--synthetic_train_size", "16", "--synthetic_validation_size", "4", "--synthetic_height", "32",
+             "--synthetic_width", "32"]
+QUICK = ["--student_config_overrides", TINY_SEGFORMER_JSON, "--per_device_train_batch_size", "4",
+         "--disable_tqdm", "true", "--eval_strategy", "no", "--logging_steps", "1"]
+
+
+def _start(name: str, *args: str, **kwargs) -> subprocess.Popen:
+    """Starts ``scripts/<name>`` (one thread: a benchmark may be sharing the CPU)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    kwargs = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **kwargs}
+    return subprocess.Popen([sys.executable, str(ROOT / "scripts" / name), *args], cwd=ROOT, env=env, **kwargs)
+
+
+def _save_tiny(folder: Path, id2label: dict, seed: int = 1) -> str:
+    torch.manual_seed(seed)
+    load_student("segformer-b0", id2label, config_overrides=TINY_SEGFORMER).save_pretrained(folder)
+    return str(folder)
+
+
+def _png(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    PIL.Image.fromarray(array).save(path)
+
+
+def _folder_data(root: Path) -> list[str]:
+    """A valid local-folder dataset: 3 train and 2 validation 32x32 images, classes sky/road/car."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 3), ("val", 2)):
+        for i in range(count):
+            _png(root / split / f"img{i}.png", rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+            _png(root / f"{split}annot" / f"img{i}.png", rng.integers(0, 3, (32, 32), dtype=np.uint8))
+    (root / "classes.json").write_text(json.dumps(list(ID2LABEL.values())))
+    return ["--train_images", str(root / "train"), "--train_labels", str(root / "trainannot"),
+            "--validation_images", str(root / "val"), "--validation_labels", str(root / "valannot"),
+            "--labels_file", str(root / "classes.json")]
+
+
+# ------------------------------------------------------------------------------------------------ 1. kill
+def test_killed_run_restarts_to_the_same_student_and_no_token_is_written(tmp_path, monkeypatch, caplog):
+    """SIGKILL mid-training, then the same command again == one uninterrupted run (same seed).
+
+    The uninterrupted run is in-process, so the student starts from a saved folder (a named size is
+    initialised from torch's global RNG as it is when the run starts, which differs between a fresh
+    process and this one). Random augmentation is off: it shares the global RNG with dropout and is
+    drawn one batch ahead (docs/RELIABILITY.md); dropout and drop-path stay on and are restored."""
+    monkeypatch.setenv("HF_TOKEN", "")  # restored after the test: the scripts move --hub_token into HF_TOKEN
+    classes = dict(enumerate(SYNTHETIC_CLASSES))
+    teacher, student = _save_tiny(tmp_path / "teacher", classes, seed=1), _save_tiny(tmp_path / "student", classes, 2)
+    run = TINY_DATA + QUICK + ["--teacher_name_or_path", teacher, "--student_name_or_path", student, "--method", "kd",
+                               "--max_steps", "12", "--save_steps", "3", "--train_baseline", "false",
+                               "--min_scale", "1", "--max_scale", "1", "--hflip", "false", "--hub_token", SECRET]
+    killed = tmp_path / "killed"
+    log = (tmp_path / "killed.log").open("w")
+    proc = _start("distill.py", "--output_dir", str(killed), *run, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 180
+    while checkpoint_problems(str(killed / "checkpoint-3")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    log.close()
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
+    assert not (killed / "results.json").exists(), "the run must be killed before it ends"
+    last = last_complete_checkpoint(str(killed))
+    assert last is not None
+
+    reference = tmp_path / "reference"
+    full = distill.main(["--output_dir", str(reference), *run])
+    resumed = distill.main(["--output_dir", str(killed), *run])
+    assert f"Resuming from {last}" in caplog.text
+    assert full["steps"] == resumed["steps"] == 12
+    expected, actual = load_file(reference / "model.safetensors"), load_file(killed / "model.safetensors")
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], atol=1e-5, rtol=1e-4, msg=lambda m: f"{key}: {m}")
+    assert resumed["val_mean_iou"] == pytest.approx(full["val_mean_iou"], abs=1e-6)
+
+    # the Hub token is nowhere on disk: training_args.bin (checkpoints and final), results.json, card, configs
+    for path in [*reference.rglob("*"), *killed.rglob("*"), tmp_path / "killed.log"]:
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
+    assert os.environ["HF_TOKEN"] == SECRET, "the token still reaches huggingface_hub"
+
+
+def _fake_checkpoint(folder: Path, step: int) -> Path:
+    folder.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        (folder / name).write_bytes(b"x")
+    (folder / TRAINER_STATE_NAME).write_text(json.dumps({"global_step": step}))
+    return folder
+
+
+def test_half_written_checkpoints_are_skipped_or_rejected(tmp_path, capsys):
+    out = tmp_path / "out"
+    good = _fake_checkpoint(out / "checkpoint-2", 2)
+    truncated = _fake_checkpoint(out / "checkpoint-4", 4)
+    (truncated / TRAINER_STATE_NAME).write_text('{"global_step": 4, "log_hi')
+    no_optimizer = _fake_checkpoint(out / "checkpoint-6", 6)
+    (no_optimizer / "optimizer.pt").unlink()
+    unfinished = _fake_checkpoint(out / "checkpoint-8", 8)
+    (unfinished / TRAINER_STATE_NAME).unlink()
+    assert last_complete_checkpoint(str(out)) == str(good)
+    assert checkpoint_problems(str(no_optimizer)) == ["no optimizer.pt"]
+    assert checkpoint_problems(str(no_optimizer), require_optimizer=False) == []
+    newer = _fake_checkpoint(out / "checkpoint-10", 10)
+    assert resume_checkpoint(TrainingArguments(output_dir=str(out))) == str(newer)
+    assert resume_checkpoint(TrainingArguments(output_dir=str(out), resume_from_checkpoint=str(good))) == str(good)
+
+    code = run_script(distill.main, ["--output_dir", str(tmp_path / "o"), "--method", "none", "--max_steps", "1",
+                                     "--resume_from_checkpoint", str(truncated), *TINY_DATA, *QUICK])
+    assert code == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert f"--resume_from_checkpoint {truncated} is not a complete checkpoint" in err
+    assert "trainer_state.json is unreadable or truncated" in err
+
+
+def test_a_save_interrupted_while_rewriting_a_checkpoint_leaves_it_incomplete(tmp_path, monkeypatch):
+    """A kill during a save, simulated by an exception after the weights are written: the folder being
+    rewritten loses its old marker first, so resume never takes the half-rewritten checkpoint. Also:
+    training_args.bin never holds the Hub token."""
+    def trainer():
+        model = DistillationModel(tiny_student(), get_loss("none", ignore_index=255))
+        return make_trainer(str(tmp_path), model, None, tensor_dataset(8), per_device_train_batch_size=4,
+                            max_steps=4, save_strategy="steps", save_steps=2, hub_token=SECRET)
+
+    trainer().train()
+    assert last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-4")
+    assert SECRET.encode() not in (tmp_path / "checkpoint-4" / "training_args.bin").read_bytes()
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(DistillationTrainer, "_save_optimizer_and_scheduler", killed)
+    with pytest.raises(KeyboardInterrupt):
+        trainer().train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert "no trainer_state.json" in checkpoint_problems(str(tmp_path / "checkpoint-4"))[0]
+    assert last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-2")
+
+
+# ------------------------------------------------------------------------------------------ 2. bad input
+def _break(case: str, root: Path) -> None:
+    if case == "label":
+        _png(root / "trainannot" / "img1.png", np.full((32, 32), 9, dtype=np.uint8))
+    elif case == "size":
+        _png(root / "valannot" / "img1.png", np.zeros((30, 32), dtype=np.uint8))
+    elif case == "truncated":
+        data = (root / "train" / "img0.png").read_bytes()
+        (root / "train" / "img0.png").write_bytes(data[: len(data) // 2])
+    elif case == "unpaired":
+        _png(root / "train" / "extra.png", np.zeros((32, 32, 3), dtype=np.uint8))
+    elif case == "empty":
+        for path in (root / "val").iterdir():
+            path.unlink()
+    elif case == "no_labels_file":
+        (root / "classes.json").unlink()
+
+
+@pytest.mark.parametrize("case, message", [
+    ("label", ["trainannot/img1.png", "label values [9] are outside the classes", "K=3"]),
+    ("size", ["val/img1.png is 32x32 (WxH) but its mask", "valannot/img1.png is 32x30"]),
+    ("truncated", ["train/img0.png: image cannot be read"]),
+    ("unpaired", ["unpaired train files", "have no mask", "extra.png"]),
+    ("empty", ["validation_images folder", "val is empty"]),
+    ("no_labels_file", ["labels file", "classes.json does not exist"]),
+], ids=["label_out_of_range", "size_mismatch", "truncated_image", "unpaired", "empty_split", "missing_labels_file"])
+def test_bad_data_is_rejected_before_training(tmp_path, capsys, case, message):
+    flags = _folder_data(tmp_path / "data")
+    _break(case, tmp_path / "data")
+    code = run_script(distill.main, [*flags, "--output_dir", str(tmp_path / "out"), "--method", "none", *QUICK])
+    assert code == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    for part in message:
+        assert part in err, err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("checkpoint-*"))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, str]:
+    from transformers import SegformerConfig, SegformerForImageClassification
+
+    root = tmp_path_factory.mktemp("models")
+    classifier = root / "classifier"
+    SegformerForImageClassification(SegformerConfig(**TINY_SEGFORMER, num_labels=3)).save_pretrained(classifier)
+    truncated = Path(_save_tiny(root / "truncated", ID2LABEL))
+    weights = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    (root / "pickle.pth").write_bytes(b"\x80\x04cos\nsystem\n.")  # a pickle that is not just tensors
+    torch.save(torch.nn.functional.normalize(torch.randn(4, 8), dim=1), root / "emb4.pth")
+    return {"two_classes": _save_tiny(root / "two", {0: "sky", 1: "road"}), "three_classes": _save_tiny(
+        root / "three", ID2LABEL), "classifier": str(classifier), "truncated": str(truncated),
+        "pickle": str(root / "pickle.pth"), "emb4": str(root / "emb4.pth"), "root": str(root)}
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--method", "kd", "--teacher_name_or_path", "{two_classes}"], ["predicts 2 classes but the dataset has 3"]),
+    (["--method", "kd", "--teacher_name_or_path", "{classifier}"],
+     ["is not a semantic-segmentation model", "SegformerForImageClassification"]),
+    (["--method", "kd", "--teacher_name_or_path", "{truncated}"], ["{truncated}", "corrupt or truncated"]),
+    (["--method", "kd", "--teacher_name_or_path", "{root}/nothere"], ["{root}/nothere does not exist"]),
+    (["--method", "c2vkd", "--teacher_name_or_path", "{three_classes}", "--text_embeddings", "{emb4}"],
+     ["--text_embeddings {emb4}", "4 rows but the dataset has 3 classes"]),
+    (["--method", "c2vkd", "--teacher_name_or_path", "{three_classes}", "--text_embeddings", "{pickle}"],
+     ["--text_embeddings {pickle}", "never loaded"]),
+    (["--method", "c2vkd", "--teacher_name_or_path", "{three_classes}", "--text_embeddings", "{root}/no.pth"],
+     ["--text_embeddings {root}/no.pth does not exist"]),
+    (["--method", "none", "--student_name_or_path", "{root}/nothere"], ["--student_name_or_path {root}/nothere"]),
+    (["--method", "none", "--student_config_overrides", "hidden_sizes=8"], ["--student_config_overrides is not valid JSON"]),
+    (["--method", "c2vkd", "--feature_pairs", "stage4"], ["--feature_pairs entry 'stage4' must look like"]),
+    (["--method", "kd", "--pdd_weight", "-1"], ["--pdd_weight must be a finite number >= 0, got -1.0"]),
+    (["--method", "kd", "--kd_temperature", "nan"], ["--kd_temperature must be a finite number > 0, got nan"]),
+    (["--method", "c2vkd", "--rel_grid", "0"], ["--rel_grid must be >= 1, got 0"]),
+    (["--method", "fitnet"], ["--method 'fitnet' is unknown"]),
+], ids=["teacher_class_count", "teacher_not_segmentation", "teacher_truncated_weights", "teacher_missing",
+        "text_embedding_rows", "text_embedding_pickle", "text_embedding_missing", "student_missing",
+        "student_overrides_json", "feature_pairs", "negative_weight", "nan_temperature", "rel_grid", "unknown_method"])
+def test_bad_models_files_and_flags_are_rejected_before_training(tmp_path, capsys, models, flags, message):
+    data = _folder_data(tmp_path / "data")
+    flags = [flag.format(**models) for flag in flags]
+    code = run_script(distill.main, [*data, "--output_dir", str(tmp_path / "out"), *QUICK, *flags])
+    assert code == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    for part in message:
+        assert part.format(**models) in err, err
+    assert not any((tmp_path / "out").glob("checkpoint-*"))
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("config.yaml", "method: [c2vkd\n", "Config file {path}: while parsing"),
+    ("config.json", '{"method": "kd", "not_a_flag": 1}', "Config file {path}: Some keys are not used"),
+    ("missing.yaml", None, "Config file {path} does not exist"),
+], ids=["yaml_syntax", "unknown_key", "missing"])
+def test_bad_config_file_is_rejected(tmp_path, capsys, name, content, message):
+    path = tmp_path / name
+    if content is not None:
+        path.write_text(content)
+    assert run_script(distill.main, [str(path)]) == EXIT_USER_ERROR
+    assert message.format(path=path) in capsys.readouterr().err
+
+
+def test_a_student_with_other_classes_is_reinitialised_and_says_so(tmp_path, models, caplog):
+    data = _folder_data(tmp_path / "data")
+    results = distill.main([*data, "--output_dir", str(tmp_path / "out"), *QUICK, "--method", "none", "--max_steps",
+                            "1", "--student_name_or_path", models["two_classes"]])
+    note = f"The student {models['two_classes']} predicts 2 classes: its classification layer was re-initialised " \
+           f"for the dataset's 3 classes"
+    assert any(n.startswith(note) for n in results["notes"]) and note in caplog.text
+    assert note in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_other_scripts_reject_bad_input_the_same_way(tmp_path, models, capsys):
+    import evaluate as evaluate_script
+
+    flags = _folder_data(tmp_path / "data")
+    _break("label", tmp_path / "data")
+    teacher = _start("train_teacher.py", *flags, "--output_dir", str(tmp_path / "t"), "--backbone_weights", "none")
+    _, stderr = teacher.communicate(timeout=240)
+    assert teacher.returncode == EXIT_USER_ERROR, stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert "trainannot/img1.png: label values [9] are outside the classes" in stderr
+    # evaluate.py's __main__ reports these errors and OSError with exit code 2 in the same way
+    code = run_script(evaluate_script.main, ["--model_name_or_path", models["three_classes"], *flags],
+                      user_errors=(OSError,))
+    assert code == EXIT_USER_ERROR
+    assert "trainannot/img1.png: label values [9] are outside the classes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--arch", "segnet"], "--arch segnet --backbone tf_efficientnet_lite0: unknown teacher arch 'segnet'"),
+    (["--backbone", "resnet_nonexistent"], "--backbone resnet_nonexistent is not a timm model name"),
+    (["--backbone_weights", "/nonexistent/weights.pth"], "--backbone_weights /nonexistent/weights.pth does not exist"),
+], ids=["arch", "backbone", "backbone_weights"])
+def test_train_teacher_rejects_bad_flags(tmp_path, capsys, flags, message):
+    import train_teacher
+
+    data = _folder_data(tmp_path / "data")
+    code = run_script(train_teacher.main, [*data, "--output_dir", str(tmp_path / "t"), "--backbone_weights", "none",
+                                           *flags])
+    assert code == EXIT_USER_ERROR
+    assert message in capsys.readouterr().err
+
+
+def test_non_finite_loss_stops_with_a_message_and_keeps_the_checkpoint(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = run_script(distill.main, [*TINY_DATA, *QUICK, "--output_dir", str(out), "--method", "none", "--max_steps",
+                                     "3", "--save_steps", "1", "--learning_rate", "1e38"])
+    assert code == EXIT_NON_FINITE_LOSS
+    err = capsys.readouterr().err
+    assert "error: Loss term 'ce' became nan at step 1" in err and f"last good checkpoint in {out}" in err
+    assert last_complete_checkpoint(str(out)) == str(out / "checkpoint-1")
+
+
+def test_internal_errors_keep_their_traceback():
+    def main(argv):
+        raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        run_script(main, [])
+
+
+# ------------------------------------------------------------------------------------------- 3. security
+def test_class_names_are_escaped_in_the_model_card(tmp_path):
+    from huggingface_hub import ModelCard
+
+    from c2vkd_hf.model_card import build_model_card
+
+    id2label = {0: "<script>alert(1)</script>", 1: "|x|", 2: "[link](http://evil.example)\n# heading"}
+    card = build_model_card(repo_id="me/student", metrics={"mean_iou": 0.5, "overall_accuracy": 0.8,
+                            "per_category_iou": [0.1, 0.2, 0.3]}, id2label=id2label, dataset_name="<b>data</b>",
+                            method="c2vkd", teacher_name="teacher")
+    card.save(tmp_path / "README.md")
+    text = ModelCard.load(tmp_path / "README.md").text
+    assert "<script>" not in text and "<b>" not in text and "](http" not in text and "\n# heading" not in text
+    assert r"\<script\>alert\(1\)\</script\>" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and line.endswith(" |")]
+    table = rows[rows.index("| class | IoU (%) |") + 1:]
+    assert [row.count(" | ") for row in table] == [1, 1, 1], table  # "|x|" does not add table cells
+    assert table[1] == r"| \|x\| | 20.00 |"
+
+
+def test_no_unsafe_loading_in_the_package():
+    """Only safetensors and torch.load(weights_only=True); remote code only when asked for."""
+    import re
+
+    for path in [*(ROOT / "c2vkd_hf").rglob("*.py"), *(ROOT / "scripts").glob("*.py")]:
+        source = path.read_text()
+        for call in re.findall(r"torch\.load\([^)]*\)", source):
+            assert "weights_only=True" in call, f"{path}: {call}"
+        assert "pickle.load" not in source and "allow_pickle=True" not in source, path
+        assert "trust_remote_code=True" not in source, path
