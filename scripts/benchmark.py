@@ -97,14 +97,19 @@ def run_one(name: str, method: str, extra: list[str], seed: int, args) -> None:
         cmd += [f"--{k}={v}" for k, v in config.items()] + extra
     else:
         cmd += [str(config_file)]
-    print(f"[run] {name} seed {seed}: {' '.join(extra) or '(defaults)'}", flush=True)
     start = time.time()
-    with open(work / "log.txt", "a") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    finished = work / "results.json"
+    if finished.is_file() and json.loads(finished.read_text()).get("steps") == args.max_steps:
+        print(f"[collect] {name} seed {seed}: finished in {work}", flush=True)  # e.g. its driver was stopped
+    else:
+        print(f"[run] {name} seed {seed}: {' '.join(extra) or '(defaults)'}", flush=True)
+        with open(work / "log.txt", "a") as log:
+            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        if proc.returncode != 0:
+            (work / "RUNNING").unlink(missing_ok=True)
+            print(f"[fail] {name} seed {seed}: exit {proc.returncode}, see {work / 'log.txt'}", flush=True)
+            return
     (work / "RUNNING").unlink(missing_ok=True)
-    if proc.returncode != 0:
-        print(f"[fail] {name} seed {seed}: exit {proc.returncode}, see {work / 'log.txt'}", flush=True)
-        return
     results = json.loads((work / "results.json").read_text())
     id2label = json.loads((work / "config.json").read_text())["id2label"]
     record = {
