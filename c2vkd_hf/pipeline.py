@@ -25,7 +25,7 @@ import timm
 import torch
 from safetensors import SafetensorError
 from torch import nn
-from transformers import AutoConfig, TrainingArguments
+from transformers import AutoConfig, TrainingArguments, set_seed
 
 from .config import IGNORE_INDEX, METHODS, DataArguments, DistillationArguments
 from .data import SegmentationData, build_transform, collate_fn, default_palette, load_segmentation_data
@@ -414,6 +414,7 @@ def train_teacher(data: SegmentationData, data_args: DataArguments, training_arg
         raise UserInputError(f"--backbone {backbone} is not a timm model name (e.g. tf_efficientnet_lite0, resnet50).")
     if backbone_weights is not None and not os.path.isfile(backbone_weights):
         raise UserInputError(f"--backbone_weights {backbone_weights} does not exist.")
+    set_seed(training_args.seed)
     with user_errors(f"--arch {arch} --backbone {backbone}"):
         model = build_teacher(arch=arch, backbone=backbone, id2label=data.id2label, backbone_weights=backbone_weights)
     mean, std = image_mean_std(model)
@@ -546,6 +547,7 @@ def run_distillation(dist_args: DistillationArguments, data_args: DataArguments,
         check_class_agreement(id2label, teacher=teacher, teacher_name=teacher_name)
 
     overrides = student_config_overrides(dist_args)
+    set_seed(training_args.seed)  # --seed also sets the student's and the projectors' initial weights
     with user_errors(f"--student_name_or_path {dist_args.student_name_or_path}"):
         head_note = student_head_note(dist_args.student_name_or_path, id2label, dist_args.trust_remote_code)
         student = load_student(dist_args.student_name_or_path, id2label,

@@ -118,3 +118,19 @@ def test_push_to_hub_offline_fails_clearly_after_saving(tmp_path, default_run, m
         push_student_to_hub(out, "someone/tiny-student", token="hf_secret_token_value")
     except UserInputError as error:
         assert "hf_secret_token_value" not in str(error)
+
+
+def test_seed_sets_the_initial_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    def init_weights(seed: int, name: str) -> dict:
+        out = tmp_path / name
+        distill.main(["--output_dir", str(out), "--method", "none", "--seed", str(seed), "--learning_rate", "0",
+                      "--max_steps", "1", "--eval_strategy", "no", "--save_strategy", "no"] + TINY_DATA +
+                     ["--student_config_overrides", TINY_SEGFORMER_JSON, "--train_baseline", "false",
+                      "--disable_tqdm", "true"])
+        return load_file(out / "model.safetensors")
+
+    first, again, other = init_weights(0, "a"), init_weights(0, "b"), init_weights(1, "c")
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert any(not torch.equal(first[k], other[k]) for k in first)
