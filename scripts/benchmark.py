@@ -251,12 +251,13 @@ def write_report(args) -> str:
         lines.append(f"| {name} | {t['method']} | {t['flags'] or '-'} | {t['n']} | {t['mean']:.2f} | {std} | "
                      f"{t['min']:.2f}..{t['max']:.2f} | {gain} | {t['wall_min']:.1f} | {t['rss']:.0f} |")
     lines.append("")
-    if ratio is not None:
+    if ratio is not None and table[best_peer]["mean"] - base > 0:
         lines += [f"**Gain ratio** (c2vkd gain over none) / (best peer gain, {best_peer}) = "
                   f"**{ratio:.2f}** (paper's claim: > 2). Computed from seed means.", ""]
-        if table[best_peer]["mean"] - base <= 0:
-            lines += ["Note: the best peer does not improve on the plain student, so the ratio's denominator is "
-                      "<= 0 and the ratio is not meaningful; compare the gains directly.", ""]
+    elif ratio is not None:
+        lines += [f"**Gain ratio: undefined.** No peer improves on the plain student (best peer: {best_peer}, "
+                  f"{table[best_peer]['mean'] - base:+.2f}), so the ratio's denominator is <= 0; c2vkd's gain is "
+                  f"{table['c2vkd']['mean'] - base:+.2f}. Compare the gains directly.", ""]
     teacher = next((r["teacher_val_mean_iou"] for r in runs if r.get("teacher_val_mean_iou")), None)
     lines += ["## Protocol", "",
               f"- data: CamVid (11 classes, void ignored), train split ({cfg['data']['train_images']}) for training, "
