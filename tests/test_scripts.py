@@ -126,6 +126,7 @@ def test_seed_sets_the_initial_weights(tmp_path):
     def init_weights(seed: int, name: str) -> dict:
         out = tmp_path / name
         distill.main(["--output_dir", str(out), "--method", "none", "--seed", str(seed), "--learning_rate", "0",
+                      "--lr_scheduler_type", "constant",
                       "--max_steps", "1", "--eval_strategy", "no", "--save_strategy", "no"] + TINY_DATA +
                      ["--student_config_overrides", TINY_SEGFORMER_JSON, "--train_baseline", "false",
                       "--disable_tqdm", "true"])
