@@ -4,19 +4,22 @@ Everything here works offline: named model sizes are built from config objects, 
 described by :class:`~transformers.TimmBackboneConfig` objects (never by a Hub string, which makes
 transformers 5 query the Hub even for timm names) and are created with ``pretrained=False``.
 
-* Students: :func:`load_student` (``"segformer-b0"`` .. ``"segformer-b5"`` from random init, or any
-  ``AutoModelForSemanticSegmentation`` checkpoint), :func:`student_image_processor`.
+* Students: :func:`load_student` (``"segformer-b0"`` .. ``"segformer-b5"`` from random init, a config
+  (object, ``config.json`` or a folder with only a config) of any family, e.g. UperNet on a plain ViT
+  or DPT, or any ``AutoModelForSemanticSegmentation`` checkpoint), :func:`student_image_processor`.
 * Teachers: :func:`load_teacher` (any saved semantic-segmentation model, e.g. the reference
-  UperNet + EfficientNet-Lite0), :func:`build_teacher` (UperNet or the project's
+  UperNet + EfficientNet-Lite0, or ``"torchvision:ARCH[:CHECKPOINT]"`` for torchvision's DeepLabV3 /
+  FCN / LR-ASPP through :class:`TorchvisionForSemanticSegmentation`), :func:`build_teacher` (UperNet or the project's
   :class:`TimmDeepLabV3PlusForSemanticSegmentation`), :func:`load_backbone_weights` (ImageNet init of
   a timm backbone from a state-dict file whose key names differ from timm's).
 * Features: :func:`forward_features` returns ``(logits, {"stage1": ..., ...})`` from ONE forward pass
-  for SegFormer, backbone-based models (UperNet, DeepLabV3+) and, as a fallback, any model whose
-  ``hidden_states`` are feature maps; :func:`feature_channels`, :func:`default_feature_pair`.
+  for SegFormer, backbone-based models (UperNet on CNN or plain-ViT backbones, DeepLabV3+), DPT, BEiT,
+  MobileNetV2, torchvision models and, as a fallback, any model whose ``hidden_states`` are feature
+  maps; :func:`feature_family`, :func:`feature_channels`, :func:`default_feature_pair`.
 * Normalisation: :func:`image_mean_std`, :func:`renormalize` (student batch -> teacher statistics).
 
-Importing this module registers ``c2vkd_deeplabv3plus`` with ``AutoConfig`` and
-``AutoModelForSemanticSegmentation``, so a saved project teacher loads with
+Importing this module registers ``c2vkd_deeplabv3plus`` and ``c2vkd_torchvision_segmentation`` with
+``AutoConfig`` and ``AutoModelForSemanticSegmentation``, so a saved project teacher loads with
 ``AutoModelForSemanticSegmentation.from_pretrained(path)`` once ``c2vkd_hf.models`` is imported.
 """
 
@@ -61,13 +64,20 @@ __all__ = [
     "TimmDeepLabV3PlusForSemanticSegmentation",
     "build_teacher",
     "default_feature_pair",
+    "TORCHVISION_ARCHS",
+    "TorchvisionForSemanticSegmentation",
+    "TorchvisionSegmentationConfig",
     "efficientnet_lite0_weights_path",
     "feature_channels",
+    "feature_family",
+    "fix_patch_grid",
     "forward_features",
     "image_mean_std",
     "load_backbone_weights",
     "load_student",
     "load_teacher",
+    "load_torchvision_teacher",
+    "parse_torchvision_name",
     "renormalize",
     "segformer_config",
     "student_image_processor",
@@ -133,30 +143,52 @@ def load_student(
     * ``"segformer-b0"`` .. ``"segformer-b5"`` (unless a local folder of that name exists): a randomly
       initialised :class:`SegformerForSemanticSegmentation` with the standard MiT sizes;
       ``config_overrides`` changes any :class:`SegformerConfig` field (tiny test models).
-    * a :class:`PretrainedConfig`: ``AutoModelForSemanticSegmentation.from_config`` with the labels set.
+    * a :class:`PretrainedConfig`, a ``config.json`` file, or a folder holding only ``config.json`` (no
+      weights): ``AutoModelForSemanticSegmentation.from_config`` with the labels set (random init). Any
+      semantic-segmentation family works, e.g. UperNet on a plain ViT backbone
+      (``UperNetConfig(backbone_config=Dinov2Config(out_indices=[3, 6, 9, 12]))``, ``BeitConfig(add_fpn=True)``
+      or ``VitDetConfig``), DPT (``DPTConfig``), BEiT (``BeitConfig``). Give backbones as config objects,
+      never as ``backbone="hub-name"`` strings.
     * anything else: ``AutoModelForSemanticSegmentation.from_pretrained(..., ignore_mismatched_sizes=True)``
       with the labels (so an ImageNet encoder such as ``nvidia/mit-b0`` or a model fine-tuned on
       another label set gets a fresh decode head); ``config_overrides`` are passed as config kwargs.
     """
     overrides = dict(config_overrides or {})
     labels = _label_kwargs(id2label)
+    if not isinstance(name_or_path, PretrainedConfig) and _is_config_only(name_or_path):
+        name_or_path = AutoConfig.from_pretrained(os.fspath(name_or_path), trust_remote_code=trust_remote_code)
     if isinstance(name_or_path, PretrainedConfig):
         config = name_or_path
         for key, value in overrides.items():
             setattr(config, key, value)
         config.id2label, config.label2id = labels["id2label"], labels["label2id"]
-        return AutoModelForSemanticSegmentation.from_config(config, trust_remote_code=trust_remote_code)
+        model = AutoModelForSemanticSegmentation.from_config(config, trust_remote_code=trust_remote_code)
+        return fix_patch_grid(model)
     name = os.fspath(name_or_path)
     if name.lower() in SEGFORMER_SIZES and not os.path.isdir(name):
         return SegformerForSemanticSegmentation(segformer_config(name, id2label, **overrides))
     labels.pop("num_labels")  # implied by id2label; passing both warns when the checkpoint's K differs
-    return AutoModelForSemanticSegmentation.from_pretrained(
+    model = AutoModelForSemanticSegmentation.from_pretrained(
         name,
         ignore_mismatched_sizes=True,
         trust_remote_code=trust_remote_code,
         **labels,
         **overrides,
         **from_pretrained_kwargs,
+    )
+    return fix_patch_grid(model)
+
+
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def _is_config_only(name_or_path: Any) -> bool:
+    """A ``config.json`` file, or a folder with ``config.json`` but no weights: build from random init."""
+    path = os.fspath(name_or_path)
+    if os.path.isfile(path):
+        return path.endswith(".json")
+    return os.path.isfile(os.path.join(path, "config.json")) and not any(
+        os.path.isfile(os.path.join(path, f)) for f in _WEIGHT_FILES
     )
 
 
@@ -462,12 +494,20 @@ def _is_segmentation_config(config: PretrainedConfig) -> tuple[bool, str]:
 
 
 def load_teacher(name_or_path: str | PreTrainedModel, *, trust_remote_code: bool = False, **kwargs: Any) -> PreTrainedModel:
-    """Load a trained semantic-segmentation teacher (any ``AutoModelForSemanticSegmentation`` folder,
-    including the project DeepLabV3+), in eval mode.
+    """Load a trained semantic-segmentation teacher, in eval mode.
+
+    * any ``AutoModelForSemanticSegmentation`` folder or Hub id: the project DeepLabV3+, UperNet on a
+      ConvNeXt / ResNet / timm backbone, MobileNetV2-DeepLabV3, a saved torchvision wrapper, ...;
+    * ``"torchvision:ARCH"`` or ``"torchvision:ARCH:CHECKPOINT"`` (ARCH in :data:`TORCHVISION_ARCHS`,
+      e.g. ``torchvision:deeplabv3_resnet101:dlv3_camvid.pth``): :func:`load_torchvision_teacher`
+      (``kwargs`` ``id2label``/``num_labels`` are passed on).
 
     Raises ``ValueError`` when the folder holds another kind of model (e.g. an image classifier or a
     bare encoder), since its segmentation head would be random.
     """
+    parsed = parse_torchvision_name(name_or_path) if isinstance(name_or_path, str) else None
+    if parsed is not None:
+        return load_torchvision_teacher(parsed[0], parsed[1], **kwargs)
     if isinstance(name_or_path, PreTrainedModel):
         model = name_or_path
     else:
@@ -478,7 +518,7 @@ def load_teacher(name_or_path: str | PreTrainedModel, *, trust_remote_code: bool
         model = AutoModelForSemanticSegmentation.from_pretrained(
             name_or_path, config=config, trust_remote_code=trust_remote_code, **kwargs
         )
-    return model.eval()
+    return fix_patch_grid(model).eval()
 
 
 def build_teacher(
@@ -648,6 +688,291 @@ def load_backbone_weights(model: nn.Module, path: str | os.PathLike) -> Backbone
 
 
 # --------------------------------------------------------------------------------------------------
+# torchvision segmentation teachers
+# --------------------------------------------------------------------------------------------------
+
+#: torchvision.models.segmentation builders usable as teachers (``"torchvision:<name>"``).
+TORCHVISION_ARCHS: tuple[str, ...] = (
+    "deeplabv3_resnet50",
+    "deeplabv3_resnet101",
+    "deeplabv3_mobilenet_v3_large",
+    "fcn_resnet50",
+    "fcn_resnet101",
+    "lraspp_mobilenet_v3_large",
+)
+TORCHVISION_PREFIX = "torchvision:"
+
+
+@strict
+class TorchvisionSegmentationConfig(PretrainedConfig):
+    r"""Configuration of :class:`TorchvisionForSemanticSegmentation`.
+
+    arch (`str`): a ``torchvision.models.segmentation`` builder, one of :data:`TORCHVISION_ARCHS`.
+    image_mean, image_std (`list[float]`): the input normalisation the weights expect (torchvision's
+        segmentation weights: ImageNet statistics).
+    loss_ignore_index (`int`): ignored label value of the cross-entropy loss.
+    """
+
+    model_type = "c2vkd_torchvision_segmentation"
+
+    arch: str = "deeplabv3_resnet50"
+    image_mean: list[float] | tuple[float, ...] = IMAGENET_MEAN
+    image_std: list[float] | tuple[float, ...] = IMAGENET_STD
+    loss_ignore_index: int = IGNORE_INDEX
+
+    def __post_init__(self, **kwargs):
+        if self.arch not in TORCHVISION_ARCHS:
+            raise ValueError(f"unknown torchvision segmentation arch {self.arch!r}; choose one of {list(TORCHVISION_ARCHS)}")
+        super().__post_init__(**kwargs)
+
+
+def _torchvision_stage_modules(backbone: nn.Module) -> list[str]:
+    """Names (children of the backbone) whose outputs are the stages, shallow to deep.
+
+    ResNet: ``layer1`` .. ``layer4``. MobileNetV3: the last block before each down-sampling block
+    (torchvision marks them ``_is_cn``, also when dilation replaced the stride) and the last block.
+    """
+    children = dict(backbone.named_children())
+    if all(f"layer{i}" in children for i in range(1, 5)):
+        return [f"layer{i}" for i in range(1, 5)]
+    blocks = list(children.items())
+    starts = [i for i, (_, b) in enumerate(blocks) if getattr(b, "_is_cn", False)]
+    if not starts:
+        raise ValueError(f"cannot find the stages of a {type(backbone).__name__} backbone")
+    ends = [i - 1 for i in starts if i > 0] + [len(blocks) - 1]
+    return [blocks[i][0] for i in ends]
+
+
+class TorchvisionForSemanticSegmentation(PreTrainedModel):
+    """A ``torchvision.models.segmentation`` model (DeepLabV3 / FCN on ResNet-50/101, DeepLabV3 or LR-ASPP
+    on MobileNetV3-Large) behind the interface of ``AutoModelForSemanticSegmentation``.
+
+    * built with ``weights=None, weights_backbone=None`` (never a download) and ``aux_loss=False``;
+      weights come from :func:`load_torchvision_teacher` or ``from_pretrained``;
+    * ``forward(pixel_values, labels=None, output_hidden_states=None)`` returns a
+      :class:`SemanticSegmenterOutput` whose ``logits`` are torchvision's ``"out"`` (at input size);
+      ``hidden_states`` are the backbone stages (forward hooks on the stage modules, see
+      :func:`_torchvision_stage_modules`), so :func:`forward_features` names them ``stage1..N``;
+    * ``config`` holds ``num_labels``/``id2label`` (class agreement checks) and the arch;
+      ``image_mean``/``image_std`` (ImageNet) are read by :func:`image_mean_std`.
+
+    Saved with ``save_pretrained``, it loads with ``AutoModelForSemanticSegmentation.from_pretrained``
+    once ``c2vkd_hf.models`` is imported.
+    """
+
+    config: TorchvisionSegmentationConfig
+    config_class = TorchvisionSegmentationConfig
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    base_model_prefix = ""
+    _no_split_modules: list[str] = []
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: TorchvisionSegmentationConfig):
+        super().__init__(config)
+        from torchvision.models import segmentation
+
+        builder = getattr(segmentation, config.arch)
+        self.model = builder(weights=None, weights_backbone=None, num_classes=config.num_labels, aux_loss=False)
+        self.stage_modules = _torchvision_stage_modules(self.model.backbone)
+        self.post_init()
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """torchvision's own initialisation is kept."""
+
+    @property
+    def image_mean(self) -> tuple[float, ...]:
+        return tuple(float(v) for v in self.config.image_mean)
+
+    @property
+    def image_std(self) -> tuple[float, ...]:
+        return tuple(float(v) for v in self.config.image_std)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> SemanticSegmenterOutput | tuple:
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        captured: list[torch.Tensor] = []
+        handles = []
+        if output_hidden_states:
+            modules = dict(self.model.backbone.named_children())
+            handles = [modules[name].register_forward_hook(lambda _m, _a, out: captured.append(out))
+                       for name in self.stage_modules]
+        try:
+            logits = self.model(pixel_values)["out"]
+        finally:
+            for handle in handles:
+                handle.remove()
+        loss = None
+        if labels is not None:
+            upsampled = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+            loss = F.cross_entropy(upsampled, labels.long(), ignore_index=self.config.loss_ignore_index)
+        hidden_states = tuple(captured) if output_hidden_states else None
+        if not return_dict:
+            out = (logits,) + ((hidden_states,) if hidden_states is not None else ())
+            return ((loss,) + out) if loss is not None else out
+        return SemanticSegmenterOutput(loss=loss, logits=logits, hidden_states=hidden_states)
+
+
+AutoConfig.register(TorchvisionSegmentationConfig.model_type, TorchvisionSegmentationConfig, exist_ok=True)
+AutoModelForSemanticSegmentation.register(
+    TorchvisionSegmentationConfig, TorchvisionForSemanticSegmentation, exist_ok=True
+)
+
+#: final classifier weight of each torchvision head (its first dim is the number of classes)
+_TORCHVISION_CLASSIFIER_KEYS = ("classifier.4.weight", "classifier.high_classifier.weight")
+
+
+def parse_torchvision_name(name: str) -> tuple[str, str | None] | None:
+    """``"torchvision:ARCH"`` -> ``(ARCH, None)``; ``"torchvision:ARCH:CHECKPOINT"`` -> ``(ARCH, CHECKPOINT)``;
+    anything else -> ``None``."""
+    if not isinstance(name, str) or not name.startswith(TORCHVISION_PREFIX):
+        return None
+    arch, _, checkpoint = name[len(TORCHVISION_PREFIX):].partition(":")
+    return arch, (checkpoint or None)
+
+
+def load_torchvision_teacher(
+    arch: str,
+    checkpoint: str | os.PathLike | None = None,
+    *,
+    id2label: Mapping[int, str] | None = None,
+    num_labels: int | None = None,
+) -> TorchvisionForSemanticSegmentation:
+    """A torchvision segmentation teacher (eval mode), weights from ``checkpoint`` when given.
+
+    ``checkpoint``: a ``.safetensors`` file or a torch file read with ``torch.load(weights_only=True)``
+    (never unpickles code) holding torchvision's state dict (optionally under ``"model"`` or
+    ``"state_dict"``, or with this wrapper's ``model.`` prefix); ``aux_classifier.*`` tensors are dropped.
+    The number of classes is read from the checkpoint's classifier. Class names, in order of
+    preference: ``id2label``; a JSON ``id2label`` in the safetensors metadata; torchvision's VOC names for
+    21 classes (its published COCO-with-VOC-labels weights); ``LABEL_i``. Without a checkpoint the
+    weights are random (``num_labels`` or ``len(id2label)`` classes, default 21).
+    """
+    arch = arch.strip()
+    if arch not in TORCHVISION_ARCHS:
+        raise ValueError(f"unknown torchvision segmentation arch {arch!r}; choose one of {list(TORCHVISION_ARCHS)}")
+    state = None
+    if checkpoint is not None:
+        checkpoint = os.fspath(checkpoint)
+        if not os.path.isfile(checkpoint):
+            raise ValueError(f"torchvision checkpoint {checkpoint!r} does not exist")
+        try:
+            state = _read_state_dict(checkpoint)
+        except Exception as error:  # e.g. a training checkpoint that pickles argparse.Namespace
+            raise ValueError(
+                f"cannot read {checkpoint!r} safely ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+                "save the model's state_dict() alone (torch.save(model.state_dict(), path) or safetensors)"
+            ) from None
+        state = {k[len("model."):] if k.startswith("model.") else k: v for k, v in state.items()}
+        state = {k: v for k, v in state.items() if not k.startswith("aux_classifier.")}
+        key = next((k for k in _TORCHVISION_CLASSIFIER_KEYS if k in state), None)
+        if key is None:
+            raise ValueError(f"{checkpoint!r} has no torchvision segmentation classifier ({' or '.join(_TORCHVISION_CLASSIFIER_KEYS)})")
+        found = int(state[key].shape[0])
+        if num_labels is not None and int(num_labels) != found:
+            raise ValueError(f"{checkpoint!r} predicts {found} classes, not {num_labels}")
+        num_labels = found
+        if id2label is None:
+            id2label = _safetensors_id2label(checkpoint)
+    if id2label is not None:
+        labels = _label_kwargs(id2label)
+        if num_labels is not None and labels["num_labels"] != int(num_labels):
+            raise ValueError(f"id2label has {labels['num_labels']} classes but the model predicts {num_labels}")
+    else:
+        num_labels = int(num_labels or 21)
+        if num_labels == 21:
+            from torchvision.models._meta import _VOC_CATEGORIES
+
+            labels = _label_kwargs(dict(enumerate(_VOC_CATEGORIES)))
+        else:
+            labels = _label_kwargs({i: f"LABEL_{i}" for i in range(num_labels)})
+    labels.pop("num_labels")
+    model = TorchvisionForSemanticSegmentation(TorchvisionSegmentationConfig(arch=arch, **labels))
+    if state is not None:
+        missing, unexpected = model.model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"{checkpoint!r} does not fit torchvision's {arch}: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+            )
+    return model.eval()
+
+
+def _safetensors_id2label(path: str) -> dict[int, str] | None:
+    if not path.endswith(".safetensors"):
+        return None
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as fh:
+        raw = (fh.metadata() or {}).get("id2label")
+    return {int(k): str(v) for k, v in json.loads(raw).items()} if raw else None
+
+
+# --------------------------------------------------------------------------------------------------
+# DPT on non-square inputs
+# --------------------------------------------------------------------------------------------------
+
+
+def fix_patch_grid(model: nn.Module) -> nn.Module:
+    """Let ``DPTForSemanticSegmentation`` run on non-square images (returns ``model``).
+
+    In transformers 5.23 it calls its neck without the patch grid, and the neck then assumes a square
+    grid (a reshape error on e.g. 120x160 images). Two forward pre-hooks (not saved with the weights)
+    pass the grid of the current input. Other models are returned unchanged; calling it twice is a no-op.
+    """
+    inner = _unwrap(model)
+    if _model_type(inner) != "dpt" or not hasattr(inner, "neck") or getattr(inner, "_c2vkd_grid_fixed", False):
+        return model
+    state: dict[str, tuple[int, int]] = {}
+
+    def remember_input(_module, args, kwargs):
+        pixel_values = args[0] if args else kwargs.get("pixel_values")
+        if isinstance(pixel_values, torch.Tensor):
+            state["hw"] = tuple(pixel_values.shape[-2:])
+
+    def pass_grid(_module, args, kwargs):
+        if kwargs.get("patch_height") is not None or "hw" not in state:
+            return None
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        tokens = next((h for h in hidden if h.dim() == 3), None)
+        if tokens is None:
+            return None
+        grid = _patch_grid(tokens.shape[1] - 1, state["hw"], inner.config)
+        if grid is None:
+            return None
+        return args, {**kwargs, "patch_height": grid[0], "patch_width": grid[1]}
+
+    inner.register_forward_pre_hook(remember_input, with_kwargs=True)
+    inner.neck.register_forward_pre_hook(pass_grid, with_kwargs=True)
+    inner._c2vkd_grid_fixed = True
+    return model
+
+
+def _patch_grid(n: int, image_hw: Sequence[int], config: Any) -> tuple[int, int] | None:
+    """The (h, w) token grid of ``n`` patch tokens for an input of ``image_hw``: the config's patch size
+    when it fits, else the factorisation of ``n`` closest to the image's aspect ratio."""
+    patch = getattr(config, "patch_size", None)
+    if isinstance(patch, int) and patch > 0 and (image_hw[0] // patch) * (image_hw[1] // patch) == n:
+        return image_hw[0] // patch, image_hw[1] // patch
+    best = None
+    for gh in range(1, n + 1):
+        if n % gh == 0:
+            err = abs(math.log((gh / (n // gh)) / (image_hw[0] / image_hw[1])))
+            if best is None or err < best[0]:
+                best = (err, (gh, n // gh))
+    return best[1] if best else None
+
+
+# --------------------------------------------------------------------------------------------------
 # Uniform feature access
 # --------------------------------------------------------------------------------------------------
 
@@ -680,32 +1005,72 @@ def _tokens_to_map(tokens: torch.Tensor, image_hw: Sequence[int], config: Any, m
     raise NotImplementedError(f"cannot arrange {n} tokens of a {model_type!r} model into a feature map")
 
 
+def feature_family(model: nn.Module) -> str:
+    """How :func:`forward_features` reads a model's feature maps (see its docstring):
+    ``"segformer"``, ``"backbone"``, ``"dpt"``, ``"beit"``, ``"mobilenet_v2"``, ``"torchvision"`` or
+    ``"hidden_states"`` (the generic fallback)."""
+    inner = _unwrap(model)
+    model_type = _model_type(inner)
+    if model_type == "segformer":
+        return "segformer"
+    if _has_backbone(inner):
+        return "backbone"
+    if model_type == "dpt" and isinstance(getattr(inner, "neck", None), nn.Module):
+        return "dpt"
+    if model_type in ("beit", "data2vec-vision") and isinstance(getattr(inner, "fpn", None), nn.Module):
+        return "beit"
+    if model_type == "mobilenet_v2":
+        return "mobilenet_v2"
+    if isinstance(inner, TorchvisionForSemanticSegmentation):
+        return "torchvision"
+    return "hidden_states"
+
+
+def _capture_input(module: nn.Module, captured: list):
+    """Pre-hook recording the first input (positional or the first keyword) of ``module``."""
+
+    def hook(_module, args, kwargs):
+        captured.append(args[0] if args else next(iter(kwargs.values())))
+
+    return module.register_forward_pre_hook(hook, with_kwargs=True)
+
+
 def forward_features(
     model: nn.Module, pixel_values: torch.Tensor, **forward_kwargs: Any
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One forward pass returning ``(logits, {"stage1": F1, ..., "stageN": FN})`` (shallow to deep,
-    each (B, C, h, w)).
+    each (B, C, h, w)). Per family (:func:`feature_family`):
 
-    * SegFormer: the four encoder stages (``output_hidden_states=True``).
-    * models with a transformers backbone (UperNet, the project DeepLabV3+, ...): the backbone's
-      ``feature_maps``, captured by a forward hook on ``model.backbone`` (UperNet's own
-      ``output_hidden_states`` path crashes with timm backbones in transformers 5.23).
-    * any other model: its 4-D ``hidden_states``; 3-D token states are arranged on the patch grid
-      (leading CLS tokens dropped) or a square grid, else ``NotImplementedError``.
+    * ``segformer``: the four encoder stages (``output_hidden_states=True``).
+    * ``backbone``, models with a transformers backbone: the backbone's ``feature_maps``, captured by a
+      forward hook on ``model.backbone`` (UperNet's own ``output_hidden_states`` path crashes with timm
+      backbones in transformers 5.23). Covers UperNet on CNNs (ConvNeXt, ResNet, timm) and on plain
+      ViTs (DINOv2, BEiT (with ``add_fpn``: a 4-scale pyramid), ViTDet: the ``out_indices`` blocks on
+      the patch grid), and the project DeepLabV3+.
+    * ``dpt``: the encoder blocks DPT feeds its neck (``backbone_out_indices``), CLS token dropped,
+      arranged on the patch grid (pre-hook on ``model.neck``); a hybrid DPT's CNN stages as they are.
+    * ``beit`` (``BeitForSemanticSegmentation``): the four ``out_indices`` blocks on the patch grid,
+      before the model's own FPN resampling (pre-hook on ``model.fpn``).
+    * ``mobilenet_v2`` (MobileNetV2-DeepLabV3): the last hidden state of each run of layers with the
+      same channels and resolution (the bottleneck sequences of Sandler et al., Table 2).
+    * ``torchvision`` (:class:`TorchvisionForSemanticSegmentation`): its backbone stages.
+    * ``hidden_states``, any other model: its 4-D ``hidden_states``; 3-D token states are arranged on the
+      patch grid (leading CLS tokens dropped) or a square grid, else ``NotImplementedError``.
 
     ``model`` may be wrapped (DDP, accelerate); the call goes through the wrapper. Extra
     ``forward_kwargs`` (e.g. ``labels``) are passed to the model.
     """
     inner = _unwrap(model)
     model_type = _model_type(inner)
+    family = feature_family(inner)
 
-    if model_type == "segformer":
+    if family == "segformer":
         out = model(pixel_values=pixel_values, output_hidden_states=True, return_dict=True, **forward_kwargs)
         # (B, C, h, w) each: SegformerForSemanticSegmentation itself requires reshape_last_stage=True
         feats = {f"stage{i + 1}": h for i, h in enumerate(out.hidden_states)}
         return out.logits, feats
 
-    if _has_backbone(inner):
+    if family == "backbone":
         captured: list[Any] = []
 
         def hook(_module, _args, output):
@@ -721,10 +1086,37 @@ def forward_features(
         maps = captured[-1]
         return out.logits, {f"stage{i + 1}": f for i, f in enumerate(maps)}
 
+    if family in ("dpt", "beit"):
+        fix_patch_grid(inner)
+        captured = []
+        handle = _capture_input(inner.neck if family == "dpt" else inner.fpn, captured)
+        try:
+            out = model(pixel_values=pixel_values, return_dict=True, **forward_kwargs)
+        finally:
+            handle.remove()
+        if not captured:
+            raise RuntimeError(f"the neck of the {model_type!r} model was not called")
+        feats = {}
+        for i, h in enumerate(captured[-1]):
+            if h.dim() == 3:  # (B, 1 + h*w, C) tokens with a leading readout (CLS) token
+                grid = _patch_grid(h.shape[1] - 1, pixel_values.shape[-2:], inner.config)
+                h = h[:, 1:].transpose(1, 2).reshape(h.shape[0], h.shape[2], *grid)
+            feats[f"stage{i + 1}"] = h
+        return out.logits, feats
+
     out = model(pixel_values=pixel_values, output_hidden_states=True, return_dict=True, **forward_kwargs)
     hidden = getattr(out, "hidden_states", None)
     if not hidden:
         raise NotImplementedError(f"{model_type!r} models return no hidden_states to distil from")
+    if family == "mobilenet_v2":
+        stages = []
+        for h in hidden:
+            key = (h.shape[1], *h.shape[-2:])
+            if stages and stages[-1][0] == key:
+                stages[-1] = (key, h)
+            else:
+                stages.append((key, h))
+        return out.logits, {f"stage{i + 1}": h for i, (_, h) in enumerate(stages)}
     feats = {}
     for i, h in enumerate(hidden):
         if h.dim() == 3:
@@ -744,6 +1136,11 @@ def feature_channels(model: nn.Module, image_size: Sequence[int] | int | None = 
         return {f"stage{i + 1}": int(c) for i, c in enumerate(config.hidden_sizes)}
     if _has_backbone(inner):
         return {f"stage{i + 1}": int(c) for i, c in enumerate(inner.backbone.channels)}
+    family = feature_family(inner)
+    if family == "dpt" and not getattr(config, "is_hybrid", False):
+        return {f"stage{i + 1}": int(config.hidden_size) for i in range(len(config.backbone_out_indices))}
+    if family == "beit":
+        return {f"stage{i + 1}": int(config.hidden_size) for i in range(len(config.out_indices))}
     if image_size is None:
         image_size = getattr(config, "image_size", None) or 64
     hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)[:2]
@@ -760,5 +1157,27 @@ def feature_channels(model: nn.Module, image_size: Sequence[int] | int | None = 
 
 
 def default_feature_pair(student: nn.Module, teacher: nn.Module) -> tuple[str, str]:
-    """``(last student stage, last teacher stage)``: the default VLFD feature pair."""
+    """The default VLFD feature pair: the student's deepest feature with the teacher's deepest.
+
+    Per family (names as returned by :func:`forward_features`; VLFD resizes the student map to the
+    teacher's grid, so strides may differ):
+
+    ============================================  =====================================================
+    family                                        deepest feature
+    ============================================  =====================================================
+    SegFormer (MiT)                               ``stage4``, stride 32
+    UperNet + DINOv2 / ViTDet backbone            last ``out_indices`` block, patch grid (stride 14/16)
+    UperNet + BEiT backbone with ``add_fpn``      ``stage4``: FPN level of the last block, stride 32
+    DPT                                           last ``backbone_out_indices`` block, patch grid
+    BEiT (``BeitForSemanticSegmentation``)        last ``out_indices`` block, patch grid
+    UperNet + ConvNeXt / ResNet / timm CNN        ``stage4``, stride 32
+    project DeepLabV3+                            ``stage4`` of its timm backbone
+    torchvision DeepLabV3 / FCN, ResNet           ``stage4`` (``layer4``, 2048 ch., dilated: stride 8)
+    torchvision LR-ASPP / DeepLabV3, MobileNetV3  ``stage5`` (last block, 960 ch., stride 16)
+    MobileNetV2-DeepLabV3                         last bottleneck sequence (320 ch. at width 1.0)
+    ============================================  =====================================================
+
+    The deepest maps are the most semantic, which is what both the visual and the linguistic (CLIP
+    text) terms compare; ``--feature_pairs`` picks others.
+    """
     return list(feature_channels(student))[-1], list(feature_channels(teacher))[-1]
