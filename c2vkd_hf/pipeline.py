@@ -45,6 +45,7 @@ from .text import get_text_embeddings
 from .trainer import (
     DistillationModel,
     DistillationTrainer,
+    SafeCheckpointTrainer,
     NonFiniteLossError,
     TeacherTrainer,
     checkpoint_problems,
@@ -399,6 +400,18 @@ def _write_json(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
+def train_evaluate_save(trainer: SafeCheckpointTrainer, training_args: TrainingArguments,
+                        output_dir: Path) -> dict[str, float]:
+    """Trains (resuming from the last complete checkpoint), evaluates, saves; returns the metrics."""
+    last = resume_checkpoint(training_args)
+    if last:
+        logger.warning("Resuming from %s", last)
+    trainer.train(resume_from_checkpoint=last)
+    metrics = trainer.evaluate()
+    trainer.save_model(str(output_dir))
+    return metrics
+
+
 # ------------------------------------------------------------------------------------------ teacher
 def train_teacher(data: SegmentationData, data_args: DataArguments, training_args: TrainingArguments, *,
                   arch: str = "upernet", backbone: str = "tf_efficientnet_lite0",
@@ -431,12 +444,7 @@ def train_teacher(data: SegmentationData, data_args: DataArguments, training_arg
                                                                                    data.id2label),
                       processing_class=student_image_processor(model, size=processor_size(data_args, data)), optimizers=(optimizer, None))
     trainer.model_accepts_loss_kwargs = False  # the model's own loss is a per-batch mean
-    last = resume_checkpoint(training_args)
-    if last:
-        logger.warning("Resuming from %s", last)
-    trainer.train(resume_from_checkpoint=last)
-    metrics = trainer.evaluate()
-    trainer.save_model(str(output_dir))
+    metrics = train_evaluate_save(trainer, training_args, output_dir)
     results = {
         "val_mean_iou": metrics["eval_mean_iou"],
         "metrics": metrics,
@@ -581,12 +589,7 @@ def run_distillation(dist_args: DistillationArguments, data_args: DataArguments,
         teacher=teacher, teacher_feature_names=[t for _, t in pairs],
         student_mean_std=(student_mean, student_std),
         teacher_mean_std=image_mean_std(teacher) if teacher is not None else None)
-    last = resume_checkpoint(training_args)
-    if last:
-        logger.warning("Resuming from %s", last)
-    trainer.train(resume_from_checkpoint=last)
-    metrics = trainer.evaluate()
-    trainer.save_model(str(output_dir))
+    metrics = train_evaluate_save(trainer, training_args, output_dir)
 
     results: dict[str, Any] = {
         "method": dist_args.method,
