@@ -92,8 +92,9 @@ class DistillationArguments:
     )
     teacher_name_or_path: Optional[str] = field(
         default=None,
-        metadata={"help": "Hub id or folder of a CNN AutoModelForSemanticSegmentation teacher. Required unless "
-                  "--method none; the offline default trains a small one when omitted."},
+        metadata={"help": "Hub id or folder of a CNN AutoModelForSemanticSegmentation teacher, or "
+                  "torchvision:ARCH[:CHECKPOINT] (e.g. torchvision:deeplabv3_resnet101:/path/ckpt.pth). Required "
+                  "unless --method none; the offline default trains a small one when omitted."},
     )
     student_config_overrides: Optional[str] = field(
         default=None,

@@ -862,7 +862,7 @@ def load_torchvision_teacher(
         raise ValueError(f"unknown torchvision segmentation arch {arch!r}; choose one of {list(TORCHVISION_ARCHS)}")
     state = None
     if checkpoint is not None:
-        checkpoint = os.fspath(checkpoint)
+        checkpoint = os.path.expanduser(os.fspath(checkpoint))
         if not os.path.isfile(checkpoint):
             raise ValueError(f"torchvision checkpoint {checkpoint!r} does not exist")
         try:

@@ -33,12 +33,14 @@ from .losses import get_loss
 from .metrics import StreamingMeanIoU, make_compute_metrics
 from .models import (
     SEGFORMER_SIZES,
+    TORCHVISION_ARCHS,
     build_teacher,
     default_feature_pair,
     feature_channels,
     image_mean_std,
     load_student,
     load_teacher,
+    parse_torchvision_name,
     student_image_processor,
 )
 from .text import get_text_embeddings
@@ -110,7 +112,7 @@ def validate_distillation_args(args: DistillationArguments) -> None:
     except ValueError as error:
         raise UserInputError(str(error)) from None
     student_config_overrides(args)
-    check_local_path("--teacher_name_or_path", args.teacher_name_or_path)
+    check_teacher_name("--teacher_name_or_path", args.teacher_name_or_path)
     check_local_path("--student_name_or_path", args.student_name_or_path)
     if args.text_embeddings and not Path(args.text_embeddings).is_file():
         raise UserInputError(f"--text_embeddings {args.text_embeddings} does not exist.")
@@ -187,6 +189,22 @@ def check_local_path(flag: str, name: Optional[str]) -> None:
     if name and (os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1):
         if not Path(name).expanduser().exists():
             raise UserInputError(f"{flag} {name} does not exist (it is a local path, not a Hub id).")
+
+
+def check_teacher_name(flag: str, name: Optional[str]) -> None:
+    """A teacher name: ``torchvision:ARCH[:CHECKPOINT]`` must name a known ARCH and, when given, an
+    existing CHECKPOINT file; anything else goes through :func:`check_local_path`."""
+    parsed = parse_torchvision_name(name) if name else None
+    if parsed is None:
+        check_local_path(flag, name)
+        return
+    arch, checkpoint = parsed
+    if arch.strip() not in TORCHVISION_ARCHS:
+        raise UserInputError(f"{flag} {name}: unknown torchvision segmentation architecture {arch!r}; use "
+                             f"torchvision:ARCH[:CHECKPOINT] with ARCH one of {', '.join(TORCHVISION_ARCHS)}.")
+    if checkpoint is not None and not Path(checkpoint).expanduser().is_file():
+        raise UserInputError(f"{flag} {name}: the checkpoint file {checkpoint} does not exist "
+                             f"(torchvision:ARCH:CHECKPOINT takes a local .pth/.safetensors state-dict file).")
 
 
 # ------------------------------------------------------------------------------------------ helpers

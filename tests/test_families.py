@@ -249,6 +249,35 @@ def test_torchvision_names_labels_and_unsafe_checkpoints(tmp_path):
         M.load_torchvision_teacher("lraspp_mobilenet_v3_large", tmp_path / "w.safetensors", num_labels=4)
 
 
+def test_torchvision_teacher_names_are_validated_as_arch_and_checkpoint(tmp_path, monkeypatch):
+    """``validate_distillation_args`` checks the ARCH of ``torchvision:ARCH:CHECKPOINT`` and the CHECKPOINT alone
+    as a file (an absolute checkpoint path used to be taken for a missing local folder)."""
+    from c2vkd_hf.config import DistillationArguments
+    from c2vkd_hf.pipeline import validate_distillation_args
+
+    state = {k: v.contiguous() for k, v in _torchvision("lraspp_mobilenet_v3_large").state_dict().items()}
+    save_file(state, str(tmp_path / "w.safetensors"))
+    arch = "lraspp_mobilenet_v3_large"
+
+    def validate(teacher):
+        validate_distillation_args(DistillationArguments(method="kd", teacher_name_or_path=teacher))
+
+    for name in (f"torchvision:{arch}:{tmp_path / 'w.safetensors'}", f"torchvision:{arch}"):
+        validate(name)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    validate(f"torchvision:{arch}:~/w.safetensors")
+    assert M.load_teacher(f"torchvision:{arch}:~/w.safetensors").config.num_labels == 3
+    missing = tmp_path / "no" / "ckpt.pth"
+    with pytest.raises(UserInputError, match="checkpoint file") as error:
+        validate(f"torchvision:{arch}:{missing}")
+    assert str(error.value).startswith(f"--teacher_name_or_path torchvision:{arch}:{missing}") and str(missing) in str(error.value)
+    with pytest.raises(UserInputError, match="unknown torchvision segmentation architecture") as error:
+        validate(f"torchvision:pspnet_resnet50:{tmp_path / 'w.safetensors'}")
+    assert str(error.value).startswith("--teacher_name_or_path") and all(a in str(error.value) for a in M.TORCHVISION_ARCHS)
+    with pytest.raises(UserInputError, match="does not exist"):  # other names: still checked as local paths
+        validate(str(tmp_path / "no" / "folder"))
+
+
 def test_torchvision_teacher_distils_a_vit_student_end_to_end(tmp_path):
     reference = _torchvision("lraspp_mobilenet_v3_large")
     save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(tmp_path / "t.safetensors"))
@@ -262,8 +291,7 @@ def test_torchvision_teacher_distils_a_vit_student_end_to_end(tmp_path):
 def test_run_distillation_with_config_folder_student_and_torchvision_teacher(tmp_path, monkeypatch):
     """The pipeline path of `scripts/distill.py --student_name_or_path FOLDER --teacher_name_or_path torchvision:...`.
 
-    The checkpoint is named by a relative path: ``validate_distillation_args`` (``check_local_path``) still takes a
-    ``torchvision:ARCH:/absolute/path`` teacher name for a missing local folder."""
+    The checkpoint is named by a path relative to the working directory."""
     monkeypatch.chdir(tmp_path)
     from c2vkd_hf.config import DataArguments, DistillationArguments
     from c2vkd_hf.data import load_segmentation_data
