@@ -25,7 +25,9 @@ with their original path kept (read it with :func:`source_paths`).
 Transforms (:func:`build_transform`) are applied with ``Dataset.with_transform``. Training geometry
 (random rescale, padded crop, horizontal flip) is drawn by :func:`sample_geometry` as an explicit
 :class:`Geometry` and applied by :func:`apply_geometry`, so the same geometry can be replayed on other
-maps of the same view (e.g. cached teacher logits at any resolution).
+maps of the same view (e.g. cached teacher logits at any resolution). With a seed, each example's
+geometry is a pure function of ``(seed, epoch, example index)`` (:func:`augmentation_generator`), so a
+resumed run augments exactly like an uninterrupted one, whatever the data loader prefetched.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -45,6 +48,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as nnf
 from torchvision.transforms.v2 import functional as TF
+from transformers import TrainerCallback
 
 from .config import IGNORE_INDEX, DataArguments
 
@@ -60,6 +64,10 @@ __all__ = [
     "make_synthetic_dataset",
     "Geometry",
     "sample_geometry",
+    "augmentation_generator",
+    "with_example_index",
+    "AugmentationEpochCallback",
+    "INDEX_COLUMN",
     "apply_geometry",
     "SegmentationTransform",
     "build_transform",
@@ -947,6 +955,42 @@ class Geometry:
         return self.crop_box[2], self.crop_box[3]
 
 
+INDEX_COLUMN = "example_index"
+
+
+def augmentation_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """A ``torch.Generator`` seeded from ``(seed, epoch, index)`` through numpy's ``SeedSequence``
+    (well-mixed, so neighbouring indices and epochs give unrelated streams)."""
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch), int(index)]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def with_example_index(dataset: datasets.Dataset) -> datasets.Dataset:
+    """``dataset`` plus an integer column ``example_index`` = row number (what a seeded
+    :class:`SegmentationTransform` derives each example's augmentation from)."""
+    if INDEX_COLUMN in dataset.column_names:
+        return dataset
+    return dataset.add_column(INDEX_COLUMN, list(range(len(dataset))))
+
+
+class AugmentationEpochCallback(TrainerCallback):
+    """Tells a seeded training :class:`SegmentationTransform` the current epoch at each epoch start
+    (``Trainer`` calls ``on_epoch_begin`` before it creates the epoch's data iterator, also when it
+    resumes mid-epoch, where ``state.epoch`` is the fractional epoch of the checkpoint). With
+    ``dataloader_persistent_workers`` the workers would keep a stale copy, so it is refused."""
+
+    def __init__(self, transform: "SegmentationTransform"):
+        self.transform = transform
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if args.dataloader_persistent_workers and args.dataloader_num_workers > 0:
+            raise ValueError("seeded augmentation needs fresh data-loader workers each epoch: do not combine "
+                             "--dataloader_persistent_workers with a seeded training transform")
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.transform.epoch = int(math.floor((state.epoch or 0.0) + 1e-6))
+
+
 def sample_geometry(
     size: tuple[int, int],
     crop_size: Optional[tuple[int, int]] = None,
@@ -956,7 +1000,8 @@ def sample_geometry(
     generator: Optional[torch.Generator] = None,
 ) -> Geometry:
     """Draw a random rescale in [min_scale, max_scale] of ``size`` (h, w), a crop of ``crop_size``
-    (default ``size``) and a flip with probability 0.5 if ``hflip``; uses torch's RNG."""
+    (default ``size``) and a flip with probability 0.5 if ``hflip``; draws from ``generator``
+    (default: torch's global RNG)."""
     if min_scale <= 0 or max_scale < min_scale:
         raise ValueError(f"need 0 < min_scale <= max_scale, got {min_scale}, {max_scale}")
     height, width = size
@@ -1027,6 +1072,13 @@ class SegmentationTransform:
     set; label kept at its original size if ``eval_full_resolution`` else resized (nearest) to the
     image size. With ``return_geometry`` each example also carries its :class:`Geometry`
     (train only).
+
+    Randomness: with ``seed`` set and batches that carry ``example_index`` (see
+    :func:`with_example_index`), example ``i`` of epoch ``epoch`` uses
+    :func:`augmentation_generator` ``(seed, epoch, i)``, independent of any global RNG, data order,
+    prefetching or number of processes (:class:`AugmentationEpochCallback` keeps ``epoch`` current).
+    Otherwise it draws from torch's global RNG. ``example_index`` is passed through to the output
+    only with ``return_index``.
     """
 
     image_mean: Sequence[float]
@@ -1039,6 +1091,9 @@ class SegmentationTransform:
     hflip: bool = False
     eval_full_resolution: bool = True
     return_geometry: bool = False
+    seed: Optional[int] = None
+    epoch: int = 0
+    return_index: bool = False
     _mean: torch.Tensor = field(init=False, repr=False)
     _std: torch.Tensor = field(init=False, repr=False)
 
@@ -1049,12 +1104,18 @@ class SegmentationTransform:
     def normalize(self, image: torch.Tensor) -> torch.Tensor:
         return (image.float() / 255.0 - self._mean) / self._std
 
-    def geometry_for(self, image_size: tuple[int, int]) -> Geometry:
+    def geometry_for(self, image_size: tuple[int, int], index: Optional[int] = None) -> Geometry:
+        """The training geometry of an example of ``image_size``; seeded by ``(seed, epoch, index)``
+        when both ``seed`` and ``index`` are known."""
         base = self.resize or image_size
-        return sample_geometry(base, self.crop or base, self.min_scale, self.max_scale, self.hflip)
+        generator = None
+        if self.seed is not None and index is not None:
+            generator = augmentation_generator(self.seed, self.epoch, index)
+        return sample_geometry(base, self.crop or base, self.min_scale, self.max_scale, self.hflip, generator)
 
-    def transform_example(self, image, label=None):
-        """One example: returns (pixel_values, labels or None, geometry or None)."""
+    def transform_example(self, image, label=None, index: Optional[int] = None):
+        """One example (``index``: its row, for seeded augmentation): returns
+        (pixel_values, labels or None, geometry or None)."""
         img = _image_tensor(image)
         lab = _label_tensor(label) if label is not None else None
         if lab is not None and tuple(lab.shape[-2:]) != tuple(img.shape[-2:]):
@@ -1062,7 +1123,7 @@ class SegmentationTransform:
                 f"image is {tuple(img.shape[-2:])} (HxW) but its mask is {tuple(lab.shape[-2:])}"
             )
         if self.train:
-            geometry = self.geometry_for(tuple(img.shape[-2:]))
+            geometry = self.geometry_for(tuple(img.shape[-2:]), index)
             # resize in uint8 first, normalise, then pad with 0 = the mean colour after normalisation
             scaled = apply_geometry(img, Geometry(geometry.scaled_size, (0, 0, *geometry.scaled_size)))
             pixel_values = apply_geometry(self.normalize(scaled), geometry, "bilinear", fill=0.0)
@@ -1083,10 +1144,12 @@ class SegmentationTransform:
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         labels_in = batch.get("label")
+        indices = batch.get(INDEX_COLUMN)
         out: dict[str, list] = {"pixel_values": [], "labels": []}
         geometries = []
         for i, image in enumerate(batch["image"]):
-            pv, lab, geometry = self.transform_example(image, labels_in[i] if labels_in is not None else None)
+            index = int(indices[i]) if indices is not None else None
+            pv, lab, geometry = self.transform_example(image, labels_in[i] if labels_in is not None else None, index)
             out["pixel_values"].append(pv)
             out["labels"].append(lab)
             geometries.append(geometry)
@@ -1094,15 +1157,19 @@ class SegmentationTransform:
             del out["labels"]
         if self.return_geometry:
             out["geometry"] = geometries
+        if self.return_index and indices is not None:
+            out[INDEX_COLUMN] = [int(i) for i in indices]
         return out
 
 
 def build_transform(
-    args: DataArguments, image_mean: Sequence[float], image_std: Sequence[float], train: bool
+    args: DataArguments, image_mean: Sequence[float], image_std: Sequence[float], train: bool,
+    seed: Optional[int] = None,
 ) -> SegmentationTransform:
     """The train or eval :class:`SegmentationTransform` described by ``args``.
 
     ``image_mean``/``image_std`` are the student's (e.g. its image processor's), in [0, 1] units.
+    ``seed``: seeds the training augmentation per example (see :class:`SegmentationTransform`).
     """
     resize = None
     if args.resize_height is not None or args.resize_width is not None:
@@ -1124,6 +1191,7 @@ def build_transform(
         max_scale=args.max_scale,
         hflip=args.hflip,
         eval_full_resolution=args.eval_full_resolution,
+        seed=seed if train else None,
     )
 
 

@@ -28,7 +28,8 @@ from torch import nn
 from transformers import AutoConfig, TrainingArguments, set_seed
 
 from .config import IGNORE_INDEX, METHODS, DataArguments, DistillationArguments
-from .data import SegmentationData, build_transform, collate_fn, default_palette, load_segmentation_data
+from .data import (AugmentationEpochCallback, SegmentationData, build_transform, collate_fn, default_palette,
+                   load_segmentation_data, with_example_index)
 from .losses import get_loss
 from .metrics import StreamingMeanIoU, make_compute_metrics
 from .models import (
@@ -213,10 +214,16 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _datasets_for(data: SegmentationData, data_args: DataArguments, mean, std):
-    train = data.train.with_transform(build_transform(data_args, mean, std, train=True))
+def _datasets_for(data: SegmentationData, data_args: DataArguments, mean, std, seed: Optional[int] = None):
+    """Transformed train and validation datasets, and the callbacks the train transform needs.
+
+    With ``seed`` the training augmentation of each example is a function of (seed, epoch, example
+    index), so an interrupted run resumes with exactly the same augmented batches."""
+    transform = build_transform(data_args, mean, std, train=True, seed=seed)
+    train = (with_example_index(data.train) if seed is not None else data.train).with_transform(transform)
     validation = data.validation.with_transform(build_transform(data_args, mean, std, train=False))
-    return train, validation
+    callbacks = [AugmentationEpochCallback(transform)] if seed is not None else []
+    return train, validation, callbacks
 
 
 def prepare_training_args(training_args: TrainingArguments) -> TrainingArguments:
@@ -449,7 +456,7 @@ def train_teacher(data: SegmentationData, data_args: DataArguments, training_arg
     with user_errors(f"--arch {arch} --backbone {backbone}"):
         model = build_teacher(arch=arch, backbone=backbone, id2label=data.id2label, backbone_weights=backbone_weights)
     mean, std = image_mean_std(model)
-    train, validation = _datasets_for(data, data_args, mean, std)
+    train, validation, callbacks = _datasets_for(data, data_args, mean, std, seed=training_args.seed)
     prepare_training_args(training_args)
     backbone_params = [p for n, p in model.named_parameters() if n.startswith("backbone.")]
     head_params = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
@@ -460,7 +467,8 @@ def train_teacher(data: SegmentationData, data_args: DataArguments, training_arg
     trainer = TeacherTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=validation,
                       data_collator=collate_fn, compute_metrics=make_compute_metrics(len(data.id2label), IGNORE_INDEX,
                                                                                    data.id2label),
-                      processing_class=student_image_processor(model, size=processor_size(data_args, data)), optimizers=(optimizer, None))
+                      processing_class=student_image_processor(model, size=processor_size(data_args, data)),
+                      optimizers=(optimizer, None), callbacks=callbacks)
     trainer.model_accepts_loss_kwargs = False  # the model's own loss is a per-batch mean
     metrics = train_evaluate_save(trainer, training_args, output_dir)
     results = {
@@ -600,9 +608,10 @@ def run_distillation(dist_args: DistillationArguments, data_args: DataArguments,
                                     teacher_channels=teacher_channels, text_embeddings=text_embeddings)
     model = DistillationModel(student, loss_module, [s for s, _ in pairs])
 
-    train, validation = _datasets_for(data, data_args, student_mean, student_std)
+    train, validation, callbacks = _datasets_for(data, data_args, student_mean, student_std, seed=training_args.seed)
     trainer = DistillationTrainer(
         model=model, args=training_args, train_dataset=train, eval_dataset=validation, data_collator=collate_fn,
+        callbacks=callbacks,
         compute_metrics=make_compute_metrics(len(id2label), IGNORE_INDEX, id2label), processing_class=processor,
         teacher=teacher, teacher_feature_names=[t for _, t in pairs],
         student_mean_std=(student_mean, student_std),
@@ -653,7 +662,7 @@ def teacher_val_miou(teacher: nn.Module, teacher_name: str, data: SegmentationDa
     if saved.is_file():
         return float(json.loads(saved.read_text())["val_mean_iou"])
     mean, std = image_mean_std(teacher)
-    _, validation = _datasets_for(data, data_args, mean, std)
+    _, validation, _ = _datasets_for(data, data_args, mean, std)
     return float(evaluate_model(teacher, validation, len(data.id2label),
                                 batch_size=training_args.per_device_eval_batch_size)["mean_iou"])
 

@@ -29,6 +29,8 @@ from c2vkd_hf.data import (
     rgb_to_index,
     sample_geometry,
     source_paths,
+    with_example_index,
+    AugmentationEpochCallback,
 )
 
 H, W = 8, 10
@@ -444,6 +446,48 @@ def test_geometry_replays_on_lower_resolution_maps():
     b = apply_geometry(logits, geometry, "bilinear").argmax(0)
     valid = a != IGNORE_INDEX
     assert (a[valid] == b[valid]).float().mean() > 0.8
+
+
+def test_seeded_augmentation_depends_only_on_seed_epoch_and_index():
+    """A seeded train transform draws each example's geometry from (seed, epoch, index): the global
+    RNG, the batch an example arrives in and the order do not matter; epochs and seeds differ."""
+    args = DataArguments(synthetic_train_size=6, synthetic_validation_size=1, synthetic_height=24,
+                         synthetic_width=32, min_scale=0.5, max_scale=2.0, hflip=True)
+    data = load_segmentation_data(args)
+    train = with_example_index(data.train)
+    assert train["example_index"] == list(range(6)) and with_example_index(train) is train
+
+    def views(seed, epoch, order, chunk):
+        transform = build_transform(args, MEAN, STD, train=True, seed=seed)
+        transform.epoch = epoch
+        transform.return_geometry = True
+        ds = train.select(order).with_transform(transform)
+        out = {}
+        for start in range(0, len(order), chunk):
+            batch = ds[start:start + chunk]
+            for i, g, pv in zip(order[start:start + chunk], batch["geometry"], batch["pixel_values"]):
+                out[i] = (g, pv)
+        return out
+
+    torch.manual_seed(0)
+    a = views(3, 1, [0, 1, 2, 3, 4, 5], 6)
+    torch.manual_seed(123)  # a different global RNG state, order and batching
+    b = views(3, 1, [5, 2, 0, 4, 1, 3], 2)
+    for i in range(6):
+        assert a[i][0] == b[i][0]
+        torch.testing.assert_close(a[i][1], b[i][1])
+    geometries = [a[i][0] for i in range(6)]
+    assert len(set(geometries)) > 1, "examples of one epoch must get different views"
+    other_epoch = views(3, 2, list(range(6)), 6)
+    other_seed = views(4, 1, list(range(6)), 6)
+    assert [other_epoch[i][0] for i in range(6)] != geometries
+    assert [other_seed[i][0] for i in range(6)] != geometries
+
+    class State:
+        epoch = 2.9999999
+    transform = build_transform(args, MEAN, STD, train=True, seed=3)
+    AugmentationEpochCallback(transform).on_epoch_begin(None, State(), None)
+    assert transform.epoch == 3
 
 
 # ------------------------------------------------------------------------------------------ palettes

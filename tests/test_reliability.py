@@ -87,14 +87,15 @@ def test_killed_run_restarts_to_the_same_student_and_no_token_is_written(tmp_pat
 
     The uninterrupted run is in-process, so the student starts from a saved folder (a named size is
     initialised from torch's global RNG as it is when the run starts, which differs between a fresh
-    process and this one). Random augmentation is off: it shares the global RNG with dropout and is
-    drawn one batch ahead (docs/RELIABILITY.md); dropout and drop-path stay on and are restored."""
+    process and this one). Random augmentation (rescale, crop, flip) is on: it is seeded per
+    (seed, epoch, example), so the batches prefetched before the kill do not matter; dropout and
+    drop-path stay on and are restored from the checkpoint's RNG state."""
     monkeypatch.setenv("HF_TOKEN", "")  # restored after the test: the scripts move --hub_token into HF_TOKEN
     classes = dict(enumerate(SYNTHETIC_CLASSES))
     teacher, student = _save_tiny(tmp_path / "teacher", classes, seed=1), _save_tiny(tmp_path / "student", classes, 2)
     run = TINY_DATA + QUICK + ["--teacher_name_or_path", teacher, "--student_name_or_path", student, "--method", "kd",
                                "--max_steps", "12", "--save_steps", "3", "--train_baseline", "false",
-                               "--min_scale", "1", "--max_scale", "1", "--hflip", "false", "--hub_token", SECRET]
+                               "--min_scale", "0.5", "--max_scale", "2", "--hflip", "true", "--hub_token", SECRET]
     killed = tmp_path / "killed"
     log = (tmp_path / "killed.log").open("w")
     proc = _start("distill.py", "--output_dir", str(killed), *run, stdout=log, stderr=subprocess.STDOUT)
