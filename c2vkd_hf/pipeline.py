@@ -89,6 +89,20 @@ def run_script(main, argv: Optional[list[str]] = None, user_errors: tuple = ()) 
     return 0
 
 
+def saved_data_arguments(model_dir, argv: list[str], data_args: DataArguments,
+                         say=logger.info) -> DataArguments:
+    """``data_args``, or, when ``argv`` sets no data flag and ``model_dir`` holds the ``results.json``
+    that ``distill.py``/``train_teacher.py`` write, the data configuration saved there (so a trained
+    model is evaluated on the data it was trained for without repeating the flags)."""
+    saved = Path(model_dir) / RESULTS_NAME
+    names = {f.name for f in dataclasses.fields(DataArguments)}
+    given = any(a.startswith("--") and a[2:].split("=")[0] in names for a in argv)
+    if given or not saved.is_file():
+        return data_args
+    say(f"Using the data configuration saved in {saved}.")
+    return DataArguments(**json.loads(saved.read_text())["config"]["data"])
+
+
 # ------------------------------------------------------------------------------------------ checks
 def validate_distillation_args(args: DistillationArguments) -> None:
     """Rejects unknown methods, invalid weights/temperatures, malformed flags and missing local files
@@ -576,8 +590,10 @@ def run_distillation(dist_args: DistillationArguments, data_args: DataArguments,
                                      f"(a CNN AutoModelForSemanticSegmentation folder or Hub id).")
             cache = Path(dist_args.teacher_cache_dir or output_dir / "teacher")
             teacher_name = _default_teacher(data, data_args, training_args, cache, dist_args.default_teacher_steps)
+        # a torchvision checkpoint carries no class names: it gets the dataset's (its class count is checked)
+        names = {"id2label": id2label} if parse_torchvision_name(str(teacher_name)) is not None else {}
         with user_errors(f"--teacher_name_or_path {teacher_name}"):
-            teacher = load_teacher(teacher_name, trust_remote_code=dist_args.trust_remote_code)
+            teacher = load_teacher(teacher_name, trust_remote_code=dist_args.trust_remote_code, **names)
         check_class_agreement(id2label, teacher=teacher, teacher_name=teacher_name)
 
     overrides = student_config_overrides(dist_args)

@@ -26,7 +26,6 @@ share of the images; confusion matrices are summed): ``torchrun --nproc_per_node
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 import time
@@ -38,9 +37,9 @@ import torch
 from transformers import HfArgumentParser
 
 from c2vkd_hf.config import DataArguments
-from c2vkd_hf.data import DataValidationError, build_transform, default_palette, load_segmentation_data
+from c2vkd_hf.data import build_transform, default_palette, load_segmentation_data
 from c2vkd_hf.models import image_mean_std, load_teacher
-from c2vkd_hf.pipeline import RESULTS_NAME, UserInputError, evaluate_model, user_errors
+from c2vkd_hf.pipeline import UserInputError, evaluate_model, run_script, saved_data_arguments, user_errors
 
 
 @dataclass
@@ -120,12 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
         hasattr(torch, "xpu") and torch.xpu.is_available())
     accelerator = Accelerator(cpu=not on_device)
     say = accelerator.print
-    saved = Path(eval_args.model_name_or_path) / RESULTS_NAME
-    data_flags_given = any(arg.startswith("--") and arg[2:].split("=")[0] in {f.name for f in dataclasses.fields(
-        DataArguments)} for arg in argv)
-    if saved.is_file() and not data_flags_given:
-        data_args = DataArguments(**json.loads(saved.read_text())["config"]["data"])
-        say(f"Using the data configuration saved in {saved}.")
+    data_args = saved_data_arguments(eval_args.model_name_or_path, argv, data_args, say=say)
     with user_errors(f"--model_name_or_path {eval_args.model_name_or_path}"):
         model = load_teacher(eval_args.model_name_or_path, trust_remote_code=eval_args.trust_remote_code)
     data = load_segmentation_data(data_args)
@@ -163,8 +157,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (UserInputError, DataValidationError, FileNotFoundError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_script(main, user_errors=(OSError,)))  # OSError: unreadable model folder or image

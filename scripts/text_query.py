@@ -12,6 +12,8 @@ does it do with class names it was not trained on?
         --extra_mapping "wall=Building,terrain=Tree,truck=Car,bus=Car,train=Car,motorcycle=Bicyclist" \
         --show_names "truck,bus,traffic light,person" --output_dir benchmarks/text_query
 
+Without data flags, the data configuration saved in the model folder's ``results.json`` is used.
+
 Measures on the validation split (logits upsampled bilinearly to the labels, streaming mIoU):
 
 1. the student's own segmentation head;
@@ -27,7 +29,7 @@ Writes ``RESULTS.md``, ``results.json`` and ``text_query.png`` (images, ground t
 prediction, the text-query prediction over the query vocabulary (each name in the colour of its
 training class when there is a mapping), and per-name heat maps of ``--show_names``: the name's cosine
 similarity with each pixel's projected feature, min-max scaled per image, with the name's largest
-probability within the vocabulary in the title) to ``--output_dir``, for ``--num_images`` validation
+probability within the vocabulary in the title) to ``--output_dir`` (default ``outputs/text_query``), for ``--num_images`` validation
 images spread evenly over the split.
 """
 
@@ -49,7 +51,7 @@ from c2vkd_hf.config import IGNORE_INDEX, DataArguments
 from c2vkd_hf.data import build_transform, collate_fn, colorize, default_palette, load_segmentation_data
 from c2vkd_hf.metrics import StreamingMeanIoU
 from c2vkd_hf.models import fix_patch_grid, image_mean_std
-from c2vkd_hf.pipeline import UserInputError, evaluate_model, segmentation_scores
+from c2vkd_hf.pipeline import UserInputError, evaluate_model, run_script, saved_data_arguments, segmentation_scores
 from c2vkd_hf.text import load_text_embeddings
 from c2vkd_hf.text_query import TextQuerySegmenter, load_text_head
 
@@ -68,7 +70,7 @@ class TextQueryArguments:
         "help": "Query names shown as heat maps in the figure."})
     num_images: int = field(default=3, metadata={"help": "Validation images in the figure (spread over the split)."})
     batch_size: int = field(default=8, metadata={"help": "Evaluation batch size."})
-    output_dir: str = field(default="benchmarks/text_query", metadata={"help": "Where RESULTS.md and the PNG go."})
+    output_dir: str = field(default="outputs/text_query", metadata={"help": "Where RESULTS.md and the PNG go."})
 
 
 def _query_vocabulary(args: TextQueryArguments, class_names: list[str]):
@@ -169,6 +171,7 @@ def _figure(path: Path, rows: list[dict], class_names: list[str], palette, query
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     args, data_args = HfArgumentParser((TextQueryArguments, DataArguments)).parse_args_into_dataclasses(args=argv)
+    data_args = saved_data_arguments(args.model_name_or_path, argv, data_args, say=print)
     folder = Path(args.model_name_or_path)
     start = time.time()
     student = fix_patch_grid(AutoModelForSemanticSegmentation.from_pretrained(folder)).eval()
@@ -280,8 +283,4 @@ def _report(results: dict, argv: list[str], show: list[str], figure: bool) -> st
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (UserInputError, FileNotFoundError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_script(main, user_errors=(OSError,)))  # OSError: unreadable model folder or image

@@ -18,7 +18,8 @@ from transformers.modeling_outputs import SemanticSegmenterOutput
 from c2vkd_hf.data import SYNTHETIC_CLASSES
 from c2vkd_hf.metrics import StreamingMeanIoU
 from c2vkd_hf.models import load_student
-from c2vkd_hf.pipeline import evaluate_model, segmentation_scores, sliding_window_logits
+from c2vkd_hf.config import DataArguments
+from c2vkd_hf.pipeline import evaluate_model, saved_data_arguments, segmentation_scores, sliding_window_logits
 from tiny import TINY_SEGFORMER, tensor_dataset, tiny_student
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,3 +211,14 @@ def test_two_process_evaluation_matches_one_process(tmp_path):
         assert metrics["mean_iou"] == pytest.approx(single["mean_iou"], abs=1e-12)
         assert metrics["per_category_iou"] == pytest.approx(single["per_category_iou"], abs=1e-12)
     assert sorted(os.listdir(tmp_path / "pred")) == [f"{i:05d}.png" for i in range(7)]
+
+
+def test_saved_data_configuration_is_used_only_without_data_flags(tmp_path):
+    """evaluate.py and text_query.py evaluate a trained folder on the data saved in its results.json,
+    unless a data flag is given."""
+    saved = DataArguments(synthetic_train_size=5, synthetic_height=40, resize_height=20, resize_width=24)
+    (tmp_path / "results.json").write_text(json.dumps({"config": {"data": saved.__dict__}}))
+    parsed = DataArguments()
+    assert saved_data_arguments(tmp_path, ["--model_name_or_path", str(tmp_path)], parsed) == saved
+    assert saved_data_arguments(tmp_path, ["--resize_height=8", "--resize_width", "8"], parsed) is parsed
+    assert saved_data_arguments(tmp_path / "elsewhere", [], parsed) is parsed
