@@ -29,7 +29,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -1035,11 +1035,30 @@ def _capture_input(module: nn.Module, captured: list):
     return module.register_forward_pre_hook(hook, with_kwargs=True)
 
 
+DECODER_FEATURE = "decoder"
+
+
+def classifier_module(model: nn.Module) -> Optional[nn.Conv2d]:
+    """The final 1x1 convolution that maps decoder features to class logits, when the model has one
+    where segmentation models usually keep it (``decode_head.classifier``: SegFormer, UperNet, BEiT;
+    ``classifier``: the project DeepLabV3+; ``head.head[-1]``: DPT); else ``None``."""
+    inner = _unwrap(model)
+    candidates = [getattr(getattr(inner, "decode_head", None), "classifier", None), getattr(inner, "classifier", None)]
+    head = getattr(getattr(inner, "head", None), "head", None)
+    if isinstance(head, nn.Sequential) and len(head):
+        candidates.append(head[-1])
+    return next((c for c in candidates if isinstance(c, nn.Conv2d)), None)
+
+
 def forward_features(
     model: nn.Module, pixel_values: torch.Tensor, **forward_kwargs: Any
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One forward pass returning ``(logits, {"stage1": F1, ..., "stageN": FN})`` (shallow to deep,
-    each (B, C, h, w)). Per family (:func:`feature_family`):
+    """One forward pass returning ``(logits, {"stage1": F1, ..., "stageN": FN, "decoder": D})``.
+
+    ``decoder`` (when :func:`classifier_module` finds the final classifier) is the classifier's
+    input: the decoder's last feature map, (B, C, h, w) at the logits' grid (stride 4 for SegFormer
+    and UperNet), the most semantic map at the highest resolution. The stages (shallow to deep, each
+    (B, C, h, w)) come per family (:func:`feature_family`):
 
     * ``segformer``: the four encoder stages (``output_hidden_states=True``).
     * ``backbone``, models with a transformers backbone: the backbone's ``feature_maps``, captured by a
@@ -1060,6 +1079,24 @@ def forward_features(
     ``model`` may be wrapped (DDP, accelerate); the call goes through the wrapper. Extra
     ``forward_kwargs`` (e.g. ``labels``) are passed to the model.
     """
+    classifier = classifier_module(model)
+    if classifier is None:
+        return _forward_stage_features(model, pixel_values, **forward_kwargs)
+    captured: list[torch.Tensor] = []
+    handle = classifier.register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
+    try:
+        logits, feats = _forward_stage_features(model, pixel_values, **forward_kwargs)
+    finally:
+        handle.remove()
+    if captured:
+        feats[DECODER_FEATURE] = captured[-1]
+    return logits, feats
+
+
+def _forward_stage_features(
+    model: nn.Module, pixel_values: torch.Tensor, **forward_kwargs: Any
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`forward_features` without the decoder feature."""
     inner = _unwrap(model)
     model_type = _model_type(inner)
     family = feature_family(inner)
@@ -1132,15 +1169,17 @@ def feature_channels(model: nn.Module, image_size: Sequence[int] | int | None = 
     says, else from a dry forward pass at ``image_size``, default the config's or 64x64)."""
     inner = _unwrap(model)
     config = getattr(inner, "config", None)
+    classifier = classifier_module(inner)
+    decoder = {DECODER_FEATURE: int(classifier.in_channels)} if classifier is not None else {}
     if _model_type(inner) == "segformer":
-        return {f"stage{i + 1}": int(c) for i, c in enumerate(config.hidden_sizes)}
+        return {**{f"stage{i + 1}": int(c) for i, c in enumerate(config.hidden_sizes)}, **decoder}
     if _has_backbone(inner):
-        return {f"stage{i + 1}": int(c) for i, c in enumerate(inner.backbone.channels)}
+        return {**{f"stage{i + 1}": int(c) for i, c in enumerate(inner.backbone.channels)}, **decoder}
     family = feature_family(inner)
     if family == "dpt" and not getattr(config, "is_hybrid", False):
-        return {f"stage{i + 1}": int(config.hidden_size) for i in range(len(config.backbone_out_indices))}
+        return {**{f"stage{i + 1}": int(config.hidden_size) for i in range(len(config.backbone_out_indices))}, **decoder}
     if family == "beit":
-        return {f"stage{i + 1}": int(config.hidden_size) for i in range(len(config.out_indices))}
+        return {**{f"stage{i + 1}": int(config.hidden_size) for i in range(len(config.out_indices))}, **decoder}
     if image_size is None:
         image_size = getattr(config, "image_size", None) or 64
     hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)[:2]
@@ -1178,6 +1217,10 @@ def default_feature_pair(student: nn.Module, teacher: nn.Module) -> tuple[str, s
     ============================================  =====================================================
 
     The deepest maps are the most semantic, which is what both the visual and the linguistic (CLIP
-    text) terms compare; ``--feature_pairs`` picks others.
+    text) terms compare; ``--feature_pairs`` picks others, including ``decoder`` (the input of the
+    final classifier, see :func:`forward_features`), which is as semantic and at stride 4.
     """
-    return list(feature_channels(student))[-1], list(feature_channels(teacher))[-1]
+    def deepest_stage(model):
+        return [name for name in feature_channels(model) if name != DECODER_FEATURE][-1]
+
+    return deepest_stage(student), deepest_stage(teacher)

@@ -107,9 +107,11 @@ def test_student_family_features_and_default_pair(family):
     with torch.no_grad():
         logits, feats = M.forward_features(student, torch.randn(2, 3, 32, 48))  # not square
     assert logits.shape[:2] == (2, 3)
+    assert M.feature_channels(student) == {k: v.shape[1] for k, v in feats.items()}
+    if M.classifier_module(student) is not None:
+        assert feats.pop("decoder").shape[1] == M.classifier_module(student).in_channels
     assert list(feats) == [f"stage{i + 1}" for i in range(count)]
     assert [tuple(f.shape[-2:]) for f in feats.values()] == grids and all(f.shape[0] == 2 for f in feats.values())
-    assert M.feature_channels(student) == {k: v.shape[1] for k, v in feats.items()}
     assert M.default_feature_pair(student, tiny_teacher()) == (default, "stage4")
 
 
@@ -175,8 +177,10 @@ def test_hub_cnn_teachers_load_from_folders_with_features(family, stages, last, 
     with torch.no_grad():
         logits, feats = M.forward_features(teacher, torch.randn(2, 3, 64, 96))
     assert logits.shape[:2] == (2, 3)
-    assert [f.shape[1] for f in feats.values()] == stages
     assert M.feature_channels(teacher) == {k: v.shape[1] for k, v in feats.items()}
+    assert ("decoder" in feats) == (M.classifier_module(teacher) is not None)  # UperNet: the classifier's input
+    feats.pop("decoder", None)
+    assert [f.shape[1] for f in feats.values()] == stages
     assert M.default_feature_pair(tiny_student(), teacher) == ("stage4", last)
     assert M.image_mean_std(teacher) == (M.IMAGENET_MEAN, M.IMAGENET_STD)
 

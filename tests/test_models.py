@@ -75,13 +75,17 @@ def test_student_from_named_size_with_overrides(student):
     assert student.config.num_labels == 3 and student.config.id2label == ID2LABEL
     assert student.config.label2id == {"sky": 0, "road": 1, "car": 2}
     assert list(student.config.hidden_sizes) == [8, 16, 24, 32]
+    student.eval()  # no classifier dropout: the decoder feature must reproduce the logits
     logits, feats = M.forward_features(student, _x(h=64, w=96))
     assert logits.shape == (2, 3, 16, 24)
+    decoder = feats.pop("decoder")  # the classifier's input: the decoder's last map, at the logits' grid
+    torch.testing.assert_close(student.decode_head.classifier(decoder), logits)
+    assert M.feature_channels(student)["decoder"] == decoder.shape[1] == student.config.decoder_hidden_size
     assert list(feats) == ["stage1", "stage2", "stage3", "stage4"]
     assert [tuple(f.shape) for f in feats.values()] == [
         (2, 8, 16, 24), (2, 16, 8, 12), (2, 24, 4, 6), (2, 32, 2, 3)
     ]
-    assert M.feature_channels(student) == {"stage1": 8, "stage2": 16, "stage3": 24, "stage4": 32}
+    assert M.feature_channels(student) == {"stage1": 8, "stage2": 16, "stage3": 24, "stage4": 32, "decoder": 16}
     with torch.no_grad():
         assert torch.allclose(logits, student(pixel_values=_x(h=64, w=96)).logits)
 
@@ -141,9 +145,13 @@ def test_upernet_teacher_config_features_and_roundtrip(upernet, tmp_path):
     handle.remove()
     assert len(calls) == 1  # one forward pass
     assert logits.shape == (2, 3, 64, 64)
+    decoder = feats.pop("decoder")
+    assert decoder.shape == (2, 128, 16, 16)  # UperNet upsamples the classifier's 1/4-grid output
+    torch.testing.assert_close(nn.functional.interpolate(upernet.decode_head.classifier(decoder), size=(64, 64),
+                                                         mode="bilinear", align_corners=False), logits)
     assert {k: v.shape[1] for k, v in feats.items()} == LITE0_CHANNELS
     assert [v.shape[-1] for v in feats.values()] == [16, 8, 4, 2]  # strides 4 .. 32
-    assert M.feature_channels(upernet) == LITE0_CHANNELS
+    assert M.feature_channels(upernet) == {**LITE0_CHANNELS, "decoder": 128}
 
     upernet.save_pretrained(tmp_path)
     loaded = AutoModelForSemanticSegmentation.from_pretrained(tmp_path)
@@ -163,6 +171,7 @@ def test_deeplab_teacher_forward_loss_and_roundtrip(deeplab, tmp_path):
                       output_hidden_states=True)
         tup = deeplab(x, return_dict=False)
     assert logits.shape == (2, 3, 16, 16)  # 1/4 resolution
+    torch.testing.assert_close(deeplab.classifier(feats.pop("decoder")), logits)
     assert {k: v.shape[1] for k, v in feats.items()} == LITE0_CHANNELS
     assert torch.isfinite(out.loss) and out.loss.ndim == 0
     assert len(out.hidden_states) == 4 and torch.equal(out.hidden_states[-1], feats["stage4"])
@@ -282,6 +291,7 @@ def test_reference_teacher_loads_and_exposes_features(student):
     with torch.no_grad():
         logits, feats = M.forward_features(teacher, _x(b=1, h=64, w=96))
     assert logits.shape == (1, 11, 64, 96)
+    assert feats.pop("decoder").shape == (1, 128, 16, 24)
     assert {k: v.shape[1] for k, v in feats.items()} == LITE0_CHANNELS
     mean, std = M.image_mean_std(str(REFERENCE))
     assert mean == pytest.approx(M.IMAGENET_MEAN) and std == pytest.approx(M.IMAGENET_STD)
