@@ -302,7 +302,7 @@ def write_report(args) -> str:
               f"random scale {cfg['data']['min_scale']}-{cfg['data']['max_scale']}, crop, horizontal flip",
               f"- teacher: `{cfg['distillation']['teacher_name_or_path']}` (UperNet + ImageNet EfficientNet-Lite0), "
               f"val mIoU at this input resolution {teacher * 100:.2f}%" if teacher else "- teacher: none",
-              f"- student: SegFormer-B0 from random init (no ImageNet weights exist offline)",
+              "- student: SegFormer-B0 from random init (no ImageNet weights exist offline)",
               f"- schedule: {cfg['training']['max_steps']} steps, batch {cfg['training']['per_device_train_batch_size']}, "
               f"AdamW lr {cfg['training']['learning_rate']}, polynomial decay, warm-up {cfg['training']['warmup_steps']}",
               f"- text embeddings (C2VKD): `{cfg['distillation']['text_embeddings']}`",

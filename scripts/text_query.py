@@ -271,7 +271,7 @@ def _report(results: dict, argv: list[str], show: list[str], figure: bool) -> st
             where = ", ".join(f"{c} {v / n * 100:.0f}%" for c, v in top if v) if n else "-"
             lines.append(f"| {name} | {results['query_name_to_class'][name]} | {n / total * 100:.2f} | {where} |")
     if figure:
-        lines += ["", f"![text query](text_query.png)", "",
+        lines += ["", "![text query](text_query.png)", "",
                   "Columns: image, ground truth, the student's own prediction, the text-query prediction over the "
                   "query vocabulary (with a mapping, each name in the colour of its training class), then heat maps "
                   "of " + ", ".join(f"'{n}'" for n in show) + ": the name's cosine similarity with each pixel's "

@@ -1,6 +1,5 @@
 """Tests of c2vkd_hf.models: students, teachers, features, backbone init, normalisation (offline, tiny)."""
 
-import os
 import types
 from pathlib import Path
 

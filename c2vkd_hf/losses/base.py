@@ -20,7 +20,7 @@ from torch import nn
 from ..config import IGNORE_INDEX
 from .common import check_positive, check_weight, cross_entropy
 
-__all__ = ["DistillationLoss", "pick_temperature"]
+__all__ = ["DistillationLoss", "LogitDistillationLoss", "pick_temperature"]
 
 
 def pick_temperature(temperature: Optional[float], tau: Optional[float], default: float) -> float:
@@ -84,3 +84,53 @@ class DistillationLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}_weight={v:g}" for k, v in self.weights.items())
+
+
+class LogitDistillationLoss(DistillationLoss):
+    """CE plus one logit-distillation term computed by a pure function (KD, CWD, DIST, DKD).
+
+    A subclass sets ``term`` (its name), ``default_weight``, ``default_temperature``,
+    ``temperature_arg`` (the keyword its function takes: ``"temperature"`` or ``"tau"``),
+    ``uses_labels`` and ``loss_fn``; its own constants (e.g. DKD's ``alpha``/``beta``), validated by
+    the subclass, arrive as ``constants``, become attributes and are forwarded to ``loss_fn``.
+    ``kd_weight`` (``None``: the method's recipe) weighs the term; ``temperature``/``tau`` are aliases.
+    """
+
+    term: str = ""
+    default_weight: float = 1.0
+    default_temperature: float = 1.0
+    temperature_arg: str = "temperature"
+    uses_labels: bool = True
+    loss_fn = None
+
+    def __init__(
+        self,
+        *,
+        kd_weight: Optional[float] = None,
+        temperature: Optional[float] = None,
+        tau: Optional[float] = None,
+        ce_weight: float = 1.0,
+        ignore_index: int = IGNORE_INDEX,
+        constants: Optional[Dict[str, float]] = None,
+    ) -> None:
+        super().__init__(ce_weight=ce_weight, ignore_index=ignore_index)
+        self.temperature = pick_temperature(temperature, tau, self.default_temperature)
+        self.constants = dict(constants or {})
+        for name, value in self.constants.items():
+            setattr(self, name, value)
+        weight = check_weight("kd_weight", self.default_weight if kd_weight is None else kd_weight)
+        if weight > 0:
+            self.weights[self.term] = weight
+
+    @property
+    def tau(self) -> float:
+        """Alias of ``temperature``."""
+        return self.temperature
+
+    def distillation_terms(self, student_logits, teacher_logits, labels, student_features=None, teacher_features=None):
+        kwargs = {self.temperature_arg: self.temperature, **self.constants}
+        if self.uses_labels:
+            value = type(self).loss_fn(student_logits, teacher_logits, labels, ignore_index=self.ignore_index, **kwargs)
+        else:
+            value = type(self).loss_fn(student_logits, teacher_logits, **kwargs)
+        return {self.term: value}

@@ -11,14 +11,11 @@ position of every channel takes part).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
-from ..config import IGNORE_INDEX
-from .base import DistillationLoss, pick_temperature
-from .common import check_positive, check_weight, float32_compute, resize
+from .base import LogitDistillationLoss
+from .common import check_positive, float32_compute, resize
 from .registry import register_loss
 
 __all__ = ["cwd_loss", "CWDLoss"]
@@ -43,23 +40,9 @@ def cwd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tau:
 
 
 @register_loss("cwd")
-class CWDLoss(DistillationLoss):
+class CWDLoss(LogitDistillationLoss):
     """CE + channel-wise distillation. Terms: ``ce``, ``cwd``. Defaults: ``kd_weight=3.0``, ``tau=4.0``."""
 
-    def __init__(
-        self,
-        *,
-        kd_weight: Optional[float] = None,
-        tau: Optional[float] = None,
-        temperature: Optional[float] = None,
-        ce_weight: float = 1.0,
-        ignore_index: int = IGNORE_INDEX,
-    ) -> None:
-        super().__init__(ce_weight=ce_weight, ignore_index=ignore_index)
-        self.tau = pick_temperature(temperature, tau, 4.0)
-        weight = check_weight("kd_weight", 3.0 if kd_weight is None else kd_weight)
-        if weight > 0:
-            self.weights["cwd"] = weight
-
-    def distillation_terms(self, student_logits, teacher_logits, labels, student_features=None, teacher_features=None):
-        return {"cwd": cwd_loss(student_logits, teacher_logits, tau=self.tau)}
+    term, default_weight, default_temperature = "cwd", 3.0, 4.0
+    temperature_arg, uses_labels = "tau", False
+    loss_fn = staticmethod(cwd_loss)

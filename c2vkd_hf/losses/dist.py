@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from ..config import IGNORE_INDEX
-from .base import DistillationLoss, pick_temperature
+from .base import LogitDistillationLoss
 from .common import check_positive, check_weight, flatten_valid, float32_compute, resize, zero_like_graph
 from .registry import register_loss
 
@@ -68,37 +68,11 @@ def dist_loss(
 
 
 @register_loss("dist")
-class DISTLoss(DistillationLoss):
+class DISTLoss(LogitDistillationLoss):
     """CE + DIST. Terms: ``ce``, ``dist``. Defaults: ``kd_weight=1.0``, ``beta=gamma=1``, ``tau=1``."""
 
-    def __init__(
-        self,
-        *,
-        kd_weight: Optional[float] = None,
-        beta: float = 1.0,
-        gamma: float = 1.0,
-        tau: Optional[float] = None,
-        temperature: Optional[float] = None,
-        ce_weight: float = 1.0,
-        ignore_index: int = IGNORE_INDEX,
-    ) -> None:
-        super().__init__(ce_weight=ce_weight, ignore_index=ignore_index)
-        self.beta = check_weight("beta", beta)
-        self.gamma = check_weight("gamma", gamma)
-        self.tau = pick_temperature(temperature, tau, 1.0)
-        weight = check_weight("kd_weight", 1.0 if kd_weight is None else kd_weight)
-        if weight > 0:
-            self.weights["dist"] = weight
+    term, default_weight, default_temperature, temperature_arg = "dist", 1.0, 1.0, "tau"
+    loss_fn = staticmethod(dist_loss)
 
-    def distillation_terms(self, student_logits, teacher_logits, labels, student_features=None, teacher_features=None):
-        return {
-            "dist": dist_loss(
-                student_logits,
-                teacher_logits,
-                labels,
-                beta=self.beta,
-                gamma=self.gamma,
-                tau=self.tau,
-                ignore_index=self.ignore_index,
-            )
-        }
+    def __init__(self, *, beta: float = 1.0, gamma: float = 1.0, **kwargs) -> None:
+        super().__init__(constants={"beta": check_weight("beta", beta), "gamma": check_weight("gamma", gamma)}, **kwargs)

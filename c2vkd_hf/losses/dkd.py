@@ -8,12 +8,10 @@ removed before the target class is indexed. Recipe here: alpha = beta = 0.5, T =
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from ..config import IGNORE_INDEX
-from .base import DistillationLoss, pick_temperature
+from .base import LogitDistillationLoss
 from .common import check_weight
 from .pdd import pdd_loss
 from .registry import register_loss
@@ -45,37 +43,11 @@ def dkd_loss(
 
 
 @register_loss("dkd")
-class DKDLoss(DistillationLoss):
+class DKDLoss(LogitDistillationLoss):
     """CE + DKD. Terms: ``ce``, ``dkd``. Defaults: ``kd_weight=1.0``, ``alpha=beta=0.5``, ``T=1``."""
 
-    def __init__(
-        self,
-        *,
-        kd_weight: Optional[float] = None,
-        alpha: float = 0.5,
-        beta: float = 0.5,
-        temperature: Optional[float] = None,
-        tau: Optional[float] = None,
-        ce_weight: float = 1.0,
-        ignore_index: int = IGNORE_INDEX,
-    ) -> None:
-        super().__init__(ce_weight=ce_weight, ignore_index=ignore_index)
-        self.alpha = check_weight("alpha", alpha)
-        self.beta = check_weight("beta", beta)
-        self.temperature = pick_temperature(temperature, tau, 1.0)
-        weight = check_weight("kd_weight", 1.0 if kd_weight is None else kd_weight)
-        if weight > 0:
-            self.weights["dkd"] = weight
+    term, default_weight, default_temperature = "dkd", 1.0, 1.0
+    loss_fn = staticmethod(dkd_loss)
 
-    def distillation_terms(self, student_logits, teacher_logits, labels, student_features=None, teacher_features=None):
-        return {
-            "dkd": dkd_loss(
-                student_logits,
-                teacher_logits,
-                labels,
-                alpha=self.alpha,
-                beta=self.beta,
-                temperature=self.temperature,
-                ignore_index=self.ignore_index,
-            )
-        }
+    def __init__(self, *, alpha: float = 0.5, beta: float = 0.5, **kwargs) -> None:
+        super().__init__(constants={"alpha": check_weight("alpha", alpha), "beta": check_weight("beta", beta)}, **kwargs)

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from ..config import IGNORE_INDEX
-from .base import DistillationLoss, pick_temperature
-from .common import check_positive, check_weight, flatten_valid, float32_compute, resize, zero_like_graph
+from .base import LogitDistillationLoss
+from .common import check_positive, flatten_valid, float32_compute, resize, zero_like_graph
 from .registry import register_loss
 
 __all__ = ["kd_loss", "KDLoss"]
@@ -47,27 +47,8 @@ def kd_loss(
 
 
 @register_loss("kd")
-class KDLoss(DistillationLoss):
+class KDLoss(LogitDistillationLoss):
     """CE + pixel KD. Terms: ``ce``, ``kd``. Defaults: ``kd_weight=1.0``, ``temperature=1.0``."""
 
-    def __init__(
-        self,
-        *,
-        kd_weight: Optional[float] = None,
-        temperature: Optional[float] = None,
-        tau: Optional[float] = None,
-        ce_weight: float = 1.0,
-        ignore_index: int = IGNORE_INDEX,
-    ) -> None:
-        super().__init__(ce_weight=ce_weight, ignore_index=ignore_index)
-        self.temperature = pick_temperature(temperature, tau, 1.0)
-        weight = check_weight("kd_weight", 1.0 if kd_weight is None else kd_weight)
-        if weight > 0:
-            self.weights["kd"] = weight
-
-    def distillation_terms(self, student_logits, teacher_logits, labels, student_features=None, teacher_features=None):
-        return {
-            "kd": kd_loss(
-                student_logits, teacher_logits, labels, temperature=self.temperature, ignore_index=self.ignore_index
-            )
-        }
+    term, default_weight, default_temperature = "kd", 1.0, 1.0
+    loss_fn = staticmethod(kd_loss)
