@@ -38,6 +38,7 @@ from transformers import Trainer
 from transformers.modeling_outputs import SemanticSegmenterOutput
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .config import IGNORE_INDEX
 from .losses.common import cross_entropy
 from .models import forward_features, renormalize
 
@@ -152,15 +153,19 @@ class SafeCheckpointTrainer(Trainer):
 
 
 class TeacherTrainer(SafeCheckpointTrainer):
-    """The plain ``Trainer`` for the CNN teacher (the model computes its own loss), with safe
-    checkpoints and the non-finite loss check."""
+    """The ``Trainer`` for the CNN teacher, with safe checkpoints and the non-finite loss check.
+
+    The loss is pixel cross-entropy with the logits upsampled to the label grid (:func:`cross_entropy`),
+    not the model's own loss: models such as UperNet compare logits and labels only at the input
+    size, which fails when validation labels are kept at full resolution (``--eval_full_resolution``)
+    while images are resized."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                      num_items_in_batch=num_items_in_batch)
+        outputs = model(pixel_values=inputs["pixel_values"])
+        loss = cross_entropy(outputs.logits, inputs["labels"], ignore_index=IGNORE_INDEX)
         if model.training:
-            self._check_finite({"loss": result[0] if return_outputs else result})
-        return result
+            self._check_finite({"loss": loss})
+        return (loss, outputs) if return_outputs else loss
 
 
 class DistillationTrainer(SafeCheckpointTrainer):

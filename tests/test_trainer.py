@@ -153,3 +153,22 @@ def test_final_save_keeps_the_text_head_beside_the_plain_student(tmp_path):
         u = torch.nn.functional.conv2d(feats["stage4"], weight[..., None, None] if weight.dim() == 2 else weight, bias)
         expected = model.distill_loss.eval().pixel_text_logits(feats["stage4"])
     torch.testing.assert_close(pixel_text_logits(u, text, tau=float(meta["tau"])), expected)
+
+
+def test_teacher_training_evaluates_on_full_resolution_labels(tmp_path):
+    """train_teacher with images resized below the label size: validation labels stay at full
+    resolution (the default), so the loss must upsample the logits (UperNet's own loss cannot)."""
+    from transformers import TrainingArguments
+
+    from c2vkd_hf.config import DataArguments
+    from c2vkd_hf.data import load_segmentation_data
+    from c2vkd_hf.pipeline import train_teacher
+
+    data_args = DataArguments(synthetic_train_size=4, synthetic_validation_size=2, synthetic_height=32,
+                              synthetic_width=48, resize_height=16, resize_width=24)
+    args = TrainingArguments(output_dir=str(tmp_path / "teacher"), max_steps=2, per_device_train_batch_size=2,
+                             per_device_eval_batch_size=2, eval_strategy="steps", eval_steps=2, save_strategy="no",
+                             report_to="none", disable_tqdm=True, use_cpu=True)
+    results = train_teacher(load_segmentation_data(data_args), data_args, args)
+    assert results["steps"] == 2 and 0.0 <= results["val_mean_iou"] <= 1.0
+    assert AutoModelForSemanticSegmentation.from_pretrained(tmp_path / "teacher").config.num_labels == 6
