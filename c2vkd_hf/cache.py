@@ -28,7 +28,8 @@ Storage (one folder):
 * ``rows_done.npy`` (N,) uint8: the completion marker of each row.
 
 All arrays are ``.npy`` files opened with ``numpy`` memory maps, so neither building nor training
-holds the cache in RAM; readers open them read-only. A row is written to every array, the arrays are
+holds the cache in RAM; readers open them read-only and drop the pages they read from their resident
+set after copying the rows out (the kernel keeps them in its shared page cache). A row is written to every array, the arrays are
 flushed (``msync``), and only then is the row's marker set and flushed: an interrupted build resumes
 with the rows whose marker is unset, and a reader refuses a cache in which any marker is unset, so a
 half-written row is never read.
@@ -303,6 +304,20 @@ def _open_array(directory: Path, entry: dict[str, Any], mode: str) -> np.memmap:
     return np.load(directory / entry["file"], mmap_mode=mode)
 
 
+def _release_pages(array: np.memmap) -> None:
+    """Drops the pages of a read-only memory map from this process's resident set once their rows were
+    copied out (``madvise(MADV_DONTNEED)``; they stay in the kernel's shared page cache), so that
+    reading the whole cache over an epoch does not grow the process's memory. No-op where unsupported."""
+    import mmap
+
+    handle = getattr(array, "_mmap", None)
+    if handle is not None and hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            handle.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):
+            pass
+
+
 @dataclass
 class CacheStatus:
     """What a cache folder holds: ``exists`` (metadata present), the stored ``key`` and how many rows
@@ -572,6 +587,8 @@ class TeacherCache:
                                     f"stores {self.feature_names}). " + REBUILD_HINT)
         features = [torch.from_numpy(np.ascontiguousarray(self._arrays[self._features[n]][idx])).float()
                     for n in names]
+        for array in self._arrays.values():
+            _release_pages(array)
         return logits, features
 
     def replay(self, indices: Sequence[int], geometries: Sequence[Geometry],

@@ -662,14 +662,14 @@ def open_teacher_cache(dist_args: DistillationArguments, data_args: DataArgument
 
     directory = Path(dist_args.teacher_cache).expanduser()
     reference = (data_args.resize_height, data_args.resize_width) if data_args.resize_height else None
-    _ = training_args.world_size  # sets up torch.distributed under torchrun/accelerate before sharding the build
+    device = training_args.device  # sets up torch.distributed under torchrun/accelerate before sharding the build
     try:
         status = cache_status(directory)
         if not status.complete:
             logger.warning("Teacher cache %s is %s: running the teacher over the %d training images once.",
                            directory, f"incomplete ({status.done}/{status.num_rows} rows)" if status.exists
                            else "missing", len(data.train))
-        teacher.to(training_args.device)
+        teacher.to(device)
         key = build_teacher_cache(
             directory, teacher, data.train, reference_size=reference, teacher_mean_std=image_mean_std(teacher),
             feature_names=feature_names, top_k=dist_args.teacher_cache_top_k,
