@@ -430,15 +430,14 @@ def build_teacher_cache(
     if num_rows == 0:
         raise TeacherCacheError("the training set is empty: nothing to cache")
 
-    if rank == 0:
-        meta = _read_meta(directory)
-        if meta is not None and key_differences(meta["key"], key):
-            if not overwrite:
-                _check_key(directory, meta["key"], key, REBUILD_HINT)
+    meta = _read_meta(directory)
+    stale = meta is not None and bool(key_differences(meta["key"], key))
+    if stale and not overwrite:
+        _check_key(directory, meta["key"], key, REBUILD_HINT)  # every rank refuses: none waits at the barrier
+    if rank == 0 and (meta is None or stale):
+        if stale:
             logger.warning("Overwriting the stale teacher cache %s.", directory)
-            meta = None
-        if meta is None:
-            _create_files(directory, teacher, key, num_rows, reference_size, device)
+        _create_files(directory, teacher, key, num_rows, reference_size, device)
     barrier()
     meta = _read_meta(directory)
     if meta is None or key_differences(meta["key"], key):
