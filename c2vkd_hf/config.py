@@ -149,6 +149,19 @@ class DistillationArguments:
     # peers (None: the published recipe)
     kd_temperature: Optional[float] = field(default=None, metadata={"help": "KD/CWD/DIST/DKD temperature."})
 
+    # teacher-output cache (c2vkd_hf/cache.py)
+    teacher_cache: Optional[str] = field(
+        default=None,
+        metadata={"help": "Folder of a teacher-output cache: the teacher runs once over the training set (built "
+                  "here first when missing, resumed when interrupted; scripts/cache_teacher.py builds it ahead) and "
+                  "each step replays its stored logits/features under the step's crop, scale and flip instead of "
+                  "running the teacher. A cache built for other teacher weights, images or preprocessing is "
+                  "refused."})
+    teacher_cache_top_k: Optional[int] = field(
+        default=None,
+        metadata={"help": "Store only the k largest teacher logits per pixel (plus one rest logit) in the cache "
+                  "(default: all logits)."})
+
     # teacher training (offline default / train_teacher.py)
     teacher_cache_dir: Optional[str] = field(
         default=None, metadata={"help": "Offline default job: where its trained teacher is cached (default "

@@ -131,6 +131,12 @@ def validate_distillation_args(args: DistillationArguments) -> None:
     check_local_path("--student_name_or_path", args.student_name_or_path)
     if args.text_embeddings and not Path(args.text_embeddings).is_file():
         raise UserInputError(f"--text_embeddings {args.text_embeddings} does not exist.")
+    if args.teacher_cache and args.method == "none":
+        raise UserInputError("--teacher_cache caches a teacher's outputs, but --method none uses no teacher.")
+    if args.teacher_cache_top_k is not None and args.teacher_cache_top_k < 1:
+        raise UserInputError(f"--teacher_cache_top_k must be >= 1, got {args.teacher_cache_top_k}.")
+    if args.teacher_cache and Path(args.teacher_cache).exists() and not Path(args.teacher_cache).is_dir():
+        raise UserInputError(f"--teacher_cache {args.teacher_cache} is a file; it must be a folder.")
 
 
 def student_config_overrides(args: DistillationArguments) -> Optional[dict]:
@@ -228,13 +234,18 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _datasets_for(data: SegmentationData, data_args: DataArguments, mean, std, seed: Optional[int] = None):
+def _datasets_for(data: SegmentationData, data_args: DataArguments, mean, std, seed: Optional[int] = None,
+                  with_views: bool = False):
     """Transformed train and validation datasets, and the callbacks the train transform needs.
 
     With ``seed`` the training augmentation of each example is a function of (seed, epoch, example
-    index), so an interrupted run resumes with exactly the same augmented batches."""
+    index), so an interrupted run resumes with exactly the same augmented batches. ``with_views``:
+    training batches also carry each example's ``example_index`` and ``geometry`` (what a teacher
+    cache replays)."""
     transform = build_transform(data_args, mean, std, train=True, seed=seed)
-    train = (with_example_index(data.train) if seed is not None else data.train).with_transform(transform)
+    transform.return_index = transform.return_geometry = with_views
+    indexed = seed is not None or with_views
+    train = (with_example_index(data.train) if indexed else data.train).with_transform(transform)
     validation = data.validation.with_transform(build_transform(data_args, mean, std, train=False))
     callbacks = [AugmentationEpochCallback(transform)] if seed is not None else []
     return train, validation, callbacks
@@ -548,13 +559,27 @@ def build_loss_module(args: DistillationArguments, *, student_channels: list[int
     return get_loss(args.method, **peer)
 
 
-def run_distillation(dist_args: DistillationArguments, data_args: DataArguments,
-                     training_args: TrainingArguments, *, data: Optional[SegmentationData] = None,
-                     write_card: bool = True, baseline_miou: Optional[float] = None) -> dict[str, Any]:
-    """Distils ``dist_args.teacher_name_or_path`` into ``dist_args.student_name_or_path`` and saves the
-    plain student, its image processor, ``results.json`` and (``write_card``) the model card with its
-    images in ``training_args.output_dir``. Resumes from the last checkpoint there."""
-    start = time.time()
+@dataclasses.dataclass
+class DistillationSetup:
+    """Everything :func:`setup_distillation` built: the ready :class:`DistillationTrainer` and what the
+    results and the model card report."""
+
+    trainer: DistillationTrainer
+    data: SegmentationData
+    loss_module: nn.Module
+    teacher: Optional[nn.Module]
+    teacher_name: Optional[str]
+    text_embeddings: Optional[torch.Tensor]
+    notes: list[str]
+    teacher_cache: Any = None
+
+
+def setup_distillation(dist_args: DistillationArguments, data_args: DataArguments,
+                       training_args: TrainingArguments, *, data: Optional[SegmentationData] = None,
+                       callbacks: Optional[list] = None) -> DistillationSetup:
+    """Loads the data, text embeddings, teacher and student, builds the loss module and (with
+    ``--teacher_cache``) opens or builds the teacher cache, and returns the trainer, not yet trained.
+    ``callbacks``: extra ``TrainerCallback``s."""
     validate_distillation_args(dist_args)
     output_dir = Path(training_args.output_dir)
     prepare_training_args(training_args)
@@ -624,14 +649,64 @@ def run_distillation(dist_args: DistillationArguments, data_args: DataArguments,
                                     teacher_channels=teacher_channels, text_embeddings=text_embeddings)
     model = DistillationModel(student, loss_module, [s for s, _ in pairs])
 
-    train, validation, callbacks = _datasets_for(data, data_args, student_mean, student_std, seed=training_args.seed)
+    teacher_cache = None
+    if dist_args.teacher_cache:
+        teacher_cache = open_teacher_cache(dist_args, data_args, training_args, data, teacher,
+                                           [t for _, t in pairs])
+    train, validation, data_callbacks = _datasets_for(data, data_args, student_mean, student_std,
+                                                      seed=training_args.seed, with_views=teacher_cache is not None)
     trainer = DistillationTrainer(
         model=model, args=training_args, train_dataset=train, eval_dataset=validation, data_collator=collate_fn,
-        callbacks=callbacks,
+        callbacks=data_callbacks + list(callbacks or []),
         compute_metrics=make_compute_metrics(len(id2label), IGNORE_INDEX, id2label), processing_class=processor,
         teacher=teacher, teacher_feature_names=[t for _, t in pairs],
         student_mean_std=(student_mean, student_std),
-        teacher_mean_std=image_mean_std(teacher) if teacher is not None else None)
+        teacher_mean_std=image_mean_std(teacher) if teacher is not None else None, teacher_cache=teacher_cache)
+    return DistillationSetup(trainer=trainer, data=data, loss_module=loss_module, teacher=teacher,
+                             teacher_name=teacher_name, text_embeddings=text_embeddings, notes=notes,
+                             teacher_cache=teacher_cache)
+
+
+def open_teacher_cache(dist_args: DistillationArguments, data_args: DataArguments,
+                       training_args: TrainingArguments, data: SegmentationData, teacher: nn.Module,
+                       feature_names: list[str]):
+    """The :class:`~c2vkd_hf.cache.TeacherCache` in ``--teacher_cache`` for this teacher, training set
+    and preprocessing. A missing cache is built first and an interrupted one completed (progress
+    bar; under several processes each builds its share of the rows); a cache with another key is
+    refused with a :class:`UserInputError` that says what differs and how to rebuild."""
+    from .cache import TeacherCache, TeacherCacheError, build_teacher_cache, cache_status
+
+    directory = Path(dist_args.teacher_cache).expanduser()
+    reference = (data_args.resize_height, data_args.resize_width) if data_args.resize_height else None
+    device = training_args.device  # sets up torch.distributed under torchrun/accelerate before sharding the build
+    try:
+        status = cache_status(directory)
+        if not status.complete:
+            logger.warning("Teacher cache %s is %s: running the teacher over the %d training images once.",
+                           directory, f"incomplete ({status.done}/{status.num_rows} rows)" if status.exists
+                           else "missing", len(data.train))
+        teacher.to(device)
+        key = build_teacher_cache(
+            directory, teacher, data.train, reference_size=reference, teacher_mean_std=image_mean_std(teacher),
+            feature_names=feature_names, top_k=dist_args.teacher_cache_top_k,
+            batch_size=training_args.per_device_eval_batch_size, progress=not training_args.disable_tqdm)
+        return TeacherCache(directory, expected_key=key)
+    except TeacherCacheError as error:
+        raise UserInputError(f"--teacher_cache: {error}") from None
+
+
+def run_distillation(dist_args: DistillationArguments, data_args: DataArguments,
+                     training_args: TrainingArguments, *, data: Optional[SegmentationData] = None,
+                     write_card: bool = True, baseline_miou: Optional[float] = None) -> dict[str, Any]:
+    """Distils ``dist_args.teacher_name_or_path`` into ``dist_args.student_name_or_path`` and saves the
+    plain student, its image processor, ``results.json`` and (``write_card``) the model card with its
+    images in ``training_args.output_dir``. Resumes from the last checkpoint there."""
+    start = time.time()
+    setup = setup_distillation(dist_args, data_args, training_args, data=data)
+    trainer, data, loss_module, teacher = setup.trainer, setup.data, setup.loss_module, setup.teacher
+    teacher_name, text_embeddings, notes = setup.teacher_name, setup.text_embeddings, setup.notes
+    id2label = data.id2label
+    output_dir = Path(training_args.output_dir)
     metrics = train_evaluate_save(trainer, training_args, output_dir)
 
     results: dict[str, Any] = {

@@ -1,7 +1,8 @@
 """``DistillationTrainer``: a :class:`transformers.Trainer` that distils a frozen CNN teacher into a student.
 
 One code path serves every method (``c2vkd``, ``kd``, ``cwd``, ``dist``, ``dkd`` and ``none``): the
-trainer runs the frozen teacher, then calls the trained :class:`DistillationModel` (student + the
+trainer runs the frozen teacher (or, with a ``teacher_cache``, replays its cached outputs under each
+example's training view: :mod:`c2vkd_hf.cache`), then calls the trained :class:`DistillationModel` (student + the
 loss module that owns the projectors), which returns a dict of named loss terms. Design choices,
 each forced by how ``Trainer`` works (see DESIGN.md, "Trainer facts"):
 
@@ -178,13 +179,16 @@ class DistillationTrainer(SafeCheckpointTrainer):
             feature maps paired with ``model.student_feature_names``.
         student_mean_std / teacher_mean_std: input normalisations; the batch arrives normalised
             for the student and is re-normalised for the teacher.
+        teacher_cache: a :class:`c2vkd_hf.cache.TeacherCache`: the teacher's outputs are replayed from
+            it (training batches must carry ``example_index`` and ``geometry``); ``teacher`` is then
+            not placed or run.
         All other arguments are :class:`transformers.Trainer`'s.
     """
 
     def __init__(self, *args, teacher: Optional[nn.Module] = None,
                  teacher_feature_names: Optional[list[str]] = None,
                  student_mean_std: Optional[tuple] = None, teacher_mean_std: Optional[tuple] = None,
-                 **kwargs):
+                 teacher_cache=None, **kwargs):
         super().__init__(*args, **kwargs)
         # Our loss is a per-batch mean; the Trainer must divide it by the accumulation steps.
         self.model_accepts_loss_kwargs = False
@@ -193,7 +197,8 @@ class DistillationTrainer(SafeCheckpointTrainer):
         self.student_mean_std = student_mean_std
         self.teacher_mean_std = teacher_mean_std
         self.teacher = None
-        if teacher is not None:
+        self.teacher_cache = teacher_cache
+        if teacher is not None and teacher_cache is None:
             teacher.eval()
             teacher.requires_grad_(False)
             self.teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
@@ -212,6 +217,19 @@ class DistillationTrainer(SafeCheckpointTrainer):
                 logits, feats = self.teacher(pixel_values=pixel_values).logits, None
         return logits.detach(), feats
 
+    def _cached_teacher_outputs(self, inputs: dict, device):
+        """The teacher's outputs replayed from ``self.teacher_cache`` for the batch's examples
+        (``example_index``) under their training views (``geometry``)."""
+        from .data import INDEX_COLUMN
+
+        if INDEX_COLUMN not in inputs or "geometry" not in inputs:
+            raise ValueError("a teacher cache needs batches with 'example_index' and 'geometry' (the training "
+                             "transform's return_index=True and return_geometry=True, on a dataset with an "
+                             "example_index column)")
+        logits, features = self.teacher_cache.replay(inputs[INDEX_COLUMN], inputs["geometry"],
+                                                     self.teacher_feature_names, device=device)
+        return logits, (features if self.teacher_feature_names else None)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         pixel_values, labels = inputs["pixel_values"], inputs.get("labels")
         if not model.training:
@@ -219,7 +237,9 @@ class DistillationTrainer(SafeCheckpointTrainer):
             outputs = model(pixel_values=pixel_values, labels=labels)
             return (outputs.loss, outputs) if return_outputs else outputs.loss
         teacher_logits, teacher_features = (None, None)
-        if self.teacher is not None:
+        if self.teacher_cache is not None:
+            teacher_logits, teacher_features = self._cached_teacher_outputs(inputs, pixel_values.device)
+        elif self.teacher is not None:
             teacher_logits, teacher_features = self._teacher_outputs(pixel_values)
         outputs = model(pixel_values=pixel_values, labels=labels, teacher_logits=teacher_logits,
                         teacher_features=teacher_features, return_terms=True)

@@ -9,6 +9,9 @@ Flags: ``DistillationArguments`` and ``DataArguments`` (``c2vkd_hf/config.py``) 
 ``TrainingArguments``. Without a teacher on the synthetic dataset (the default), it trains a small CNN
 teacher first (cached in ``<output_dir>/teacher``), a no-teacher baseline on the same schedule
 (``<output_dir>/baseline``), then the student, and prints the three mIoUs.
+
+``--teacher_cache DIR`` replays the teacher's outputs from a cache instead of running the teacher each
+step (built first when missing; see ``scripts/cache_teacher.py`` and ``c2vkd_hf/cache.py``).
 """
 
 from __future__ import annotations

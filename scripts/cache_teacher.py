@@ -1,0 +1,122 @@
+#!/usr/bin/env python
+"""Run the teacher once over the training set and store its outputs for ``distill.py --teacher_cache``.
+
+    python scripts/cache_teacher.py config.json                       # distill.py's config file
+    python scripts/cache_teacher.py --teacher_cache DIR <distill.py's flags>
+    torchrun --nproc_per_node 2 scripts/cache_teacher.py config.json  # each process builds its share
+
+Takes the same flags (or config file) as ``scripts/distill.py``: the teacher, the data, the resize,
+the method and ``--feature_pairs`` decide what is stored (logits; plus, for C2VKD, the teacher feature
+maps of the feature pairs); training flags are ignored. ``--teacher_cache_top_k K`` stores only the K
+largest logits per pixel. An interrupted build resumes where it stopped; a folder holding a cache for
+another teacher, dataset or preprocessing is refused unless ``--overwrite``. See ``c2vkd_hf/cache.py``
+for the format and the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+
+import yaml
+from transformers import HfArgumentParser
+
+from c2vkd_hf.cache import TeacherCache, TeacherCacheError, build_teacher_cache, cache_status
+from c2vkd_hf.config import DataArguments, DistillationArguments
+from c2vkd_hf.data import load_segmentation_data
+from c2vkd_hf.models import default_feature_pair, feature_channels, image_mean_std, load_student, load_teacher
+from c2vkd_hf.pipeline import (UserInputError, check_class_agreement, parse_feature_pairs, run_script,
+                               student_config_overrides, user_errors, validate_distillation_args)
+
+logger = logging.getLogger("c2vkd_hf")
+
+
+def parse_args(argv: list[str]):
+    """``(DistillationArguments, DataArguments, extra)`` from flags or one distill.py config file
+    (its training keys are ignored)."""
+    extra = argparse.ArgumentParser(add_help=False)
+    extra.add_argument("--batch_size", type=int, default=8, help="Teacher forward batch size.")
+    extra.add_argument("--overwrite", action="store_true", help="Replace a cache built for something else.")
+    extra.add_argument("--device", default=None, help="Device for the teacher (default: cuda if available).")
+    own, rest = extra.parse_known_args(argv)
+    parser = HfArgumentParser((DistillationArguments, DataArguments))
+    if len(rest) == 1 and rest[0].endswith((".json", ".yaml", ".yml")):
+        path = Path(rest[0])
+        if not path.is_file():
+            raise UserInputError(f"Config file {path} does not exist.")
+        try:
+            config = yaml.safe_load(path.read_text()) if path.suffix != ".json" else json.loads(path.read_text())
+            dist_args, data_args = parser.parse_dict(config, allow_extra_keys=True)
+        except (yaml.YAMLError, ValueError) as error:
+            raise UserInputError(f"Config file {path}: {error}") from None
+    else:
+        dist_args, data_args, unknown = parser.parse_args_into_dataclasses(args=rest, return_remaining_strings=True)
+        if unknown:
+            logger.info("Ignoring flags that do not concern the cache: %s", " ".join(unknown))
+    return dist_args, data_args, own
+
+
+def teacher_feature_names(dist_args: DistillationArguments, teacher) -> list[str]:
+    """The teacher feature maps the method reads: C2VKD's feature pairs (default: the deepest pair),
+    none for the logit methods."""
+    if dist_args.method != "c2vkd":
+        return []
+    pairs = parse_feature_pairs(dist_args.feature_pairs)
+    if not pairs:
+        student = load_student(dist_args.student_name_or_path, {i: str(i) for i in range(teacher.config.num_labels)},
+                               config_overrides=student_config_overrides(dist_args))
+        pairs = [default_feature_pair(student, teacher)]
+    names = [t for _, t in pairs]
+    available = feature_channels(teacher)
+    for name in names:
+        if name not in available:
+            raise UserInputError(f"--feature_pairs: the teacher has no feature {name!r} (it has {sorted(available)}).")
+    return names
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    dist_args, data_args, own = parse_args(argv)
+    validate_distillation_args(dist_args)
+    if not dist_args.teacher_cache:
+        raise UserInputError("--teacher_cache DIR is required: the folder to write the cache to.")
+    if not dist_args.teacher_name_or_path:
+        raise UserInputError("--teacher_name_or_path is required (the teacher whose outputs are cached).")
+    import torch
+    from accelerate import PartialState
+
+    state = PartialState()  # sets up torch.distributed under torchrun / accelerate launch
+    device = own.device or str(state.device)
+    data = load_segmentation_data(data_args)
+    with user_errors(f"--teacher_name_or_path {dist_args.teacher_name_or_path}"):
+        teacher = load_teacher(dist_args.teacher_name_or_path, trust_remote_code=dist_args.trust_remote_code)
+    check_class_agreement(data.id2label, teacher=teacher, teacher_name=dist_args.teacher_name_or_path)
+    names = teacher_feature_names(dist_args, teacher)
+    reference = (data_args.resize_height, data_args.resize_width) if data_args.resize_height else None
+    directory = Path(dist_args.teacher_cache).expanduser()
+    try:
+        before = cache_status(directory)
+        with torch.no_grad():
+            key = build_teacher_cache(directory, teacher.to(device), data.train, reference_size=reference,
+                                      teacher_mean_std=image_mean_std(teacher), feature_names=names,
+                                      top_k=dist_args.teacher_cache_top_k, batch_size=own.batch_size,
+                                      overwrite=own.overwrite)
+        cache = TeacherCache(directory, expected_key=key)
+    except TeacherCacheError as error:
+        raise UserInputError(f"--teacher_cache: {error}") from None
+    summary = {"teacher_cache": str(directory), "rows": len(cache), "features": cache.feature_names,
+               "reference_size": list(cache.reference_size), "top_k": dist_args.teacher_cache_top_k,
+               "resumed_from_rows": before.done if before.exists else 0,
+               "size_mb": round(sum(p.stat().st_size for p in directory.iterdir()) / 2**20, 1)}
+    if state.is_main_process:
+        print(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    sys.exit(run_script(main))
