@@ -23,6 +23,7 @@ from typing import Any, Optional
 import numpy as np
 import timm
 import torch
+import yaml
 from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoConfig, TrainingArguments, set_seed
@@ -87,6 +88,24 @@ def run_script(main, argv: Optional[list[str]] = None, user_errors: tuple = ()) 
         print(f"error: {error}", file=sys.stderr)
         return EXIT_NON_FINITE_LOSS
     return 0
+
+
+def config_file_arguments(argv: list[str]) -> Optional[dict]:
+    """When ``argv`` is a single ``.json``/``.yaml``/``.yml`` path (the scripts' config-file form),
+    its mapping of flag names to values; else ``None``. A missing, unparsable or non-mapping file
+    is a :class:`UserInputError`."""
+    if len(argv) != 1 or not argv[0].endswith((".json", ".yaml", ".yml")):
+        return None
+    path = Path(argv[0])
+    if not path.is_file():
+        raise UserInputError(f"Config file {path} does not exist.")
+    try:
+        config = yaml.safe_load(path.read_text()) if path.suffix != ".json" else json.loads(path.read_text())
+    except (yaml.YAMLError, ValueError) as error:
+        raise UserInputError(f"Config file {path}: {error}") from None
+    if not isinstance(config, dict):
+        raise UserInputError(f"Config file {path}: expected a mapping of flag names to values")
+    return config
 
 
 def saved_data_arguments(model_dir, argv: list[str], data_args: DataArguments,

@@ -16,20 +16,18 @@ for the format and the key.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
 from pathlib import Path
 
-import yaml
 from transformers import HfArgumentParser
 
 from c2vkd_hf.cache import TeacherCache, TeacherCacheError, build_teacher_cache, cache_status
 from c2vkd_hf.config import DataArguments, DistillationArguments
 from c2vkd_hf.data import load_segmentation_data
 from c2vkd_hf.models import default_feature_pair, feature_channels, image_mean_std, load_student, load_teacher
-from c2vkd_hf.pipeline import (UserInputError, check_class_agreement, parse_feature_pairs, run_script,
+from c2vkd_hf.pipeline import (UserInputError, config_file_arguments, check_class_agreement, parse_feature_pairs, run_script,
                                student_config_overrides, user_errors, validate_distillation_args)
 
 logger = logging.getLogger("c2vkd_hf")
@@ -44,15 +42,12 @@ def parse_args(argv: list[str]):
     extra.add_argument("--device", default=None, help="Device for the teacher (default: cuda if available).")
     own, rest = extra.parse_known_args(argv)
     parser = HfArgumentParser((DistillationArguments, DataArguments))
-    if len(rest) == 1 and rest[0].endswith((".json", ".yaml", ".yml")):
-        path = Path(rest[0])
-        if not path.is_file():
-            raise UserInputError(f"Config file {path} does not exist.")
+    config = config_file_arguments(rest)
+    if config is not None:
         try:
-            config = yaml.safe_load(path.read_text()) if path.suffix != ".json" else json.loads(path.read_text())
             dist_args, data_args = parser.parse_dict(config, allow_extra_keys=True)
-        except (yaml.YAMLError, ValueError) as error:
-            raise UserInputError(f"Config file {path}: {error}") from None
+        except ValueError as error:
+            raise UserInputError(f"Config file {rest[0]}: {error}") from None
     else:
         dist_args, data_args, unknown = parser.parse_args_into_dataclasses(args=rest, return_remaining_strings=True)
         if unknown:

@@ -21,13 +21,13 @@ import logging
 import sys
 from pathlib import Path
 
-import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from c2vkd_hf.config import DataArguments, DistillationArguments
 from c2vkd_hf.pipeline import (
     RESULTS_NAME,
     UserInputError,
+    config_file_arguments,
     push_student_to_hub,
     run_distillation,
     run_script,
@@ -62,19 +62,14 @@ def parse_args(argv: list[str]):
     parser.add_argument("--train_baseline", choices=["auto", "true", "false"], default="auto",
                         help="Also train the student without a teacher on the same schedule (default: only in "
                              "the offline default job).")
-    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
-        path = Path(argv[0])
-        if not path.is_file():
-            raise UserInputError(f"Config file {path} does not exist.")
+    config = config_file_arguments(argv)
+    if config is not None:
+        merged = {**SCRIPT_DEFAULTS, **config}
+        train_baseline = str(merged.pop("train_baseline", "auto")).lower()
         try:
-            config = yaml.safe_load(path.read_text()) if path.suffix != ".json" else json.loads(path.read_text())
-            if not isinstance(config, dict):
-                raise ValueError("expected a mapping of flag names to values")
-            merged = {**SCRIPT_DEFAULTS, **config}
-            train_baseline = str(merged.pop("train_baseline", "auto")).lower()
             dist_args, data_args, training_args = parser.parse_dict(merged)
-        except (yaml.YAMLError, ValueError) as error:
-            raise UserInputError(f"Config file {path}: {error}") from None
+        except ValueError as error:
+            raise UserInputError(f"Config file {argv[0]}: {error}") from None
         return dist_args, data_args, training_args, train_baseline
     defaults = [f"--{key}={value}" for key, value in SCRIPT_DEFAULTS.items()]
     dist_args, data_args, training_args, extra = parser.parse_args_into_dataclasses(args=defaults + argv)
