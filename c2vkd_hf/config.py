@@ -133,6 +133,11 @@ class DistillationArguments:
     glob_tau: float = field(default=1.0, metadata={"help": "VLFD global term: channel softmax temperature."})
     rel_grid: int = field(default=16, metadata={"help": "VLFD relation term: pooled grid size G."})
     ling_tau: float = field(default=0.03, metadata={"help": "VLFD linguistic term: pixel-text temperature."})
+    ling_head_as_classifier: bool = field(
+        default=False,
+        metadata={"help": "C2VKD: at the end of training, replace the student's classifier by the linguistic "
+                  "(CLIP text) head folded into a 1x1 conv (same per-pixel argmax as the text query); needs "
+                  "the linguistic pair on the student's 'decoder' feature, e.g. --feature_pairs decoder:decoder."})
 
     # text embeddings
     text_embeddings: Optional[str] = field(

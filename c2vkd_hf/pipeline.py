@@ -34,7 +34,9 @@ from .data import (AugmentationEpochCallback, SegmentationData, build_transform,
 from .losses import get_loss
 from .metrics import StreamingMeanIoU, make_compute_metrics
 from .models import (
+    DECODER_FEATURE,
     SEGFORMER_SIZES,
+    classifier_module,
     TORCHVISION_ARCHS,
     build_teacher,
     default_feature_pair,
@@ -49,6 +51,7 @@ from .text import get_text_embeddings
 from .trainer import (
     DistillationModel,
     DistillationTrainer,
+    FoldTextHeadCallback,
     SafeCheckpointTrainer,
     NonFiniteLossError,
     TeacherTrainer,
@@ -674,6 +677,14 @@ def setup_distillation(dist_args: DistillationArguments, data_args: DataArgument
                                            [t for _, t in pairs])
     train, validation, data_callbacks = _datasets_for(data, data_args, student_mean, student_std,
                                                       seed=training_args.seed, with_views=teacher_cache is not None)
+    if dist_args.ling_head_as_classifier:
+        ling_pair = pairs[loss_module.ling_feature_index] if getattr(loss_module, "ling_projector", None) else None
+        if ling_pair is None or ling_pair[0] != DECODER_FEATURE or classifier_module(student) is None:
+            raise UserInputError("--ling_head_as_classifier needs --method c2vkd with the linguistic term on "
+                                 f"(text embeddings, --ling_weight > 0) reading the student's '{DECODER_FEATURE}' "
+                                 f"feature (e.g. --feature_pairs {DECODER_FEATURE}:{DECODER_FEATURE}); got pairs "
+                                 f"{pairs or 'none'}.")
+        data_callbacks.append(FoldTextHeadCallback())
     trainer = DistillationTrainer(
         model=model, args=training_args, train_dataset=train, eval_dataset=validation, data_collator=collate_fn,
         callbacks=data_callbacks + list(callbacks or []),

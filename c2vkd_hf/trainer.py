@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.modeling_outputs import SemanticSegmenterOutput
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -393,6 +393,51 @@ def save_text_head(wrapper: DistillationModel, output_dir: str) -> Optional[str]
     path = os.path.join(output_dir, TEXT_HEAD_NAME)
     save_file(tensors, path, metadata={"feature": feature, "tau": str(loss.ling_tau)})
     return path
+
+
+def fold_text_head_into_classifier(wrapper: DistillationModel) -> None:
+    """Replaces the student's final 1x1 classifier by C2VKD's linguistic head, folded into one 1x1 conv.
+
+    The text head scores a pixel's feature ``F`` as ``S = normalise(W_l F + b_l) E^T / tau``. Per
+    pixel the normalisation divides every class score by the same positive number, so
+    ``argmax_k S = argmax_k E (W_l F + b_l)``: a linear map of ``F``. The classifier becomes
+    ``W = E W_l / tau``, ``b = E b_l / tau``, whose per-pixel argmax equals the text query's with
+    the training class names exactly (the logits are ``S`` times ``|W_l F + b_l|``, so softmax
+    probabilities and bilinear upsampling differ slightly). Needs the linguistic projector to read
+    the classifier's own input (``--feature_pairs decoder:...`` with the linguistic pair on
+    ``decoder``); the saved student stays a plain ``AutoModelForSemanticSegmentation``."""
+    from .models import DECODER_FEATURE, classifier_module
+
+    loss = wrapper.distill_loss
+    projector = getattr(loss, "ling_projector", None)
+    classifier = classifier_module(wrapper.student)
+    if projector is None or classifier is None:
+        raise ValueError("folding the text head needs C2VKD's linguistic projector and a student whose final "
+                         "classifier is a 1x1 convolution")
+    feature = wrapper.student_feature_names[loss.ling_feature_index]
+    if feature != DECODER_FEATURE:
+        raise ValueError(f"the linguistic projector reads the student feature {feature!r}, not the classifier's "
+                         f"input {DECODER_FEATURE!r}: use --feature_pairs {DECODER_FEATURE}:<teacher feature>")
+    emb = loss.text_embeddings.to(projector.weight)
+    w = projector.weight.detach().flatten(1)  # (D, C)
+    with torch.no_grad():
+        classifier.weight.copy_((emb @ w / loss.ling_tau).view_as(classifier.weight))
+        classifier.bias.copy_(emb @ projector.bias.detach() / loss.ling_tau)
+
+
+class FoldTextHeadCallback(TrainerCallback):
+    """At the end of training (before the final evaluation and save), folds the linguistic head into
+    the student's classifier (:func:`fold_text_head_into_classifier`)."""
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        fold_text_head_into_classifier(_unwrap_model(model))
+        logger.info("The student's classifier is now C2VKD's linguistic (CLIP text) head, folded.")
+
+
+def _unwrap_model(model: nn.Module) -> DistillationModel:
+    while not isinstance(model, DistillationModel) and hasattr(model, "module"):
+        model = model.module
+    return model
 
 
 def parse_feature_pairs(spec: Optional[str]) -> list[tuple[str, str]]:

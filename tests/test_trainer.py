@@ -172,3 +172,31 @@ def test_teacher_training_evaluates_on_full_resolution_labels(tmp_path):
     results = train_teacher(load_segmentation_data(data_args), data_args, args)
     assert results["steps"] == 2 and 0.0 <= results["val_mean_iou"] <= 1.0
     assert AutoModelForSemanticSegmentation.from_pretrained(tmp_path / "teacher").config.num_labels == 6
+
+
+def test_folded_text_head_classifier_predicts_like_the_text_query():
+    """fold_text_head_into_classifier: the student's own logits then have the per-pixel argmax of the
+    text query with the training names (exactly), and the student stays a plain SegFormer."""
+    from c2vkd_hf.losses import get_loss
+    from c2vkd_hf.models import feature_channels, forward_features
+    from c2vkd_hf.trainer import DistillationModel, fold_text_head_into_classifier
+
+    student = tiny_student(4).eval()
+    channels = feature_channels(student)["decoder"]
+    text = torch.nn.functional.normalize(torch.randn(student.config.num_labels, 12), dim=1)
+    loss = get_loss("c2vkd", student_channels=[channels], teacher_channels=[5], text_embeddings=text)
+    torch.nn.init.normal_(loss.ling_projector.weight)
+    model = DistillationModel(student, loss, ["decoder"])
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before, feats = forward_features(student, x)
+        query = loss.pixel_text_logits(feats["decoder"])
+        assert not torch.equal(before.argmax(1), query.argmax(1))
+        fold_text_head_into_classifier(model)
+        after = student(pixel_values=x).logits
+    assert torch.equal(after.argmax(1), query.argmax(1))
+
+    stage4 = DistillationModel(tiny_student(), get_loss("c2vkd", student_channels=[32], teacher_channels=[5],
+                                                        text_embeddings=text), ["stage4"])
+    with pytest.raises(ValueError, match="decoder"):
+        fold_text_head_into_classifier(stage4)
