@@ -233,15 +233,17 @@ def make_plots(runs: list[dict], table: dict[str, dict], out_dir: Path, prefix: 
 
 def report_command(table: dict, args) -> str:
     """The command that rebuilds a report: the default one for the main table; for ablations, every
-    run in it as a ``--runs`` spec (seed counts as found)."""
+    run in it as a ``--runs`` spec, with the largest seed counts found (variants with fewer seeds get
+    the missing ones)."""
     protocol = [f"--{k} {getattr(args, k)}" for k, default in PROTOCOL_DEFAULTS.items() if getattr(args, k) != default]
     if args.suite == "main":
         return " ".join(["python scripts/benchmark.py", *protocol])
     specs = [shlex.quote(f"{name}:{t['method']}" + (f":{t['flags']}" if t["flags"] else ""))
              for name, t in sorted(table.items())]
-    seeds = max(t["n"] for t in table.values())
+    main = max((t["n"] for name, t in table.items() if name in ("none", "c2vkd")), default=1)
+    other = max((t["n"] for name, t in table.items() if name not in ("none", "c2vkd")), default=1)
     return " \\\n    ".join(["python scripts/benchmark.py --suite ablations " + " ".join(protocol)
-                              + f" --main_seeds {seeds} --other_seeds 1 --runs", *specs])
+                              + f" --main_seeds {main} --other_seeds {other} --runs", *specs])
 
 
 def final_terms_table(runs: list[dict]) -> list[str]:
