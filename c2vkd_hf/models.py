@@ -216,6 +216,21 @@ def student_image_processor(model_or_path: Any, *, size: Mapping[str, int] | Non
 # --------------------------------------------------------------------------------------------------
 
 
+def _segmenter_output(logits: torch.Tensor, labels: torch.Tensor | None, hidden_states: tuple | None,
+                      return_dict: bool, ignore_index: int) -> SemanticSegmenterOutput | tuple:
+    """The output of the project's segmentation models: with ``labels``, the cross-entropy of the
+    logits upsampled (bilinear) to the label grid; a ``SemanticSegmenterOutput`` or, without
+    ``return_dict``, the tuple ``(loss?, logits, hidden_states?)``."""
+    loss = None
+    if labels is not None:
+        upsampled = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        loss = F.cross_entropy(upsampled, labels.long(), ignore_index=ignore_index)
+    if not return_dict:
+        out = (logits,) + ((hidden_states,) if hidden_states is not None else ())
+        return ((loss,) + out) if loss is not None else out
+    return SemanticSegmenterOutput(loss=loss, logits=logits, hidden_states=hidden_states)
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     """The model under DDP / accelerate / torch.compile wrappers (for inspection only)."""
     seen = set()
@@ -445,18 +460,10 @@ class TimmDeepLabV3PlusForSemanticSegmentation(TimmDeepLabV3PlusPreTrainedModel)
         high = F.interpolate(high, size=low.shape[-2:], mode="bilinear", align_corners=False)
         logits = self.classifier(self.dropout(self.fuse(torch.cat([high, low], dim=1))))
 
-        loss = None
-        if labels is not None:
-            if self.config.num_labels < 2:
-                raise ValueError("The number of labels should be greater than one")
-            upsampled = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-            loss = F.cross_entropy(upsampled, labels.long(), ignore_index=self.config.loss_ignore_index)
-
-        hidden_states = features if output_hidden_states else None
-        if not return_dict:
-            out = (logits,) + ((hidden_states,) if hidden_states is not None else ())
-            return ((loss,) + out) if loss is not None else out
-        return SemanticSegmenterOutput(loss=loss, logits=logits, hidden_states=hidden_states)
+        if labels is not None and self.config.num_labels < 2:
+            raise ValueError("The number of labels should be greater than one")
+        return _segmenter_output(logits, labels, features if output_hidden_states else None, return_dict,
+                                 self.config.loss_ignore_index)
 
 
 AutoConfig.register(TimmDeepLabV3PlusConfig.model_type, TimmDeepLabV3PlusConfig, exist_ok=True)
@@ -811,15 +818,8 @@ class TorchvisionForSemanticSegmentation(PreTrainedModel):
         finally:
             for handle in handles:
                 handle.remove()
-        loss = None
-        if labels is not None:
-            upsampled = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-            loss = F.cross_entropy(upsampled, labels.long(), ignore_index=self.config.loss_ignore_index)
-        hidden_states = tuple(captured) if output_hidden_states else None
-        if not return_dict:
-            out = (logits,) + ((hidden_states,) if hidden_states is not None else ())
-            return ((loss,) + out) if loss is not None else out
-        return SemanticSegmenterOutput(loss=loss, logits=logits, hidden_states=hidden_states)
+        return _segmenter_output(logits, labels, tuple(captured) if output_hidden_states else None, return_dict,
+                                 self.config.loss_ignore_index)
 
 
 AutoConfig.register(TorchvisionSegmentationConfig.model_type, TorchvisionSegmentationConfig, exist_ok=True)

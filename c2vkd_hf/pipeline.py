@@ -516,7 +516,6 @@ def train_teacher(data: SegmentationData, data_args: DataArguments, training_arg
                                                                                    data.id2label),
                       processing_class=student_image_processor(model, size=processor_size(data_args, data)),
                       optimizers=(optimizer, None), callbacks=callbacks)
-    trainer.model_accepts_loss_kwargs = False  # the model's own loss is a per-batch mean
     metrics = train_evaluate_save(trainer, training_args, output_dir)
     results = {
         "val_mean_iou": metrics["eval_mean_iou"],

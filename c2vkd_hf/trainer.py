@@ -41,7 +41,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .config import IGNORE_INDEX
 from .losses.common import cross_entropy
-from .models import forward_features, renormalize
+from .models import _unwrap, forward_features, renormalize
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +98,8 @@ class DistillationModel(nn.Module):
 class SafeCheckpointTrainer(Trainer):
     """``Trainer`` whose checkpoints are safe against a kill at any moment (SIGKILL, out-of-memory
     killer, preemption) and which stops on a non-finite loss with :class:`NonFiniteLossError`.
+    Subclasses' ``compute_loss`` returns a per-batch mean, which the Trainer divides by the
+    gradient-accumulation steps (``model_accepts_loss_kwargs = loss_is_scaled_for_ga = False``).
 
     Atomic checkpoints, by a commit marker: ``Trainer._save_checkpoint`` writes straight into
     ``checkpoint-N`` (weights, projectors, optimizer, scheduler, RNG state) and writes
@@ -112,6 +114,12 @@ class SafeCheckpointTrainer(Trainer):
     name) and gives the same guarantee. It does not cover power loss (``Trainer`` does not ``fsync``).
     ``training_args.bin`` is written without ``hub_token``.
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # compute_loss returns a per-batch mean: the Trainer must divide it by the accumulation steps
+        self.model_accepts_loss_kwargs = False
+        self.loss_is_scaled_for_ga = False
 
     def _check_finite(self, terms: dict[str, torch.Tensor]) -> None:
         for name, value in terms.items():
@@ -190,9 +198,6 @@ class DistillationTrainer(SafeCheckpointTrainer):
                  student_mean_std: Optional[tuple] = None, teacher_mean_std: Optional[tuple] = None,
                  teacher_cache=None, **kwargs):
         super().__init__(*args, **kwargs)
-        # Our loss is a per-batch mean; the Trainer must divide it by the accumulation steps.
-        self.model_accepts_loss_kwargs = False
-        self.loss_is_scaled_for_ga = False
         self.teacher_feature_names = list(teacher_feature_names or [])
         self.student_mean_std = student_mean_std
         self.teacher_mean_std = teacher_mean_std
@@ -430,14 +435,8 @@ class FoldTextHeadCallback(TrainerCallback):
     the student's classifier (:func:`fold_text_head_into_classifier`)."""
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        fold_text_head_into_classifier(_unwrap_model(model))
+        fold_text_head_into_classifier(_unwrap(model))
         logger.info("The student's classifier is now C2VKD's linguistic (CLIP text) head, folded.")
-
-
-def _unwrap_model(model: nn.Module) -> DistillationModel:
-    while not isinstance(model, DistillationModel) and hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 def parse_feature_pairs(spec: Optional[str]) -> list[tuple[str, str]]:
