@@ -127,17 +127,18 @@ class DistillationArguments:
     # VLFD
     feature_pairs: Optional[str] = field(
         default=None,
-        metadata={"help": "Comma-separated student:teacher feature names (default: last student stage with "
-                  "last teacher stage)."},
+        metadata={"help": "Comma-separated student:teacher feature names (default: decoder:decoder, the "
+                  "classifiers' inputs, when both models have one; otherwise the deepest stages)."},
     )
     glob_tau: float = field(default=1.0, metadata={"help": "VLFD global term: channel softmax temperature."})
     rel_grid: int = field(default=16, metadata={"help": "VLFD relation term: pooled grid size G."})
     ling_tau: float = field(default=0.03, metadata={"help": "VLFD linguistic term: pixel-text temperature."})
-    ling_head_as_classifier: bool = field(
-        default=False,
+    ling_head_as_classifier: Optional[bool] = field(
+        default=None,
         metadata={"help": "C2VKD: at the end of training, replace the student's classifier by the linguistic "
-                  "(CLIP text) head folded into a 1x1 conv (same per-pixel argmax as the text query); needs "
-                  "the linguistic pair on the student's 'decoder' feature, e.g. --feature_pairs decoder:decoder."})
+                  "(CLIP text) head folded into a 1x1 conv (same per-pixel argmax as the text query). Needs "
+                  "the linguistic pair on the student's 'decoder' feature. Default: on whenever that holds "
+                  "(the default pairs with text embeddings); false keeps the student's own classifier."})
 
     # text embeddings
     text_embeddings: Optional[str] = field(

@@ -64,6 +64,7 @@ __all__ = [
     "TimmDeepLabV3PlusForSemanticSegmentation",
     "build_teacher",
     "default_feature_pair",
+    "deepest_feature",
     "TORCHVISION_ARCHS",
     "TorchvisionForSemanticSegmentation",
     "TorchvisionSegmentationConfig",
@@ -1195,11 +1196,8 @@ def feature_channels(model: nn.Module, image_size: Sequence[int] | int | None = 
     return {k: int(v.shape[1]) for k, v in feats.items()}
 
 
-def default_feature_pair(student: nn.Module, teacher: nn.Module) -> tuple[str, str]:
-    """The default VLFD feature pair: the student's deepest feature with the teacher's deepest.
-
-    Per family (names as returned by :func:`forward_features`; VLFD resizes the student map to the
-    teacher's grid, so strides may differ):
+def deepest_feature(model: nn.Module) -> str:
+    """The model's deepest backbone feature (names as returned by :func:`forward_features`).
 
     ============================================  =====================================================
     family                                        deepest feature
@@ -1215,12 +1213,22 @@ def default_feature_pair(student: nn.Module, teacher: nn.Module) -> tuple[str, s
     torchvision LR-ASPP / DeepLabV3, MobileNetV3  ``stage5`` (last block, 960 ch., stride 16)
     MobileNetV2-DeepLabV3                         last bottleneck sequence (320 ch. at width 1.0)
     ============================================  =====================================================
-
-    The deepest maps are the most semantic, which is what both the visual and the linguistic (CLIP
-    text) terms compare; ``--feature_pairs`` picks others, including ``decoder`` (the input of the
-    final classifier, see :func:`forward_features`), which is as semantic and at stride 4.
     """
-    def deepest_stage(model):
-        return [name for name in feature_channels(model) if name != DECODER_FEATURE][-1]
+    return [name for name in feature_channels(model) if name != DECODER_FEATURE][-1]
 
-    return deepest_stage(student), deepest_stage(teacher)
+
+def default_feature_pair(student: nn.Module, teacher: nn.Module) -> tuple[str, str]:
+    """The default VLFD feature pair: ``decoder:decoder`` when both models expose the input of their
+    final classifier (SegFormer, UperNet, BEiT, DPT and DeepLabV3+ do, see :func:`forward_features`),
+    otherwise the deepest backbone features (:func:`deepest_feature`, e.g. for torchvision teachers).
+
+    Why the decoder feature: it is as semantic as the deepest stage, at stride 4 rather than 32, and
+    it is what the student's classifier reads, so the linguistic (CLIP text) head trained on it can
+    become the student's classifier (``--ling_head_as_classifier``). On CamVid (400 steps,
+    SegFormer-B0, benchmarks/camvid/ABLATIONS.md) C2VKD scored 26.12% mIoU on ``stage4:stage4``
+    (2 seeds), 27.20% on ``decoder:decoder`` and 28.28% (2 seeds) with the folded text head; the
+    choice was made on the val split.
+    """
+    if DECODER_FEATURE in feature_channels(student) and DECODER_FEATURE in feature_channels(teacher):
+        return DECODER_FEATURE, DECODER_FEATURE
+    return deepest_feature(student), deepest_feature(teacher)

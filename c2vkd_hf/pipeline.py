@@ -676,14 +676,18 @@ def setup_distillation(dist_args: DistillationArguments, data_args: DataArgument
                                            [t for _, t in pairs])
     train, validation, data_callbacks = _datasets_for(data, data_args, student_mean, student_std,
                                                       seed=training_args.seed, with_views=teacher_cache is not None)
-    if dist_args.ling_head_as_classifier:
-        ling_pair = pairs[loss_module.ling_feature_index] if getattr(loss_module, "ling_projector", None) else None
-        if ling_pair is None or ling_pair[0] != DECODER_FEATURE or classifier_module(student) is None:
-            raise UserInputError("--ling_head_as_classifier needs --method c2vkd with the linguistic term on "
-                                 f"(text embeddings, --ling_weight > 0) reading the student's '{DECODER_FEATURE}' "
-                                 f"feature (e.g. --feature_pairs {DECODER_FEATURE}:{DECODER_FEATURE}); got pairs "
-                                 f"{pairs or 'none'}.")
+    ling_pair = pairs[loss_module.ling_feature_index] if getattr(loss_module, "ling_projector", None) else None
+    can_fold = ling_pair is not None and ling_pair[0] == DECODER_FEATURE and classifier_module(student) is not None
+    fold = can_fold if dist_args.ling_head_as_classifier is None else dist_args.ling_head_as_classifier
+    if fold and not can_fold:
+        raise UserInputError("--ling_head_as_classifier needs --method c2vkd with the linguistic term on "
+                             f"(text embeddings, --ling_weight > 0) reading the student's '{DECODER_FEATURE}' "
+                             f"feature (e.g. --feature_pairs {DECODER_FEATURE}:{DECODER_FEATURE}); got pairs "
+                             f"{pairs or 'none'}.")
+    if fold:
         data_callbacks.append(FoldTextHeadCallback())
+        notes.append("The student's classifier is C2VKD's linguistic head (projector and CLIP text embeddings of "
+                     "the class names), folded into its 1x1 convolution at the end of training.")
     trainer = DistillationTrainer(
         model=model, args=training_args, train_dataset=train, eval_dataset=validation, data_collator=collate_fn,
         callbacks=data_callbacks + list(callbacks or []),

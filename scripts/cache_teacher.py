@@ -56,7 +56,7 @@ def parse_args(argv: list[str]):
 
 
 def teacher_feature_names(dist_args: DistillationArguments, teacher) -> list[str]:
-    """The teacher feature maps the method reads: C2VKD's feature pairs (default: the deepest pair),
+    """The teacher feature maps the method reads: C2VKD's feature pairs (default: `default_feature_pair`),
     none for the logit methods."""
     if dist_args.method != "c2vkd":
         return []

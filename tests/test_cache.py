@@ -210,7 +210,7 @@ def test_distill_with_teacher_cache_trains_without_running_the_teacher(tmp_path,
     assert results["steps"] == 3 and results["config"]["distillation"]["teacher_cache"] == str(cache_dir)
     assert results["loss_history"] and "loss/pdd" in results["loss_history"][0]
     meta = json.loads((cache_dir / "cache_meta.json").read_text())
-    assert meta["key"]["feature_names"] == ["stage4"] and meta["key"]["dataset"]["num_examples"] == 12
+    assert meta["key"]["feature_names"] == ["decoder"] and meta["key"]["dataset"]["num_examples"] == 12
     model = AutoModelForSemanticSegmentation.from_pretrained(out)
     assert model.config.num_labels == 6
     # the same cache under other preprocessing is refused before training, naming the difference

@@ -112,7 +112,9 @@ def test_student_family_features_and_default_pair(family):
         assert feats.pop("decoder").shape[1] == M.classifier_module(student).in_channels
     assert list(feats) == [f"stage{i + 1}" for i in range(count)]
     assert [tuple(f.shape[-2:]) for f in feats.values()] == grids and all(f.shape[0] == 2 for f in feats.values())
-    assert M.default_feature_pair(student, tiny_teacher()) == (default, "stage4")
+    assert M.deepest_feature(student) == default
+    has_decoder = M.classifier_module(student) is not None  # the tiny teacher (UperNet) has one
+    assert M.default_feature_pair(student, tiny_teacher()) == (("decoder", "decoder") if has_decoder else (default, "stage4"))
 
 
 @pytest.mark.parametrize("family", ["upernet-dinov2", "upernet-beit", "dpt"])
@@ -181,7 +183,9 @@ def test_hub_cnn_teachers_load_from_folders_with_features(family, stages, last, 
     assert ("decoder" in feats) == (M.classifier_module(teacher) is not None)  # UperNet: the classifier's input
     feats.pop("decoder", None)
     assert [f.shape[1] for f in feats.values()] == stages
-    assert M.default_feature_pair(tiny_student(), teacher) == ("stage4", last)
+    assert M.deepest_feature(teacher) == last
+    assert M.default_feature_pair(tiny_student(), teacher) == (("decoder", "decoder") if "decoder" in M.feature_channels(teacher)
+                                                               else ("stage4", last))
     assert M.image_mean_std(teacher) == (M.IMAGENET_MEAN, M.IMAGENET_STD)
 
 
@@ -217,7 +221,7 @@ def test_torchvision_teacher_from_checkpoint(arch, channels, strides, tmp_path):
     assert [32 // f.shape[-2] for f in feats.values()] == strides and all(f.shape[-1] * 2 == f.shape[-2] * 4 for f in feats.values())
     assert M.feature_channels(teacher) == dict(zip(feats, channels))
     assert M.image_mean_std(teacher) == (M.IMAGENET_MEAN, M.IMAGENET_STD)
-    assert M.default_feature_pair(tiny_student(), teacher) == ("stage4", list(feats)[-1])
+    assert M.default_feature_pair(tiny_student(), teacher) == ("stage4", list(feats)[-1])  # no decoder feature
     # saved wrapper: a plain AutoModelForSemanticSegmentation folder
     teacher.save_pretrained(tmp_path / "saved")
     again = M.load_teacher(str(tmp_path / "saved"))

@@ -296,7 +296,8 @@ def test_reference_teacher_loads_and_exposes_features(student):
     assert mean == pytest.approx(M.IMAGENET_MEAN) and std == pytest.approx(M.IMAGENET_STD)
     assert M.image_mean_std(teacher) == (mean, std)  # via config._name_or_path
     assert M.student_image_processor(teacher).size["height"] == 180
-    assert M.default_feature_pair(student, teacher) == ("stage4", "stage4")
+    assert (M.deepest_feature(student), M.deepest_feature(teacher)) == ("stage4", "stage4")
+    assert M.default_feature_pair(student, teacher) == ("decoder", "decoder")  # both classifiers' inputs
 
 
 # ---------------------------------------------------------------- generic fallback, normalisation

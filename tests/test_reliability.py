@@ -376,8 +376,9 @@ def test_no_unsafe_loading_in_the_package():
 
 
 def test_text_head_folded_into_the_saved_student(tmp_path, capsys):
-    """--ling_head_as_classifier end to end: the saved plain student's classifier is the folded
-    linguistic head of text_head.safetensors; without a decoder pair the flag is refused."""
+    """C2VKD's default (decoder pairs, text embeddings given): the saved plain student's classifier is
+    the folded linguistic head of text_head.safetensors; --ling_head_as_classifier false keeps the
+    trained classifier; on a stage4 pair the flag is refused."""
     from transformers import AutoModelForSemanticSegmentation
 
     classes = dict(enumerate(SYNTHETIC_CLASSES))
@@ -385,12 +386,18 @@ def test_text_head_folded_into_the_saved_student(tmp_path, capsys):
     torch.save(torch.randn(len(classes), 16), tmp_path / "emb.pth")
     run = [*TINY_DATA, *QUICK, "--teacher_name_or_path", teacher, "--student_name_or_path", student,
            "--method", "c2vkd", "--max_steps", "2", "--train_baseline", "false",
-           "--text_embeddings", str(tmp_path / "emb.pth"), "--ling_head_as_classifier", "true"]
-    assert run_script(distill.main, ["--output_dir", str(tmp_path / "refused"), *run]) == EXIT_USER_ERROR
+           "--text_embeddings", str(tmp_path / "emb.pth")]
+    refused = ["--output_dir", str(tmp_path / "refused"), *run, "--feature_pairs", "stage4:stage4",
+               "--ling_head_as_classifier", "true"]
+    assert run_script(distill.main, refused) == EXIT_USER_ERROR
     assert "--ling_head_as_classifier needs" in capsys.readouterr().err
-    distill.main(["--output_dir", str(tmp_path / "out"), *run, "--feature_pairs", "decoder:decoder"])
+    distill.main(["--output_dir", str(tmp_path / "out"), *run])
     model = AutoModelForSemanticSegmentation.from_pretrained(tmp_path / "out")
     head = load_file(tmp_path / "out" / "text_head.safetensors")
     emb = torch.nn.functional.normalize(head["text_embeddings"], dim=1)
     folded = emb @ head["projector.weight"].flatten(1) / 0.03
     torch.testing.assert_close(model.decode_head.classifier.weight.flatten(1), folded, atol=1e-4, rtol=1e-4)
+    assert "linguistic head" in (tmp_path / "out" / "README.md").read_text()
+    distill.main(["--output_dir", str(tmp_path / "own"), *run, "--ling_head_as_classifier", "false"])
+    own = AutoModelForSemanticSegmentation.from_pretrained(tmp_path / "own").decode_head.classifier.weight
+    assert not torch.allclose(own.flatten(1), folded, atol=1e-2)
