@@ -9,7 +9,8 @@ Each run is ``scripts/distill.py`` in a subprocess (own folder under ``--work_di
 last checkpoint when interrupted) and leaves ``<out_dir>/runs/<name>-seed<k>.json`` with the method,
 seed, validation mIoU, per-class IoU, steps, wall time, peak RSS, the loss terms over training and
 the full configuration. Runs whose JSON exists are skipped, so the table can be built over several
-sittings. The report (``RESULTS.md`` or ``ABLATIONS.md``) and plots are regenerated from all JSONs.
+sittings. The report (``RESULTS.md`` or ``ABLATIONS.md``) and plots are regenerated from all JSONs; a
+run's optional ``note`` (e.g. that it was renamed when a default changed) is shown beside it.
 
 The gain ratio is ``(mIoU(c2vkd) - mIoU(none)) / max over kd, cwd, dist, dkd of (mIoU(peer) - mIoU(none))``
 on seed means, computed here from the JSONs.
@@ -316,10 +317,10 @@ def write_report(args) -> str:
     files = make_plots(runs, table, out_dir, "ablations" if args.suite != "main" else "results")
     lines += [f"![{f}]({f})" for f in files]
     lines += final_terms_table(runs)
-    lines += ["", "## Runs", "", "| run | seed | mIoU % | minutes | steps |", "|---|---|---|---|---|"]
+    lines += ["", "## Runs", "", "| run | seed | mIoU % | minutes | steps | note |", "|---|---|---|---|---|---|"]
     for r in sorted(runs, key=lambda r: (r["name"], r["seed"])):
         lines.append(f"| {r['name']} | {r['seed']} | {r['val_mean_iou'] * 100:.2f} | {r['wall_time_s'] / 60:.1f} | "
-                     f"{r['steps']} |")
+                     f"{r['steps']} | {r.get('note', '')} |")
     report = out_dir / ("RESULTS.md" if args.suite == "main" else "ABLATIONS.md")
     report.write_text("\n".join(lines) + "\n")
     if args.suite == "main":
