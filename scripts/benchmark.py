@@ -164,6 +164,35 @@ def gain_ratio(table: dict[str, dict], c2vkd_name: str = "c2vkd") -> tuple[float
     return (table[c2vkd_name]["mean"] - base) / peers[best], best
 
 
+def paired_gains(runs: list[dict], base: str = "none") -> dict[str, list[tuple[int, float]]]:
+    """Per run name, ``[(seed, mIoU(name, seed) - mIoU(base, seed))]`` in points over the seeds both have.
+
+    A seed fixes the student's initial weights, the data order and every augmentation draw for all
+    methods, so the per-seed difference removes the variance the methods share."""
+    reference = {r["seed"]: r["val_mean_iou"] for r in runs if r["name"] == base}
+    gains: dict[str, list[tuple[int, float]]] = {}
+    for r in sorted(runs, key=lambda r: (r["name"], r["seed"])):
+        if r["name"] != base and r["seed"] in reference:
+            gains.setdefault(r["name"], []).append((r["seed"], (r["val_mean_iou"] - reference[r["seed"]]) * 100))
+    return gains
+
+
+def paired_table(runs: list[dict]) -> list[str]:
+    """Markdown section of :func:`paired_gains`, best mean first."""
+    gains = paired_gains(runs)
+    if not gains:
+        return []
+    lines = ["", "## Gain over none, paired by seed", "",
+             "Same seed = same initial student, data order and augmentation for every method.", "",
+             "| run | seeds | per-seed gain (points) | mean | seeds above none |", "|---|---|---|---|---|"]
+    for name, items in sorted(gains.items(), key=lambda kv: -statistics.mean(g for _, g in kv[1])):
+        values = [g for _, g in items]
+        per_seed = ", ".join(f"s{seed}: {g:+.2f}" for seed, g in items)
+        lines.append(f"| {name} | {len(values)} | {per_seed} | {statistics.mean(values):+.2f} | "
+                     f"{sum(g > 0 for g in values)}/{len(values)} |")
+    return lines
+
+
 def make_plots(runs: list[dict], table: dict[str, dict], out_dir: Path, prefix: str) -> list[str]:
     import matplotlib
 
@@ -289,6 +318,7 @@ def write_report(args) -> str:
         std = f"{t['std']:.2f}" if t["n"] > 1 else "-"
         lines.append(f"| {name} | {t['method']} | {t['flags'] or '-'} | {t['n']} | {t['mean']:.2f} | {std} | "
                      f"{t['min']:.2f}..{t['max']:.2f} | {gain} | {t['wall_min']:.1f} | {t['rss']:.0f} |")
+    lines += paired_table(runs)
     lines.append("")
     if ratio is not None and table[best_peer]["mean"] - base > 0:
         lines += [f"**Gain ratio** (c2vkd gain over none) / (best peer gain, {best_peer}) = "

@@ -48,3 +48,17 @@ def test_gain_ratio_from_seed_means(tmp_path):
     text = readme.read_text()
     assert "old" not in text and "| c2vkd | c2vkd |" in text and text.endswith("outro\n")
     assert (tmp_path / "results_miou.png").is_file()
+
+
+def test_paired_gains_subtract_the_same_seed(tmp_path):
+    for seed, value in enumerate((0.30, 0.34, 0.28)):
+        _run(tmp_path, "none", "none", seed, value)
+    for seed, value in enumerate((0.31, 0.33)):
+        _run(tmp_path, "c2vkd", "c2vkd", seed, value)
+    _run(tmp_path, "kd", "kd", 5, 0.40)  # no plain-student run with seed 5: not paired
+    gains = benchmark.paired_gains(benchmark.load_runs(tmp_path))
+    assert list(gains) == ["c2vkd"]
+    assert [s for s, _ in gains["c2vkd"]] == [0, 1]
+    assert [g for _, g in gains["c2vkd"]] == pytest.approx([1.0, -1.0])
+    lines = benchmark.paired_table(benchmark.load_runs(tmp_path))
+    assert "| c2vkd | 2 | s0: +1.00, s1: -1.00 | +0.00 | 1/2 |" in lines
