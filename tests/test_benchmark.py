@@ -62,3 +62,16 @@ def test_paired_gains_subtract_the_same_seed(tmp_path):
     assert [g for _, g in gains["c2vkd"]] == pytest.approx([1.0, -1.0])
     lines = benchmark.paired_table(benchmark.load_runs(tmp_path))
     assert "| c2vkd | 2 | s0: +1.00, s1: -1.00 | +0.00 | 1/2 |" in lines
+
+
+def test_ratio_warns_when_the_best_peer_is_inside_the_seed_noise(tmp_path):
+    for seed, value in enumerate((0.30, 0.34, 0.32)):
+        _run(tmp_path, "none", "none", seed, value)
+    for seed, value in enumerate((0.33, 0.35, 0.34)):
+        _run(tmp_path, "c2vkd", "c2vkd", seed, value)
+    _run(tmp_path, "cwd", "cwd", 0, 0.325)  # +0.5 over the 3-seed mean, but +2.5 over seed 0
+    benchmark.main(["--report_only", "--out_dir", str(tmp_path), "--readme", str(tmp_path / "none.md")])
+    report = (tmp_path / "RESULTS.md").read_text()
+    assert "= **4.00**" in report
+    assert "smaller than the plain student's seed standard deviation (2.00)" in report
+    assert "cwd has 1 seed(s) against none's 3; paired on its seeds it is +2.50" in report
