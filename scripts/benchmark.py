@@ -198,7 +198,8 @@ def paired_table(runs: list[dict], base: str = "none") -> list[str]:
     if not gains:
         return []
     lines = ["", f"## Gain over {base}, paired by seed", "",
-             "Same seed = same initial student, data order and augmentation for every method.", "",
+             "Same seed = same initial student and data order for every method, and the same augmentation draws "
+             "for runs made since augmentation was seeded (runs without that are noted in the Runs table).", "",
              f"| run | seeds | per-seed gain (points) | mean | seeds above {base} |", "|---|---|---|---|---|"]
     for name, items in sorted(gains.items(), key=lambda kv: -statistics.mean(g for _, g in kv[1])):
         values = [g for _, g in items]
