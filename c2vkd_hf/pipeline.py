@@ -36,7 +36,6 @@ from .metrics import StreamingMeanIoU, make_compute_metrics
 from .models import (
     DECODER_FEATURE,
     SEGFORMER_SIZES,
-    classifier_module,
     TORCHVISION_ARCHS,
     build_teacher,
     default_feature_pair,
@@ -58,6 +57,7 @@ from .trainer import (
     checkpoint_problems,
     last_complete_checkpoint,
     parse_feature_pairs,
+    text_head_fold_problem,
 )
 
 logger = logging.getLogger(__name__)
@@ -676,8 +676,7 @@ def setup_distillation(dist_args: DistillationArguments, data_args: DataArgument
                                            [t for _, t in pairs])
     train, validation, data_callbacks = _datasets_for(data, data_args, student_mean, student_std,
                                                       seed=training_args.seed, with_views=teacher_cache is not None)
-    ling_pair = pairs[loss_module.ling_feature_index] if getattr(loss_module, "ling_projector", None) else None
-    can_fold = ling_pair is not None and ling_pair[0] == DECODER_FEATURE and classifier_module(student) is not None
+    can_fold = text_head_fold_problem(model) is None
     fold = can_fold if dist_args.ling_head_as_classifier is None else dist_args.ling_head_as_classifier
     if fold and not can_fold:
         raise UserInputError("--ling_head_as_classifier needs --method c2vkd with the linguistic term on "

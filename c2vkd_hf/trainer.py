@@ -41,7 +41,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .config import IGNORE_INDEX
 from .losses.common import cross_entropy
-from .models import _unwrap, forward_features, renormalize
+from .models import DECODER_FEATURE, _unwrap, classifier_module, forward_features, renormalize
 
 logger = logging.getLogger(__name__)
 
@@ -400,6 +400,21 @@ def save_text_head(wrapper: DistillationModel, output_dir: str) -> Optional[str]
     return path
 
 
+def text_head_fold_problem(wrapper: DistillationModel) -> Optional[str]:
+    """Why C2VKD's linguistic head cannot become the student's classifier, or ``None`` when it can
+    (:func:`fold_text_head_into_classifier`): it needs the linguistic projector, a student whose final
+    classifier is a 1x1 convolution, and the projector reading that classifier's input."""
+    loss = wrapper.distill_loss
+    if getattr(loss, "ling_projector", None) is None or classifier_module(wrapper.student) is None:
+        return ("folding the text head needs C2VKD's linguistic projector and a student whose final "
+                "classifier is a 1x1 convolution")
+    feature = wrapper.student_feature_names[loss.ling_feature_index]
+    if feature != DECODER_FEATURE:
+        return (f"the linguistic projector reads the student feature {feature!r}, not the classifier's "
+                f"input {DECODER_FEATURE!r}: use --feature_pairs {DECODER_FEATURE}:<teacher feature>")
+    return None
+
+
 def fold_text_head_into_classifier(wrapper: DistillationModel) -> None:
     """Replaces the student's final 1x1 classifier by C2VKD's linguistic head, folded into one 1x1 conv.
 
@@ -409,20 +424,13 @@ def fold_text_head_into_classifier(wrapper: DistillationModel) -> None:
     ``W = E W_l / tau``, ``b = E b_l / tau``, whose per-pixel argmax equals the text query's with
     the training class names exactly (the logits are ``S`` times ``|W_l F + b_l|``, so softmax
     probabilities and bilinear upsampling differ slightly). Needs the linguistic projector to read
-    the classifier's own input (``--feature_pairs decoder:...`` with the linguistic pair on
-    ``decoder``); the saved student stays a plain ``AutoModelForSemanticSegmentation``."""
-    from .models import DECODER_FEATURE, classifier_module
-
+    the classifier's own input (:func:`text_head_fold_problem`); the saved student stays a plain
+    ``AutoModelForSemanticSegmentation``."""
+    problem = text_head_fold_problem(wrapper)
+    if problem is not None:
+        raise ValueError(problem)
     loss = wrapper.distill_loss
-    projector = getattr(loss, "ling_projector", None)
-    classifier = classifier_module(wrapper.student)
-    if projector is None or classifier is None:
-        raise ValueError("folding the text head needs C2VKD's linguistic projector and a student whose final "
-                         "classifier is a 1x1 convolution")
-    feature = wrapper.student_feature_names[loss.ling_feature_index]
-    if feature != DECODER_FEATURE:
-        raise ValueError(f"the linguistic projector reads the student feature {feature!r}, not the classifier's "
-                         f"input {DECODER_FEATURE!r}: use --feature_pairs {DECODER_FEATURE}:<teacher feature>")
+    projector, classifier = loss.ling_projector, classifier_module(wrapper.student)
     emb = loss.text_embeddings.to(projector.weight)
     w = projector.weight.detach().flatten(1)  # (D, C)
     with torch.no_grad():
