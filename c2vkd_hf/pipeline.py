@@ -683,6 +683,11 @@ def setup_distillation(dist_args: DistillationArguments, data_args: DataArgument
                              f"(text embeddings, --ling_weight > 0) reading the student's '{DECODER_FEATURE}' "
                              f"feature (e.g. --feature_pairs {DECODER_FEATURE}:{DECODER_FEATURE}); got pairs "
                              f"{pairs or 'none'}.")
+    if dist_args.text_head_logits and not fold:
+        raise UserInputError("--text_head_logits trains the linguistic head as the classifier: it needs "
+                             "--ling_head_as_classifier (not false), with its conditions.")
+    if dist_args.text_head_logits:
+        model.use_text_head_logits()
     if fold:
         data_callbacks.append(FoldTextHeadCallback())
         notes.append("The student's classifier is C2VKD's linguistic head (projector and CLIP text embeddings of "

@@ -61,24 +61,46 @@ class DistillationModel(nn.Module):
     without teacher outputs (evaluation) it returns the student's logits and, given labels, the
     loss module's cross-entropy; with them it returns the total distillation loss, the logits and
     every unweighted term in ``terms``.
+
+    With ``text_head_logits`` (C2VKD with a linguistic projector on the student's ``decoder``
+    feature), the student's logits *are* the pixel-text logits ``S = normalise(P_l D) E^T / tau`` of
+    C2VKD's linguistic head: the cross-entropy, PDD and evaluation all read the head that
+    :func:`fold_text_head_into_classifier` makes the student's classifier at the end, which then
+    switches this back off (the folded classifier has the same per-pixel argmax).
     """
 
     main_input_name = "pixel_values"
 
     def __init__(self, student: nn.Module, loss_module: nn.Module,
-                 student_feature_names: Optional[list[str]] = None):
+                 student_feature_names: Optional[list[str]] = None, *, text_head_logits: bool = False):
         super().__init__()
         self.student = student
         self.distill_loss = loss_module
         self.student_feature_names = list(student_feature_names or [])
         self.config = student.config  # read by Trainer (e.g. keys_to_ignore_at_inference)
+        self.text_head_logits = False
+        if text_head_logits:
+            self.use_text_head_logits()
+
+    def use_text_head_logits(self) -> None:
+        """Makes C2VKD's linguistic head the student's classifier for training and evaluation (see
+        the class docstring); raises ``ValueError`` when the head cannot be folded later."""
+        problem = text_head_fold_problem(self)
+        if problem is not None:
+            raise ValueError(f"text_head_logits: {problem}")
+        self.text_head_logits = True
+        # the own classifier gets no gradient (DDP would wait for it); the fold overwrites it
+        classifier_module(self.student).requires_grad_(False)
 
     def forward(self, pixel_values: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 teacher_logits: Optional[torch.Tensor] = None,
                 teacher_features: Optional[list[torch.Tensor]] = None, return_terms: bool = False):
-        if teacher_logits is not None and self.student_feature_names:
+        if self.student_feature_names and (teacher_logits is not None or self.text_head_logits):
             logits, features = forward_features(self.student, pixel_values)
             student_features = [features[name] for name in self.student_feature_names]
+            if self.text_head_logits:
+                loss = self.distill_loss
+                logits = loss.pixel_text_logits(student_features[loss.ling_feature_index])
         else:
             logits, student_features = self.student(pixel_values=pixel_values).logits, None
         if labels is None:
@@ -443,7 +465,11 @@ class FoldTextHeadCallback(TrainerCallback):
     the student's classifier (:func:`fold_text_head_into_classifier`)."""
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        fold_text_head_into_classifier(_unwrap(model))
+        wrapper = _unwrap(model)
+        fold_text_head_into_classifier(wrapper)
+        if wrapper.text_head_logits:  # from now on the folded classifier is the text head
+            wrapper.text_head_logits = False
+            classifier_module(wrapper.student).requires_grad_(True)
         logger.info("The student's classifier is now C2VKD's linguistic (CLIP text) head, folded.")
 
 

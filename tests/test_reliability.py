@@ -401,3 +401,26 @@ def test_text_head_folded_into_the_saved_student(tmp_path, capsys):
     distill.main(["--output_dir", str(tmp_path / "own"), *run, "--ling_head_as_classifier", "false"])
     own = AutoModelForSemanticSegmentation.from_pretrained(tmp_path / "own").decode_head.classifier.weight
     assert not torch.allclose(own.flatten(1), folded, atol=1e-2)
+
+
+def test_text_head_trained_as_the_classifier(tmp_path, capsys):
+    """--text_head_logits: the own classifier is frozen during training (the cross-entropy, PDD and
+    evaluation read the text head), then replaced by the folded head; the final evaluation reads the
+    folded classifier and agrees with the saved student's. Refused with the fold turned off."""
+    from transformers import AutoModelForSemanticSegmentation
+
+    classes = dict(enumerate(SYNTHETIC_CLASSES))
+    teacher, student = _save_tiny(tmp_path / "teacher", classes, seed=1), _save_tiny(tmp_path / "student", classes, 2)
+    torch.save(torch.randn(len(classes), 16), tmp_path / "emb.pth")
+    run = [*TINY_DATA, *QUICK, "--teacher_name_or_path", teacher, "--student_name_or_path", student,
+           "--method", "c2vkd", "--max_steps", "2", "--train_baseline", "false",
+           "--text_embeddings", str(tmp_path / "emb.pth"), "--text_head_logits", "true"]
+    refused = ["--output_dir", str(tmp_path / "refused"), *run, "--ling_head_as_classifier", "false"]
+    assert run_script(distill.main, refused) == EXIT_USER_ERROR
+    assert "--text_head_logits" in capsys.readouterr().err
+    distill.main(["--output_dir", str(tmp_path / "out"), *run])
+    model = AutoModelForSemanticSegmentation.from_pretrained(tmp_path / "out")
+    head = load_file(tmp_path / "out" / "text_head.safetensors")
+    emb = torch.nn.functional.normalize(head["text_embeddings"], dim=1)
+    folded = emb @ head["projector.weight"].flatten(1) / 0.03
+    torch.testing.assert_close(model.decode_head.classifier.weight.flatten(1), folded, atol=1e-4, rtol=1e-4)

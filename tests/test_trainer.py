@@ -200,3 +200,38 @@ def test_folded_text_head_classifier_predicts_like_the_text_query():
                                                         text_embeddings=text), ["stage4"])
     with pytest.raises(ValueError, match="decoder"):
         fold_text_head_into_classifier(stage4)
+
+
+def test_text_head_logits_train_the_text_head_and_leave_the_own_classifier():
+    """DistillationModel(text_head_logits=True): its logits are the text head's pixel-text logits in
+    training and evaluation, every term's gradient reaches the projector and none the frozen own
+    classifier; after FoldTextHeadCallback the plain student predicts like the text head."""
+    from c2vkd_hf.losses import get_loss
+    from c2vkd_hf.models import classifier_module, feature_channels, forward_features
+    from c2vkd_hf.trainer import DistillationModel, FoldTextHeadCallback
+
+    student = tiny_student(4)
+    classifier = classifier_module(student)
+    channels = feature_channels(student)["decoder"]
+    text = torch.nn.functional.normalize(torch.randn(student.config.num_labels, 12), dim=1)
+    loss = get_loss("c2vkd", student_channels=[channels], teacher_channels=[channels], text_embeddings=text)
+    model = DistillationModel(student, loss, ["decoder"], text_head_logits=True)
+    x, labels = torch.randn(2, 3, 32, 32), torch.randint(0, student.config.num_labels, (2, 32, 32))
+    own_logits, feats = forward_features(student, x)
+    out = model(x, labels=labels, teacher_logits=torch.randn_like(own_logits),
+                teacher_features=[torch.randn_like(feats["decoder"])], return_terms=True)
+    torch.testing.assert_close(out["logits"], loss.pixel_text_logits(feats["decoder"]))
+    out["loss"].backward()
+    assert classifier.weight.grad is None and not classifier.weight.requires_grad
+    assert loss.ling_projector.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        evaluated = model(x, labels=labels).logits
+    torch.testing.assert_close(evaluated, loss.pixel_text_logits(feats["decoder"]).detach())
+
+    FoldTextHeadCallback().on_train_end(None, None, None, model=model)
+    assert not model.text_head_logits and classifier.weight.requires_grad
+    with torch.no_grad():
+        assert torch.equal(student(pixel_values=x).logits.argmax(1), evaluated.argmax(1))
+    with pytest.raises(ValueError, match="text_head_logits"):
+        DistillationModel(tiny_student(), get_loss("c2vkd", student_channels=[32], teacher_channels=[5],
+                                                   text_embeddings=text), ["stage4"], text_head_logits=True)
