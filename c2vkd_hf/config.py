@@ -139,11 +139,13 @@ class DistillationArguments:
                   "(CLIP text) head folded into a 1x1 conv (same per-pixel argmax as the text query). Needs "
                   "the linguistic pair on the student's 'decoder' feature. Default: on whenever that holds "
                   "(the default pairs with text embeddings); false keeps the student's own classifier."})
-    text_head_logits: bool = field(
-        default=False,
+    text_head_logits: Optional[bool] = field(
+        default=None,
         metadata={"help": "C2VKD: train with the linguistic head as the classifier from the first step: the "
                   "cross-entropy, PDD and evaluation read its pixel-text logits and the student's own "
-                  "classifier is frozen until the fold replaces it. Needs --ling_head_as_classifier."})
+                  "classifier is frozen until the fold replaces it. Default: on whenever the head is folded "
+                  "(--ling_head_as_classifier); false trains the own classifier and folds the head at the end "
+                  "(see benchmarks/camvid/FINDINGS.md)."})
 
     # text embeddings
     text_embeddings: Optional[str] = field(

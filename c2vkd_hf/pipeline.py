@@ -686,12 +686,15 @@ def setup_distillation(dist_args: DistillationArguments, data_args: DataArgument
     if dist_args.text_head_logits and not fold:
         raise UserInputError("--text_head_logits trains the linguistic head as the classifier: it needs "
                              "--ling_head_as_classifier (not false), with its conditions.")
-    if dist_args.text_head_logits:
-        model.use_text_head_logits()
     if fold:
+        trained_as_classifier = dist_args.text_head_logits is not False
+        if trained_as_classifier:
+            model.use_text_head_logits()
         data_callbacks.append(FoldTextHeadCallback())
         notes.append("The student's classifier is C2VKD's linguistic head (projector and CLIP text embeddings of "
-                     "the class names), folded into its 1x1 convolution at the end of training.")
+                     "the class names), " + ("trained as the classifier from the first step and " if
+                                             trained_as_classifier else "")
+                     + "folded into its 1x1 convolution at the end of training.")
     trainer = DistillationTrainer(
         model=model, args=training_args, train_dataset=train, eval_dataset=validation, data_collator=collate_fn,
         callbacks=data_callbacks + list(callbacks or []),

@@ -10,7 +10,9 @@ last checkpoint when interrupted) and leaves ``<out_dir>/runs/<name>-seed<k>.jso
 seed, validation mIoU, per-class IoU, steps, wall time, peak RSS, the loss terms over training and
 the full configuration. Runs whose JSON exists are skipped, so the table can be built over several
 sittings. The report (``RESULTS.md`` or ``ABLATIONS.md``) and plots are regenerated from all JSONs; a
-run's optional ``note`` (e.g. that it was renamed when a default changed) is shown beside it.
+run's optional ``note`` (e.g. that it was renamed when a default changed) is shown beside it, and its
+optional ``ablates`` names the default a variant changes (``c2vkd`` when absent; variants made before a
+default changed keep the old default's runs as their reference).
 
 The gain ratio is ``(mIoU(c2vkd) - mIoU(none)) / max over kd, cwd, dist, dkd of (mIoU(peer) - mIoU(none))``
 on seed means, computed here from the JSONs.
@@ -193,6 +195,20 @@ def ratio_caveats(table: dict[str, dict], gains: dict[str, list[tuple[int, float
     return [f"Caveat: {'; '.join(notes)}.", ""] if notes else []
 
 
+def ablates(run: dict) -> str | None:
+    """The run an ablation variant is compared with: its ``ablates`` field, else default ``c2vkd``
+    (``None`` for ``c2vkd`` itself and for other methods)."""
+    if run["method"] != "c2vkd" or run["name"] == "c2vkd":
+        return None
+    return run.get("ablates", "c2vkd")
+
+
+def ablation_references(runs: list[dict]) -> list[str]:
+    """The reference runs of the ablation variants, ``c2vkd`` first."""
+    names = {ablates(r) for r in runs} - {None}
+    return sorted(names, key=lambda n: (n != "c2vkd", n))
+
+
 def paired_table(runs: list[dict], base: str = "none") -> list[str]:
     """Markdown section of :func:`paired_gains` against ``base``, best mean first."""
     gains = paired_gains(runs, base)
@@ -348,7 +364,9 @@ def write_report(args) -> str:
                   f"{table['c2vkd']['mean'] - base:+.2f}. Compare the gains directly.", ""]
     lines += paired_table(runs) + [""]
     if args.suite != "main":  # each variant against the default it changes
-        lines += paired_table(runs, "c2vkd") + [""]
+        for reference in ablation_references(runs):
+            lines += paired_table([r for r in runs if r["name"] == reference or ablates(r) == reference],
+                                  reference) + [""]
     teacher = next((r["teacher_val_mean_iou"] for r in runs if r.get("teacher_val_mean_iou")), None)
     lines += ["## Protocol", "",
               f"- data: CamVid (11 classes, void ignored), train split ({cfg['data']['train_images']}) for training, "

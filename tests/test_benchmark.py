@@ -75,3 +75,23 @@ def test_ratio_warns_when_the_best_peer_is_inside_the_seed_noise(tmp_path):
     assert "= **4.00**" in report
     assert "smaller than the plain student's seed standard deviation (2.00)" in report
     assert "cwd has 1 seed(s) against none's 3; paired on its seeds it is +2.50" in report
+
+
+def test_ablations_are_paired_with_the_default_they_change(tmp_path):
+    """A variant carrying ``ablates`` is compared with that run, the others with c2vkd."""
+    _run(tmp_path, "none", "none", 0, 0.30)
+    _run(tmp_path, "c2vkd", "c2vkd", 0, 0.36)
+    _run(tmp_path, "c2vkd-old", "c2vkd", 0, 0.34)
+    _run(tmp_path, "c2vkd-no-x", "c2vkd", 0, 0.35)
+    path = tmp_path / "runs" / "c2vkd-old-no-y-seed0.json"
+    _run(tmp_path, "c2vkd-old-no-y", "c2vkd", 0, 0.31)
+    path.write_text(json.dumps({**json.loads(path.read_text()), "ablates": "c2vkd-old"}))
+    runs = benchmark.load_runs(tmp_path)
+    assert benchmark.ablation_references(runs) == ["c2vkd", "c2vkd-old"]
+    benchmark.main(["--report_only", "--suite", "ablations", "--out_dir", str(tmp_path)])
+    report = (tmp_path / "ABLATIONS.md").read_text()
+    over_default = report.split("## Gain over c2vkd, paired")[1].split("## ")[0]
+    over_old = report.split("## Gain over c2vkd-old, paired")[1].split("## ")[0]
+    assert "| c2vkd-no-x | 1 | s0: -1.00 |" in over_default and "| c2vkd-old | 1 | s0: -2.00 |" in over_default
+    assert "c2vkd-old-no-y" not in over_default
+    assert "| c2vkd-old-no-y | 1 | s0: -3.00 |" in over_old and "c2vkd-no-x" not in over_old

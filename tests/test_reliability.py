@@ -404,9 +404,9 @@ def test_text_head_folded_into_the_saved_student(tmp_path, capsys):
 
 
 def test_text_head_trained_as_the_classifier(tmp_path, capsys):
-    """--text_head_logits: the own classifier is frozen during training (the cross-entropy, PDD and
-    evaluation read the text head), then replaced by the folded head; the final evaluation reads the
-    folded classifier and agrees with the saved student's. Refused with the fold turned off."""
+    """--text_head_logits (default with the fold): the own classifier is frozen during training (the
+    cross-entropy, PDD and evaluation read the text head), then replaced by the folded head, which the
+    model card says. Refused with the fold turned off."""
     from transformers import AutoModelForSemanticSegmentation
 
     classes = dict(enumerate(SYNTHETIC_CLASSES))
@@ -414,8 +414,9 @@ def test_text_head_trained_as_the_classifier(tmp_path, capsys):
     torch.save(torch.randn(len(classes), 16), tmp_path / "emb.pth")
     run = [*TINY_DATA, *QUICK, "--teacher_name_or_path", teacher, "--student_name_or_path", student,
            "--method", "c2vkd", "--max_steps", "2", "--train_baseline", "false",
-           "--text_embeddings", str(tmp_path / "emb.pth"), "--text_head_logits", "true"]
-    refused = ["--output_dir", str(tmp_path / "refused"), *run, "--ling_head_as_classifier", "false"]
+           "--text_embeddings", str(tmp_path / "emb.pth")]
+    refused = ["--output_dir", str(tmp_path / "refused"), *run, "--text_head_logits", "true",
+               "--ling_head_as_classifier", "false"]
     assert run_script(distill.main, refused) == EXIT_USER_ERROR
     assert "--text_head_logits" in capsys.readouterr().err
     distill.main(["--output_dir", str(tmp_path / "out"), *run])
@@ -424,3 +425,4 @@ def test_text_head_trained_as_the_classifier(tmp_path, capsys):
     emb = torch.nn.functional.normalize(head["text_embeddings"], dim=1)
     folded = emb @ head["projector.weight"].flatten(1) / 0.03
     torch.testing.assert_close(model.decode_head.classifier.weight.flatten(1), folded, atol=1e-4, rtol=1e-4)
+    assert "trained as the classifier from the first step" in (tmp_path / "out" / "README.md").read_text()
