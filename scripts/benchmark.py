@@ -295,15 +295,23 @@ def make_plots(runs: list[dict], table: dict[str, dict], out_dir: Path, prefix: 
 
 
 def report_command(table: dict, args) -> str:
-    """The command that rebuilds a report: the default one for the main table; for ablations, every
-    run in it as a ``--runs`` spec, with the largest seed counts found (variants with fewer seeds get
-    the missing ones)."""
+    """The commands that rebuild a report. Main table: the default one with the seed counts found (the
+    peers' smallest), plus one ``--runs`` command per larger seed count of a peer. Ablations: every run
+    in it as a ``--runs`` spec, with the largest seed counts found (variants with fewer seeds get the
+    missing ones)."""
     protocol = [f"--{k} {getattr(args, k)}" for k, default in PROTOCOL_DEFAULTS.items() if getattr(args, k) != default]
     main = max((t["n"] for name, t in table.items() if name in ("none", "c2vkd")), default=1)
-    other = max((t["n"] for name, t in table.items() if name not in ("none", "c2vkd")), default=1)
+    others = {name: t["n"] for name, t in table.items() if name not in ("none", "c2vkd")}
+    other = max(others.values(), default=1)
     if args.suite == "main":
-        seeds = [f"--main_seeds {main}"] * (main != 2) + [f"--other_seeds {other}"] * (other != 1)
-        return " ".join(["python scripts/benchmark.py", *protocol, *seeds])
+        low = min(others.values(), default=1)
+        seeds = [f"--main_seeds {main}"] * (main != 2) + [f"--other_seeds {low}"] * (low != 1)
+        commands = [" ".join(["python scripts/benchmark.py", *protocol, *seeds])]
+        for n in sorted(set(others.values()) - {low}):
+            specs = [f"{name}:{table[name]['method']}" for name in sorted(others) if others[name] == n]
+            commands.append(" ".join(["python scripts/benchmark.py", *protocol, f"--main_seeds {main}",
+                                      f"--other_seeds {n}", "--runs", *specs]))
+        return "\n".join(commands)
     specs = [shlex.quote(f"{name}:{t['method']}" + (f":{t['flags']}" if t["flags"] else ""))
              for name, t in sorted(table.items())]
     return " \\\n    ".join(["python scripts/benchmark.py --suite ablations " + " ".join(protocol)

@@ -95,3 +95,16 @@ def test_ablations_are_paired_with_the_default_they_change(tmp_path):
     assert "| c2vkd-no-x | 1 | s0: -1.00 |" in over_default and "| c2vkd-old | 1 | s0: -2.00 |" in over_default
     assert "c2vkd-old-no-y" not in over_default
     assert "| c2vkd-old-no-y | 1 | s0: -3.00 |" in over_old and "c2vkd-no-x" not in over_old
+
+
+def test_report_command_covers_peers_with_more_seeds(tmp_path):
+    """A peer with more seeds than the others gets its own --runs command in RESULTS.md."""
+    for seed in range(3):
+        _run(tmp_path, "none", "none", seed, 0.30)
+        _run(tmp_path, "c2vkd", "c2vkd", seed, 0.33)
+        _run(tmp_path, "dist", "dist", seed, 0.32)
+    _run(tmp_path, "kd", "kd", 0, 0.31)
+    benchmark.main(["--report_only", "--out_dir", str(tmp_path), "--readme", str(tmp_path / "none.md")])
+    report = (tmp_path / "RESULTS.md").read_text()
+    assert ("python scripts/benchmark.py --main_seeds 3\n"
+            "python scripts/benchmark.py --main_seeds 3 --other_seeds 3 --runs dist:dist\n") in report
