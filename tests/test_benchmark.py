@@ -75,6 +75,7 @@ def test_ratio_warns_when_the_best_peer_is_inside_the_seed_noise(tmp_path):
     assert "= **4.00**" in report
     assert "smaller than the plain student's seed standard deviation (2.00)" in report
     assert "cwd has 1 seed(s) against none's 3; paired on its seeds it is +2.50" in report
+    assert "| cwd | cwd | - | 1 | 32.50 | - | 32.50..32.50 | +2.50 |" in report  # the table's gain: same seeds
 
 
 def test_ablations_are_paired_with_the_default_they_change(tmp_path):
