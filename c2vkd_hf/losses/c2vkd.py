@@ -9,8 +9,9 @@ Which logits CE and PDD read is the trainer's choice: the student's own classifi
 default with the ``decoder`` feature pair and text embeddings) the linguistic head's pixel-text
 logits ``S``, which become the student's classifier at the end (``c2vkd_hf.trainer.DistillationModel``,
 ``text_head_logits``). Training the head that ships with the labels and PDD, not only with the
-linguistic term on the feature grid, raised CamVid val mIoU by +1.5 points on average over 3 seeds
-(``benchmarks/camvid/FINDINGS.md``); this is our addition, not the paper's.
+linguistic term on the feature grid, raised CamVid val mIoU by +1.5 points on average over 3 seeds;
+this is our addition, not the paper's. The same head with no teacher term scored higher still, so
+that gain belongs to the head, not to distillation (``benchmarks/camvid/FINDINGS.md``, section 3a).
 """
 
 from __future__ import annotations
