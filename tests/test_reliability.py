@@ -376,9 +376,11 @@ def test_no_unsafe_loading_in_the_package():
 
 
 def test_text_head_folded_into_the_saved_student(tmp_path, capsys):
-    """C2VKD's default (decoder pairs, text embeddings given): the saved plain student's classifier is
-    the folded linguistic head of text_head.safetensors; --ling_head_as_classifier false keeps the
-    trained classifier; on a stage4 pair the flag is refused."""
+    """C2VKD's default (decoder pairs, text embeddings given): the text head is trained as the
+    classifier (--text_head_logits) and the saved plain student's classifier is the folded linguistic
+    head of text_head.safetensors, which the model card says; --ling_head_as_classifier false keeps
+    the trained classifier; on a stage4 pair the flag is refused, and --text_head_logits true without
+    the fold too."""
     from transformers import AutoModelForSemanticSegmentation
 
     classes = dict(enumerate(SYNTHETIC_CLASSES))
@@ -391,30 +393,6 @@ def test_text_head_folded_into_the_saved_student(tmp_path, capsys):
                "--ling_head_as_classifier", "true"]
     assert run_script(distill.main, refused) == EXIT_USER_ERROR
     assert "--ling_head_as_classifier needs" in capsys.readouterr().err
-    distill.main(["--output_dir", str(tmp_path / "out"), *run])
-    model = AutoModelForSemanticSegmentation.from_pretrained(tmp_path / "out")
-    head = load_file(tmp_path / "out" / "text_head.safetensors")
-    emb = torch.nn.functional.normalize(head["text_embeddings"], dim=1)
-    folded = emb @ head["projector.weight"].flatten(1) / 0.03
-    torch.testing.assert_close(model.decode_head.classifier.weight.flatten(1), folded, atol=1e-4, rtol=1e-4)
-    assert "linguistic head" in (tmp_path / "out" / "README.md").read_text()
-    distill.main(["--output_dir", str(tmp_path / "own"), *run, "--ling_head_as_classifier", "false"])
-    own = AutoModelForSemanticSegmentation.from_pretrained(tmp_path / "own").decode_head.classifier.weight
-    assert not torch.allclose(own.flatten(1), folded, atol=1e-2)
-
-
-def test_text_head_trained_as_the_classifier(tmp_path, capsys):
-    """--text_head_logits (default with the fold): the own classifier is frozen during training (the
-    cross-entropy, PDD and evaluation read the text head), then replaced by the folded head, which the
-    model card says. Refused with the fold turned off."""
-    from transformers import AutoModelForSemanticSegmentation
-
-    classes = dict(enumerate(SYNTHETIC_CLASSES))
-    teacher, student = _save_tiny(tmp_path / "teacher", classes, seed=1), _save_tiny(tmp_path / "student", classes, 2)
-    torch.save(torch.randn(len(classes), 16), tmp_path / "emb.pth")
-    run = [*TINY_DATA, *QUICK, "--teacher_name_or_path", teacher, "--student_name_or_path", student,
-           "--method", "c2vkd", "--max_steps", "2", "--train_baseline", "false",
-           "--text_embeddings", str(tmp_path / "emb.pth")]
     refused = ["--output_dir", str(tmp_path / "refused"), *run, "--text_head_logits", "true",
                "--ling_head_as_classifier", "false"]
     assert run_script(distill.main, refused) == EXIT_USER_ERROR
@@ -425,4 +403,9 @@ def test_text_head_trained_as_the_classifier(tmp_path, capsys):
     emb = torch.nn.functional.normalize(head["text_embeddings"], dim=1)
     folded = emb @ head["projector.weight"].flatten(1) / 0.03
     torch.testing.assert_close(model.decode_head.classifier.weight.flatten(1), folded, atol=1e-4, rtol=1e-4)
-    assert "trained as the classifier from the first step" in (tmp_path / "out" / "README.md").read_text()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "linguistic head" in card and "trained as the classifier from the first step" in card
+    distill.main(["--output_dir", str(tmp_path / "own"), *run, "--ling_head_as_classifier", "false"])
+    own = AutoModelForSemanticSegmentation.from_pretrained(tmp_path / "own").decode_head.classifier.weight
+    assert not torch.allclose(own.flatten(1), folded, atol=1e-2)
+
