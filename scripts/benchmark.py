@@ -15,7 +15,9 @@ optional ``ablates`` names the default a variant changes (``c2vkd`` when absent;
 default changed keep the old default's runs as their reference).
 
 The gain ratio is ``(mIoU(c2vkd) - mIoU(none)) / max over kd, cwd, dist, dkd of (mIoU(peer) - mIoU(none))``
-on seed means, computed here from the JSONs.
+on seed means, computed here from the JSONs. The main suite also runs a head control
+(``c2vkd-labels-only``: C2VKD's text head as the classifier, no teacher term) with the main seeds and
+pairs C2VKD against it, separating what the teacher adds from what the head adds.
 """
 
 from __future__ import annotations
@@ -33,7 +35,13 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 PEERS = ("kd", "cwd", "dist", "dkd")
 PROTOCOL_DEFAULTS = {"height": 120, "width": 160, "max_steps": 400, "eval_steps": 100}
-DEFAULT_RUNS = ["none:none", "kd:kd", "cwd:cwd", "dist:dist", "dkd:dkd", "c2vkd:c2vkd"]
+# The head control: the plain student with C2VKD's text head trained as its classifier and no teacher
+# term (the linguistic target is the label wherever one exists). C2VKD is paired against it, so the
+# report separates what the teacher adds from what the head adds.
+HEAD_CONTROL = "c2vkd-labels-only"
+HEAD_CONTROL_RUN = f"{HEAD_CONTROL}:c2vkd:--pdd_weight 0 --glob_weight 0 --rel_weight 0 --label_weight 1"
+DEFAULT_RUNS = ["none:none", "kd:kd", "cwd:cwd", "dist:dist", "dkd:dkd", "c2vkd:c2vkd", HEAD_CONTROL_RUN]
+MAIN_SEED_RUNS = ("none", "c2vkd", HEAD_CONTROL)  # the runs that get --main_seeds
 
 
 def shared_config(args) -> dict:
@@ -63,7 +71,7 @@ def parse_run(spec: str) -> tuple[str, str, list[str]]:
 
 
 def seeds_for(name: str, method: str, args) -> list[int]:
-    if method in ("none", "c2vkd") and name in ("none", "c2vkd"):
+    if name in MAIN_SEED_RUNS:
         return list(range(args.main_seeds))
     return list(range(args.other_seeds))
 
@@ -301,19 +309,23 @@ def report_command(table: dict, args) -> str:
     missing ones)."""
     protocol = [f"--{k} {getattr(args, k)}" for k, default in PROTOCOL_DEFAULTS.items() if getattr(args, k) != default]
     main = max((t["n"] for name, t in table.items() if name in ("none", "c2vkd")), default=1)
-    others = {name: t["n"] for name, t in table.items() if name not in ("none", "c2vkd")}
+    others = {name: t["n"] for name, t in table.items() if name not in MAIN_SEED_RUNS}
     other = max(others.values(), default=1)
+
+    def spec(name: str) -> str:
+        t = table[name]
+        return shlex.quote(f"{name}:{t['method']}" + (f":{t['flags']}" if t["flags"] else ""))
+
     if args.suite == "main":
         low = min(others.values(), default=1)
         seeds = [f"--main_seeds {main}"] * (main != 2) + [f"--other_seeds {low}"] * (low != 1)
         commands = [" ".join(["python scripts/benchmark.py", *protocol, *seeds])]
         for n in sorted(set(others.values()) - {low}):
-            specs = [f"{name}:{table[name]['method']}" for name in sorted(others) if others[name] == n]
+            specs = [spec(name) for name in sorted(others) if others[name] == n]
             commands.append(" ".join(["python scripts/benchmark.py", *protocol, f"--main_seeds {main}",
                                       f"--other_seeds {n}", "--runs", *specs]))
         return "\n".join(commands)
-    specs = [shlex.quote(f"{name}:{t['method']}" + (f":{t['flags']}" if t["flags"] else ""))
-             for name, t in sorted(table.items())]
+    specs = [spec(name) for name in sorted(table)]
     return " \\\n    ".join(["python scripts/benchmark.py --suite ablations " + " ".join(protocol)
                               + f" --main_seeds {main} --other_seeds {other} --runs", *specs])
 
@@ -372,6 +384,12 @@ def write_report(args) -> str:
                   f"{table[best_peer]['mean'] - base:+.2f}), so the ratio's denominator is <= 0; c2vkd's gain is "
                   f"{table['c2vkd']['mean'] - base:+.2f}. Compare the gains directly.", ""]
     lines += paired_table(runs) + [""]
+    if args.suite == "main" and HEAD_CONTROL in table:
+        lines += paired_table([r for r in runs if r["name"] in ("c2vkd", HEAD_CONTROL)], HEAD_CONTROL)
+        lines += ["", f"`{HEAD_CONTROL}` is not a method but a control: the plain student with C2VKD's text head "
+                  f"trained as its classifier and no teacher term (`{table[HEAD_CONTROL]['flags']}`: the "
+                  "linguistic target is the label wherever one exists). C2VKD paired against it measures what "
+                  "the teacher adds on top of that head.", ""]
     if args.suite != "main":  # each variant against the default it changes
         for reference in ablation_references(runs):
             lines += paired_table([r for r in runs if r["name"] == reference or ablates(r) == reference],
@@ -424,7 +442,8 @@ def update_readme(readme: Path, table_lines: list[str], report: Path) -> None:
         return
     head, rest = text.split(README_START, 1)
     _, tail = rest.split(README_END, 1)
-    body = "\n".join(table_lines).strip()
+    # the report's sections become subsections of README's benchmark section
+    body = "\n".join(f"#{line}" if line.startswith("## ") else line for line in table_lines).strip()
     link = report.relative_to(readme.parent) if report.is_relative_to(readme.parent) else report
     readme.write_text(f"{head}{README_START}\n{body}\n\nFull protocol, plots and per-run numbers: [{link}]({link}).\n"
                       f"{README_END}{tail}")

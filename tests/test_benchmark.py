@@ -109,3 +109,28 @@ def test_report_command_covers_peers_with_more_seeds(tmp_path):
     report = (tmp_path / "RESULTS.md").read_text()
     assert ("python scripts/benchmark.py --main_seeds 3\n"
             "python scripts/benchmark.py --main_seeds 3 --other_seeds 3 --runs dist:dist\n") in report
+
+
+def test_main_report_pairs_c2vkd_with_the_head_control(tmp_path):
+    """The head control joins the main table and C2VKD is paired against it; the ratio ignores it, and
+    README gets the report's sections as subsections."""
+    for seed, (base, control, c2vkd) in enumerate([(0.30, 0.35, 0.34), (0.28, 0.33, 0.35)]):
+        _run(tmp_path, "none", "none", seed, base)
+        _run(tmp_path, "dist", "dist", seed, base + 0.01)
+        _run(tmp_path, "c2vkd", "c2vkd", seed, c2vkd)
+        _run(tmp_path, benchmark.HEAD_CONTROL, "c2vkd", seed, control)
+        path = tmp_path / "runs" / f"{benchmark.HEAD_CONTROL}-seed{seed}.json"
+        flags = benchmark.parse_run(benchmark.HEAD_CONTROL_RUN)[2]
+        path.write_text(json.dumps({**json.loads(path.read_text()), "extra_flags": flags}))
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\n## CamVid benchmark\n\n<!-- benchmark:start -->\nold\n<!-- benchmark:end -->\n")
+    benchmark.main(["--report_only", "--out_dir", str(tmp_path), "--readme", str(readme)])
+    report = (tmp_path / "RESULTS.md").read_text()
+    assert "= **5.50**" in report  # (mean c2vkd - mean none) / (mean dist - mean none) = 0.055 / 0.01
+    over_control = report.split(f"## Gain over {benchmark.HEAD_CONTROL}, paired")[1].split("## ")[0]
+    assert "| c2vkd | 2 | s0: -1.00, s1: +2.00 | +0.50 | 1/2 |" in over_control and "dist" not in over_control
+    assert f"| {benchmark.HEAD_CONTROL} | c2vkd | --pdd_weight 0 --glob_weight 0 --rel_weight 0 --label_weight 1 | 2 |" in report
+    # the control gets the main seeds, so its spec is not listed apart (a peer with fewer seeds would be)
+    assert "python scripts/benchmark.py --other_seeds 2\n" in report
+    text = readme.read_text()
+    assert "### Gain over none, paired by seed" in text and "\n## Gain" not in text and "old" not in text
