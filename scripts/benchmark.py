@@ -203,6 +203,24 @@ def ratio_caveats(table: dict[str, dict], gains: dict[str, list[tuple[int, float
     return [f"Caveat: {'; '.join(notes)}.", ""] if notes else []
 
 
+def variant_ratios(variants: list[dict], all_runs: list[dict]) -> list[str]:
+    """Markdown lines: the gain ratio with each C2VKD variant in C2VKD's place, on gains paired with
+    none by seed (the variant's mean paired gain / the best peer's mean paired gain), so variants with
+    fewer seeds than none are compared on their own seeds."""
+    gains = {name: statistics.mean(g for _, g in items) for name, items in paired_gains(all_runs).items()}
+    peers = {p: gains[p] for p in PEERS if p in gains}
+    if not peers or max(peers.values()) <= 0:
+        return []
+    best = max(peers, key=peers.get)
+    names = sorted({r["name"] for r in variants if r["method"] == "c2vkd" and r["name"] in gains},
+                   key=lambda n: -gains[n])
+    return ["## Gain ratio with each variant in C2VKD's place", "",
+            f"Variant's paired gain over none / best peer's paired gain ({best}, {peers[best]:+.2f}); the "
+            "main table's ratio uses seed means instead.", "",
+            "| run | paired gain over none | ratio |", "|---|---|---|"] + [
+            f"| {n} | {gains[n]:+.2f} | {gains[n] / peers[best]:.2f} |" for n in names] + [""]
+
+
 def ablates(run: dict) -> str | None:
     """The run an ablation variant is compared with: its ``ablates`` field, else default ``c2vkd``
     (``None`` for ``c2vkd`` itself and for other methods)."""
@@ -390,6 +408,8 @@ def write_report(args) -> str:
                   f"trained as its classifier and no teacher term (`{table[HEAD_CONTROL]['flags']}`: the "
                   "linguistic target is the label wherever one exists). C2VKD paired against it measures what "
                   "the teacher adds on top of that head.", ""]
+    if args.suite != "main":
+        lines += variant_ratios(runs, load_runs(out_dir))
     if args.suite != "main":  # each variant against the default it changes
         for reference in ablation_references(runs):
             lines += paired_table([r for r in runs if r["name"] == reference or ablates(r) == reference],

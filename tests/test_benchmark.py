@@ -134,3 +134,18 @@ def test_main_report_pairs_c2vkd_with_the_head_control(tmp_path):
     assert "python scripts/benchmark.py --other_seeds 2\n" in report
     text = readme.read_text()
     assert "### Gain over none, paired by seed" in text and "\n## Gain" not in text and "old" not in text
+
+
+def test_ablations_give_each_variant_its_gain_ratio(tmp_path):
+    """Each C2VKD variant's paired gain over none is divided by the best peer's paired gain."""
+    for seed in range(2):
+        _run(tmp_path, "none", "none", seed, 0.30 - 0.02 * seed)
+        _run(tmp_path, "kd", "kd", seed, 0.30 - 0.02 * seed + 0.01)
+        _run(tmp_path, "dist", "dist", seed, 0.30 - 0.02 * seed + 0.02)
+        _run(tmp_path, "c2vkd", "c2vkd", seed, 0.30 - 0.02 * seed + 0.03)
+    _run(tmp_path, "c2vkd-no-x", "c2vkd", 1, 0.28 + 0.05)  # one seed: paired on it only
+    benchmark.main(["--report_only", "--suite", "ablations", "--out_dir", str(tmp_path)])
+    section = (tmp_path / "ABLATIONS.md").read_text().split("## Gain ratio with each variant")[1].split("## ")[0]
+    assert "(dist, +2.00)" in section
+    assert "| c2vkd-no-x | +5.00 | 2.50 |" in section and "| c2vkd | +3.00 | 1.50 |" in section
+    assert "| kd |" not in section and "| dist |" not in section
