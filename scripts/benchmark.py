@@ -371,9 +371,10 @@ def final_terms_table(runs: list[dict]) -> list[str]:
 def write_report(args) -> str:
     out_dir = Path(args.out_dir)
     main_names = {parse_run(s)[0] for s in DEFAULT_RUNS}
-    # main: the six methods; ablations: every C2VKD variant beside the plain student and default C2VKD
-    runs = [r for r in load_runs(out_dir) if (r["name"] in main_names if args.suite == "main"
-                                               else r["method"] in ("none", "c2vkd"))]
+    # main: the six methods and the head control; ablations: every C2VKD variant beside the plain student
+    all_runs = load_runs(out_dir)
+    runs = [r for r in all_runs if (r["name"] in main_names if args.suite == "main"
+                                    else r["method"] in ("none", "c2vkd"))]
     if not runs:
         return ""
     table = summarise(runs)
@@ -408,9 +409,8 @@ def write_report(args) -> str:
                   f"trained as its classifier and no teacher term (`{table[HEAD_CONTROL]['flags']}`: the "
                   "linguistic target is the label wherever one exists). C2VKD paired against it measures what "
                   "the teacher adds on top of that head.", ""]
-    if args.suite != "main":
-        lines += variant_ratios(runs, load_runs(out_dir))
-    if args.suite != "main":  # each variant against the default it changes
+    if args.suite != "main":  # each variant's ratio, then each variant against the default it changes
+        lines += variant_ratios(runs, all_runs)
         for reference in ablation_references(runs):
             lines += paired_table([r for r in runs if r["name"] == reference or ablates(r) == reference],
                                   reference) + [""]
