@@ -70,7 +70,7 @@ def parse_run(spec: str) -> tuple[str, str, list[str]]:
     return parts[0], parts[1], shlex.split(parts[2]) if len(parts) == 3 else []
 
 
-def seeds_for(name: str, method: str, args) -> list[int]:
+def seeds_for(name: str, args) -> list[int]:
     if name in MAIN_SEED_RUNS:
         return list(range(args.main_seeds))
     return list(range(args.other_seeds))
@@ -326,7 +326,7 @@ def report_command(table: dict, args) -> str:
     in it as a ``--runs`` spec, with the largest seed counts found (variants with fewer seeds get the
     missing ones)."""
     protocol = [f"--{k} {getattr(args, k)}" for k, default in PROTOCOL_DEFAULTS.items() if getattr(args, k) != default]
-    main = max((t["n"] for name, t in table.items() if name in ("none", "c2vkd")), default=1)
+    main = max((t["n"] for name, t in table.items() if name in MAIN_SEED_RUNS), default=1)
     others = {name: t["n"] for name, t in table.items() if name not in MAIN_SEED_RUNS}
     other = max(others.values(), default=1)
 
@@ -491,7 +491,7 @@ def main(argv=None):
         # interleave seeds so that a partial table already covers every method
         plan = [(parse_run(s), seed) for seed in range(max(args.main_seeds, args.other_seeds)) for s in specs]
         for (name, method, extra), seed in plan:
-            if seed in seeds_for(name, method, args):
+            if seed in seeds_for(name, args):
                 run_one(name, method, extra, seed, args)
                 write_report(args)
     write_report(args)
