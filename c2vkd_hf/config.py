@@ -79,6 +79,17 @@ class DataArguments:
         metadata={"help": "Evaluate against labels at their original size (logits upsampled); otherwise "
                   "labels are resized (nearest) to the eval image size."},
     )
+    decoded_cache: Optional[bool] = field(
+        default=None,
+        metadata={"help": "Decode and resize each split once into uint8 memory-mapped arrays (c2vkd_hf/decoded.py) "
+                  "and augment tensors read from them, instead of decoding the files at every step. Default: on "
+                  "for local folders and the synthetic set, off for datasets/Hub sources; false turns it off."},
+    )
+    decoded_cache_dir: Optional[str] = field(
+        default=None,
+        metadata={"help": "Root folder of the decoded-dataset cache, one sub-folder per split, data and "
+                  "preprocessing (default: $C2VKD_HF_CACHE/decoded, else ~/.cache/c2vkd_hf/decoded)."},
+    )
 
 
 @dataclass

@@ -1113,17 +1113,21 @@ class SegmentationTransform:
             generator = augmentation_generator(self.seed, self.epoch, index)
         return sample_geometry(base, self.crop or base, self.min_scale, self.max_scale, self.hflip, generator)
 
-    def transform_example(self, image, label=None, index: Optional[int] = None):
+    def transform_example(self, image, label=None, index: Optional[int] = None,
+                          source_size: Optional[tuple[int, int]] = None):
         """One example (``index``: its row, for seeded augmentation): returns
-        (pixel_values, labels or None, geometry or None)."""
+        (pixel_values, labels or None, geometry or None). ``source_size``: the original (h, w) when
+        ``image`` is a resized copy of it (:mod:`c2vkd_hf.decoded`); the geometry is drawn from it and
+        the mask must have it."""
         img = _image_tensor(image)
         lab = _label_tensor(label) if label is not None else None
-        if lab is not None and tuple(lab.shape[-2:]) != tuple(img.shape[-2:]):
+        size = tuple(source_size) if source_size is not None else tuple(img.shape[-2:])
+        if lab is not None and tuple(lab.shape[-2:]) != size:
             raise DataValidationError(
-                f"image is {tuple(img.shape[-2:])} (HxW) but its mask is {tuple(lab.shape[-2:])}"
+                f"image is {size} (HxW) but its mask is {tuple(lab.shape[-2:])}"
             )
         if self.train:
-            geometry = self.geometry_for(tuple(img.shape[-2:]), index)
+            geometry = self.geometry_for(size, index)
             # resize in uint8 first, normalise, then pad with 0 = the mean colour after normalisation
             scaled = apply_geometry(img, Geometry(geometry.scaled_size, (0, 0, *geometry.scaled_size)))
             pixel_values = apply_geometry(self.normalize(scaled), geometry, "bilinear", fill=0.0)
