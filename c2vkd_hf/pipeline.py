@@ -675,6 +675,8 @@ def setup_distillation(dist_args: DistillationArguments, data_args: DataArgument
         teacher_channels = [t_channels[t] for _, t in pairs]
     loss_module = build_loss_module(dist_args, student_channels=student_channels,
                                     teacher_channels=teacher_channels, text_embeddings=text_embeddings)
+    if dist_args.channels_last:
+        student.to(memory_format=torch.channels_last)
     model = DistillationModel(student, loss_module, [s for s, _ in pairs])
 
     teacher_cache = None
