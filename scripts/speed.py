@@ -237,6 +237,7 @@ def worker_bare(args, name: str) -> dict:
         "load_start": load_start, "load_end": _load(),
         "step_s_median": statistics.median(times["channels_last"]),
         "variants_s_median": {v: statistics.median(t) for v, t in times.items()},
+        "variants_s_all": {v: [round(x, 4) for x in t] for v, t in times.items()},
         "step_s_all": [round(s, 4) for s in times["channels_last"]],
         "peak_rss_mb": _peak_rss_mb(), "train_peak_rss_mb": None, "gpu_peak_mb": _gpu_peak_mb(device),
     }
@@ -448,6 +449,30 @@ def run_benchmark(args, name: str) -> dict:
     return result
 
 
+def pool_rounds(results: list[dict]) -> dict:
+    """One configuration's results over ``--rounds`` rounds (each round runs every configuration once, in
+    turn, so slow load changes spread over all of them): step times pooled, medians over the pool."""
+    if len(results) == 1:
+        return results[0]
+    pooled = dict(results[0])
+    pooled["step_s_all"] = [x for r in results for x in r["step_s_all"]]
+    pooled["step_s_median"] = statistics.median(pooled["step_s_all"])
+    pooled["round_medians_s"] = [r["step_s_median"] for r in results]
+    pooled["steps_timed"] = len(pooled["step_s_all"])
+    pooled["load_end"] = results[-1]["load_end"]
+    for key in ("peak_rss_mb", "train_peak_rss_mb", "gpu_peak_mb", "setup_peak_rss_mb"):
+        values = [r[key] for r in results if r.get(key) is not None]
+        pooled[key] = max(values) if values else None
+    if "variants_s_all" in pooled:
+        pooled["variants_s_all"] = {v: [x for r in results for x in r["variants_s_all"][v]]
+                                    for v in pooled["variants_s_all"]}
+        pooled["variants_s_median"] = {v: statistics.median(t) for v, t in pooled["variants_s_all"].items()}
+    for key in ("teacher_or_cache_s_median", "loss_forward_s_median", "eval_s"):
+        values = [r[key] for r in results if r.get(key) is not None]
+        pooled[key] = statistics.median(values) if values else None
+    return pooled
+
+
 def run_worker(args, kind: str, name: str) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
         out = handle.name
@@ -541,7 +566,9 @@ def write_report(results: dict, path: Path) -> None:
         "",
         f"Protocol: CamVid, {protocol['size'][0]}x{protocol['size'][1]} crops (random scale 0.75-1.5, flip), batch "
         f"{protocol['batch']}, SegFormer-B0 (random init), teacher `{results['teacher']}`; median over "
-        f"{results['steps']} steps after {results['warmup']} warm-up steps; each configuration in a fresh subprocess.",
+        f"{results['steps']} steps after {results['warmup']} warm-up steps; each configuration in a fresh subprocess"
+        + (f", every configuration run {results['rounds']} times in turn and its steps pooled" if results.get("rounds", 1) > 1
+           else "") + ".",
         "",
         "## Training step",
         "",
@@ -570,9 +597,9 @@ def write_report(results: dict, path: Path) -> None:
         f"- (b)/(a) = {ratio['online_over_student_step']:.2f} step time, {ratio['online_over_student_peak_rss']:.2f} "
         f"peak memory; (b)/(c) = {ratio['online_over_cached_step']:.2f}.",
         f"- (a0) variants, interleaved in one process: channels_last {v['channels_last']:.3f} s, contiguous "
-        f"{v['contiguous']:.3f} s (channels_last saves {100 * (1 - v['channels_last'] / v['contiguous']):.0f}%), "
-        f"channels_last + gradient clipping at norm 1 {v['channels_last_clip']:.3f} s (clipping costs "
-        f"{100 * (v['channels_last_clip'] / v['channels_last'] - 1):.1f}%; kept, it is Trainer's default).",
+        f"{v['contiguous']:.3f} s (ratio {v['channels_last'] / v['contiguous']:.2f}), channels_last + gradient "
+        f"clipping at norm 1 {v['channels_last_clip']:.3f} s (ratio to no clipping "
+        f"{v['channels_last_clip'] / v['channels_last']:.2f}; clipping is kept: it is Trainer's default).",
     ]
     if "student_only_files" in t:
         lines.append(f"- Decoded-dataset cache: (a) takes {a['step_s_median']:.3f} s with it and "
@@ -581,9 +608,10 @@ def write_report(results: dict, path: Path) -> None:
                      f"for CamVid at this protocol take {mb(a.get('decoded_cache_mb'))} MiB on disk (train at the "
                      "largest drawable scale, validation at the eval size, masks at full resolution).")
     if "student_only_worker" in t:
-        lines.append(f"- One data-loader worker: {t['student_only_worker']['step_s_median']:.3f} s vs "
-                     f"{a['step_s_median']:.3f} s with none: the default stays at "
-                     f"{m.get('workers', 0)} workers on this machine.")
+        w = t["student_only_worker"]
+        lines.append(f"- One data-loader worker ({w.get('threads')} torch threads in the main process): "
+                     f"{w['step_s_median']:.3f} s vs {a['step_s_median']:.3f} s with the data loaded in the main "
+                     f"process (ratio {w['step_s_median'] / a['step_s_median']:.2f}).")
     if a.get("eval_s") is not None:
         lines.append(f"- One evaluation of the whole validation split (101 images, batch 8, labels at 360x480): "
                      f"{a['eval_s']:.1f} s, about {a['eval_s'] / a['step_s_median']:.0f} training steps.")
@@ -663,6 +691,8 @@ def main(argv=None) -> dict:
                         "camvid-120x160, or -512x512 for --protocol large).")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every configuration this many times in turn and pool the step times")
     parser.add_argument("--eval_repeats", type=int, default=3)
     parser.add_argument("--out_dir", default=str(ROOT / "benchmarks" / "speed"))
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -699,10 +729,10 @@ def main(argv=None) -> dict:
     start = time.time()
     info = machine(args)
     ensure_cache(args)
-    training = [run_worker(args, "bare", "bare")]
-    training += [run_worker(args, "train", name) for name in list(CONFIGS)[1:]]
-    if args.variants == "true":
-        training += [run_worker(args, "train", name) for name in VARIANTS]
+    names = list(CONFIGS) + (list(VARIANTS) if args.variants == "true" else [])
+    rounds = [[run_worker(args, "bare" if name == "bare" else "train", name) for name in names]
+              for _ in range(args.rounds)]
+    training = [pool_rounds([r[i] for r in rounds]) for i in range(len(names))]
     evaluation = [run_worker(args, "eval", name) for name in METRICS] if args.protocol == "camvid" else []
     runs = [run_benchmark(args, name) for name in BENCHMARK_RUNS] if args.benchmark_steps > 0 else []
     t = {r["config"]: r for r in training}
@@ -734,7 +764,7 @@ def main(argv=None) -> dict:
         "command": threads + "python scripts/speed.py" + "".join(
             f" {shlex.quote(a_)}" for a_ in (argv if argv is not None else sys.argv[1:])),
         "machine": info, "teacher": args.teacher, "steps": args.steps, "warmup": args.warmup,
-        "eval_repeats": args.eval_repeats,
+        "rounds": args.rounds, "eval_repeats": args.eval_repeats,
         "bare_step_s": a0["step_s_median"],
         "student_only_step_s": a["step_s_median"], "c2vkd_online_step_s": b["step_s_median"],
         "c2vkd_cached_step_s": c["step_s_median"],
