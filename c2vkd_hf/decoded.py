@@ -210,11 +210,12 @@ def _allocate(directory: Path, key: dict, dataset, transform: SegmentationTransf
     meta = {"key": key, "num_rows": len(originals), "image_bytes": image_total, "label_bytes": label_total}
     (tmp / META_NAME).write_text(json.dumps(meta, indent=2), encoding="utf-8")
     try:
-        os.rename(tmp, directory)
+        os.rename(tmp, directory)  # replaces a missing or empty folder; fails on a non-empty one
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
-        if _read_meta(directory) is None:
-            raise
+        if _read_meta(directory) is None:  # not another process's finished allocation
+            raise DecodedCacheError(f"{directory} exists but holds no decoded-dataset cache (an interrupted "
+                                    f"replacement, or other files): delete it to rebuild.") from None
 
 
 def _remove(directory: Path) -> None:
@@ -245,9 +246,11 @@ def build_decoded_cache(directory: os.PathLike | str, dataset, transform: Segmen
         _remove(directory)
         meta = None
     if meta is None:
-        if directory.exists():
-            _remove(directory)  # an empty or half-made folder of ours
         _allocate(directory, key, dataset, transform)
+        meta = _read_meta(directory)
+        if _differences(meta["key"], key):  # another process allocated it for another key meanwhile
+            raise DecodedCacheError(f"{directory} was just built for other data or preprocessing by another "
+                                    f"process.")
     done = np.load(directory / DONE_NAME, mmap_mode="r+")
     todo = [int(i) for i in np.flatnonzero(done == 0)]
     if max_rows is not None:
