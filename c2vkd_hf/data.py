@@ -32,6 +32,7 @@ resumed run augments exactly like an uninterrupted one, whatever the data loader
 
 from __future__ import annotations
 
+import fnmatch
 import io
 import json
 import logging
@@ -476,10 +477,16 @@ def _pair_folders(images_dir: Optional[str], labels_dir: Optional[str], split: s
     return [(images[k], labels[k]) for k in sorted(images)]
 
 
+def split_by_pattern(pairs: list[tuple[Path, Path]], pattern: str) -> tuple[list, list]:
+    """``(kept, held_out)``: the (image, mask) pairs whose image file name does not / does match the
+    glob ``pattern`` (e.g. ``0006R0_*``: every frame of one CamVid sequence)."""
+    held = [pair for pair in pairs if fnmatch.fnmatch(pair[0].name, pattern)]
+    return [pair for pair in pairs if not fnmatch.fnmatch(pair[0].name, pattern)], held
+
+
 def _folder_split(
-    images_dir: Optional[str], labels_dir: Optional[str], split: str, mapping: _LabelMapping, limit: Optional[int]
+    pairs: list[tuple[Path, Path]], split: str, mapping: _LabelMapping, limit: Optional[int]
 ) -> datasets.Dataset:
-    pairs = _pair_folders(images_dir, labels_dir, split)
     if limit is not None:
         pairs = pairs[: max(0, limit)]
     if not pairs:
@@ -548,12 +555,21 @@ def _load_folders(args: DataArguments, folders: dict[str, Optional[str]]) -> Seg
     id2label, file_ignore, palette = load_labels_file(folders["labels_file"])
     void = _resolve_ignore(args, file_ignore)
     mapping = _LabelMapping(len(id2label), void, args.reduce_labels)
-    train = _folder_split(
-        folders["train_images"], folders.get("train_labels"), "train", mapping, args.max_train_samples
-    )
-    validation = _folder_split(
-        folders["validation_images"], folders.get("validation_labels"), "validation", mapping, args.max_eval_samples
-    )
+    train_pairs = _pair_folders(folders["train_images"], folders.get("train_labels"), "train")
+    if args.selection_holdout:
+        # a selection split: held-out training images replace the validation split
+        train_pairs, eval_pairs = split_by_pattern(train_pairs, args.selection_holdout)
+        if not eval_pairs or not train_pairs:
+            raise DataValidationError(
+                f"--selection_holdout {args.selection_holdout!r} matches {len(eval_pairs)} of the "
+                f"{len(train_pairs) + len(eval_pairs)} training images: it must hold out some, not all")
+        logger.warning("Selection split: %d training images matching %r are held out for evaluation (the "
+                       "validation split is not used); %d remain for training.", len(eval_pairs),
+                       args.selection_holdout, len(train_pairs))
+    else:
+        eval_pairs = _pair_folders(folders["validation_images"], folders.get("validation_labels"), "validation")
+    train = _folder_split(train_pairs, "train", mapping, args.max_train_samples)
+    validation = _folder_split(eval_pairs, "validation", mapping, args.max_eval_samples)
     name = Path(folders["train_images"]).resolve().parent.name
     return SegmentationData(train, validation, id2label, name, palette, void, args.reduce_labels)
 
@@ -915,6 +931,9 @@ def load_segmentation_data(args: DataArguments) -> SegmentationData:
             "labels_file": args.labels_file,
         }
         return _load_folders(args, folders)
+    if args.selection_holdout and args.dataset_name != "synthetic" and not Path(args.dataset_name).is_dir():
+        raise DataValidationError("--selection_holdout selects training files by name: it needs local image/mask "
+                                  "folders (--train_images or a SegNet-layout folder)")
     if args.dataset_name != "synthetic":
         root = Path(args.dataset_name)
         layout = _segnet_layout(root) if root.is_dir() else None
@@ -923,6 +942,9 @@ def load_segmentation_data(args: DataArguments) -> SegmentationData:
                 layout["labels_file"] = args.labels_file
             return _load_folders(args, layout)
         return _load_hub(args)
+    if args.selection_holdout:
+        raise DataValidationError("--selection_holdout selects training files by name: it needs local image/mask "
+                                  "folders (--train_images or a SegNet-layout folder)")
     return _load_synthetic(args)
 
 

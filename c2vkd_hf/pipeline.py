@@ -46,11 +46,14 @@ from .models import (
     parse_torchvision_name,
     student_image_processor,
 )
+from .losses.schedule import parse_schedules
 from .text import get_text_embeddings
+from .text_head import TextHead
 from .trainer import (
     DistillationModel,
     DistillationTrainer,
     FoldTextHeadCallback,
+    LossScheduleCallback,
     SafeCheckpointTrainer,
     NonFiniteLossError,
     TeacherTrainer,
@@ -131,7 +134,7 @@ def validate_distillation_args(args: DistillationArguments) -> None:
     before anything is loaded."""
     if args.method not in METHODS:
         raise UserInputError(f"--method '{args.method}' is unknown; choose one of {', '.join(METHODS)}.")
-    for name in ("ce_weight", "pdd_weight", "glob_weight", "rel_weight", "ling_weight", "kd_weight",
+    for name in ("ce_weight", "pdd_weight", "glob_weight", "rel_weight", "ling_weight", "stage_weight", "kd_weight",
                  "pdd_alpha", "pdd_beta"):
         value = getattr(args, name)
         if value is not None and (not np.isfinite(value) or value < 0):
@@ -146,8 +149,16 @@ def validate_distillation_args(args: DistillationArguments) -> None:
         raise UserInputError(f"--rel_grid must be >= 1, got {args.rel_grid}.")
     try:
         parse_feature_pairs(args.feature_pairs)
+        stage_pairs = parse_feature_pairs(args.stage_pairs)
+        parse_schedules(args.weight_schedules)
     except ValueError as error:
-        raise UserInputError(str(error)) from None
+        raise UserInputError(f"{error}") from None
+    if args.stage_weight > 0 and not stage_pairs:
+        raise UserInputError("--stage_weight needs --stage_pairs (e.g. stage1:stage1,stage2:stage2,stage3:stage3,"
+                             "stage4:stage4).")
+    if (args.stage_weight > 0 or stage_pairs) and args.method != "c2vkd":
+        raise UserInputError(f"--stage_pairs/--stage_weight are C2VKD's stage guidance; --method {args.method} "
+                             "does not use them.")
     student_config_overrides(args)
     check_teacher_name("--teacher_name_or_path", args.teacher_name_or_path)
     check_local_path("--student_name_or_path", args.student_name_or_path)
@@ -560,14 +571,20 @@ def _default_teacher(data: SegmentationData, data_args: DataArguments, training_
 
 
 def build_loss_module(args: DistillationArguments, *, student_channels: list[int], teacher_channels: list[int],
-                      text_embeddings: Optional[torch.Tensor]) -> nn.Module:
-    """The loss module of ``args.method`` with every constant from the flags."""
+                      text_embeddings: Optional[torch.Tensor],
+                      stage_channels: tuple[list[int], list[int]] = ([], []),
+                      ling_projector: Optional[nn.Conv2d] = None) -> nn.Module:
+    """The loss module of ``args.method`` with every constant from the flags. C2VKD: ``stage_channels``
+    are the (student, teacher) channels of the stage-guidance pairs; ``ling_projector`` the text head's
+    projector, which its linguistic term then trains."""
     common = {"ce_weight": args.ce_weight, "ignore_index": IGNORE_INDEX}
     if args.method == "none":
         return get_loss("none", **common)
     if args.method == "c2vkd":
         return get_loss(
-            "c2vkd", **common, student_channels=student_channels, teacher_channels=teacher_channels,
+            "c2vkd", **common, student_channels=student_channels or None, teacher_channels=teacher_channels or None,
+            stage_student_channels=stage_channels[0] or None, stage_teacher_channels=stage_channels[1] or None,
+            stage_weight=args.stage_weight, ling_projector=ling_projector,
             text_embeddings=text_embeddings, pdd_weight=args.pdd_weight, glob_weight=args.glob_weight,
             rel_weight=args.rel_weight, ling_weight=args.ling_weight, pdd_alpha=args.pdd_alpha,
             pdd_beta=args.pdd_beta, pdd_temperature=args.pdd_temperature, label_weight=args.label_weight,
@@ -578,6 +595,34 @@ def build_loss_module(args: DistillationArguments, *, student_channels: list[int
     if args.kd_temperature is not None:
         peer["temperature" if args.method in ("kd", "dkd") else "tau"] = args.kd_temperature
     return get_loss(args.method, **peer)
+
+
+def build_text_head(args: DistillationArguments, student: nn.Module, s_channels: dict[str, int],
+                    text_embeddings: Optional[torch.Tensor], pairs: list[tuple[str, str]],
+                    id2label: dict[int, str]) -> Optional[TextHead]:
+    """The student's text head (:mod:`c2vkd_hf.text_head`) on its ``decoder`` feature, or ``None``.
+
+    ``--text_head`` unset: on for C2VKD when its linguistic term is on and reads the ``decoder``
+    feature (the default pair), off for every other method. With C2VKD the head's projector is the
+    linguistic term's, so the term trains the classifier the student ships with."""
+    ling_on = args.method == "c2vkd" and args.ling_weight > 0 and text_embeddings is not None
+    reads_decoder = bool(pairs) and pairs[-1][0] == DECODER_FEATURE
+    wanted = (ling_on and reads_decoder) if args.text_head is None else args.text_head
+    if not wanted:
+        return None
+    if ling_on and not reads_decoder:
+        raise UserInputError(f"--text_head with C2VKD: its linguistic term trains the head, so the last --feature_pairs "
+                             f"entry must read the student's '{DECODER_FEATURE}' feature (e.g. "
+                             f"{DECODER_FEATURE}:{DECODER_FEATURE}); got {pairs}.")
+    if DECODER_FEATURE not in s_channels:
+        raise UserInputError("--text_head needs a student whose final classifier is a 1x1 convolution reading a "
+                             f"'{DECODER_FEATURE}' feature (SegFormer, UperNet, BEiT, DPT do).")
+    head = TextHead.create(s_channels[DECODER_FEATURE], text_embeddings, DECODER_FEATURE, args.ling_tau,
+                           [id2label[i] for i in range(len(id2label))])
+    problem = text_head_fold_problem(student, head)
+    if problem is not None:
+        raise UserInputError(f"--text_head: {problem}.")
+    return head
 
 
 @dataclasses.dataclass
@@ -609,7 +654,7 @@ def setup_distillation(dist_args: DistillationArguments, data_args: DataArgument
     notes: list[str] = []
 
     text_embeddings = None
-    if dist_args.method == "c2vkd" and dist_args.ling_weight > 0:
+    if (dist_args.method == "c2vkd" and dist_args.ling_weight > 0) or dist_args.text_head:
         # fork_rng: computing embeddings (or finding them cached) must not change the models' initialisation
         with user_errors(f"--text_embeddings {dist_args.text_embeddings}" if dist_args.text_embeddings
                          else "text embeddings"), torch.random.fork_rng(devices=[]):
@@ -617,6 +662,9 @@ def setup_distillation(dist_args: DistillationArguments, data_args: DataArgument
                 [id2label[i] for i in range(len(id2label))], text_embeddings=dist_args.text_embeddings,
                 clip_model=dist_args.clip_model, clip_pretrained=dist_args.clip_pretrained,
                 templates=dist_args.prompt_templates, cache_dir=str(output_dir / "text_cache"))
+        if text_embeddings is None and dist_args.text_head:
+            raise UserInputError("--text_head needs the class names' text embeddings: --text_embeddings FILE or "
+                                 "--clip_model NAME --clip_pretrained TAG_OR_CHECKPOINT.")
         if text_embeddings is None:
             logger.warning(
                 "\n" + "!" * 100 + "\nC2VKD's linguistic term is OFF: no class-name text embeddings. Enable it with "
@@ -655,51 +703,42 @@ def setup_distillation(dist_args: DistillationArguments, data_args: DataArgument
     student_mean, student_std = image_mean_std(student)
 
     pairs: list[tuple[str, str]] = []
-    student_channels: list[int] = []
-    teacher_channels: list[int] = []
+    stage_pairs: list[tuple[str, str]] = []
+    s_channels, t_channels = feature_channels(student), {}
     if dist_args.method == "c2vkd":
         pairs = parse_feature_pairs(dist_args.feature_pairs) or [default_feature_pair(student, teacher)]
-        s_channels, t_channels = feature_channels(student), feature_channels(teacher)
-        for s_name, t_name in pairs:
+        stage_pairs = parse_feature_pairs(dist_args.stage_pairs) if dist_args.stage_weight > 0 else []
+        t_channels = feature_channels(teacher)
+        for s_name, t_name in pairs + stage_pairs:
             if s_name not in s_channels or t_name not in t_channels:
-                raise UserInputError(f"--feature_pairs {s_name}:{t_name}: the student has features "
+                raise UserInputError(f"feature pair {s_name}:{t_name}: the student has features "
                                      f"{sorted(s_channels)}, the teacher {sorted(t_channels)}.")
-        student_channels = [s_channels[s] for s, _ in pairs]
-        teacher_channels = [t_channels[t] for _, t in pairs]
-    loss_module = build_loss_module(dist_args, student_channels=student_channels,
-                                    teacher_channels=teacher_channels, text_embeddings=text_embeddings)
-    model = DistillationModel(student, loss_module, [s for s, _ in pairs])
+    text_head = build_text_head(dist_args, student, s_channels, text_embeddings, pairs, id2label)
+    loss_module = build_loss_module(
+        dist_args, student_channels=[s_channels[s] for s, _ in pairs],
+        teacher_channels=[t_channels[t] for _, t in pairs], text_embeddings=text_embeddings,
+        stage_channels=([s_channels[s] for s, _ in stage_pairs], [t_channels[t] for _, t in stage_pairs]),
+        ling_projector=text_head.projector if text_head is not None else None)
+    loss_module.set_schedules(parse_schedules(dist_args.weight_schedules))
+    model = DistillationModel(student, loss_module, [s for s, _ in pairs + stage_pairs], text_head=text_head)
+    teacher_feature_names = [t for _, t in pairs + stage_pairs]
 
     teacher_cache = None
     if dist_args.teacher_cache:
-        teacher_cache = open_teacher_cache(dist_args, data_args, training_args, data, teacher,
-                                           [t for _, t in pairs])
+        teacher_cache = open_teacher_cache(dist_args, data_args, training_args, data, teacher, teacher_feature_names)
     train, validation, data_callbacks = _datasets_for(data, data_args, student_mean, student_std,
                                                       seed=training_args.seed, with_views=teacher_cache is not None)
-    can_fold = text_head_fold_problem(model) is None
-    fold = can_fold if dist_args.ling_head_as_classifier is None else dist_args.ling_head_as_classifier
-    if fold and not can_fold:
-        raise UserInputError("--ling_head_as_classifier needs --method c2vkd with the linguistic term on "
-                             f"(text embeddings, --ling_weight > 0) reading the student's '{DECODER_FEATURE}' "
-                             f"feature (e.g. --feature_pairs {DECODER_FEATURE}:{DECODER_FEATURE}); got pairs "
-                             f"{pairs or 'none'}.")
-    if dist_args.text_head_logits and not fold:
-        raise UserInputError("--text_head_logits trains the linguistic head as the classifier: it needs "
-                             "--ling_head_as_classifier (not false), with its conditions.")
-    if fold:
-        trained_as_classifier = dist_args.text_head_logits is not False
-        if trained_as_classifier:
-            model.use_text_head_logits()
+    data_callbacks.append(LossScheduleCallback())
+    if text_head is not None:
         data_callbacks.append(FoldTextHeadCallback())
-        notes.append("The student's classifier is C2VKD's linguistic head (projector and CLIP text embeddings of "
-                     "the class names), " + ("trained as the classifier from the first step and " if
-                                             trained_as_classifier else "")
-                     + "folded into its 1x1 convolution at the end of training.")
+        notes.append("The student's classifier was trained as a text head (a projection of its decoder feature scored "
+                     "against the CLIP text embeddings of the class names) and folded into its 1x1 convolution at "
+                     "the end of training.")
     trainer = DistillationTrainer(
         model=model, args=training_args, train_dataset=train, eval_dataset=validation, data_collator=collate_fn,
         callbacks=data_callbacks + list(callbacks or []),
         compute_metrics=make_compute_metrics(len(id2label), IGNORE_INDEX, id2label), processing_class=processor,
-        teacher=teacher, teacher_feature_names=[t for _, t in pairs],
+        teacher=teacher, teacher_feature_names=teacher_feature_names,
         student_mean_std=(student_mean, student_std),
         teacher_mean_std=image_mean_std(teacher) if teacher is not None else None, teacher_cache=teacher_cache)
     return DistillationSetup(trainer=trainer, data=data, loss_module=loss_module, teacher=teacher,
@@ -761,7 +800,10 @@ def run_distillation(dist_args: DistillationArguments, data_args: DataArguments,
         "teacher": teacher_name,
         "student": dist_args.student_name_or_path,
         "dataset": data.name,
-        "linguistic_term": text_embeddings is not None,
+        "linguistic_term": "ling" in getattr(loss_module, "weights", {}),
+        "text_head": trainer.model.text_head is not None,
+        "evaluated_on": (f"selection split (training images matching {data_args.selection_holdout!r})"
+                         if data_args.selection_holdout else "validation"),
         "notes": notes,
         "eval_history": [{"step": e["step"], "val_mean_iou": e["eval_mean_iou"]}
                          for e in trainer.state.log_history if "eval_mean_iou" in e],

@@ -16,7 +16,7 @@ from c2vkd_hf.losses import get_loss
 from c2vkd_hf.models import forward_features, load_student
 from c2vkd_hf.pipeline import evaluate_model
 from c2vkd_hf.text_query import TEXT_HEAD_NAME, TextQuerySegmenter, load_text_head, segment_by_text
-from c2vkd_hf.trainer import DistillationModel, save_text_head
+from c2vkd_hf.trainer import DistillationModel, write_text_head
 from tiny import ID2LABEL, TINY_SEGFORMER, c2vkd_model, make_trainer, tensor_dataset, tiny_student, tiny_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +73,7 @@ def test_segment_by_text_matches_the_training_scores_and_takes_any_vocabulary(tr
 
 def test_missing_text_head_is_a_clear_error(tmp_path):
     tiny_student().save_pretrained(tmp_path)
-    with pytest.raises(FileNotFoundError, match="only a C2VKD student"):
+    with pytest.raises(FileNotFoundError, match="only a student trained with a text head"):
         load_text_head(tmp_path)
 
 
@@ -85,7 +85,7 @@ def test_text_query_script_on_synthetic_data(tmp_path):
     loss = get_loss("c2vkd", student_channels=[32], teacher_channels=[32], text_embeddings=text)
     folder = tmp_path / "student"
     student.save_pretrained(folder)
-    save_text_head(DistillationModel(student, loss, ["stage4"]), str(folder))
+    write_text_head(DistillationModel(student, loss, ["stage4"]), str(folder))
     names = ["sky", "house", "street", "plant", "vehicle", "pedestrian", "bus"]
     torch.save(torch.randn(len(names), 12), tmp_path / "query.pth")
     (tmp_path / "mapping.json").write_text(json.dumps({"mapping": {"sky": ["sky"], "building": ["house"],
