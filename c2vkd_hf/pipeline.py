@@ -46,7 +46,6 @@ from .models import (
     parse_torchvision_name,
     student_image_processor,
 )
-from .text import get_text_embeddings
 from .trainer import (
     DistillationModel,
     DistillationTrainer,
@@ -580,6 +579,42 @@ def build_loss_module(args: DistillationArguments, *, student_channels: list[int
     return get_loss(args.method, **peer)
 
 
+def distillation_text_embeddings(dist_args: DistillationArguments, id2label: dict[int, str], output_dir: Path,
+                                 notes: list[str]) -> tuple[Optional[torch.Tensor], Optional[str]]:
+    """C2VKD's class-name text embeddings and their source (one line, for ``results.json`` and the card),
+    or ``(None, None)`` when the linguistic term is off (another method, ``--ling_weight 0``, or no
+    embeddings: then a loud warning and a note for the card).
+
+    Sources, first found: ``--text_embeddings``, ``--clip_model``, the built-in CLIP vocabulary when it
+    names every class (:mod:`c2vkd_hf.vocabulary`; the log says which names matched what)."""
+    if dist_args.method != "c2vkd" or dist_args.ling_weight <= 0:
+        return None, None
+    from .text import resolve_text_embeddings
+    from .vocabulary import closest_vocabulary
+
+    class_names = [id2label[i] for i in range(len(id2label))]
+    # fork_rng: computing embeddings (or finding them cached) must not change the models' initialisation
+    with user_errors(f"--text_embeddings {dist_args.text_embeddings}" if dist_args.text_embeddings
+                     else "text embeddings"), torch.random.fork_rng(devices=[]):
+        resolved = resolve_text_embeddings(
+            class_names, text_embeddings=dist_args.text_embeddings, clip_model=dist_args.clip_model,
+            clip_pretrained=dist_args.clip_pretrained, templates=dist_args.prompt_templates,
+            cache_dir=str(output_dir / "text_cache"))
+    if resolved is None:
+        closest, missing = closest_vocabulary(class_names)
+        logger.warning(
+            "\n" + "!" * 100 + "\nC2VKD's linguistic term is OFF: no class-name text embeddings. The built-in CLIP "
+            f"vocabulary does not name every class (closest: '{closest}', which lacks {', '.join(missing)}; see "
+            "c2vkd_hf/vocabulary.py for its synonyms). Enable it with --text_embeddings FILE ([num_classes, dim] "
+            ".pth/.safetensors/.npy) or --clip_model NAME --clip_pretrained TAG_OR_CHECKPOINT (needs CLIP "
+            "weights).\n" + "!" * 100)
+        notes.append("The linguistic (CLIP text) term of VLFD was off: no text embeddings were available.")
+        return None, None
+    logger.info("C2VKD text embeddings: %s", resolved.source)
+    check_class_agreement(id2label, text_embeddings=resolved.embeddings, text_source=resolved.source)
+    return resolved.embeddings, resolved.source
+
+
 @dataclasses.dataclass
 class DistillationSetup:
     """Everything :func:`setup_distillation` built: the ready :class:`DistillationTrainer` and what the
@@ -593,6 +628,7 @@ class DistillationSetup:
     text_embeddings: Optional[torch.Tensor]
     notes: list[str]
     teacher_cache: Any = None
+    text_source: Optional[str] = None
 
 
 def setup_distillation(dist_args: DistillationArguments, data_args: DataArguments,
@@ -608,24 +644,7 @@ def setup_distillation(dist_args: DistillationArguments, data_args: DataArgument
     id2label = data.id2label
     notes: list[str] = []
 
-    text_embeddings = None
-    if dist_args.method == "c2vkd" and dist_args.ling_weight > 0:
-        # fork_rng: computing embeddings (or finding them cached) must not change the models' initialisation
-        with user_errors(f"--text_embeddings {dist_args.text_embeddings}" if dist_args.text_embeddings
-                         else "text embeddings"), torch.random.fork_rng(devices=[]):
-            text_embeddings = get_text_embeddings(
-                [id2label[i] for i in range(len(id2label))], text_embeddings=dist_args.text_embeddings,
-                clip_model=dist_args.clip_model, clip_pretrained=dist_args.clip_pretrained,
-                templates=dist_args.prompt_templates, cache_dir=str(output_dir / "text_cache"))
-        if text_embeddings is None:
-            logger.warning(
-                "\n" + "!" * 100 + "\nC2VKD's linguistic term is OFF: no class-name text embeddings. Enable it with "
-                "--text_embeddings FILE ([num_classes, dim] .pth/.safetensors/.npy) or --clip_model NAME "
-                "--clip_pretrained TAG_OR_CHECKPOINT (needs CLIP weights).\n" + "!" * 100)
-            notes.append("The linguistic (CLIP text) term of VLFD was off: no text embeddings were available.")
-        else:
-            check_class_agreement(id2label, text_embeddings=text_embeddings,
-                                  text_source=dist_args.text_embeddings or f"{dist_args.clip_model} embeddings")
+    text_embeddings, text_source = distillation_text_embeddings(dist_args, id2label, output_dir, notes)
 
     teacher = None
     teacher_name = dist_args.teacher_name_or_path
@@ -704,7 +723,7 @@ def setup_distillation(dist_args: DistillationArguments, data_args: DataArgument
         teacher_mean_std=image_mean_std(teacher) if teacher is not None else None, teacher_cache=teacher_cache)
     return DistillationSetup(trainer=trainer, data=data, loss_module=loss_module, teacher=teacher,
                              teacher_name=teacher_name, text_embeddings=text_embeddings, notes=notes,
-                             teacher_cache=teacher_cache)
+                             teacher_cache=teacher_cache, text_source=text_source)
 
 
 def open_teacher_cache(dist_args: DistillationArguments, data_args: DataArguments,
@@ -762,6 +781,7 @@ def run_distillation(dist_args: DistillationArguments, data_args: DataArguments,
         "student": dist_args.student_name_or_path,
         "dataset": data.name,
         "linguistic_term": text_embeddings is not None,
+        "text_embeddings_source": setup.text_source,
         "notes": notes,
         "eval_history": [{"step": e["step"], "val_mean_iou": e["eval_mean_iou"]}
                          for e in trainer.state.log_history if "eval_mean_iou" in e],

@@ -41,7 +41,8 @@ def test_default_job_saves_a_plain_student_with_card(default_run):
     assert (out / "teacher" / "teacher_results.json").is_file(), "the default teacher is trained and cached"
     assert (out / "baseline" / "results.json").is_file(), "a no-teacher baseline on the same schedule"
     assert results["baseline_val_mean_iou"] is not None and results["teacher_val_mean_iou"] is not None
-    assert results["linguistic_term"] is False and any("linguistic" in n for n in results["notes"])
+    # the synthetic classes are in the built-in CLIP vocabulary: full C2VKD offline, and the source is recorded
+    assert results["linguistic_term"] is True and results["text_embeddings_source"].startswith("built-in CLIP")
     model = AutoModelForSemanticSegmentation.from_pretrained(out)
     assert model.config.id2label[0] == "sky" and model.config.num_labels == 6
     processor = AutoImageProcessor.from_pretrained(out)
@@ -56,7 +57,7 @@ def test_default_job_saves_a_plain_student_with_card(default_run):
     result = card.data.eval_results[0]
     assert result.metric_type == "mean_iou" and result.task_type == "image-segmentation"
     assert result.metric_value == pytest.approx(round(results["val_mean_iou"] * 100, 2))
-    assert "linguistic" in card.text and "| sky |" in card.text
+    assert "built-in CLIP ViT-B/16 vocabulary" in card.text and "| sky |" in card.text
     assert (out / "predictions.png").is_file() and (out / "training_curves.png").is_file()
 
 
