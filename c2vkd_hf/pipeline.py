@@ -780,6 +780,7 @@ def run_distillation(dist_args: DistillationArguments, data_args: DataArguments,
         "teacher": teacher_name,
         "student": dist_args.student_name_or_path,
         "dataset": data.name,
+        **evaluation_size(data),
         "linguistic_term": text_embeddings is not None,
         "text_embeddings_source": setup.text_source,
         "notes": notes,
@@ -800,7 +801,7 @@ def run_distillation(dist_args: DistillationArguments, data_args: DataArguments,
                 results["teacher_val_mean_iou"] = teacher_miou
             results["baseline_val_mean_iou"] = baseline_miou
             write_student_card(output_dir, trainer, results, data, data_args, teacher_miou=teacher_miou,
-                               baseline_miou=baseline_miou)
+                               baseline_miou=baseline_miou, teacher=teacher)
             _write_json(output_dir / RESULTS_NAME, results)
     return results
 
@@ -808,9 +809,10 @@ def run_distillation(dist_args: DistillationArguments, data_args: DataArguments,
 def teacher_val_miou(teacher: nn.Module, teacher_name: str, data: SegmentationData, data_args: DataArguments,
                      training_args: TrainingArguments) -> float:
     """The teacher's validation mIoU under the same evaluation protocol (cached in ``teacher_results.json``
-    beside a local teacher when it was made by ``train_teacher``)."""
+    beside a local teacher when it was made by ``train_teacher``; measured on the same images when the
+    student is evaluated on a subset of the split)."""
     saved = Path(teacher_name) / "teacher_results.json"
-    if saved.is_file():
+    if saved.is_file() and not is_eval_subset(data):
         return float(json.loads(saved.read_text())["val_mean_iou"])
     mean, std = image_mean_std(teacher)
     _, validation, _ = _datasets_for(data, data_args, mean, std)
@@ -818,11 +820,26 @@ def teacher_val_miou(teacher: nn.Module, teacher_name: str, data: SegmentationDa
                                 batch_size=training_args.per_device_eval_batch_size)["mean_iou"])
 
 
+def evaluation_size(data: SegmentationData) -> dict[str, int]:
+    """``eval_images`` (validation images evaluated) and ``eval_images_total`` (the split's size)."""
+    evaluated = len(data.validation)
+    return {"eval_images": evaluated, "eval_images_total": max(evaluated, data.validation_total or evaluated)}
+
+
+def is_eval_subset(data: SegmentationData) -> bool:
+    """Whether only part of the validation split is evaluated (``--max_eval_samples``)."""
+    size = evaluation_size(data)
+    return size["eval_images"] < size["eval_images_total"]
+
+
 def write_student_card(output_dir: Path, trainer: DistillationTrainer, results: dict[str, Any],
                        data: SegmentationData, data_args: DataArguments, *, teacher_miou: Optional[float],
-                       baseline_miou: Optional[float] = None, num_images: int = 3) -> Path:
-    """Writes README.md (model card), ``predictions.png`` and ``training_curves.png`` into ``output_dir``."""
-    from .model_card import CURVES_NAME, OVERLAY_NAME, build_model_card, plot_training_curves, save_prediction_overlay
+                       baseline_miou: Optional[float] = None, num_images: int = 3,
+                       teacher: Optional[nn.Module] = None) -> Path:
+    """Writes README.md (model card), ``predictions.png`` and ``training_curves.png`` into ``output_dir``.
+    ``teacher``: the teacher model, which the card describes unless it has a Hub id."""
+    from .model_card import (CURVES_NAME, OVERLAY_NAME, build_model_card, plot_training_curves, save_prediction_overlay,
+                             teacher_description)
 
     student = trainer.accelerator.unwrap_model(trainer.model).student.eval()
     mean, std = image_mean_std(student)
@@ -846,16 +863,21 @@ def write_student_card(output_dir: Path, trainer: DistillationTrainer, results: 
     metrics = {"mean_iou": results["val_mean_iou"], "overall_accuracy": results.get("overall_accuracy") or float("nan"),
                "per_category_iou": [float("nan") if v is None else v for v in results["per_category_iou"]]}
     args = trainer.args
+    teacher_name = results.get("teacher")
+    if teacher is not None and teacher_name:
+        teacher_name = teacher_description(teacher, teacher_name, teacher_miou)
     card = build_model_card(
-        repo_id=args.hub_model_id or output_dir.name, metrics=metrics, id2label=data.id2label,
+        repo_id=args.hub_model_id or str(output_dir), metrics=metrics, id2label=data.id2label,
         dataset_name=data.name, dataset_split="validation", method=results["method"],
-        teacher_name=results.get("teacher"), teacher_miou=teacher_miou, baseline_miou=baseline_miou,
+        teacher_name=teacher_name, teacher_miou=teacher_miou, baseline_miou=baseline_miou,
         loss_weights=results.get("loss_weights"),
         schedule={"steps": results["steps"], "per_device_batch_size": args.per_device_train_batch_size,
                   "gradient_accumulation_steps": args.gradient_accumulation_steps,
                   "learning_rate": args.learning_rate, "scheduler": getattr(args.lr_scheduler_type, "value", str(args.lr_scheduler_type)), "seed": args.seed},
         notes=results.get("notes", []), student_type=type(student).__name__.replace("ForSemanticSegmentation", ""),
-        overlay_image=OVERLAY_NAME if overlay else None, curves_image=CURVES_NAME if curves else None)
+        overlay_image=OVERLAY_NAME if overlay else None, curves_image=CURVES_NAME if curves else None,
+        eval_images=results.get("eval_images"), eval_images_total=results.get("eval_images_total"),
+        text_source=results.get("text_embeddings_source"))
     card.save(str(output_dir / "README.md"))
     return output_dir / "README.md"
 

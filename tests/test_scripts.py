@@ -58,7 +58,24 @@ def test_default_job_saves_a_plain_student_with_card(default_run):
     assert result.metric_type == "mean_iou" and result.task_type == "image-segmentation"
     assert result.metric_value == pytest.approx(round(results["val_mean_iou"] * 100, 2))
     assert "built-in CLIP ViT-B/16 vocabulary" in card.text and "| sky |" in card.text
+    assert f'from_pretrained("{out}")' in card.text  # no --hub_model_id: the output folder, which exists
+    assert str(out / "teacher") not in card.text and r"UperNet \+ tf\_efficientnet\_lite0" in card.text
     assert (out / "predictions.png").is_file() and (out / "training_curves.png").is_file()
+
+
+def test_card_of_a_subset_evaluation(tmp_path, default_run):
+    """--max_eval_samples: the card says "n of N images", the model-index stays empty, and the
+    teacher's figure is measured on the same images."""
+    out, _ = default_run
+    run = tmp_path / "subset"
+    results = distill.main(["--output_dir", str(run), "--teacher_name_or_path", str(out / "teacher"), "--method", "kd",
+                            "--max_eval_samples", "2", "--eval_strategy", "no", "--save_strategy", "no",
+                            "--train_baseline", "false", "--max_steps", "1", "--per_device_train_batch_size", "4",
+                            "--student_config_overrides", TINY_SEGFORMER_JSON, "--disable_tqdm", "true"] + TINY_DATA)
+    assert results["eval_images"] == 2 and results["eval_images_total"] == 6
+    card = ModelCard.load(run / "README.md")
+    assert "Results on synthetic (validation, 2 of 6 images)" in card.text and not card.data.eval_results
+    assert results["teacher_val_mean_iou"] is not None and str(out / "teacher") not in card.text
 
 
 def test_evaluate_reproduces_the_card(default_run):
