@@ -387,7 +387,7 @@ def evaluate_model(model: nn.Module, dataset, num_labels: int, *, batch_size: in
                    progress: bool = True, scales: tuple = (1.0,), flip: bool = False,
                    window: Optional[tuple[int, int]] = None, stride: Optional[tuple[int, int]] = None,
                    accelerator=None, predictions_dir: Optional[str] = None, palette=None,
-                   max_predictions: Optional[int] = None) -> dict[str, Any]:
+                   max_predictions: Optional[int] = None, desc: str = "evaluating") -> dict[str, Any]:
     """mIoU of ``model`` on a transformed dataset (``pixel_values``/``labels``), predictions at the label
     size. Re-normalises inputs when the model's mean/std differ from the data's.
 
@@ -400,7 +400,7 @@ def evaluate_model(model: nn.Module, dataset, num_labels: int, *, batch_size: in
     confusion matrices are summed across processes (:meth:`StreamingMeanIoU.reduce`); every process
     returns the same metrics. ``predictions_dir``: colourised predictions (``palette``, default
     :func:`default_palette`) saved as ``<dataset index>.png``, for the first ``max_predictions`` images
-    (all when ``None``).
+    (all when ``None``). ``desc`` labels the progress bar.
     """
     from torch.utils.data import DataLoader, Subset
     from tqdm.auto import tqdm
@@ -422,7 +422,7 @@ def evaluate_model(model: nn.Module, dataset, num_labels: int, *, batch_size: in
     metric = StreamingMeanIoU(num_labels, ignore_index=IGNORE_INDEX)
     loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, collate_fn=collate_fn)
     position = 0
-    for batch in tqdm(loader, desc="evaluating", disable=not progress, leave=False):
+    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
         pixel_values = batch["pixel_values"].to(device)
         if model_mean_std is not None and data_mean_std is not None:
             pixel_values = renormalize(pixel_values, *data_mean_std, *model_mean_std)

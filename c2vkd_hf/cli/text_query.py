@@ -18,18 +18,22 @@ Measures on the validation split (logits upsampled bilinearly to the labels, str
 1. the student's own segmentation head;
 2. text-query segmentation with the training classes' embeddings (those stored in the text head):
    argmax over ``normalise(P_l(F)) E^T``;
-3. with ``--query_embeddings``: text-query segmentation with ANOTHER vocabulary (e.g. the 19 Cityscapes
-   class names), each query name assigned to a training class (``--query_mapping``: a JSON whose
+3. with ``--query_embeddings`` and ``--query_names`` (or ``--query_vocabulary city|ade|context|voc``, a
+   built-in CLIP ViT-B/16 vocabulary): text-query segmentation with ANOTHER vocabulary (e.g. the 19
+   Cityscapes class names), each query name assigned to a training class (``--query_mapping``: a JSON whose
    ``"mapping"`` is ``{training class: [query names]}``, plus ``--extra_mapping name=class,...``); the
    prediction of a pixel is the class of its best-scoring name. Also tabulated: where each query name's
    pixels fall in the ground truth.
 
 Writes ``RESULTS.md``, ``results.json`` and ``text_query.png`` (images, ground truth, the student's
-prediction, the text-query prediction over the query vocabulary (each name in the colour of its
-training class when there is a mapping), and per-name heat maps of ``--show_names``: the name's cosine
-similarity with each pixel's projected feature, min-max scaled per image, with the name's largest
-probability within the vocabulary in the title) to ``--output_dir`` (default ``outputs/text_query``), for ``--num_images`` validation
-images spread evenly over the split.
+prediction, the text-query prediction over the query vocabulary, or over the training names without one
+(each name in the colour of its training class when there is a mapping), and per-name heat maps of
+``--show_names``: the name's cosine similarity with each pixel's projected feature, min-max scaled per
+image, with the name's largest probability within the vocabulary in the title) to ``--output_dir``
+(default ``outputs/text_query``), for ``--num_images`` validation images spread evenly over the split
+(``--num_images 0``: no figure). ``--show_names`` defaults to the first four query names that are not
+training class names. Every flag is checked before the first evaluation; each evaluation has a
+progress bar.
 """
 
 from __future__ import annotations
@@ -61,24 +65,66 @@ class TextQueryArguments:
     query_embeddings: Optional[str] = field(default=None, metadata={
         "help": "(K', D) CLIP text embeddings of other class names (.pth/.safetensors/.npy), same CLIP model."})
     query_names: Optional[str] = field(default=None, metadata={"help": "Comma-separated names of those rows."})
+    query_vocabulary: Optional[str] = field(default=None, metadata={
+        "help": "A built-in CLIP ViT-B/16 vocabulary as the other names, instead of --query_embeddings/--query_names: "
+                "city, ade, context or voc (c2vkd_hf/vocab)."})
     query_mapping: Optional[str] = field(default=None, metadata={
         "help": "JSON with 'mapping': {training class: [query names]} (e.g. camvid11_from_city_ViT16_clip_text.json)."})
     extra_mapping: Optional[str] = field(default=None, metadata={
         "help": "More assignments 'query name=training class,...' for names the mapping file leaves out."})
-    show_names: str = field(default="truck,bus,traffic light,person", metadata={
-        "help": "Query names shown as heat maps in the figure."})
+    show_names: Optional[str] = field(default=None, metadata={
+        "help": "Comma-separated names shown as heat maps in the figure (default: the first four query names "
+                "that are not training class names; without other names, the first four training classes)."})
     num_images: int = field(default=3, metadata={"help": "Validation images in the figure (spread over the split)."})
     batch_size: int = field(default=8, metadata={"help": "Evaluation batch size."})
     output_dir: str = field(default="outputs/text_query", metadata={"help": "Where RESULTS.md and the PNG go."})
 
 
-def _query_vocabulary(args: TextQueryArguments, class_names: list[str]):
-    """(embeddings (K', D), names, class index of each name or None without a mapping)."""
-    embeddings = load_text_embeddings(args.query_embeddings)
-    names = [n.strip() for n in (args.query_names or "").split(",") if n.strip()]
-    if len(names) != embeddings.shape[0]:
-        raise UserInputError(f"--query_names gives {len(names)} names for the {embeddings.shape[0]} rows of "
-                             f"{args.query_embeddings}.")
+def check_flags(args: TextQueryArguments) -> None:
+    """Flag checks that need nothing loaded."""
+    if args.num_images < 0 or args.batch_size < 1:
+        raise UserInputError(f"--num_images must be >= 0 and --batch_size >= 1 (got {args.num_images}, "
+                             f"{args.batch_size}).")
+    if args.query_vocabulary and (args.query_embeddings or args.query_names):
+        raise UserInputError("--query_vocabulary replaces --query_embeddings/--query_names: give one or the other.")
+    if args.query_names and not args.query_embeddings:
+        raise UserInputError("--query_names names the rows of --query_embeddings, which is missing.")
+    if (args.query_mapping or args.extra_mapping) and not (args.query_embeddings or args.query_vocabulary):
+        raise UserInputError("--query_mapping/--extra_mapping assign query names: give --query_embeddings or "
+                             "--query_vocabulary.")
+    for flag in ("query_embeddings", "query_mapping"):
+        path = getattr(args, flag)
+        if path and not Path(path).is_file():
+            raise UserInputError(f"--{flag} {path} does not exist.")
+
+
+def _query_rows(args: TextQueryArguments, dim: int) -> tuple[torch.Tensor, list[str]]:
+    """The other vocabulary's ``(K', D)`` embeddings and names: a built-in vocabulary or a file + names."""
+    if args.query_vocabulary:
+        from c2vkd_hf.vocabulary import VOCABULARIES, load_vocabulary
+
+        if args.query_vocabulary not in VOCABULARIES:
+            raise UserInputError(f"--query_vocabulary {args.query_vocabulary!r}: one of {', '.join(VOCABULARIES)}.")
+        names, embeddings = load_vocabulary(args.query_vocabulary)
+        names, source = list(names), f"the built-in vocabulary {args.query_vocabulary}"
+    else:
+        embeddings = load_text_embeddings(args.query_embeddings)
+        names, source = [n.strip() for n in (args.query_names or "").split(",") if n.strip()], args.query_embeddings
+        if len(names) != embeddings.shape[0]:
+            raise UserInputError(f"--query_names gives {len(names)} names for the {embeddings.shape[0]} rows of "
+                                 f"{args.query_embeddings}.")
+    if embeddings.shape[1] != dim:
+        raise UserInputError(f"{source} has {embeddings.shape[1]}-d embeddings but the student's text head expects "
+                             f"{dim}-d ones (the CLIP model it was trained with).")
+    return embeddings, names
+
+
+def _query_vocabulary(args: TextQueryArguments, class_names: list[str], dim: int):
+    """(embeddings (K', D), names, class index of each name or None without a mapping), or ``None``
+    without another vocabulary."""
+    if not (args.query_embeddings or args.query_vocabulary):
+        return None
+    embeddings, names = _query_rows(args, dim)
     if not args.query_mapping and not args.extra_mapping:
         return embeddings, names, None
     lower = {c.lower(): i for i, c in enumerate(class_names)}
@@ -90,7 +136,10 @@ def _query_vocabulary(args: TextQueryArguments, class_names: list[str]):
         assign[name.lower()] = lower[cls.lower()]
 
     if args.query_mapping:
-        mapping = json.loads(Path(args.query_mapping).read_text())
+        try:
+            mapping = json.loads(Path(args.query_mapping).read_text())
+        except ValueError as error:
+            raise UserInputError(f"--query_mapping {args.query_mapping}: {error}") from None
         for cls, queries in mapping.get("mapping", mapping).items():
             for query in [queries] if isinstance(queries, str) else queries:
                 put(query, cls, args.query_mapping)
@@ -111,11 +160,13 @@ def _query_confusion(model: nn.Module, dataset, num_names: int, num_labels: int,
                      batch_size: int) -> tuple[dict, np.ndarray]:
     """mIoU of the mapped query-vocabulary predictions and the (names x classes) pixel counts."""
     from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
 
     metric = StreamingMeanIoU(num_labels, ignore_index=IGNORE_INDEX)
     counts = torch.zeros(num_names, num_labels, dtype=torch.int64)
     lookup = torch.tensor(name_to_class)
-    for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn):
+    batches = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn)
+    for batch in tqdm(batches, desc=f"text query, {num_names} other names", leave=False):
         labels = batch["labels"]
         best = segmentation_scores(model, batch["pixel_values"], output_size=labels.shape[-2:]).argmax(1)
         metric.update(lookup[best], labels)
@@ -167,9 +218,48 @@ def _figure(path: Path, rows: list[dict], class_names: list[str], palette, query
     plt.close(fig)
 
 
+def _show_names(flag: Optional[str], names: list[str], class_names: list[str]) -> list[str]:
+    """The names drawn as heat maps: ``--show_names`` (each one of ``names``), else the first four of
+    ``names`` that are not training class names (the first four training classes when ``names`` are
+    the training classes)."""
+    if flag:
+        show = [n.strip() for n in flag.split(",") if n.strip()]
+        unknown = [n for n in show if n not in names]
+        if unknown:
+            raise UserInputError(f"--show_names {', '.join(unknown)}: not among the query names ({', '.join(names)}).")
+        return show
+    from c2vkd_hf.vocabulary import name_key
+
+    trained = {name_key(c) for c in class_names}
+    unseen = [n for n in names if name_key(n) not in trained]
+    return (unseen or names)[:4]
+
+
+def _figure_rows(student: nn.Module, query: nn.Module, data, transform, count: int, names: list[str],
+                 show: list[str]) -> list[dict]:
+    """Image, label, the student's prediction, the text-query prediction and the heat maps of
+    ``show`` for ``count`` validation images spread evenly over the split."""
+    rows = []
+    picks = [names.index(n) for n in show]
+    for index in sorted({int(i) for i in np.linspace(0, len(data.validation) - 1, count)}):
+        raw = data.validation[index]
+        example = transform({"image": [raw["image"]], "label": [raw["label"]]})
+        pixel_values, label = example["pixel_values"][0][None], np.asarray(example["labels"][0])
+        with torch.inference_mode():
+            pred = segmentation_scores(student, pixel_values, output_size=label.shape).argmax(1)[0]
+            scores = segmentation_scores(query, pixel_values, output_size=label.shape)[0]
+        probs = scores.softmax(0)
+        rows.append({"image": np.asarray(raw["image"].convert("RGB").resize(label.shape[::-1])), "label": label,
+                     "pred": pred.numpy(), "query_pred": scores.argmax(0).numpy(),
+                     "heat": [scores[i].numpy() for i in picks],  # cosine / tau
+                     "max_prob": [float(probs[i].max()) for i in picks]})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     args, data_args = HfArgumentParser((TextQueryArguments, DataArguments)).parse_args_into_dataclasses(args=argv)
+    check_flags(args)
     data_args = saved_data_arguments(args.model_name_or_path, argv, data_args, say=print)
     folder = Path(args.model_name_or_path)
     start = time.time()
@@ -180,6 +270,11 @@ def main(argv: list[str] | None = None) -> dict:
     if student.config.num_labels != len(class_names) or head.text_embeddings.shape[0] != len(class_names):
         raise UserInputError(f"the student ({student.config.num_labels} classes, text head "
                              f"{head.text_embeddings.shape[0]}) does not match the dataset ({len(class_names)}).")
+    # every flag is checked before the first evaluation
+    vocabulary = _query_vocabulary(args, class_names, head.projector.out_channels)
+    names = vocabulary[1] if vocabulary is not None else class_names
+    show = _show_names(args.show_names, names, class_names)
+
     mean, std = image_mean_std(student)
     transform = build_transform(data_args, mean, std, train=False)
     validation = data.validation.with_transform(transform)
@@ -188,15 +283,15 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {"model": str(folder), "dataset": data.name, "num_images": len(validation),
                      "feature": head.feature, "tau": head.tau, "classes": class_names}
     with torch.inference_mode():
-        own = evaluate_model(student, validation, k, batch_size=args.batch_size, progress=False)
-        text = evaluate_model(text_model, validation, k, batch_size=args.batch_size, progress=False)
+        own = evaluate_model(student, validation, k, batch_size=args.batch_size, desc="student head")
+        text = evaluate_model(text_model, validation, k, batch_size=args.batch_size, desc="text query, training names")
     results["student_head"] = own
     results["text_query_training_names"] = text
 
-    query = None
-    if args.query_embeddings:
-        embeddings, names, name_to_class = _query_vocabulary(args, class_names)
-        query = TextQuerySegmenter(student, head, embeddings)
+    query, colours = text_model, list(range(k))  # without other names the figure queries the training names
+    if vocabulary is not None:
+        embeddings, names, name_to_class = vocabulary
+        query, colours = TextQuerySegmenter(student, head, embeddings), name_to_class
         results["query_names"] = names
         if name_to_class is not None:
             with torch.inference_mode():
@@ -207,33 +302,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    show = [n.strip() for n in args.show_names.split(",") if n.strip()]
-    if query is not None and args.num_images > 0:
-        unknown = [n for n in show if n not in results["query_names"]]
-        if unknown:
-            raise UserInputError(f"--show_names {', '.join(unknown)} are not among --query_names.")
-        rows = []
-        palette = data.palette or default_palette(k)
-        count = min(args.num_images, len(data.validation))
-        for index in sorted({int(i) for i in np.linspace(0, len(data.validation) - 1, count)}):
-            raw = data.validation[index]
-            example = transform({"image": [raw["image"]], "label": [raw["label"]]})
-            pixel_values, label = example["pixel_values"][0][None], np.asarray(example["labels"][0])
-            with torch.inference_mode():
-                pred = segmentation_scores(student, pixel_values, output_size=label.shape).argmax(1)[0]
-                scores = segmentation_scores(query, pixel_values, output_size=label.shape)[0]
-            probs = scores.softmax(0)
-            picks = [results["query_names"].index(n) for n in show]
-            rows.append({"image": np.asarray(raw["image"].convert("RGB").resize(label.shape[::-1])), "label": label,
-                         "pred": pred.numpy(), "query_pred": scores.argmax(0).numpy(),
-                         "heat": [scores[i].numpy() for i in picks],  # cosine / tau
-                         "max_prob": [float(probs[i].max()) for i in picks]})
-        _figure(out / "text_query.png", rows, class_names, palette, results["query_names"], show,
-                [class_names.index(results["query_name_to_class"][n]) for n in results["query_names"]]
-                if "query_name_to_class" in results else None)
+    if args.num_images > 0:
+        rows = _figure_rows(student, query, data, transform, min(args.num_images, len(data.validation)), names, show)
+        _figure(out / "text_query.png", rows, class_names, data.palette or default_palette(k), names, show, colours)
     results["wall_time_s"] = time.time() - start
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    (out / "RESULTS.md").write_text(_report(results, argv, show, query is not None and args.num_images > 0))
+    (out / "RESULTS.md").write_text(_report(results, argv, show, args.num_images > 0))
     print(f"student head mIoU {own['mean_iou'] * 100:.2f}%, text query (training names) {text['mean_iou'] * 100:.2f}%"
           + (f", text query (other names) {results['text_query_other_names']['mean_iou'] * 100:.2f}%"
              if "text_query_other_names" in results else "") + f"; wrote {out / 'RESULTS.md'}")
@@ -276,7 +350,7 @@ def _report(results: dict, argv: list[str], show: list[str], figure: bool) -> st
                   "of " + ", ".join(f"'{n}'" for n in show) + ": the name's cosine similarity with each pixel's "
                   "projected feature, min-max scaled per image (titles: the name's largest softmax probability "
                   "within the vocabulary)."]
-    lines += ["", "Command:", "", "```", "python scripts/text_query.py " + " ".join(
+    lines += ["", "Command:", "", "```", "c2vkd-text-query " + " ".join(
         f'"{a}"' if (" " in a or "," in a) else a for a in argv), "```", ""]
     return "\n".join(lines)
 
