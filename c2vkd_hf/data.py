@@ -101,6 +101,8 @@ class SegmentationData:
     ``palette`` holds one RGB colour per class when the source defines one (labels file
     ``palette_rgb``, the synthetic dataset), else ``None`` (use :func:`default_palette`).
     ``dataset_ignore_index`` records the source's own void value that was mapped to 255.
+    ``validation_total``: the validation split's size before ``--max_eval_samples`` (``None``: not
+    recorded; ``len(validation)`` is then the whole split).
     """
 
     train: datasets.Dataset
@@ -110,6 +112,7 @@ class SegmentationData:
     palette: Optional[list[tuple[int, int, int]]] = None
     dataset_ignore_index: Optional[int] = None
     reduce_labels: bool = False
+    validation_total: Optional[int] = None
 
     @property
     def num_labels(self) -> int:
@@ -571,7 +574,10 @@ def _load_folders(args: DataArguments, folders: dict[str, Optional[str]]) -> Seg
     train = _folder_split(train_pairs, "train", mapping, args.max_train_samples)
     validation = _folder_split(eval_pairs, "validation", mapping, args.max_eval_samples)
     name = Path(folders["train_images"]).resolve().parent.name
-    return SegmentationData(train, validation, id2label, name, palette, void, args.reduce_labels)
+    total = None
+    if args.max_eval_samples is not None:
+        total = len(_pair_folders(folders["validation_images"], folders.get("validation_labels"), "validation"))
+    return SegmentationData(train, validation, id2label, name, palette, void, args.reduce_labels, total)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -726,7 +732,8 @@ def _load_hub(args: DataArguments) -> SegmentationData:
         if renames:
             ds = ds.rename_columns(renames)
         splits[split] = _hub_split(ds, split, mapping, limit, name)
-    return SegmentationData(splits[train_split], splits[val_split], id2label, name, palette, void, args.reduce_labels)
+    return SegmentationData(splits[train_split], splits[val_split], id2label, name, palette, void, args.reduce_labels,
+                            len(dataset[val_split]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -905,7 +912,8 @@ def _load_synthetic(args: DataArguments) -> SegmentationData:
     h, w, seed = args.synthetic_height, args.synthetic_width, args.synthetic_seed
     train = make_synthetic_dataset(n_train, h, w, seed)
     validation = make_synthetic_dataset(n_val, h, w, seed, start_index=_SYNTHETIC_VALIDATION_OFFSET)
-    return SegmentationData(train, validation, dict(enumerate(SYNTHETIC_CLASSES)), "synthetic", list(SYNTHETIC_PALETTE))
+    return SegmentationData(train, validation, dict(enumerate(SYNTHETIC_CLASSES)), "synthetic", list(SYNTHETIC_PALETTE),
+                            validation_total=args.synthetic_validation_size)
 
 
 # ---------------------------------------------------------------------------------------------

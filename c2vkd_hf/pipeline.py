@@ -47,7 +47,6 @@ from .models import (
     student_image_processor,
 )
 from .losses.schedule import parse_schedules
-from .text import get_text_embeddings
 from .text_head import TextHead
 from .trainer import (
     DistillationModel,
@@ -399,7 +398,7 @@ def evaluate_model(model: nn.Module, dataset, num_labels: int, *, batch_size: in
                    progress: bool = True, scales: tuple = (1.0,), flip: bool = False,
                    window: Optional[tuple[int, int]] = None, stride: Optional[tuple[int, int]] = None,
                    accelerator=None, predictions_dir: Optional[str] = None, palette=None,
-                   max_predictions: Optional[int] = None) -> dict[str, Any]:
+                   max_predictions: Optional[int] = None, desc: str = "evaluating") -> dict[str, Any]:
     """mIoU of ``model`` on a transformed dataset (``pixel_values``/``labels``), predictions at the label
     size. Re-normalises inputs when the model's mean/std differ from the data's.
 
@@ -412,7 +411,7 @@ def evaluate_model(model: nn.Module, dataset, num_labels: int, *, batch_size: in
     confusion matrices are summed across processes (:meth:`StreamingMeanIoU.reduce`); every process
     returns the same metrics. ``predictions_dir``: colourised predictions (``palette``, default
     :func:`default_palette`) saved as ``<dataset index>.png``, for the first ``max_predictions`` images
-    (all when ``None``).
+    (all when ``None``). ``desc`` labels the progress bar.
     """
     from torch.utils.data import DataLoader, Subset
     from tqdm.auto import tqdm
@@ -434,7 +433,7 @@ def evaluate_model(model: nn.Module, dataset, num_labels: int, *, batch_size: in
     metric = StreamingMeanIoU(num_labels, ignore_index=IGNORE_INDEX)
     loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, collate_fn=collate_fn)
     position = 0
-    for batch in tqdm(loader, desc="evaluating", disable=not progress, leave=False):
+    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
         pixel_values = batch["pixel_values"].to(device)
         if model_mean_std is not None and data_mean_std is not None:
             pixel_values = renormalize(pixel_values, *data_mean_std, *model_mean_std)
@@ -625,6 +624,47 @@ def build_text_head(args: DistillationArguments, student: nn.Module, s_channels:
     return head
 
 
+def distillation_text_embeddings(dist_args: DistillationArguments, id2label: dict[int, str], output_dir: Path,
+                                 notes: list[str]) -> tuple[Optional[torch.Tensor], Optional[str]]:
+    """The class-name text embeddings of C2VKD's linguistic term or of the text head (``--text_head``,
+    any method) and their source (one line, for ``results.json`` and the card), or ``(None, None)`` when
+    neither is asked for, or no embeddings are found (then a loud warning and a note for the card;
+    ``--text_head true`` is refused).
+
+    Sources, first found: ``--text_embeddings``, ``--clip_model``, the built-in CLIP vocabulary when it
+    names every class (:mod:`c2vkd_hf.vocabulary`; the log says which names matched what)."""
+    if not ((dist_args.method == "c2vkd" and dist_args.ling_weight > 0) or dist_args.text_head):
+        return None, None
+    from .text import resolve_text_embeddings
+    from .vocabulary import closest_vocabulary
+
+    class_names = [id2label[i] for i in range(len(id2label))]
+    # fork_rng: computing embeddings (or finding them cached) must not change the models' initialisation
+    with user_errors(f"--text_embeddings {dist_args.text_embeddings}" if dist_args.text_embeddings
+                     else "text embeddings"), torch.random.fork_rng(devices=[]):
+        resolved = resolve_text_embeddings(
+            class_names, text_embeddings=dist_args.text_embeddings, clip_model=dist_args.clip_model,
+            clip_pretrained=dist_args.clip_pretrained, templates=dist_args.prompt_templates,
+            cache_dir=str(output_dir / "text_cache"))
+    if resolved is None and dist_args.text_head:
+        raise UserInputError("--text_head needs the class names' text embeddings, and the built-in CLIP vocabulary "
+                             "does not name every class: give --text_embeddings FILE or --clip_model NAME "
+                             "--clip_pretrained TAG_OR_CHECKPOINT.")
+    if resolved is None:
+        closest, missing = closest_vocabulary(class_names)
+        logger.warning(
+            "\n" + "!" * 100 + "\nC2VKD's linguistic term is OFF: no class-name text embeddings. The built-in CLIP "
+            f"vocabulary does not name every class (closest: '{closest}', which lacks {', '.join(missing)}; see "
+            "c2vkd_hf/vocabulary.py for its synonyms). Enable it with --text_embeddings FILE ([num_classes, dim] "
+            ".pth/.safetensors/.npy) or --clip_model NAME --clip_pretrained TAG_OR_CHECKPOINT (needs CLIP "
+            "weights).\n" + "!" * 100)
+        notes.append("The linguistic (CLIP text) term of VLFD was off: no text embeddings were available.")
+        return None, None
+    logger.info("Class-name text embeddings: %s", resolved.source)
+    check_class_agreement(id2label, text_embeddings=resolved.embeddings, text_source=resolved.source)
+    return resolved.embeddings, resolved.source
+
+
 @dataclasses.dataclass
 class DistillationSetup:
     """Everything :func:`setup_distillation` built: the ready :class:`DistillationTrainer` and what the
@@ -638,6 +678,7 @@ class DistillationSetup:
     text_embeddings: Optional[torch.Tensor]
     notes: list[str]
     teacher_cache: Any = None
+    text_source: Optional[str] = None
 
 
 def setup_distillation(dist_args: DistillationArguments, data_args: DataArguments,
@@ -653,27 +694,7 @@ def setup_distillation(dist_args: DistillationArguments, data_args: DataArgument
     id2label = data.id2label
     notes: list[str] = []
 
-    text_embeddings = None
-    if (dist_args.method == "c2vkd" and dist_args.ling_weight > 0) or dist_args.text_head:
-        # fork_rng: computing embeddings (or finding them cached) must not change the models' initialisation
-        with user_errors(f"--text_embeddings {dist_args.text_embeddings}" if dist_args.text_embeddings
-                         else "text embeddings"), torch.random.fork_rng(devices=[]):
-            text_embeddings = get_text_embeddings(
-                [id2label[i] for i in range(len(id2label))], text_embeddings=dist_args.text_embeddings,
-                clip_model=dist_args.clip_model, clip_pretrained=dist_args.clip_pretrained,
-                templates=dist_args.prompt_templates, cache_dir=str(output_dir / "text_cache"))
-        if text_embeddings is None and dist_args.text_head:
-            raise UserInputError("--text_head needs the class names' text embeddings: --text_embeddings FILE or "
-                                 "--clip_model NAME --clip_pretrained TAG_OR_CHECKPOINT.")
-        if text_embeddings is None:
-            logger.warning(
-                "\n" + "!" * 100 + "\nC2VKD's linguistic term is OFF: no class-name text embeddings. Enable it with "
-                "--text_embeddings FILE ([num_classes, dim] .pth/.safetensors/.npy) or --clip_model NAME "
-                "--clip_pretrained TAG_OR_CHECKPOINT (needs CLIP weights).\n" + "!" * 100)
-            notes.append("The linguistic (CLIP text) term of VLFD was off: no text embeddings were available.")
-        else:
-            check_class_agreement(id2label, text_embeddings=text_embeddings,
-                                  text_source=dist_args.text_embeddings or f"{dist_args.clip_model} embeddings")
+    text_embeddings, text_source = distillation_text_embeddings(dist_args, id2label, output_dir, notes)
 
     teacher = None
     teacher_name = dist_args.teacher_name_or_path
@@ -743,7 +764,7 @@ def setup_distillation(dist_args: DistillationArguments, data_args: DataArgument
         teacher_mean_std=image_mean_std(teacher) if teacher is not None else None, teacher_cache=teacher_cache)
     return DistillationSetup(trainer=trainer, data=data, loss_module=loss_module, teacher=teacher,
                              teacher_name=teacher_name, text_embeddings=text_embeddings, notes=notes,
-                             teacher_cache=teacher_cache)
+                             teacher_cache=teacher_cache, text_source=text_source)
 
 
 def open_teacher_cache(dist_args: DistillationArguments, data_args: DataArguments,
@@ -800,8 +821,10 @@ def run_distillation(dist_args: DistillationArguments, data_args: DataArguments,
         "teacher": teacher_name,
         "student": dist_args.student_name_or_path,
         "dataset": data.name,
+        **evaluation_size(data),
         "linguistic_term": "ling" in getattr(loss_module, "weights", {}),
         "text_head": trainer.model.text_head is not None,
+        "text_embeddings_source": setup.text_source,
         "evaluated_on": (f"selection split (training images matching {data_args.selection_holdout!r})"
                          if data_args.selection_holdout else "validation"),
         "notes": notes,
@@ -822,7 +845,7 @@ def run_distillation(dist_args: DistillationArguments, data_args: DataArguments,
                 results["teacher_val_mean_iou"] = teacher_miou
             results["baseline_val_mean_iou"] = baseline_miou
             write_student_card(output_dir, trainer, results, data, data_args, teacher_miou=teacher_miou,
-                               baseline_miou=baseline_miou)
+                               baseline_miou=baseline_miou, teacher=teacher)
             _write_json(output_dir / RESULTS_NAME, results)
     return results
 
@@ -830,9 +853,10 @@ def run_distillation(dist_args: DistillationArguments, data_args: DataArguments,
 def teacher_val_miou(teacher: nn.Module, teacher_name: str, data: SegmentationData, data_args: DataArguments,
                      training_args: TrainingArguments) -> float:
     """The teacher's validation mIoU under the same evaluation protocol (cached in ``teacher_results.json``
-    beside a local teacher when it was made by ``train_teacher``)."""
+    beside a local teacher when it was made by ``train_teacher``; measured on the same images when the
+    student is evaluated on a subset of the split)."""
     saved = Path(teacher_name) / "teacher_results.json"
-    if saved.is_file():
+    if saved.is_file() and not is_eval_subset(data):
         return float(json.loads(saved.read_text())["val_mean_iou"])
     mean, std = image_mean_std(teacher)
     _, validation, _ = _datasets_for(data, data_args, mean, std)
@@ -840,11 +864,26 @@ def teacher_val_miou(teacher: nn.Module, teacher_name: str, data: SegmentationDa
                                 batch_size=training_args.per_device_eval_batch_size)["mean_iou"])
 
 
+def evaluation_size(data: SegmentationData) -> dict[str, int]:
+    """``eval_images`` (validation images evaluated) and ``eval_images_total`` (the split's size)."""
+    evaluated = len(data.validation)
+    return {"eval_images": evaluated, "eval_images_total": max(evaluated, data.validation_total or evaluated)}
+
+
+def is_eval_subset(data: SegmentationData) -> bool:
+    """Whether only part of the validation split is evaluated (``--max_eval_samples``)."""
+    size = evaluation_size(data)
+    return size["eval_images"] < size["eval_images_total"]
+
+
 def write_student_card(output_dir: Path, trainer: DistillationTrainer, results: dict[str, Any],
                        data: SegmentationData, data_args: DataArguments, *, teacher_miou: Optional[float],
-                       baseline_miou: Optional[float] = None, num_images: int = 3) -> Path:
-    """Writes README.md (model card), ``predictions.png`` and ``training_curves.png`` into ``output_dir``."""
-    from .model_card import CURVES_NAME, OVERLAY_NAME, build_model_card, plot_training_curves, save_prediction_overlay
+                       baseline_miou: Optional[float] = None, num_images: int = 3,
+                       teacher: Optional[nn.Module] = None) -> Path:
+    """Writes README.md (model card), ``predictions.png`` and ``training_curves.png`` into ``output_dir``.
+    ``teacher``: the teacher model, which the card describes unless it has a Hub id."""
+    from .model_card import (CURVES_NAME, OVERLAY_NAME, build_model_card, plot_training_curves, save_prediction_overlay,
+                             teacher_description)
 
     student = trainer.accelerator.unwrap_model(trainer.model).student.eval()
     mean, std = image_mean_std(student)
@@ -868,37 +907,67 @@ def write_student_card(output_dir: Path, trainer: DistillationTrainer, results: 
     metrics = {"mean_iou": results["val_mean_iou"], "overall_accuracy": results.get("overall_accuracy") or float("nan"),
                "per_category_iou": [float("nan") if v is None else v for v in results["per_category_iou"]]}
     args = trainer.args
+    teacher_name = results.get("teacher")
+    if teacher is not None and teacher_name:
+        teacher_name = teacher_description(teacher, teacher_name, teacher_miou)
     card = build_model_card(
-        repo_id=args.hub_model_id or output_dir.name, metrics=metrics, id2label=data.id2label,
+        repo_id=args.hub_model_id or str(output_dir), metrics=metrics, id2label=data.id2label,
         dataset_name=data.name, dataset_split="validation", method=results["method"],
-        teacher_name=results.get("teacher"), teacher_miou=teacher_miou, baseline_miou=baseline_miou,
+        teacher_name=teacher_name, teacher_miou=teacher_miou, baseline_miou=baseline_miou,
         loss_weights=results.get("loss_weights"),
         schedule={"steps": results["steps"], "per_device_batch_size": args.per_device_train_batch_size,
                   "gradient_accumulation_steps": args.gradient_accumulation_steps,
                   "learning_rate": args.learning_rate, "scheduler": getattr(args.lr_scheduler_type, "value", str(args.lr_scheduler_type)), "seed": args.seed},
         notes=results.get("notes", []), student_type=type(student).__name__.replace("ForSemanticSegmentation", ""),
-        overlay_image=OVERLAY_NAME if overlay else None, curves_image=CURVES_NAME if curves else None)
+        overlay_image=OVERLAY_NAME if overlay else None, curves_image=CURVES_NAME if curves else None,
+        eval_images=results.get("eval_images"), eval_images_total=results.get("eval_images_total"),
+        text_source=results.get("text_embeddings_source"))
     card.save(str(output_dir / "README.md"))
     return output_dir / "README.md"
 
 
+#: What ``--push_to_hub`` leaves out of the output folder: training state (``checkpoint-*``,
+#: ``training_args.bin``), the default job's teacher and baseline, caches and partial files.
+PUSH_IGNORE_PATTERNS = ("checkpoint-*", "checkpoint-*/**", "teacher/**", "baseline/**", "text_cache/**", "*.tmp",
+                        "training_args.bin")
+
+
+def manual_upload_instructions(output_dir: Path, repo_id: str, private: Optional[bool] = None) -> str:
+    """A shell command (the ``hf`` CLI of huggingface_hub) and the same few lines of Python that upload
+    exactly the files :func:`push_student_to_hub` would (same repo, same ``PUSH_IGNORE_PATTERNS``)."""
+    import shlex
+
+    excludes = " ".join(f"--exclude {shlex.quote(p)}" for p in PUSH_IGNORE_PATTERNS)
+    private_flag = " --private" if private else ""
+    command = f"hf upload {shlex.quote(repo_id)} {shlex.quote(str(output_dir))} {excludes}{private_flag}"
+    python = [
+        "from huggingface_hub import HfApi",
+        "api = HfApi()",
+        f"repo = api.create_repo({repo_id!r}, {'private=True, ' if private else ''}exist_ok=True).repo_id",
+        f"api.upload_folder(folder_path={str(output_dir)!r}, repo_id=repo,",
+        f"                  ignore_patterns={list(PUSH_IGNORE_PATTERNS)!r})",
+    ]
+    return "\n".join(["    " + command, "", "or in Python:", "", *("    " + line for line in python)])
+
+
 def push_student_to_hub(output_dir: Path, repo_id: Optional[str], token: Optional[str] = None,
                         private: Optional[bool] = None) -> str:
-    """Uploads the saved student folder (weights, config, processor, card, images). Everything is
-    already saved locally; without network this raises :class:`UserInputError` saying so."""
+    """Uploads the saved student folder (weights, config, processor, card, images; not
+    :data:`PUSH_IGNORE_PATTERNS`). Everything is already saved locally; when the upload fails (no
+    network, no login) this raises :class:`UserInputError` with a command and a Python snippet that
+    upload the same files later (:func:`manual_upload_instructions`)."""
     from huggingface_hub import HfApi
 
     repo_id = repo_id or output_dir.name
     api = HfApi(token=token)
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True)
-        api.upload_folder(folder_path=str(output_dir), repo_id=url.repo_id,
-                          ignore_patterns=["checkpoint-*", "checkpoint-*/**", "teacher/**", "baseline/**",
-                                           "text_cache/**", "*.tmp", "training_args.bin"])
-    except Exception as error:  # network, auth: the user needs one clear sentence, not a traceback
+        api.upload_folder(folder_path=str(output_dir), repo_id=url.repo_id, ignore_patterns=list(PUSH_IGNORE_PATTERNS))
+    except Exception as error:  # network, auth: the user needs one clear message, not a traceback
         reason = type(error).__name__
         raise UserInputError(
             f"--push_to_hub failed ({reason}): could not upload to the Hub repo '{repo_id}'. The student, its "
-            f"card and results are saved in {output_dir}; upload later with `huggingface-cli upload {repo_id} "
-            f"{output_dir}` once online and logged in.") from None
+            f"card and results are saved in {output_dir}. Once online and logged in (`hf auth login`), upload "
+            f"the files the push would (no checkpoints, no training_args.bin) with\n\n"
+            f"{manual_upload_instructions(output_dir, repo_id, private)}\n") from None
     return url.repo_id

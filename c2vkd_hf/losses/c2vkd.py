@@ -15,8 +15,8 @@ al., CVPR 2022; CSKD, Zhao et al., ICCV 2023). Once its weight has reached 0 the
 
 Which logits CE and PDD read is the trainer's choice: the student's own classifier's, or (the
 default with the ``decoder`` feature pair and text embeddings) the linguistic head's pixel-text
-logits ``S``, which become the student's classifier at the end (``c2vkd_hf.trainer.DistillationModel``,
-``text_head_logits``). Training the head that ships with the labels and PDD, not only with the
+logits ``S`` of the student's text head (``--text_head``, :mod:`c2vkd_hf.text_head`), whose projector the
+linguistic term then shares and which becomes the student's classifier at the end. Training the head that ships with the labels and PDD, not only with the
 linguistic term on the feature grid, raised CamVid val mIoU by +1.5 points on average over 3 seeds;
 this is our addition, not the paper's. The same head with no teacher term scored higher still, so
 that gain belongs to the head, not to distillation (``benchmarks/camvid/FINDINGS.md``, section 3a).

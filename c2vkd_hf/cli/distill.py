@@ -1,0 +1,125 @@
+"""``c2vkd-distill``: distil a CNN segmentation teacher into a ViT student (C2VKD or a peer method).
+
+    c2vkd-distill --output_dir runs/demo                                    # offline default job
+    accelerate launch scripts/distill.py config.yaml                        # all flags from one file
+    accelerate launch -m c2vkd_hf.cli.distill --teacher_name_or_path T --train_images ... --method c2vkd ...
+
+Flags: ``DistillationArguments`` and ``DataArguments`` (``c2vkd_hf/config.py``) and transformers'
+``TrainingArguments``. Without a teacher on the synthetic dataset (the default), it trains a small CNN
+teacher first (cached in ``<output_dir>/teacher``), a no-teacher baseline on the same schedule
+(``<output_dir>/baseline``), then the student, and prints the three mIoUs.
+
+``--teacher_cache DIR`` replays the teacher's outputs from a cache instead of running the teacher each
+step (built first when missing; see ``scripts/cache_teacher.py`` and ``c2vkd_hf/cache.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+from transformers import HfArgumentParser, TrainingArguments
+
+from c2vkd_hf.config import DataArguments, DistillationArguments
+from c2vkd_hf.pipeline import (
+    RESULTS_NAME,
+    UserInputError,
+    config_file_arguments,
+    push_student_to_hub,
+    run_distillation,
+    run_script,
+    validate_distillation_args,
+)
+
+logger = logging.getLogger("c2vkd_hf")
+
+#: Defaults of this script where they differ from TrainingArguments' (a flag or config value wins).
+SCRIPT_DEFAULTS = {
+    "output_dir": "outputs/c2vkd-default",
+    "learning_rate": 6e-4,
+    "lr_scheduler_type": "polynomial",
+    "warmup_steps": 20,
+    "weight_decay": 0.01,
+    "per_device_train_batch_size": 8,
+    "per_device_eval_batch_size": 8,
+    "max_steps": 200,
+    "eval_strategy": "steps",
+    "eval_steps": 100,
+    "save_strategy": "steps",
+    "save_steps": 100,
+    "save_total_limit": 2,
+    "logging_steps": 10,
+    "seed": 0,
+    "report_to": "none",
+}
+
+
+def parse_args(argv: list[str]):
+    parser = HfArgumentParser((DistillationArguments, DataArguments, TrainingArguments))
+    parser.add_argument("--train_baseline", choices=["auto", "true", "false"], default="auto",
+                        help="Also train the student without a teacher on the same schedule (default: only in "
+                             "the offline default job).")
+    config = config_file_arguments(argv)
+    if config is not None:
+        merged = {**SCRIPT_DEFAULTS, **config}
+        train_baseline = str(merged.pop("train_baseline", "auto")).lower()
+        try:
+            dist_args, data_args, training_args = parser.parse_dict(merged)
+        except ValueError as error:
+            raise UserInputError(f"Config file {argv[0]}: {error}") from None
+        return dist_args, data_args, training_args, train_baseline
+    defaults = [f"--{key}={value}" for key, value in SCRIPT_DEFAULTS.items()]
+    dist_args, data_args, training_args, extra = parser.parse_args_into_dataclasses(args=defaults + argv)
+    return dist_args, data_args, training_args, extra.train_baseline
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    dist_args, data_args, training_args, train_baseline = parse_args(argv)
+    validate_distillation_args(dist_args)  # before anything is loaded or trained
+    push, training_args.push_to_hub = training_args.push_to_hub, False  # pushed once, after everything is saved
+    is_default_job = data_args.dataset_name == "synthetic" and data_args.train_images is None
+    baseline = is_default_job if train_baseline == "auto" else train_baseline == "true"
+    output_dir = Path(training_args.output_dir)
+
+    baseline_miou = None
+    if baseline and dist_args.method != "none":
+        from dataclasses import replace
+
+        baseline_dir = output_dir / "baseline"
+        done = baseline_dir / RESULTS_NAME
+        if done.is_file():
+            baseline_miou = json.loads(done.read_text())["val_mean_iou"]
+        else:
+            baseline_args = replace(training_args, output_dir=str(baseline_dir))
+            baseline_miou = run_distillation(replace(dist_args, method="none"), data_args, baseline_args,
+                                             write_card=False)["val_mean_iou"]
+    results = run_distillation(dist_args, data_args, training_args, baseline_miou=baseline_miou)
+
+    rows = [(f"student ({results['method']})", results["val_mean_iou"])]
+    if results.get("teacher_val_mean_iou") is not None:
+        rows.append((f"teacher ({results['teacher']})", results["teacher_val_mean_iou"]))
+    if baseline_miou is not None:
+        rows.append(("student without teacher, same schedule", baseline_miou))
+    print("\nValidation mIoU on", results["dataset"])
+    for name, value in rows:
+        print(f"  {value * 100:6.2f}%  {name}")
+    print(f"Saved the student to {output_dir} ({results['wall_time_s']:.0f} s).")
+    if push:
+        repo = push_student_to_hub(output_dir, training_args.hub_model_id, training_args.hub_token,
+                                   training_args.hub_private_repo)
+        print(f"Pushed to https://huggingface.co/{repo}")
+    return results
+
+
+def run(argv: list[str] | None = None) -> int:
+    """The ``c2vkd-distill`` command: :func:`main`, with one-line errors and exit codes
+    (:func:`~c2vkd_hf.pipeline.run_script`)."""
+    return run_script(main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(run())
