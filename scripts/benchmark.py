@@ -5,7 +5,7 @@
     python scripts/benchmark.py --report_only                   # only regenerate RESULTS.md, ABLATIONS.md, plots
     python scripts/benchmark.py --protocol short --runs "c2vkd-stage:c2vkd:--stage_weight 0.1 --stage_pairs ..."
 
-**Protocols.** ``short``: 400 steps, evaluated every 100 (about 9 epochs); ``long``: 3000 steps, every 250.
+**Protocols.** ``short``: 400 steps, evaluated every 100 (about 9 epochs); ``long``: 2000 steps (5x, about 44 epochs), every 250.
 Batch 8 at 120x160, SegFormer-B0 from random init, the reference UperNet + EfficientNet-Lite0 teacher.
 
 **Splits.** Each configuration and seed is trained twice: on the full train split, evaluated on val
@@ -47,7 +47,7 @@ from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
-PROTOCOLS = {"short": {"max_steps": 400, "eval_steps": 100}, "long": {"max_steps": 3000, "eval_steps": 250}}
+PROTOCOLS = {"short": {"max_steps": 400, "eval_steps": 100}, "long": {"max_steps": 2000, "eval_steps": 250}}
 SPLITS = ("val", "selection")
 SELECTION_HOLDOUT = "0006R0_*"
 PEERS = ("kd", "cwd", "dist", "dkd")
