@@ -51,7 +51,9 @@ from c2vkd_hf.config import IGNORE_INDEX, DataArguments
 from c2vkd_hf.data import build_transform, collate_fn, colorize, default_palette, load_segmentation_data
 from c2vkd_hf.metrics import StreamingMeanIoU
 from c2vkd_hf.models import fix_patch_grid, image_mean_std
-from c2vkd_hf.pipeline import UserInputError, evaluate_model, run_script, saved_data_arguments, segmentation_scores
+from c2vkd_hf.pipeline import (UserInputError, evaluate_model, run_script, saved_data_arguments, segmentation_scores,
+                               user_errors)
+from c2vkd_hf.validation import check_output_dir, parse_script_arguments
 from c2vkd_hf.text import load_text_embeddings
 from c2vkd_hf.text_query import TextQuerySegmenter, load_text_head
 
@@ -73,9 +75,15 @@ class TextQueryArguments:
     output_dir: str = field(default="outputs/text_query", metadata={"help": "Where RESULTS.md and the PNG go."})
 
 
-def _query_vocabulary(args: TextQueryArguments, class_names: list[str]):
-    """(embeddings (K', D), names, class index of each name or None without a mapping)."""
-    embeddings = load_text_embeddings(args.query_embeddings)
+def _query_vocabulary(args: TextQueryArguments, class_names: list[str], dim: int):
+    """(embeddings (K', D), names, class index of each name or None without a mapping); the
+    embeddings must be finite and of the text head's dimension ``dim``."""
+    with user_errors(f"--query_embeddings {args.query_embeddings}"):
+        embeddings = load_text_embeddings(args.query_embeddings)
+    if embeddings.dim() != 2 or embeddings.shape[1] != dim:
+        raise UserInputError(f"--query_embeddings {args.query_embeddings} holds embeddings of shape "
+                             f"{tuple(embeddings.shape)}, but the student's text head needs (K, {dim}): use text "
+                             f"embeddings of the CLIP model the student was trained with.")
     names = [n.strip() for n in (args.query_names or "").split(",") if n.strip()]
     if len(names) != embeddings.shape[0]:
         raise UserInputError(f"--query_names gives {len(names)} names for the {embeddings.shape[0]} rows of "
@@ -91,7 +99,10 @@ def _query_vocabulary(args: TextQueryArguments, class_names: list[str]):
         assign[name.lower()] = lower[cls.lower()]
 
     if args.query_mapping:
-        mapping = json.loads(Path(args.query_mapping).read_text())
+        with user_errors(f"--query_mapping {args.query_mapping}"):
+            mapping = json.loads(Path(args.query_mapping).read_text())
+        if not isinstance(mapping, dict):
+            raise UserInputError(f"--query_mapping {args.query_mapping} must hold a JSON object.")
         for cls, queries in mapping.get("mapping", mapping).items():
             for query in [queries] if isinstance(queries, str) else queries:
                 put(query, cls, args.query_mapping)
@@ -170,12 +181,14 @@ def _figure(path: Path, rows: list[dict], class_names: list[str], palette, query
 
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
-    args, data_args = HfArgumentParser((TextQueryArguments, DataArguments)).parse_args_into_dataclasses(args=argv)
+    args, data_args, _ = parse_script_arguments(HfArgumentParser((TextQueryArguments, DataArguments)), argv, {})
     data_args = saved_data_arguments(args.model_name_or_path, argv, data_args, say=print)
+    check_output_dir(args.output_dir)
     folder = Path(args.model_name_or_path)
     start = time.time()
-    student = fix_patch_grid(AutoModelForSemanticSegmentation.from_pretrained(folder)).eval()
-    head = load_text_head(folder)
+    with user_errors(f"--model_name_or_path {folder}"):
+        student = fix_patch_grid(AutoModelForSemanticSegmentation.from_pretrained(folder)).eval()
+        head = load_text_head(folder)
     data = load_segmentation_data(data_args)
     class_names = [data.id2label[i] for i in range(len(data.id2label))]
     if student.config.num_labels != len(class_names) or head.text_embeddings.shape[0] != len(class_names):
@@ -196,7 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     query = None
     if args.query_embeddings:
-        embeddings, names, name_to_class = _query_vocabulary(args, class_names)
+        embeddings, names, name_to_class = _query_vocabulary(args, class_names, head.projector.out_channels)
         query = TextQuerySegmenter(student, head, embeddings)
         results["query_names"] = names
         if name_to_class is not None:
