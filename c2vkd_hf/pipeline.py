@@ -509,12 +509,14 @@ def _saved_run_config(results: dict) -> Optional[dict]:
 
 def train_evaluate_save(trainer: SafeCheckpointTrainer, training_args: TrainingArguments,
                         output_dir: Path, config: dict) -> dict[str, float]:
-    """Records the run's ``config`` (``run_config.json``), trains (resuming from the last complete
-    checkpoint), evaluates, saves; returns the metrics."""
+    """Trains (resuming from the last complete checkpoint), evaluates, saves; returns the metrics. A
+    fresh run first records its ``config`` (``run_config.json``); a resumed one was checked against it
+    (:func:`previous_run`), or, started by an earlier version without one, against the checkpoint's
+    weights (``SafeCheckpointTrainer.train``)."""
     last = resume_checkpoint(training_args)
     if last:
         logger.warning("Resuming from %s", last)
-    if trainer.is_world_process_zero():
+    elif trainer.is_world_process_zero():
         with save_errors(output_dir):
             write_run_config(output_dir, config)
     trainer.train(resume_from_checkpoint=last)
