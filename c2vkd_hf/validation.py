@@ -66,7 +66,8 @@ def _eval_steps(v: float) -> Optional[str]:
 RANGES: dict[str, Callable[[Any], Optional[str]]] = {
     # TrainingArguments
     "per_device_train_batch_size": _at_least(1), "per_device_eval_batch_size": _at_least(1),
-    "gradient_accumulation_steps": _at_least(1), "learning_rate": _at_least(0, float), "weight_decay": _at_least(0, float),
+    "gradient_accumulation_steps": _at_least(1), "learning_rate": _at_least(0, float),
+    "weight_decay": _at_least(0, float),
     "max_grad_norm": _at_least(0, float), "warmup_steps": _at_least(0, float), "max_steps": _max_steps,
     "num_train_epochs": _above(0), "eval_steps": _eval_steps, "save_steps": _eval_steps, "logging_steps": _eval_steps,
     "save_total_limit": _at_least(1), "seed": _at_least(0), "dataloader_num_workers": _at_least(0),
