@@ -191,3 +191,11 @@ class DistillationArguments:
                                 "<output_dir>/teacher)."})
     default_teacher_steps: int = field(
         default=150, metadata={"help": "Offline default job: training steps of its small teacher."})
+
+    # the output folder
+    retrain: bool = field(
+        default=False,
+        metadata={"help": "Train from scratch even when --output_dir holds a finished run of this configuration, or "
+                  "another configuration's run: its results, checkpoints and run_config.json are deleted first. "
+                  "Without it a finished run is not trained again, an interrupted one is resumed, and another "
+                  "configuration's run is refused."})

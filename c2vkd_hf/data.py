@@ -114,6 +114,15 @@ class SegmentationData:
     reduce_labels: bool = False
     validation_total: Optional[int] = None
 
+    def __post_init__(self):
+        """Refuses a label set that would give silently wrong results (``c2vkd_hf.validation``):
+        duplicate class names, a void value that is a class's value, a split whose masks are all void."""
+        from .validation import check_label_set, check_not_all_void
+
+        check_label_set(self.id2label, self.dataset_ignore_index, self.reduce_labels, f"dataset {self.name}")
+        check_not_all_void(self.train, "train", IGNORE_INDEX)
+        check_not_all_void(self.validation, "validation", IGNORE_INDEX)
+
     @property
     def num_labels(self) -> int:
         return len(self.id2label)

@@ -47,6 +47,7 @@ from .models import (
     student_image_processor,
 )
 from .losses.schedule import parse_schedules
+from .runs import check_previous_run, run_config, write_run_config
 from .text_head import TextHead
 from .trainer import (
     DistillationModel,
@@ -61,14 +62,12 @@ from .trainer import (
     parse_feature_pairs,
     text_head_fold_problem,
 )
+from .validation import UserInputError, check_input_sizes, check_output_dir, is_write_failure, save_errors
 
 logger = logging.getLogger(__name__)
 
 RESULTS_NAME = "results.json"
-
-
-class UserInputError(ValueError):
-    """A problem with the user's flags, files or data: reported as one message, no traceback."""
+TEACHER_RESULTS_NAME = "teacher_results.json"
 
 
 #: Exit codes of the scripts: bad input (flags, files, data) and a loss that became NaN/inf.
@@ -78,10 +77,12 @@ EXIT_NON_FINITE_LOSS = 3
 
 def run_script(main, argv: Optional[list[str]] = None, user_errors: tuple = ()) -> int:
     """Runs a script's ``main(argv)`` and returns its exit code: 0; :data:`EXIT_USER_ERROR` for a
-    :class:`UserInputError`, :class:`~c2vkd_hf.data.DataValidationError`, ``FileNotFoundError`` or
-    one of ``user_errors``; :data:`EXIT_NON_FINITE_LOSS` when training stopped on a NaN/inf loss (the
-    last complete checkpoint is kept). These print one ``error: ...`` paragraph on stderr, no
-    traceback; any other exception is a bug and propagates with its traceback."""
+    :class:`UserInputError`, :class:`~c2vkd_hf.data.DataValidationError`, ``FileNotFoundError``, a
+    write that failed because of the machine (full disk, read-only, permissions) or one of
+    ``user_errors``; :data:`EXIT_NON_FINITE_LOSS` when training stopped on a NaN/inf loss (the last
+    complete checkpoint is kept). These print one ``error: ...`` paragraph on stderr, no traceback
+    (under ``accelerate launch``/``torchrun`` too: the process exits with the code); any other
+    exception is a bug and propagates with its traceback."""
     from .data import DataValidationError
 
     try:
@@ -92,6 +93,11 @@ def run_script(main, argv: Optional[list[str]] = None, user_errors: tuple = ()) 
     except NonFiniteLossError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_NON_FINITE_LOSS
+    except OSError as error:
+        if not is_write_failure(error):
+            raise
+        print(f"error: could not write {error.filename or 'a file'} ({error.strerror}).", file=sys.stderr)
+        return EXIT_USER_ERROR
     return 0
 
 
@@ -115,14 +121,19 @@ def config_file_arguments(argv: list[str]) -> Optional[dict]:
 
 def saved_data_arguments(model_dir, argv: list[str], data_args: DataArguments,
                          say=logger.info) -> DataArguments:
-    """``data_args``, or, when ``argv`` sets no data flag and ``model_dir`` holds the ``results.json``
-    that ``distill.py``/``train_teacher.py`` write, the data configuration saved there (so a trained
-    model is evaluated on the data it was trained for without repeating the flags)."""
+    """``data_args`` when ``argv`` sets a data flag; else the data configuration saved in the
+    ``results.json`` that ``distill.py`` writes in ``model_dir`` (so a trained model is evaluated on
+    the data it was trained for without repeating the flags). Neither: a :class:`UserInputError`
+    asking for the data (never a silent evaluation on the built-in synthetic scenes)."""
     saved = Path(model_dir) / RESULTS_NAME
     names = {f.name for f in dataclasses.fields(DataArguments)}
     given = any(a.startswith("--") and a[2:].split("=")[0] in names for a in argv)
-    if given or not saved.is_file():
+    if given:
         return data_args
+    if not saved.is_file():
+        raise UserInputError(f"{model_dir} has no {RESULTS_NAME} to take the data configuration from: give the data "
+                             f"flags (--train_images/--train_labels/--validation_images/--validation_labels/"
+                             f"--labels_file, or --dataset_name; --dataset_name synthetic for the built-in scenes).")
     say(f"Using the data configuration saved in {saved}.")
     return DataArguments(**json.loads(saved.read_text())["config"]["data"])
 
@@ -482,29 +493,72 @@ def _write_json(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
+def previous_run(output_dir: Path, config: dict, training_args: TrainingArguments, *, results_name: str,
+                 retrain: bool) -> Optional[dict]:
+    """Before any work: ``output_dir`` must be a writable folder; then the saved results of a finished
+    run of the same ``config`` (:func:`c2vkd_hf.runs.run_config`), or ``None`` to train; another
+    configuration's run there is refused, and ``retrain`` deletes it first
+    (:func:`c2vkd_hf.runs.check_previous_run`)."""
+    check_output_dir(output_dir)
+    with training_args.main_process_first(desc="output folder", local=False):
+        results = check_previous_run(output_dir, config, results_name=results_name, retrain=retrain,
+                                     saved_config=_saved_run_config)
+    if results is not None:
+        logger.warning("%s already holds this run, finished (%s): nothing to do. Pass --retrain to train it again.",
+                       output_dir, results_name)
+    return results
+
+
+def _saved_run_config(results: dict) -> Optional[dict]:
+    """The configuration of a finished run: its ``run_config``, or (older results files) the one made
+    from its ``config`` dump."""
+    if "run_config" in results:
+        return results["run_config"]
+    return run_config(results["config"]) if isinstance(results.get("config"), dict) else None
+
+
 def train_evaluate_save(trainer: SafeCheckpointTrainer, training_args: TrainingArguments,
-                        output_dir: Path) -> dict[str, float]:
-    """Trains (resuming from the last complete checkpoint), evaluates, saves; returns the metrics."""
+                        output_dir: Path, config: dict) -> dict[str, float]:
+    """Trains (resuming from the last complete checkpoint), evaluates, saves; returns the metrics. A
+    fresh run first records its ``config`` (``run_config.json``); a resumed one was checked against it
+    (:func:`previous_run`), or, started by an earlier version without one, against the checkpoint's
+    weights (``SafeCheckpointTrainer.train``)."""
     last = resume_checkpoint(training_args)
     if last:
         logger.warning("Resuming from %s", last)
+    elif trainer.is_world_process_zero():
+        with save_errors(output_dir):
+            write_run_config(output_dir, config)
     trainer.train(resume_from_checkpoint=last)
     metrics = trainer.evaluate()
-    trainer.save_model(str(output_dir))
+    with save_errors(output_dir):
+        trainer.save_model(str(output_dir))
     return metrics
 
 
 # ------------------------------------------------------------------------------------------ teacher
 def train_teacher(data: SegmentationData, data_args: DataArguments, training_args: TrainingArguments, *,
                   arch: str = "upernet", backbone: str = "tf_efficientnet_lite0",
-                  backbone_weights: Optional[str] = None, head_lr_multiplier: float = 5.0) -> dict[str, Any]:
+                  backbone_weights: Optional[str] = None, head_lr_multiplier: float = 5.0,
+                  retrain: bool = False) -> dict[str, Any]:
     """Fine-tunes a CNN teacher with :class:`~c2vkd_hf.trainer.TeacherTrainer` (``transformers.Trainer``
     with kill-safe checkpoints and the NaN/inf loss check) and saves an
     ``AutoModelForSemanticSegmentation`` folder in ``training_args.output_dir`` with
     ``teacher_results.json`` (validation mIoU, schedule, wall time). Resumes from the last checkpoint
-    there. The backbone gets ``learning_rate``, the decoder ``head_lr_multiplier`` times it."""
+    there; a finished run of the same configuration is not trained again (its results are returned;
+    ``retrain``: trained from scratch). The backbone gets ``learning_rate``, the decoder
+    ``head_lr_multiplier`` times it."""
     start = time.time()
     output_dir = Path(training_args.output_dir)
+    prepare_training_args(training_args)
+    config = run_config({"teacher": {"arch": arch, "backbone": backbone, "backbone_weights": backbone_weights,
+                                     "head_lr_multiplier": head_lr_multiplier},
+                         "data": dataclasses.asdict(data_args), "training": training_args.to_dict()})
+    finished = previous_run(output_dir, config, training_args, results_name=TEACHER_RESULTS_NAME, retrain=retrain)
+    if finished is not None:
+        return finished
+    check_input_sizes(data, data_args, training_args.per_device_train_batch_size,
+                      training_args.per_device_eval_batch_size)
     if not timm.is_model(backbone):
         raise UserInputError(f"--backbone {backbone} is not a timm model name (e.g. tf_efficientnet_lite0, resnet50).")
     if backbone_weights is not None and not os.path.isfile(backbone_weights):
@@ -512,9 +566,9 @@ def train_teacher(data: SegmentationData, data_args: DataArguments, training_arg
     set_seed(training_args.seed)
     with user_errors(f"--arch {arch} --backbone {backbone}"):
         model = build_teacher(arch=arch, backbone=backbone, id2label=data.id2label, backbone_weights=backbone_weights)
+    check_pyramid_backbone(model, backbone)
     mean, std = image_mean_std(model)
     train, validation, callbacks = _datasets_for(data, data_args, mean, std, seed=training_args.seed)
-    prepare_training_args(training_args)
     backbone_params = [p for n, p in model.named_parameters() if n.startswith("backbone.")]
     head_params = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
     optimizer = torch.optim.AdamW(
@@ -526,7 +580,7 @@ def train_teacher(data: SegmentationData, data_args: DataArguments, training_arg
                                                                                    data.id2label),
                       processing_class=student_image_processor(model, size=processor_size(data_args, data)),
                       optimizers=(optimizer, None), callbacks=callbacks)
-    metrics = train_evaluate_save(trainer, training_args, output_dir)
+    metrics = train_evaluate_save(trainer, training_args, output_dir, config)
     results = {
         "val_mean_iou": metrics["eval_mean_iou"],
         "metrics": metrics,
@@ -536,10 +590,24 @@ def train_teacher(data: SegmentationData, data_args: DataArguments, training_arg
         "data": dataclasses.asdict(data_args),
         "training": {"learning_rate": training_args.learning_rate, "batch_size":
                      training_args.per_device_train_batch_size, "max_steps": training_args.max_steps},
+        "run_config": config,
     }
     if trainer.is_world_process_zero():
-        _write_json(output_dir / "teacher_results.json", results)
+        with save_errors(output_dir / TEACHER_RESULTS_NAME):
+            _write_json(output_dir / TEACHER_RESULTS_NAME, results)
     return results
+
+
+def check_pyramid_backbone(model: nn.Module, backbone: str) -> None:
+    """The teacher builder's decoders (UperNet, DeepLabV3+) need a CNN-like feature pyramid (strides
+    increasing, e.g. 4, 8, 16, 32); a plain ViT's features all have one stride and a fixed input size."""
+    inner = getattr(getattr(model, "backbone", None), "_backbone", None)
+    info = getattr(inner, "feature_info", None)
+    strides = list(info.reduction()) if info is not None else []
+    if strides and any(later <= earlier for earlier, later in zip(strides, strides[1:])):
+        raise UserInputError(f"--backbone {backbone} is not a CNN backbone: its feature maps have strides {strides}, "
+                             f"the teacher's decoder needs a pyramid (e.g. 4, 8, 16, 32). Use a CNN such as "
+                             f"tf_efficientnet_lite0, resnet50 or convnext_tiny.")
 
 
 # ------------------------------------------------------------------------------------------ distil
@@ -550,7 +618,7 @@ DEFAULT_TEACHER_LR = 2e-3
 def _default_teacher(data: SegmentationData, data_args: DataArguments, training_args: TrainingArguments,
                      folder: Path, steps: int) -> str:
     """Trains (once; reused afterwards) the small CNN teacher of the offline default job."""
-    if (folder / "teacher_results.json").is_file():
+    if (folder / TEACHER_RESULTS_NAME).is_file():
         logger.info("Reusing the default teacher in %s", folder)
         return str(folder)
     logger.warning("No --teacher_name_or_path: training a small CNN teacher first, in %s (cached for later runs).",
@@ -691,6 +759,8 @@ def setup_distillation(dist_args: DistillationArguments, data_args: DataArgument
     output_dir = Path(training_args.output_dir)
     prepare_training_args(training_args)
     data = data if data is not None else load_segmentation_data(data_args)
+    check_input_sizes(data, data_args, training_args.per_device_train_batch_size,
+                      training_args.per_device_eval_batch_size)
     id2label = data.id2label
     notes: list[str] = []
 
@@ -795,19 +865,40 @@ def open_teacher_cache(dist_args: DistillationArguments, data_args: DataArgument
         raise UserInputError(f"--teacher_cache: {error}") from None
 
 
+def distillation_run_config(dist_args: DistillationArguments, data_args: DataArguments,
+                            training_args: TrainingArguments) -> dict:
+    """The configuration identifying a distillation run (:func:`c2vkd_hf.runs.run_config`)."""
+    prepare_training_args(training_args)
+    return run_config({"distillation": dataclasses.asdict(dist_args), "data": dataclasses.asdict(data_args),
+                       "training": training_args.to_dict()})
+
+
+def previous_distillation(dist_args: DistillationArguments, data_args: DataArguments,
+                          training_args: TrainingArguments) -> Optional[dict]:
+    """The saved results of a finished distillation of this configuration in ``--output_dir``, or
+    ``None`` to train (see :func:`previous_run`; ``--retrain`` deletes a previous run first)."""
+    return previous_run(Path(training_args.output_dir), distillation_run_config(dist_args, data_args, training_args),
+                        training_args, results_name=RESULTS_NAME, retrain=dist_args.retrain)
+
+
 def run_distillation(dist_args: DistillationArguments, data_args: DataArguments,
                      training_args: TrainingArguments, *, data: Optional[SegmentationData] = None,
                      write_card: bool = True, baseline_miou: Optional[float] = None) -> dict[str, Any]:
     """Distils ``dist_args.teacher_name_or_path`` into ``dist_args.student_name_or_path`` and saves the
     plain student, its image processor, ``results.json`` and (``write_card``) the model card with its
-    images in ``training_args.output_dir``. Resumes from the last checkpoint there."""
+    images in ``training_args.output_dir``. Resumes from the last checkpoint there; a finished run of
+    the same configuration there is not trained again: its saved results are returned."""
     start = time.time()
+    finished = previous_distillation(dist_args, data_args, training_args)
+    if finished is not None:
+        return finished
+    config = distillation_run_config(dist_args, data_args, training_args)
     setup = setup_distillation(dist_args, data_args, training_args, data=data)
     trainer, data, loss_module, teacher = setup.trainer, setup.data, setup.loss_module, setup.teacher
     teacher_name, text_embeddings, notes = setup.teacher_name, setup.text_embeddings, setup.notes
     id2label = data.id2label
     output_dir = Path(training_args.output_dir)
-    metrics = train_evaluate_save(trainer, training_args, output_dir)
+    metrics = train_evaluate_save(trainer, training_args, output_dir, config)
 
     results: dict[str, Any] = {
         "method": dist_args.method,
@@ -835,17 +926,19 @@ def run_distillation(dist_args: DistillationArguments, data_args: DataArguments,
         "loss_weights": dict(getattr(loss_module, "weights", {})),
         "config": {"distillation": dataclasses.asdict(dist_args), "data": dataclasses.asdict(data_args),
                    "training": {k: v for k, v in training_args.to_dict().items() if "token" not in k}},
+        "run_config": config,
     }
     if trainer.is_world_process_zero():
-        _write_json(output_dir / RESULTS_NAME, results)
         if write_card:
             teacher_miou = None
             if teacher is not None:
                 teacher_miou = teacher_val_miou(teacher, teacher_name, data, data_args, training_args)
                 results["teacher_val_mean_iou"] = teacher_miou
             results["baseline_val_mean_iou"] = baseline_miou
-            write_student_card(output_dir, trainer, results, data, data_args, teacher_miou=teacher_miou,
-                               baseline_miou=baseline_miou, teacher=teacher)
+            with save_errors(output_dir / "README.md"):
+                write_student_card(output_dir, trainer, results, data, data_args, teacher_miou=teacher_miou,
+                                   baseline_miou=baseline_miou, teacher=teacher)
+        with save_errors(output_dir / RESULTS_NAME):  # written last: it marks the run finished
             _write_json(output_dir / RESULTS_NAME, results)
     return results
 

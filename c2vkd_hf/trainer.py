@@ -41,6 +41,8 @@ from transformers.modeling_outputs import SemanticSegmenterOutput
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .config import IGNORE_INDEX
+from .runs import MANIFEST_NAME, checkpoint_fit_problem, manifest_problems, write_manifest
+from .validation import UserInputError, save_errors
 from .losses.common import cross_entropy
 from .models import DECODER_FEATURE, classifier_module, forward_features, renormalize
 from .text_head import TextHead, save_text_head
@@ -160,13 +162,35 @@ class SafeCheckpointTrainer(Trainer):
             self.args.hub_token = token
 
     def _save_checkpoint(self, model, trial) -> None:
-        """``Trainer._save_checkpoint``, after removing the commit marker of a folder about to be rewritten."""
-        if self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            marker = os.path.join(folder, TRAINER_STATE_NAME)
-            if os.path.isfile(marker):
-                os.remove(marker)
-        super()._save_checkpoint(model, trial)
+        """``Trainer._save_checkpoint`` then the checkpoint's manifest (:func:`~c2vkd_hf.runs.write_manifest`).
+        The commit marker and manifest of a folder about to be rewritten are removed first, and again
+        when the save fails (full disk, read-only: a :class:`~c2vkd_hf.validation.SaveError`), so a
+        half-written checkpoint never looks complete."""
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+
+        def uncommit() -> None:
+            for name in (TRAINER_STATE_NAME, MANIFEST_NAME):
+                if os.path.isfile(os.path.join(folder, name)):
+                    os.remove(os.path.join(folder, name))
+
+        with save_errors(folder, cleanup=uncommit if self.args.should_save else None):
+            if self.args.should_save:
+                uncommit()
+            super()._save_checkpoint(model, trial)
+            if self.args.should_save and os.path.isfile(os.path.join(folder, TRAINER_STATE_NAME)):
+                write_manifest(folder)
+
+    def _run_epoch(self, *args, **kwargs):
+        """``Trainer._run_epoch``, skipped once ``max_steps`` are done: ``Trainer`` resumed from the
+        final checkpoint of a run whose ``max_steps`` does not end an epoch would train one step more."""
+        if 0 < self.state.max_steps <= self.state.global_step:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
+    def _saved_module(self) -> nn.Module:
+        """The module whose weights the checkpoints' ``model.safetensors`` holds."""
+        return self.accelerator.unwrap_model(self.model)
 
     def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
         """``Trainer.train``; ``resume_from_checkpoint=True`` means the last *complete* checkpoint in
@@ -181,6 +205,11 @@ class SafeCheckpointTrainer(Trainer):
             if problems:
                 raise ValueError(f"Can't resume from {resume_from_checkpoint}: it is not a complete checkpoint "
                                  f"({'; '.join(problems)}).")
+        if resume_from_checkpoint:
+            misfit = checkpoint_fit_problem(resume_from_checkpoint, self._saved_module())
+            if misfit:
+                raise UserInputError(f"Can't resume from {resume_from_checkpoint}: it holds another model ({misfit}). "
+                                     f"Use another --output_dir, or pass --retrain to train from scratch.")
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
 
 
@@ -328,6 +357,9 @@ class DistillationTrainer(SafeCheckpointTrainer):
             write_text_head(wrapper, output_dir)
         torch.save(args_without_token(self.args), os.path.join(output_dir, "training_args.bin"))
 
+    def _saved_module(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.model).student
+
     def _load_student_and_modules(self, folder: str) -> None:
         """Restores the student (through ``from_pretrained``, which maps transformers' on-disk key
         names) and the projectors of a checkpoint folder."""
@@ -372,9 +404,10 @@ def args_without_token(args):
 def checkpoint_problems(folder: str, *, require_optimizer: bool = True) -> list[str]:
     """What makes ``folder`` an incomplete checkpoint (an empty list: it is complete).
 
-    Complete means: ``trainer_state.json`` (written last) parses, and the config, the weights and,
-    with ``require_optimizer`` (unless ``save_only_model``), the optimizer, scheduler and RNG state
-    are present.
+    Complete means: ``trainer_state.json`` (written last) parses, the config, the weights and, with
+    ``require_optimizer`` (unless ``save_only_model``), the optimizer, scheduler and RNG state are
+    present, and the files verify against the checkpoint's manifest (sizes and SHA-256; without a
+    manifest, no file is truncated: :func:`~c2vkd_hf.runs.manifest_problems`).
     """
     if not os.path.isdir(folder):
         return [f"{folder} is not a folder"]
@@ -395,7 +428,7 @@ def checkpoint_problems(folder: str, *, require_optimizer: bool = True) -> list[
         problems += [f"no {name}" for name in ("optimizer.pt", "scheduler.pt") if name not in files]
         if not any(name.startswith("rng_state") for name in files):
             problems.append("no rng_state.pth")
-    return problems
+    return problems or manifest_problems(folder)
 
 
 def last_complete_checkpoint(output_dir: str, *, require_optimizer: bool = True) -> Optional[str]:
@@ -410,9 +443,8 @@ def last_complete_checkpoint(output_dir: str, *, require_optimizer: bool = True)
         problems = checkpoint_problems(folder, require_optimizer=require_optimizer)
         if not problems:
             return folder
-        logger.warning("Skipping the incomplete checkpoint %s (%s): it was interrupted while being written "
-                       "or deleted.", folder,
-                       "; ".join(problems))
+        logger.warning("Skipping the incomplete or damaged checkpoint %s (%s): it was interrupted while being "
+                       "written or deleted, or a file was damaged since.", folder, "; ".join(problems))
     return None
 
 

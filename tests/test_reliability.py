@@ -129,9 +129,14 @@ def test_killed_run_restarts_to_the_same_student_and_no_token_is_written(tmp_pat
 
 
 def _fake_checkpoint(folder: Path, step: int) -> Path:
+    """A checkpoint folder with every file resume reads (tiny, structurally valid) and no manifest."""
+    from safetensors.torch import save_file
+
     folder.mkdir(parents=True)
-    for name in ("config.json", "model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth"):
-        (folder / name).write_bytes(b"x")
+    (folder / "config.json").write_text("{}")
+    save_file({"w": torch.zeros(2)}, str(folder / "model.safetensors"))
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        torch.save({"step": step}, folder / name)
     (folder / TRAINER_STATE_NAME).write_text(json.dumps({"global_step": step}))
     return folder
 

@@ -128,11 +128,11 @@ SMALL_DATA = ["--synthetic_train_size", "2", "--synthetic_validation_size", "3",
     (["--query_names", "a,b"], "--query_names names the rows of --query_embeddings"),
     (["--query_vocabulary", "city", "--extra_mapping", "road=sky"], "query names without a training class"),
     (["--query_vocabulary", "city", "--extra_mapping", "road=street"], "'street' is not a training class"),
-    (["--query_embeddings", "{small}", "--query_names", "a,b"], "has 12-d embeddings but the student's text head "
-                                                                "expects 512-d"),
+    (["--query_embeddings", "{small}", "--query_names", "a,b"], "holds embeddings of shape (2, 12), but the "
+                                                                "student's text head needs (K, 512)"),
     (["--query_mapping", "/nonexistent.json", "--query_vocabulary", "voc"], "--query_mapping /nonexistent.json does "
                                                                              "not exist"),
-    (["--num_images", "-1"], "--num_images must be >= 0"),
+    (["--num_images", "-1"], "--num_images must be an integer >= 0"),
 ])
 def test_every_flag_is_checked_before_any_evaluation(tmp_path, monkeypatch, flags, message):
     from c2vkd_hf.cli import text_query as cli

@@ -15,7 +15,6 @@ step (built first when missing; see ``scripts/cache_teacher.py`` and ``c2vkd_hf/
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -24,14 +23,14 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from c2vkd_hf.config import DataArguments, DistillationArguments
 from c2vkd_hf.pipeline import (
-    RESULTS_NAME,
-    UserInputError,
     config_file_arguments,
+    previous_distillation,
     push_student_to_hub,
     run_distillation,
     run_script,
     validate_distillation_args,
 )
+from c2vkd_hf.validation import parse_script_arguments
 
 logger = logging.getLogger("c2vkd_hf")
 
@@ -57,22 +56,17 @@ SCRIPT_DEFAULTS = {
 
 
 def parse_args(argv: list[str]):
+    """``(DistillationArguments, DataArguments, TrainingArguments, train_baseline)`` from flags or one
+    config file, type- and range-checked (``c2vkd_hf.validation.parse_script_arguments``)."""
     parser = HfArgumentParser((DistillationArguments, DataArguments, TrainingArguments))
     parser.add_argument("--train_baseline", choices=["auto", "true", "false"], default="auto",
                         help="Also train the student without a teacher on the same schedule (default: only in "
                              "the offline default job).")
     config = config_file_arguments(argv)
-    if config is not None:
-        merged = {**SCRIPT_DEFAULTS, **config}
-        train_baseline = str(merged.pop("train_baseline", "auto")).lower()
-        try:
-            dist_args, data_args, training_args = parser.parse_dict(merged)
-        except ValueError as error:
-            raise UserInputError(f"Config file {argv[0]}: {error}") from None
-        return dist_args, data_args, training_args, train_baseline
-    defaults = [f"--{key}={value}" for key, value in SCRIPT_DEFAULTS.items()]
-    dist_args, data_args, training_args, extra = parser.parse_args_into_dataclasses(args=defaults + argv)
-    return dist_args, data_args, training_args, extra.train_baseline
+    train_baseline = str(config.pop("train_baseline", "auto")).lower() if config is not None else None
+    dist_args, data_args, training_args, extras = parse_script_arguments(
+        parser, argv, SCRIPT_DEFAULTS, config=config, source=argv[0] if config is not None else None)
+    return dist_args, data_args, training_args, train_baseline or extras["train_baseline"]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -85,19 +79,19 @@ def main(argv: list[str] | None = None) -> dict:
     baseline = is_default_job if train_baseline == "auto" else train_baseline == "true"
     output_dir = Path(training_args.output_dir)
 
-    baseline_miou = None
-    if baseline and dist_args.method != "none":
+    results = previous_distillation(dist_args, data_args, training_args)  # before any work (e.g. the baseline)
+    baseline_miou = results.get("baseline_val_mean_iou") if results is not None else None
+    if results is None and baseline and dist_args.method != "none":
         from dataclasses import replace
 
-        baseline_dir = output_dir / "baseline"
-        done = baseline_dir / RESULTS_NAME
-        if done.is_file():
-            baseline_miou = json.loads(done.read_text())["val_mean_iou"]
-        else:
-            baseline_args = replace(training_args, output_dir=str(baseline_dir))
-            baseline_miou = run_distillation(replace(dist_args, method="none"), data_args, baseline_args,
-                                             write_card=False)["val_mean_iou"]
-    results = run_distillation(dist_args, data_args, training_args, baseline_miou=baseline_miou)
+        baseline_args = replace(training_args, output_dir=str(output_dir / "baseline"))
+        baseline_miou = run_distillation(replace(dist_args, method="none"), data_args, baseline_args,
+                                         write_card=False)["val_mean_iou"]
+    if results is None:
+        results = run_distillation(dist_args, data_args, training_args, baseline_miou=baseline_miou)
+    else:
+        print(f"{output_dir} already holds this run, finished: nothing was trained or changed "
+              f"(--retrain trains it again).")
 
     rows = [(f"student ({results['method']})", results["val_mean_iou"])]
     if results.get("teacher_val_mean_iou") is not None:

@@ -40,6 +40,7 @@ from c2vkd_hf.config import DataArguments
 from c2vkd_hf.data import build_transform, default_palette, load_segmentation_data
 from c2vkd_hf.models import image_mean_std, load_teacher
 from c2vkd_hf.pipeline import UserInputError, evaluate_model, run_script, saved_data_arguments, user_errors
+from c2vkd_hf.validation import check_input_sizes, check_output_dir, parse_script_arguments
 
 
 @dataclass
@@ -112,8 +113,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     argv = sys.argv[1:] if argv is None else argv
     parser = HfArgumentParser((EvaluationArguments, DataArguments))
-    eval_args, data_args = parser.parse_args_into_dataclasses(args=argv)
+    eval_args, data_args, _ = parse_script_arguments(parser, argv, {})
     options = _inference_options(eval_args)
+    if eval_args.output_dir:
+        check_output_dir(eval_args.output_dir)
     # on a CPU-only machine, cpu=True lets accelerate run several processes (gloo) under torchrun
     on_device = torch.cuda.is_available() or torch.backends.mps.is_available() or (
         hasattr(torch, "xpu") and torch.xpu.is_available())
@@ -123,6 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
     with user_errors(f"--model_name_or_path {eval_args.model_name_or_path}"):
         model = load_teacher(eval_args.model_name_or_path, trust_remote_code=eval_args.trust_remote_code)
     data = load_segmentation_data(data_args)
+    if not options["window"]:  # sliding windows take any image size, one image at a time per batch row
+        check_input_sizes(data, data_args, None, eval_args.batch_size)
     if model.config.num_labels != len(data.id2label):
         raise UserInputError(f"The model predicts {model.config.num_labels} classes but the dataset has "
                              f"{len(data.id2label)}.")

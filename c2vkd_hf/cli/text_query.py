@@ -54,7 +54,9 @@ from c2vkd_hf.config import IGNORE_INDEX, DataArguments
 from c2vkd_hf.data import build_transform, collate_fn, colorize, default_palette, load_segmentation_data
 from c2vkd_hf.metrics import StreamingMeanIoU
 from c2vkd_hf.models import fix_patch_grid, image_mean_std
-from c2vkd_hf.pipeline import UserInputError, evaluate_model, run_script, saved_data_arguments, segmentation_scores
+from c2vkd_hf.pipeline import (UserInputError, evaluate_model, run_script, saved_data_arguments, segmentation_scores,
+                               user_errors)
+from c2vkd_hf.validation import check_output_dir, parse_script_arguments
 from c2vkd_hf.text import load_text_embeddings
 from c2vkd_hf.text_query import TextQuerySegmenter, load_text_head
 
@@ -81,10 +83,7 @@ class TextQueryArguments:
 
 
 def check_flags(args: TextQueryArguments) -> None:
-    """Flag checks that need nothing loaded."""
-    if args.num_images < 0 or args.batch_size < 1:
-        raise UserInputError(f"--num_images must be >= 0 and --batch_size >= 1 (got {args.num_images}, "
-                             f"{args.batch_size}).")
+    """Flag checks that need nothing loaded (numeric ranges: ``c2vkd_hf.validation.RANGES``)."""
     if args.query_vocabulary and (args.query_embeddings or args.query_names):
         raise UserInputError("--query_vocabulary replaces --query_embeddings/--query_names: give one or the other.")
     if args.query_names and not args.query_embeddings:
@@ -106,16 +105,18 @@ def _query_rows(args: TextQueryArguments, dim: int) -> tuple[torch.Tensor, list[
         if args.query_vocabulary not in VOCABULARIES:
             raise UserInputError(f"--query_vocabulary {args.query_vocabulary!r}: one of {', '.join(VOCABULARIES)}.")
         names, embeddings = load_vocabulary(args.query_vocabulary)
-        names, source = list(names), f"the built-in vocabulary {args.query_vocabulary}"
+        names, source = list(names), f"--query_vocabulary {args.query_vocabulary}"
     else:
-        embeddings = load_text_embeddings(args.query_embeddings)
-        names, source = [n.strip() for n in (args.query_names or "").split(",") if n.strip()], args.query_embeddings
+        with user_errors(f"--query_embeddings {args.query_embeddings}"):
+            embeddings = load_text_embeddings(args.query_embeddings)
+        names = [n.strip() for n in (args.query_names or "").split(",") if n.strip()]
+        source = f"--query_embeddings {args.query_embeddings}"
         if len(names) != embeddings.shape[0]:
             raise UserInputError(f"--query_names gives {len(names)} names for the {embeddings.shape[0]} rows of "
                                  f"{args.query_embeddings}.")
-    if embeddings.shape[1] != dim:
-        raise UserInputError(f"{source} has {embeddings.shape[1]}-d embeddings but the student's text head expects "
-                             f"{dim}-d ones (the CLIP model it was trained with).")
+    if embeddings.dim() != 2 or embeddings.shape[1] != dim:
+        raise UserInputError(f"{source} holds embeddings of shape {tuple(embeddings.shape)}, but the student's text head "
+                             f"needs (K, {dim}): use text embeddings of the CLIP model it was trained with.")
     return embeddings, names
 
 
@@ -138,8 +139,10 @@ def _query_vocabulary(args: TextQueryArguments, class_names: list[str], dim: int
     if args.query_mapping:
         try:
             mapping = json.loads(Path(args.query_mapping).read_text())
-        except ValueError as error:
+        except (OSError, ValueError) as error:
             raise UserInputError(f"--query_mapping {args.query_mapping}: {error}") from None
+        if not isinstance(mapping, dict):
+            raise UserInputError(f"--query_mapping {args.query_mapping} must hold a JSON object.")
         for cls, queries in mapping.get("mapping", mapping).items():
             for query in [queries] if isinstance(queries, str) else queries:
                 put(query, cls, args.query_mapping)
@@ -258,13 +261,15 @@ def _figure_rows(student: nn.Module, query: nn.Module, data, transform, count: i
 
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
-    args, data_args = HfArgumentParser((TextQueryArguments, DataArguments)).parse_args_into_dataclasses(args=argv)
+    args, data_args, _ = parse_script_arguments(HfArgumentParser((TextQueryArguments, DataArguments)), argv, {})
     check_flags(args)
     data_args = saved_data_arguments(args.model_name_or_path, argv, data_args, say=print)
+    check_output_dir(args.output_dir)
     folder = Path(args.model_name_or_path)
     start = time.time()
-    student = fix_patch_grid(AutoModelForSemanticSegmentation.from_pretrained(folder)).eval()
-    head = load_text_head(folder)
+    with user_errors(f"--model_name_or_path {folder}"):
+        student = fix_patch_grid(AutoModelForSemanticSegmentation.from_pretrained(folder)).eval()
+        head = load_text_head(folder)
     data = load_segmentation_data(data_args)
     class_names = [data.id2label[i] for i in range(len(data.id2label))]
     if student.config.num_labels != len(class_names) or head.text_embeddings.shape[0] != len(class_names):
