@@ -301,7 +301,17 @@ def _read_meta(directory: Path) -> Optional[dict[str, Any]]:
 
 
 def _open_array(directory: Path, entry: dict[str, Any], mode: str) -> np.memmap:
-    return np.load(directory / entry["file"], mmap_mode=mode)
+    return _load_npy(directory / entry["file"], mode)
+
+
+def _load_npy(path: Path, mode: str) -> np.memmap:
+    """``np.load(path, mmap_mode=mode)``; a truncated or unreadable file is a :class:`TeacherCacheError`
+    naming it."""
+    try:
+        return np.load(path, mmap_mode=mode)
+    except (OSError, ValueError, EOFError) as error:
+        raise TeacherCacheError(f"{path} is truncated or unreadable ({error}); delete {path.parent} and rebuild the "
+                                f"cache (or pass --overwrite to scripts/cache_teacher.py).") from None
 
 
 def _release_pages(array: np.memmap) -> None:
@@ -339,7 +349,7 @@ def cache_status(directory: os.PathLike | str) -> CacheStatus:
     meta = _read_meta(directory)
     if meta is None:
         return CacheStatus(False)
-    done = np.load(directory / DONE_NAME, mmap_mode="r")
+    done = _load_npy(directory / DONE_NAME, "r")
     return CacheStatus(True, meta["key"], int(np.count_nonzero(done)), int(done.shape[0]))
 
 
@@ -443,7 +453,7 @@ def build_teacher_cache(
     if meta is None or key_differences(meta["key"], key):
         raise TeacherCacheError(f"{directory}: the cache metadata changed while building (another build?)")
     arrays = {name: _open_array(directory, entry, "r+") for name, entry in meta["arrays"].items()}
-    done = np.load(directory / DONE_NAME, mmap_mode="r+")
+    done = _load_npy(directory / DONE_NAME, "r+")
     todo = [i for i in range(rank, num_rows, world_size) if not done[i]]
     if max_rows is not None:
         todo = todo[:max_rows]
@@ -553,7 +563,7 @@ class TeacherCache:
         self.feature_names = list(meta["features"])
         self._arrays = {name: _open_array(self.directory, entry, "r") for name, entry in meta["arrays"].items()}
         self._features = dict(meta["features"])
-        done = np.load(self.directory / DONE_NAME, mmap_mode="r")
+        done = _load_npy(self.directory / DONE_NAME, "r")
         missing = int(done.shape[0] - np.count_nonzero(done))
         if missing:
             raise TeacherCacheError(

@@ -74,6 +74,12 @@ class DataArguments:
     min_scale: float = field(default=0.75, metadata={"help": "Random rescale range, lower bound."})
     max_scale: float = field(default=1.5, metadata={"help": "Random rescale range, upper bound."})
     hflip: bool = field(default=True, metadata={"help": "Random horizontal flip for training."})
+    selection_holdout: Optional[str] = field(
+        default=None,
+        metadata={"help": "Glob on training image file names (e.g. '0006R0_*', one CamVid sequence): the matching "
+                  "training images are held out of training and evaluated on instead of the validation split. A "
+                  "selection split disjoint from training, for choosing defaults (local folders only)."},
+    )
     eval_full_resolution: bool = field(
         default=True,
         metadata={"help": "Evaluate against labels at their original size (logits upsampled); otherwise "
@@ -144,19 +150,23 @@ class DistillationArguments:
     glob_tau: float = field(default=1.0, metadata={"help": "VLFD global term: channel softmax temperature."})
     rel_grid: int = field(default=16, metadata={"help": "VLFD relation term: pooled grid size G."})
     ling_tau: float = field(default=0.03, metadata={"help": "VLFD linguistic term: pixel-text temperature."})
-    ling_head_as_classifier: Optional[bool] = field(
+    stage_pairs: Optional[str] = field(
         default=None,
-        metadata={"help": "C2VKD: at the end of training, replace the student's classifier by the linguistic "
-                  "(CLIP text) head folded into a 1x1 conv (same per-pixel argmax as the text query). Needs "
-                  "the linguistic pair on the student's 'decoder' feature. Default: on whenever that holds "
-                  "(the default pairs with text embeddings); false keeps the student's own classifier."})
-    text_head_logits: Optional[bool] = field(
+        metadata={"help": "C2VKD stage guidance: comma-separated student:teacher stage pairs (e.g. "
+                  "stage1:stage1,stage2:stage2,stage3:stage3,stage4:stage4), each with its own 1x1 projector; "
+                  "their VLFD global + relation terms form the 'stage' term (needs --stage_weight > 0)."})
+    stage_weight: float = field(default=0.0, metadata={"help": "C2VKD: weight of the stage-guidance term."})
+    weight_schedules: str = field(
+        default="stage:linear:0.5",
+        metadata={"help": "Loss-term weight schedules over training, term:kind[:end] comma-separated, kind "
+                  "constant|linear|cosine, end = fraction of training where the weight reaches 0 (e.g. "
+                  "'stage:linear:0.5,pdd:cosine:1'). Terms a method lacks are ignored."})
+    text_head: Optional[bool] = field(
         default=None,
-        metadata={"help": "C2VKD: train with the linguistic head as the classifier from the first step: the "
-                  "cross-entropy, PDD and evaluation read its pixel-text logits and the student's own "
-                  "classifier is frozen until the fold replaces it. Default: on whenever the head is folded "
-                  "(--ling_head_as_classifier); false trains the own classifier and folds the head at the end "
-                  "(see benchmarks/camvid/FINDINGS.md)."})
+        metadata={"help": "Train the student's classifier as a text head (cosine classifier of a learned projection "
+                  "of its 'decoder' feature against the class names' CLIP text embeddings), folded into its 1x1 "
+                  "classifier at the end so the saved student stays plain. Works with every method (needs text "
+                  "embeddings). Default: on for c2vkd when text embeddings are available, off otherwise."})
 
     # text embeddings
     text_embeddings: Optional[str] = field(
@@ -192,6 +202,14 @@ class DistillationArguments:
                                 "<output_dir>/teacher)."})
     default_teacher_steps: int = field(
         default=150, metadata={"help": "Offline default job: training steps of its small teacher."})
+
+    # the output folder
+    retrain: bool = field(
+        default=False,
+        metadata={"help": "Train from scratch even when --output_dir holds a finished run of this configuration, or "
+                  "another configuration's run: its results, checkpoints and run_config.json are deleted first. "
+                  "Without it a finished run is not trained again, an interrupted one is resumed, and another "
+                  "configuration's run is refused."})
 
     # speed
     channels_last: bool = field(

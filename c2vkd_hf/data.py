@@ -32,6 +32,7 @@ resumed run augments exactly like an uninterrupted one, whatever the data loader
 
 from __future__ import annotations
 
+import fnmatch
 import io
 import json
 import logging
@@ -100,6 +101,8 @@ class SegmentationData:
     ``palette`` holds one RGB colour per class when the source defines one (labels file
     ``palette_rgb``, the synthetic dataset), else ``None`` (use :func:`default_palette`).
     ``dataset_ignore_index`` records the source's own void value that was mapped to 255.
+    ``validation_total``: the validation split's size before ``--max_eval_samples`` (``None``: not
+    recorded; ``len(validation)`` is then the whole split).
     """
 
     train: datasets.Dataset
@@ -109,6 +112,16 @@ class SegmentationData:
     palette: Optional[list[tuple[int, int, int]]] = None
     dataset_ignore_index: Optional[int] = None
     reduce_labels: bool = False
+    validation_total: Optional[int] = None
+
+    def __post_init__(self):
+        """Refuses a label set that would give silently wrong results (``c2vkd_hf.validation``):
+        duplicate class names, a void value that is a class's value, a split whose masks are all void."""
+        from .validation import check_label_set, check_not_all_void
+
+        check_label_set(self.id2label, self.dataset_ignore_index, self.reduce_labels, f"dataset {self.name}")
+        check_not_all_void(self.train, "train", IGNORE_INDEX)
+        check_not_all_void(self.validation, "validation", IGNORE_INDEX)
 
     @property
     def num_labels(self) -> int:
@@ -476,10 +489,16 @@ def _pair_folders(images_dir: Optional[str], labels_dir: Optional[str], split: s
     return [(images[k], labels[k]) for k in sorted(images)]
 
 
+def split_by_pattern(pairs: list[tuple[Path, Path]], pattern: str) -> tuple[list, list]:
+    """``(kept, held_out)``: the (image, mask) pairs whose image file name does not / does match the
+    glob ``pattern`` (e.g. ``0006R0_*``: every frame of one CamVid sequence)."""
+    held = [pair for pair in pairs if fnmatch.fnmatch(pair[0].name, pattern)]
+    return [pair for pair in pairs if not fnmatch.fnmatch(pair[0].name, pattern)], held
+
+
 def _folder_split(
-    images_dir: Optional[str], labels_dir: Optional[str], split: str, mapping: _LabelMapping, limit: Optional[int]
+    pairs: list[tuple[Path, Path]], split: str, mapping: _LabelMapping, limit: Optional[int]
 ) -> datasets.Dataset:
-    pairs = _pair_folders(images_dir, labels_dir, split)
     if limit is not None:
         pairs = pairs[: max(0, limit)]
     if not pairs:
@@ -548,14 +567,26 @@ def _load_folders(args: DataArguments, folders: dict[str, Optional[str]]) -> Seg
     id2label, file_ignore, palette = load_labels_file(folders["labels_file"])
     void = _resolve_ignore(args, file_ignore)
     mapping = _LabelMapping(len(id2label), void, args.reduce_labels)
-    train = _folder_split(
-        folders["train_images"], folders.get("train_labels"), "train", mapping, args.max_train_samples
-    )
-    validation = _folder_split(
-        folders["validation_images"], folders.get("validation_labels"), "validation", mapping, args.max_eval_samples
-    )
+    train_pairs = _pair_folders(folders["train_images"], folders.get("train_labels"), "train")
+    if args.selection_holdout:
+        # a selection split: held-out training images replace the validation split
+        train_pairs, eval_pairs = split_by_pattern(train_pairs, args.selection_holdout)
+        if not eval_pairs or not train_pairs:
+            raise DataValidationError(
+                f"--selection_holdout {args.selection_holdout!r} matches {len(eval_pairs)} of the "
+                f"{len(train_pairs) + len(eval_pairs)} training images: it must hold out some, not all")
+        logger.warning("Selection split: %d training images matching %r are held out for evaluation (the "
+                       "validation split is not used); %d remain for training.", len(eval_pairs),
+                       args.selection_holdout, len(train_pairs))
+    else:
+        eval_pairs = _pair_folders(folders["validation_images"], folders.get("validation_labels"), "validation")
+    train = _folder_split(train_pairs, "train", mapping, args.max_train_samples)
+    validation = _folder_split(eval_pairs, "validation", mapping, args.max_eval_samples)
     name = Path(folders["train_images"]).resolve().parent.name
-    return SegmentationData(train, validation, id2label, name, palette, void, args.reduce_labels)
+    total = None
+    if args.max_eval_samples is not None:
+        total = len(_pair_folders(folders["validation_images"], folders.get("validation_labels"), "validation"))
+    return SegmentationData(train, validation, id2label, name, palette, void, args.reduce_labels, total)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -710,7 +741,8 @@ def _load_hub(args: DataArguments) -> SegmentationData:
         if renames:
             ds = ds.rename_columns(renames)
         splits[split] = _hub_split(ds, split, mapping, limit, name)
-    return SegmentationData(splits[train_split], splits[val_split], id2label, name, palette, void, args.reduce_labels)
+    return SegmentationData(splits[train_split], splits[val_split], id2label, name, palette, void, args.reduce_labels,
+                            len(dataset[val_split]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -889,7 +921,8 @@ def _load_synthetic(args: DataArguments) -> SegmentationData:
     h, w, seed = args.synthetic_height, args.synthetic_width, args.synthetic_seed
     train = make_synthetic_dataset(n_train, h, w, seed)
     validation = make_synthetic_dataset(n_val, h, w, seed, start_index=_SYNTHETIC_VALIDATION_OFFSET)
-    return SegmentationData(train, validation, dict(enumerate(SYNTHETIC_CLASSES)), "synthetic", list(SYNTHETIC_PALETTE))
+    return SegmentationData(train, validation, dict(enumerate(SYNTHETIC_CLASSES)), "synthetic", list(SYNTHETIC_PALETTE),
+                            validation_total=args.synthetic_validation_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -915,6 +948,9 @@ def load_segmentation_data(args: DataArguments) -> SegmentationData:
             "labels_file": args.labels_file,
         }
         return _load_folders(args, folders)
+    if args.selection_holdout and args.dataset_name != "synthetic" and not Path(args.dataset_name).is_dir():
+        raise DataValidationError("--selection_holdout selects training files by name: it needs local image/mask "
+                                  "folders (--train_images or a SegNet-layout folder)")
     if args.dataset_name != "synthetic":
         root = Path(args.dataset_name)
         layout = _segnet_layout(root) if root.is_dir() else None
@@ -923,6 +959,9 @@ def load_segmentation_data(args: DataArguments) -> SegmentationData:
                 layout["labels_file"] = args.labels_file
             return _load_folders(args, layout)
         return _load_hub(args)
+    if args.selection_holdout:
+        raise DataValidationError("--selection_holdout selects training files by name: it needs local image/mask "
+                                  "folders (--train_images or a SegNet-layout folder)")
     return _load_synthetic(args)
 
 

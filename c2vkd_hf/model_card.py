@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "model_cards" / "student_card.md"
+#: The card template, package data: ``c2vkd_hf/templates/student_card.md``.
+TEMPLATE_NAME = "student_card.md"
 OVERLAY_NAME = "predictions.png"
 CURVES_NAME = "training_curves.png"
 
@@ -26,6 +29,51 @@ _MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()<>#+!|~])")
 def escape_markdown(text: str) -> str:
     """Escapes Markdown/HTML control characters so that a class name renders as plain text."""
     return _MARKDOWN_SPECIAL.sub(r"\\\1", str(text).replace("\n", " ").replace("\r", " "))
+
+
+def is_hub_id(name: Optional[str]) -> bool:
+    """``name`` is a Hub repo id (``org/name`` or ``name``) and not a local path or a ``torchvision:`` name."""
+    if not name or os.path.exists(os.path.expanduser(name)) or name.startswith(("torchvision:", ".", "/", "~")):
+        return False
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", name) is not None
+
+
+def _architecture(model: Any, saved: dict[str, Any]) -> str:
+    """``"UperNet + tf_efficientnet_lite0"``-style name of a segmentation model: from the
+    ``teacher_results.json`` that ``train_teacher`` writes (``saved``), else from the model's config."""
+    if saved.get("arch"):
+        arch = {"upernet": "UperNet", "deeplabv3plus": "DeepLabV3+"}.get(saved["arch"], saved["arch"])
+        return f"{arch} + {saved['backbone']}" if saved.get("backbone") else arch
+    config = model.config
+    if getattr(config, "arch", None):  # a torchvision model
+        return f"torchvision {config.arch}"
+    arch = type(model).__name__.replace("ForSemanticSegmentation", "")
+    backbone = getattr(config, "backbone_config", None)
+    name = getattr(backbone, "backbone", None) or getattr(backbone, "model_type", None)
+    return f"{arch} + {name}" if name else arch
+
+
+def teacher_description(model: Any, name_or_path: str, miou: Optional[float] = None) -> str:
+    """How the card names a teacher: its Hub id when it has one, otherwise (a local folder or file
+    means nothing once the card is published) its architecture, size and measured mIoU, e.g.
+    ``"UperNet + tf_efficientnet_lite0 (6.2M parameters, val mIoU 67.45%)"``."""
+    if is_hub_id(name_or_path):
+        return name_or_path
+    saved_file = Path(os.path.expanduser(name_or_path)) / "teacher_results.json"
+    saved = json.loads(saved_file.read_text()) if saved_file.is_file() else {}
+    facts = [f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters"]
+    if miou is not None:
+        facts.append(f"val mIoU {miou * 100:.2f}%")
+    return f"{_architecture(model, saved)} ({', '.join(facts)})"
+
+
+def _template_file(template_path: Optional[str]):
+    """A context manager giving the template's path (package data unless ``template_path``)."""
+    if template_path:
+        import contextlib
+
+        return contextlib.nullcontext(Path(template_path))
+    return resources.as_file(resources.files("c2vkd_hf").joinpath("templates", TEMPLATE_NAME))
 
 
 def _title(method: str) -> str:
@@ -51,16 +99,25 @@ def build_model_card(
     overlay_image: Optional[str] = None,
     curves_image: Optional[str] = None,
     template_path: Optional[str] = None,
+    eval_images: Optional[int] = None,
+    eval_images_total: Optional[int] = None,
+    text_source: Optional[str] = None,
 ) -> ModelCard:
     """A :class:`huggingface_hub.ModelCard` whose metadata has a model-index entry
     (task ``image-segmentation``, metric ``mean_iou`` in percent, plus ``accuracy``).
 
-    ``metrics`` needs ``mean_iou`` and ``overall_accuracy`` (fractions in [0, 1]) and
-    ``per_category_iou`` (one value or NaN per class, in label order).
+    ``repo_id``: what the usage snippet loads (the Hub id, else the local folder). ``metrics`` needs
+    ``mean_iou`` and ``overall_accuracy`` (fractions in [0, 1]) and ``per_category_iou`` (one value or
+    NaN per class, in label order). ``teacher_name``: how the card names the teacher (see
+    :func:`teacher_description`). When the evaluation used ``eval_images`` of the split's
+    ``eval_images_total`` (a subset, ``--max_eval_samples``), the card says so and the figures do not
+    enter the model-index (they are not the split's result). ``text_source``: where C2VKD's class-name
+    text embeddings came from.
     """
     mean_iou = float(metrics["mean_iou"])
     accuracy = float(metrics.get("overall_accuracy", float("nan")))
-    model_name = repo_id.split("/")[-1]
+    model_name = repo_id.rstrip("/").split("/")[-1]
+    subset = eval_images is not None and eval_images_total is not None and eval_images < eval_images_total
     eval_results = [
         EvalResult(task_type="image-segmentation", task_name="Semantic Segmentation",
                    dataset_type=dataset_name, dataset_name=dataset_name, dataset_split=dataset_split,
@@ -74,24 +131,26 @@ def build_model_card(
     card_data = ModelCardData(
         library_name="transformers", pipeline_tag="image-segmentation", license="apache-2.0",
         tags=["image-segmentation", "knowledge-distillation", "c2vkd", method],
-        model_name=model_name, eval_results=eval_results,
+        model_name=model_name, eval_results=None if subset else eval_results,
     )
     per_class = []
     for index, iou in enumerate(metrics.get("per_category_iou", [])):
         name = escape_markdown(id2label.get(index, id2label.get(str(index), str(index))))
         per_class.append((name, "n/a" if iou is None or not math.isfinite(float(iou)) else f"{float(iou) * 100:.2f}"))
-    template = Path(template_path) if template_path else TEMPLATE_PATH
-    if not template.is_file():
-        raise FileNotFoundError(f"Model card template {template} is missing (it ships in model_cards/).")
-    return ModelCard.from_template(
-        card_data, template_path=str(template), model_name=escape_markdown(model_name), repo_id=repo_id,
-        method=method, method_title=_title(method), student_type=escape_markdown(student_type),
-        teacher_name=teacher_name or "none", teacher_miou=teacher_miou, baseline_miou=baseline_miou,
-        dataset_name=escape_markdown(dataset_name), dataset_split=dataset_split, mean_iou=mean_iou,
-        overall_accuracy=accuracy if math.isfinite(accuracy) else 0.0, per_class=per_class,
-        loss_weights=json.dumps(loss_weights or {}), schedule=json.dumps(schedule or {}),
-        notes=[str(n) for n in notes], overlay_image=overlay_image, curves_image=curves_image,
-    )
+    with _template_file(template_path) as template:
+        if not template.is_file():
+            raise FileNotFoundError(f"Model card template {template} is missing.")
+        return ModelCard.from_template(
+            card_data, template_path=str(template), model_name=escape_markdown(model_name), repo_id=repo_id,
+            method=method, method_title=_title(method), student_type=escape_markdown(student_type),
+            teacher_name=escape_markdown(teacher_name or "none"), teacher_miou=teacher_miou,
+            baseline_miou=baseline_miou, dataset_name=escape_markdown(dataset_name), dataset_split=dataset_split,
+            mean_iou=mean_iou, overall_accuracy=accuracy if math.isfinite(accuracy) else 0.0, per_class=per_class,
+            loss_weights=json.dumps(loss_weights or {}), schedule=json.dumps(schedule or {}),
+            notes=[str(n) for n in notes], overlay_image=overlay_image, curves_image=curves_image,
+            subset=subset, eval_images=eval_images, eval_images_total=eval_images_total,
+            text_source=escape_markdown(text_source) if text_source else None,
+        )
 
 
 def plot_training_curves(log_history: Iterable[dict[str, Any]], path: str | Path) -> Optional[Path]:

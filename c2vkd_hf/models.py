@@ -1224,11 +1224,11 @@ def default_feature_pair(student: nn.Module, teacher: nn.Module) -> tuple[str, s
 
     Why the decoder feature: it is as semantic as the deepest stage, at stride 4 rather than 32, and
     it is what the student's classifier reads, so the linguistic (CLIP text) head trained on it can
-    become the student's classifier (``--ling_head_as_classifier``). On CamVid (400 steps,
+    become the student's classifier (``--text_head``). On CamVid (400 steps,
     SegFormer-B0, benchmarks/camvid/ABLATIONS.md) C2VKD scored 26.12% val mIoU on ``stage4:stage4``
     (2 seeds) and 28.27% on ``decoder:decoder`` with the text head folded at the end (3 seeds; 27.20%
     with the student's own head, seed 0); 29.73% with the text head also trained as the classifier
-    (``--text_head_logits``, 3 seeds). The choices were made on the val split.
+    (``--text_head``, 3 seeds). The choices were made on the val split.
     """
     if DECODER_FEATURE in feature_channels(student) and DECODER_FEATURE in feature_channels(teacher):
         return DECODER_FEATURE, DECODER_FEATURE

@@ -47,11 +47,14 @@ from .models import (
     parse_torchvision_name,
     student_image_processor,
 )
-from .text import get_text_embeddings
+from .losses.schedule import parse_schedules
+from .runs import check_previous_run, run_config, write_run_config
+from .text_head import TextHead
 from .trainer import (
     DistillationModel,
     DistillationTrainer,
     FoldTextHeadCallback,
+    LossScheduleCallback,
     SafeCheckpointTrainer,
     NonFiniteLossError,
     TeacherTrainer,
@@ -60,14 +63,12 @@ from .trainer import (
     parse_feature_pairs,
     text_head_fold_problem,
 )
+from .validation import UserInputError, check_input_sizes, check_output_dir, is_write_failure, save_errors
 
 logger = logging.getLogger(__name__)
 
 RESULTS_NAME = "results.json"
-
-
-class UserInputError(ValueError):
-    """A problem with the user's flags, files or data: reported as one message, no traceback."""
+TEACHER_RESULTS_NAME = "teacher_results.json"
 
 
 #: Exit codes of the scripts: bad input (flags, files, data) and a loss that became NaN/inf.
@@ -77,10 +78,12 @@ EXIT_NON_FINITE_LOSS = 3
 
 def run_script(main, argv: Optional[list[str]] = None, user_errors: tuple = ()) -> int:
     """Runs a script's ``main(argv)`` and returns its exit code: 0; :data:`EXIT_USER_ERROR` for a
-    :class:`UserInputError`, :class:`~c2vkd_hf.data.DataValidationError`, ``FileNotFoundError`` or
-    one of ``user_errors``; :data:`EXIT_NON_FINITE_LOSS` when training stopped on a NaN/inf loss (the
-    last complete checkpoint is kept). These print one ``error: ...`` paragraph on stderr, no
-    traceback; any other exception is a bug and propagates with its traceback."""
+    :class:`UserInputError`, :class:`~c2vkd_hf.data.DataValidationError`, ``FileNotFoundError``, a
+    write that failed because of the machine (full disk, read-only, permissions) or one of
+    ``user_errors``; :data:`EXIT_NON_FINITE_LOSS` when training stopped on a NaN/inf loss (the last
+    complete checkpoint is kept). These print one ``error: ...`` paragraph on stderr, no traceback
+    (under ``accelerate launch``/``torchrun`` too: the process exits with the code); any other
+    exception is a bug and propagates with its traceback."""
     from .data import DataValidationError
 
     try:
@@ -91,6 +94,11 @@ def run_script(main, argv: Optional[list[str]] = None, user_errors: tuple = ()) 
     except NonFiniteLossError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_NON_FINITE_LOSS
+    except OSError as error:
+        if not is_write_failure(error):
+            raise
+        print(f"error: could not write {error.filename or 'a file'} ({error.strerror}).", file=sys.stderr)
+        return EXIT_USER_ERROR
     return 0
 
 
@@ -114,14 +122,19 @@ def config_file_arguments(argv: list[str]) -> Optional[dict]:
 
 def saved_data_arguments(model_dir, argv: list[str], data_args: DataArguments,
                          say=logger.info) -> DataArguments:
-    """``data_args``, or, when ``argv`` sets no data flag and ``model_dir`` holds the ``results.json``
-    that ``distill.py``/``train_teacher.py`` write, the data configuration saved there (so a trained
-    model is evaluated on the data it was trained for without repeating the flags)."""
+    """``data_args`` when ``argv`` sets a data flag; else the data configuration saved in the
+    ``results.json`` that ``distill.py`` writes in ``model_dir`` (so a trained model is evaluated on
+    the data it was trained for without repeating the flags). Neither: a :class:`UserInputError`
+    asking for the data (never a silent evaluation on the built-in synthetic scenes)."""
     saved = Path(model_dir) / RESULTS_NAME
     names = {f.name for f in dataclasses.fields(DataArguments)}
     given = any(a.startswith("--") and a[2:].split("=")[0] in names for a in argv)
-    if given or not saved.is_file():
+    if given:
         return data_args
+    if not saved.is_file():
+        raise UserInputError(f"{model_dir} has no {RESULTS_NAME} to take the data configuration from: give the data "
+                             f"flags (--train_images/--train_labels/--validation_images/--validation_labels/"
+                             f"--labels_file, or --dataset_name; --dataset_name synthetic for the built-in scenes).")
     say(f"Using the data configuration saved in {saved}.")
     return DataArguments(**json.loads(saved.read_text())["config"]["data"])
 
@@ -132,7 +145,7 @@ def validate_distillation_args(args: DistillationArguments) -> None:
     before anything is loaded."""
     if args.method not in METHODS:
         raise UserInputError(f"--method '{args.method}' is unknown; choose one of {', '.join(METHODS)}.")
-    for name in ("ce_weight", "pdd_weight", "glob_weight", "rel_weight", "ling_weight", "kd_weight",
+    for name in ("ce_weight", "pdd_weight", "glob_weight", "rel_weight", "ling_weight", "stage_weight", "kd_weight",
                  "pdd_alpha", "pdd_beta"):
         value = getattr(args, name)
         if value is not None and (not np.isfinite(value) or value < 0):
@@ -147,8 +160,16 @@ def validate_distillation_args(args: DistillationArguments) -> None:
         raise UserInputError(f"--rel_grid must be >= 1, got {args.rel_grid}.")
     try:
         parse_feature_pairs(args.feature_pairs)
+        stage_pairs = parse_feature_pairs(args.stage_pairs)
+        parse_schedules(args.weight_schedules)
     except ValueError as error:
-        raise UserInputError(str(error)) from None
+        raise UserInputError(f"{error}") from None
+    if args.stage_weight > 0 and not stage_pairs:
+        raise UserInputError("--stage_weight needs --stage_pairs (e.g. stage1:stage1,stage2:stage2,stage3:stage3,"
+                             "stage4:stage4).")
+    if (args.stage_weight > 0 or stage_pairs) and args.method != "c2vkd":
+        raise UserInputError(f"--stage_pairs/--stage_weight are C2VKD's stage guidance; --method {args.method} "
+                             "does not use them.")
     student_config_overrides(args)
     check_teacher_name("--teacher_name_or_path", args.teacher_name_or_path)
     check_local_path("--student_name_or_path", args.student_name_or_path)
@@ -395,7 +416,7 @@ def evaluate_model(model: nn.Module, dataset, num_labels: int, *, batch_size: in
                    progress: bool = True, scales: tuple = (1.0,), flip: bool = False,
                    window: Optional[tuple[int, int]] = None, stride: Optional[tuple[int, int]] = None,
                    accelerator=None, predictions_dir: Optional[str] = None, palette=None,
-                   max_predictions: Optional[int] = None) -> dict[str, Any]:
+                   max_predictions: Optional[int] = None, desc: str = "evaluating") -> dict[str, Any]:
     """mIoU of ``model`` on a transformed dataset (``pixel_values``/``labels``), predictions at the label
     size. Re-normalises inputs when the model's mean/std differ from the data's.
 
@@ -408,7 +429,7 @@ def evaluate_model(model: nn.Module, dataset, num_labels: int, *, batch_size: in
     confusion matrices are summed across processes (:meth:`StreamingMeanIoU.reduce`); every process
     returns the same metrics. ``predictions_dir``: colourised predictions (``palette``, default
     :func:`default_palette`) saved as ``<dataset index>.png``, for the first ``max_predictions`` images
-    (all when ``None``).
+    (all when ``None``). ``desc`` labels the progress bar.
     """
     from torch.utils.data import DataLoader, Subset
     from tqdm.auto import tqdm
@@ -430,7 +451,7 @@ def evaluate_model(model: nn.Module, dataset, num_labels: int, *, batch_size: in
     metric = StreamingMeanIoU(num_labels, ignore_index=IGNORE_INDEX)
     loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, collate_fn=collate_fn)
     position = 0
-    for batch in tqdm(loader, desc="evaluating", disable=not progress, leave=False):
+    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
         pixel_values = batch["pixel_values"].to(device)
         if model_mean_std is not None and data_mean_std is not None:
             pixel_values = renormalize(pixel_values, *data_mean_std, *model_mean_std)
@@ -479,29 +500,72 @@ def _write_json(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
+def previous_run(output_dir: Path, config: dict, training_args: TrainingArguments, *, results_name: str,
+                 retrain: bool) -> Optional[dict]:
+    """Before any work: ``output_dir`` must be a writable folder; then the saved results of a finished
+    run of the same ``config`` (:func:`c2vkd_hf.runs.run_config`), or ``None`` to train; another
+    configuration's run there is refused, and ``retrain`` deletes it first
+    (:func:`c2vkd_hf.runs.check_previous_run`)."""
+    check_output_dir(output_dir)
+    with training_args.main_process_first(desc="output folder", local=False):
+        results = check_previous_run(output_dir, config, results_name=results_name, retrain=retrain,
+                                     saved_config=_saved_run_config)
+    if results is not None:
+        logger.warning("%s already holds this run, finished (%s): nothing to do. Pass --retrain to train it again.",
+                       output_dir, results_name)
+    return results
+
+
+def _saved_run_config(results: dict) -> Optional[dict]:
+    """The configuration of a finished run: its ``run_config``, or (older results files) the one made
+    from its ``config`` dump."""
+    if "run_config" in results:
+        return results["run_config"]
+    return run_config(results["config"]) if isinstance(results.get("config"), dict) else None
+
+
 def train_evaluate_save(trainer: SafeCheckpointTrainer, training_args: TrainingArguments,
-                        output_dir: Path) -> dict[str, float]:
-    """Trains (resuming from the last complete checkpoint), evaluates, saves; returns the metrics."""
+                        output_dir: Path, config: dict) -> dict[str, float]:
+    """Trains (resuming from the last complete checkpoint), evaluates, saves; returns the metrics. A
+    fresh run first records its ``config`` (``run_config.json``); a resumed one was checked against it
+    (:func:`previous_run`), or, started by an earlier version without one, against the checkpoint's
+    weights (``SafeCheckpointTrainer.train``)."""
     last = resume_checkpoint(training_args)
     if last:
         logger.warning("Resuming from %s", last)
+    elif trainer.is_world_process_zero():
+        with save_errors(output_dir):
+            write_run_config(output_dir, config)
     trainer.train(resume_from_checkpoint=last)
     metrics = trainer.evaluate()
-    trainer.save_model(str(output_dir))
+    with save_errors(output_dir):
+        trainer.save_model(str(output_dir))
     return metrics
 
 
 # ------------------------------------------------------------------------------------------ teacher
 def train_teacher(data: SegmentationData, data_args: DataArguments, training_args: TrainingArguments, *,
                   arch: str = "upernet", backbone: str = "tf_efficientnet_lite0",
-                  backbone_weights: Optional[str] = None, head_lr_multiplier: float = 5.0) -> dict[str, Any]:
+                  backbone_weights: Optional[str] = None, head_lr_multiplier: float = 5.0,
+                  retrain: bool = False) -> dict[str, Any]:
     """Fine-tunes a CNN teacher with :class:`~c2vkd_hf.trainer.TeacherTrainer` (``transformers.Trainer``
     with kill-safe checkpoints and the NaN/inf loss check) and saves an
     ``AutoModelForSemanticSegmentation`` folder in ``training_args.output_dir`` with
     ``teacher_results.json`` (validation mIoU, schedule, wall time). Resumes from the last checkpoint
-    there. The backbone gets ``learning_rate``, the decoder ``head_lr_multiplier`` times it."""
+    there; a finished run of the same configuration is not trained again (its results are returned;
+    ``retrain``: trained from scratch). The backbone gets ``learning_rate``, the decoder
+    ``head_lr_multiplier`` times it."""
     start = time.time()
     output_dir = Path(training_args.output_dir)
+    prepare_training_args(training_args)
+    config = run_config({"teacher": {"arch": arch, "backbone": backbone, "backbone_weights": backbone_weights,
+                                     "head_lr_multiplier": head_lr_multiplier},
+                         "data": dataclasses.asdict(data_args), "training": training_args.to_dict()})
+    finished = previous_run(output_dir, config, training_args, results_name=TEACHER_RESULTS_NAME, retrain=retrain)
+    if finished is not None:
+        return finished
+    check_input_sizes(data, data_args, training_args.per_device_train_batch_size,
+                      training_args.per_device_eval_batch_size)
     if not timm.is_model(backbone):
         raise UserInputError(f"--backbone {backbone} is not a timm model name (e.g. tf_efficientnet_lite0, resnet50).")
     if backbone_weights is not None and not os.path.isfile(backbone_weights):
@@ -509,9 +573,9 @@ def train_teacher(data: SegmentationData, data_args: DataArguments, training_arg
     set_seed(training_args.seed)
     with user_errors(f"--arch {arch} --backbone {backbone}"):
         model = build_teacher(arch=arch, backbone=backbone, id2label=data.id2label, backbone_weights=backbone_weights)
+    check_pyramid_backbone(model, backbone)
     mean, std = image_mean_std(model)
     train, validation, callbacks = _datasets_for(data, data_args, mean, std, seed=training_args.seed)
-    prepare_training_args(training_args)
     backbone_params = [p for n, p in model.named_parameters() if n.startswith("backbone.")]
     head_params = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
     optimizer = torch.optim.AdamW(
@@ -523,7 +587,7 @@ def train_teacher(data: SegmentationData, data_args: DataArguments, training_arg
                                                                                    data.id2label),
                       processing_class=student_image_processor(model, size=processor_size(data_args, data)),
                       optimizers=(optimizer, None), callbacks=callbacks)
-    metrics = train_evaluate_save(trainer, training_args, output_dir)
+    metrics = train_evaluate_save(trainer, training_args, output_dir, config)
     results = {
         "val_mean_iou": metrics["eval_mean_iou"],
         "metrics": metrics,
@@ -533,10 +597,24 @@ def train_teacher(data: SegmentationData, data_args: DataArguments, training_arg
         "data": dataclasses.asdict(data_args),
         "training": {"learning_rate": training_args.learning_rate, "batch_size":
                      training_args.per_device_train_batch_size, "max_steps": training_args.max_steps},
+        "run_config": config,
     }
     if trainer.is_world_process_zero():
-        _write_json(output_dir / "teacher_results.json", results)
+        with save_errors(output_dir / TEACHER_RESULTS_NAME):
+            _write_json(output_dir / TEACHER_RESULTS_NAME, results)
     return results
+
+
+def check_pyramid_backbone(model: nn.Module, backbone: str) -> None:
+    """The teacher builder's decoders (UperNet, DeepLabV3+) need a CNN-like feature pyramid (strides
+    increasing, e.g. 4, 8, 16, 32); a plain ViT's features all have one stride and a fixed input size."""
+    inner = getattr(getattr(model, "backbone", None), "_backbone", None)
+    info = getattr(inner, "feature_info", None)
+    strides = list(info.reduction()) if info is not None else []
+    if strides and any(later <= earlier for earlier, later in zip(strides, strides[1:])):
+        raise UserInputError(f"--backbone {backbone} is not a CNN backbone: its feature maps have strides {strides}, "
+                             f"the teacher's decoder needs a pyramid (e.g. 4, 8, 16, 32). Use a CNN such as "
+                             f"tf_efficientnet_lite0, resnet50 or convnext_tiny.")
 
 
 # ------------------------------------------------------------------------------------------ distil
@@ -547,7 +625,7 @@ DEFAULT_TEACHER_LR = 2e-3
 def _default_teacher(data: SegmentationData, data_args: DataArguments, training_args: TrainingArguments,
                      folder: Path, steps: int) -> str:
     """Trains (once; reused afterwards) the small CNN teacher of the offline default job."""
-    if (folder / "teacher_results.json").is_file():
+    if (folder / TEACHER_RESULTS_NAME).is_file():
         logger.info("Reusing the default teacher in %s", folder)
         return str(folder)
     logger.warning("No --teacher_name_or_path: training a small CNN teacher first, in %s (cached for later runs).",
@@ -567,14 +645,20 @@ def _default_teacher(data: SegmentationData, data_args: DataArguments, training_
 
 
 def build_loss_module(args: DistillationArguments, *, student_channels: list[int], teacher_channels: list[int],
-                      text_embeddings: Optional[torch.Tensor]) -> nn.Module:
-    """The loss module of ``args.method`` with every constant from the flags."""
+                      text_embeddings: Optional[torch.Tensor],
+                      stage_channels: tuple[list[int], list[int]] = ([], []),
+                      ling_projector: Optional[nn.Conv2d] = None) -> nn.Module:
+    """The loss module of ``args.method`` with every constant from the flags. C2VKD: ``stage_channels``
+    are the (student, teacher) channels of the stage-guidance pairs; ``ling_projector`` the text head's
+    projector, which its linguistic term then trains."""
     common = {"ce_weight": args.ce_weight, "ignore_index": IGNORE_INDEX}
     if args.method == "none":
         return get_loss("none", **common)
     if args.method == "c2vkd":
         return get_loss(
-            "c2vkd", **common, student_channels=student_channels, teacher_channels=teacher_channels,
+            "c2vkd", **common, student_channels=student_channels or None, teacher_channels=teacher_channels or None,
+            stage_student_channels=stage_channels[0] or None, stage_teacher_channels=stage_channels[1] or None,
+            stage_weight=args.stage_weight, ling_projector=ling_projector,
             text_embeddings=text_embeddings, pdd_weight=args.pdd_weight, glob_weight=args.glob_weight,
             rel_weight=args.rel_weight, ling_weight=args.ling_weight, pdd_alpha=args.pdd_alpha,
             pdd_beta=args.pdd_beta, pdd_temperature=args.pdd_temperature, label_weight=args.label_weight,
@@ -585,6 +669,75 @@ def build_loss_module(args: DistillationArguments, *, student_channels: list[int
     if args.kd_temperature is not None:
         peer["temperature" if args.method in ("kd", "dkd") else "tau"] = args.kd_temperature
     return get_loss(args.method, **peer)
+
+
+def build_text_head(args: DistillationArguments, student: nn.Module, s_channels: dict[str, int],
+                    text_embeddings: Optional[torch.Tensor], pairs: list[tuple[str, str]],
+                    id2label: dict[int, str]) -> Optional[TextHead]:
+    """The student's text head (:mod:`c2vkd_hf.text_head`) on its ``decoder`` feature, or ``None``.
+
+    ``--text_head`` unset: on for C2VKD when its linguistic term is on and reads the ``decoder``
+    feature (the default pair), off for every other method. With C2VKD the head's projector is the
+    linguistic term's, so the term trains the classifier the student ships with."""
+    ling_on = args.method == "c2vkd" and args.ling_weight > 0 and text_embeddings is not None
+    reads_decoder = bool(pairs) and pairs[-1][0] == DECODER_FEATURE
+    wanted = (ling_on and reads_decoder) if args.text_head is None else args.text_head
+    if not wanted:
+        return None
+    if ling_on and not reads_decoder:
+        raise UserInputError(f"--text_head with C2VKD: its linguistic term trains the head, so the last --feature_pairs "
+                             f"entry must read the student's '{DECODER_FEATURE}' feature (e.g. "
+                             f"{DECODER_FEATURE}:{DECODER_FEATURE}); got {pairs}.")
+    if DECODER_FEATURE not in s_channels:
+        raise UserInputError("--text_head needs a student whose final classifier is a 1x1 convolution reading a "
+                             f"'{DECODER_FEATURE}' feature (SegFormer, UperNet, BEiT, DPT do).")
+    head = TextHead.create(s_channels[DECODER_FEATURE], text_embeddings, DECODER_FEATURE, args.ling_tau,
+                           [id2label[i] for i in range(len(id2label))])
+    problem = text_head_fold_problem(student, head)
+    if problem is not None:
+        raise UserInputError(f"--text_head: {problem}.")
+    return head
+
+
+def distillation_text_embeddings(dist_args: DistillationArguments, id2label: dict[int, str], output_dir: Path,
+                                 notes: list[str]) -> tuple[Optional[torch.Tensor], Optional[str]]:
+    """The class-name text embeddings of C2VKD's linguistic term or of the text head (``--text_head``,
+    any method) and their source (one line, for ``results.json`` and the card), or ``(None, None)`` when
+    neither is asked for, or no embeddings are found (then a loud warning and a note for the card;
+    ``--text_head true`` is refused).
+
+    Sources, first found: ``--text_embeddings``, ``--clip_model``, the built-in CLIP vocabulary when it
+    names every class (:mod:`c2vkd_hf.vocabulary`; the log says which names matched what)."""
+    if not ((dist_args.method == "c2vkd" and dist_args.ling_weight > 0) or dist_args.text_head):
+        return None, None
+    from .text import resolve_text_embeddings
+    from .vocabulary import closest_vocabulary
+
+    class_names = [id2label[i] for i in range(len(id2label))]
+    # fork_rng: computing embeddings (or finding them cached) must not change the models' initialisation
+    with user_errors(f"--text_embeddings {dist_args.text_embeddings}" if dist_args.text_embeddings
+                     else "text embeddings"), torch.random.fork_rng(devices=[]):
+        resolved = resolve_text_embeddings(
+            class_names, text_embeddings=dist_args.text_embeddings, clip_model=dist_args.clip_model,
+            clip_pretrained=dist_args.clip_pretrained, templates=dist_args.prompt_templates,
+            cache_dir=str(output_dir / "text_cache"))
+    if resolved is None and dist_args.text_head:
+        raise UserInputError("--text_head needs the class names' text embeddings, and the built-in CLIP vocabulary "
+                             "does not name every class: give --text_embeddings FILE or --clip_model NAME "
+                             "--clip_pretrained TAG_OR_CHECKPOINT.")
+    if resolved is None:
+        closest, missing = closest_vocabulary(class_names)
+        logger.warning(
+            "\n" + "!" * 100 + "\nC2VKD's linguistic term is OFF: no class-name text embeddings. The built-in CLIP "
+            f"vocabulary does not name every class (closest: '{closest}', which lacks {', '.join(missing)}; see "
+            "c2vkd_hf/vocabulary.py for its synonyms). Enable it with --text_embeddings FILE ([num_classes, dim] "
+            ".pth/.safetensors/.npy) or --clip_model NAME --clip_pretrained TAG_OR_CHECKPOINT (needs CLIP "
+            "weights).\n" + "!" * 100)
+        notes.append("The linguistic (CLIP text) term of VLFD was off: no text embeddings were available.")
+        return None, None
+    logger.info("Class-name text embeddings: %s", resolved.source)
+    check_class_agreement(id2label, text_embeddings=resolved.embeddings, text_source=resolved.source)
+    return resolved.embeddings, resolved.source
 
 
 @dataclasses.dataclass
@@ -600,6 +753,7 @@ class DistillationSetup:
     text_embeddings: Optional[torch.Tensor]
     notes: list[str]
     teacher_cache: Any = None
+    text_source: Optional[str] = None
 
 
 def setup_distillation(dist_args: DistillationArguments, data_args: DataArguments,
@@ -612,27 +766,12 @@ def setup_distillation(dist_args: DistillationArguments, data_args: DataArgument
     output_dir = Path(training_args.output_dir)
     prepare_training_args(training_args)
     data = data if data is not None else load_segmentation_data(data_args)
+    check_input_sizes(data, data_args, training_args.per_device_train_batch_size,
+                      training_args.per_device_eval_batch_size)
     id2label = data.id2label
     notes: list[str] = []
 
-    text_embeddings = None
-    if dist_args.method == "c2vkd" and dist_args.ling_weight > 0:
-        # fork_rng: computing embeddings (or finding them cached) must not change the models' initialisation
-        with user_errors(f"--text_embeddings {dist_args.text_embeddings}" if dist_args.text_embeddings
-                         else "text embeddings"), torch.random.fork_rng(devices=[]):
-            text_embeddings = get_text_embeddings(
-                [id2label[i] for i in range(len(id2label))], text_embeddings=dist_args.text_embeddings,
-                clip_model=dist_args.clip_model, clip_pretrained=dist_args.clip_pretrained,
-                templates=dist_args.prompt_templates, cache_dir=str(output_dir / "text_cache"))
-        if text_embeddings is None:
-            logger.warning(
-                "\n" + "!" * 100 + "\nC2VKD's linguistic term is OFF: no class-name text embeddings. Enable it with "
-                "--text_embeddings FILE ([num_classes, dim] .pth/.safetensors/.npy) or --clip_model NAME "
-                "--clip_pretrained TAG_OR_CHECKPOINT (needs CLIP weights).\n" + "!" * 100)
-            notes.append("The linguistic (CLIP text) term of VLFD was off: no text embeddings were available.")
-        else:
-            check_class_agreement(id2label, text_embeddings=text_embeddings,
-                                  text_source=dist_args.text_embeddings or f"{dist_args.clip_model} embeddings")
+    text_embeddings, text_source = distillation_text_embeddings(dist_args, id2label, output_dir, notes)
 
     teacher = None
     teacher_name = dist_args.teacher_name_or_path
@@ -662,58 +801,49 @@ def setup_distillation(dist_args: DistillationArguments, data_args: DataArgument
     student_mean, student_std = image_mean_std(student)
 
     pairs: list[tuple[str, str]] = []
-    student_channels: list[int] = []
-    teacher_channels: list[int] = []
+    stage_pairs: list[tuple[str, str]] = []
+    s_channels, t_channels = feature_channels(student), {}
     if dist_args.method == "c2vkd":
         pairs = parse_feature_pairs(dist_args.feature_pairs) or [default_feature_pair(student, teacher)]
-        s_channels, t_channels = feature_channels(student), feature_channels(teacher)
-        for s_name, t_name in pairs:
+        stage_pairs = parse_feature_pairs(dist_args.stage_pairs) if dist_args.stage_weight > 0 else []
+        t_channels = feature_channels(teacher)
+        for s_name, t_name in pairs + stage_pairs:
             if s_name not in s_channels or t_name not in t_channels:
-                raise UserInputError(f"--feature_pairs {s_name}:{t_name}: the student has features "
+                raise UserInputError(f"feature pair {s_name}:{t_name}: the student has features "
                                      f"{sorted(s_channels)}, the teacher {sorted(t_channels)}.")
-        student_channels = [s_channels[s] for s, _ in pairs]
-        teacher_channels = [t_channels[t] for _, t in pairs]
-    loss_module = build_loss_module(dist_args, student_channels=student_channels,
-                                    teacher_channels=teacher_channels, text_embeddings=text_embeddings)
+    text_head = build_text_head(dist_args, student, s_channels, text_embeddings, pairs, id2label)
+    loss_module = build_loss_module(
+        dist_args, student_channels=[s_channels[s] for s, _ in pairs],
+        teacher_channels=[t_channels[t] for _, t in pairs], text_embeddings=text_embeddings,
+        stage_channels=([s_channels[s] for s, _ in stage_pairs], [t_channels[t] for _, t in stage_pairs]),
+        ling_projector=text_head.projector if text_head is not None else None)
+    loss_module.set_schedules(parse_schedules(dist_args.weight_schedules))
     if dist_args.channels_last:
         student.to(memory_format=torch.channels_last)
-    model = DistillationModel(student, loss_module, [s for s, _ in pairs])
+    model = DistillationModel(student, loss_module, [s for s, _ in pairs + stage_pairs], text_head=text_head)
+    teacher_feature_names = [t for _, t in pairs + stage_pairs]
 
     teacher_cache = None
     if dist_args.teacher_cache:
-        teacher_cache = open_teacher_cache(dist_args, data_args, training_args, data, teacher,
-                                           [t for _, t in pairs])
+        teacher_cache = open_teacher_cache(dist_args, data_args, training_args, data, teacher, teacher_feature_names)
     train, validation, data_callbacks = _datasets_for(data, data_args, student_mean, student_std,
                                                       seed=training_args.seed, with_views=teacher_cache is not None)
-    can_fold = text_head_fold_problem(model) is None
-    fold = can_fold if dist_args.ling_head_as_classifier is None else dist_args.ling_head_as_classifier
-    if fold and not can_fold:
-        raise UserInputError("--ling_head_as_classifier needs --method c2vkd with the linguistic term on "
-                             f"(text embeddings, --ling_weight > 0) reading the student's '{DECODER_FEATURE}' "
-                             f"feature (e.g. --feature_pairs {DECODER_FEATURE}:{DECODER_FEATURE}); got pairs "
-                             f"{pairs or 'none'}.")
-    if dist_args.text_head_logits and not fold:
-        raise UserInputError("--text_head_logits trains the linguistic head as the classifier: it needs "
-                             "--ling_head_as_classifier (not false), with its conditions.")
-    if fold:
-        trained_as_classifier = dist_args.text_head_logits is not False
-        if trained_as_classifier:
-            model.use_text_head_logits()
+    data_callbacks.append(LossScheduleCallback())
+    if text_head is not None:
         data_callbacks.append(FoldTextHeadCallback())
-        notes.append("The student's classifier is C2VKD's linguistic head (projector and CLIP text embeddings of "
-                     "the class names), " + ("trained as the classifier from the first step and " if
-                                             trained_as_classifier else "")
-                     + "folded into its 1x1 convolution at the end of training.")
+        notes.append("The student's classifier was trained as a text head (a projection of its decoder feature scored "
+                     "against the CLIP text embeddings of the class names) and folded into its 1x1 convolution at "
+                     "the end of training.")
     trainer = DistillationTrainer(
         model=model, args=training_args, train_dataset=train, eval_dataset=validation, data_collator=collate_fn,
         callbacks=data_callbacks + list(callbacks or []),
         compute_metrics=make_compute_metrics(len(id2label), IGNORE_INDEX, id2label), processing_class=processor,
-        teacher=teacher, teacher_feature_names=[t for _, t in pairs],
+        teacher=teacher, teacher_feature_names=teacher_feature_names,
         student_mean_std=(student_mean, student_std),
         teacher_mean_std=image_mean_std(teacher) if teacher is not None else None, teacher_cache=teacher_cache)
     return DistillationSetup(trainer=trainer, data=data, loss_module=loss_module, teacher=teacher,
                              teacher_name=teacher_name, text_embeddings=text_embeddings, notes=notes,
-                             teacher_cache=teacher_cache)
+                             teacher_cache=teacher_cache, text_source=text_source)
 
 
 def open_teacher_cache(dist_args: DistillationArguments, data_args: DataArguments,
@@ -744,19 +874,40 @@ def open_teacher_cache(dist_args: DistillationArguments, data_args: DataArgument
         raise UserInputError(f"--teacher_cache: {error}") from None
 
 
+def distillation_run_config(dist_args: DistillationArguments, data_args: DataArguments,
+                            training_args: TrainingArguments) -> dict:
+    """The configuration identifying a distillation run (:func:`c2vkd_hf.runs.run_config`)."""
+    prepare_training_args(training_args)
+    return run_config({"distillation": dataclasses.asdict(dist_args), "data": dataclasses.asdict(data_args),
+                       "training": training_args.to_dict()})
+
+
+def previous_distillation(dist_args: DistillationArguments, data_args: DataArguments,
+                          training_args: TrainingArguments) -> Optional[dict]:
+    """The saved results of a finished distillation of this configuration in ``--output_dir``, or
+    ``None`` to train (see :func:`previous_run`; ``--retrain`` deletes a previous run first)."""
+    return previous_run(Path(training_args.output_dir), distillation_run_config(dist_args, data_args, training_args),
+                        training_args, results_name=RESULTS_NAME, retrain=dist_args.retrain)
+
+
 def run_distillation(dist_args: DistillationArguments, data_args: DataArguments,
                      training_args: TrainingArguments, *, data: Optional[SegmentationData] = None,
                      write_card: bool = True, baseline_miou: Optional[float] = None) -> dict[str, Any]:
     """Distils ``dist_args.teacher_name_or_path`` into ``dist_args.student_name_or_path`` and saves the
     plain student, its image processor, ``results.json`` and (``write_card``) the model card with its
-    images in ``training_args.output_dir``. Resumes from the last checkpoint there."""
+    images in ``training_args.output_dir``. Resumes from the last checkpoint there; a finished run of
+    the same configuration there is not trained again: its saved results are returned."""
     start = time.time()
+    finished = previous_distillation(dist_args, data_args, training_args)
+    if finished is not None:
+        return finished
+    config = distillation_run_config(dist_args, data_args, training_args)
     setup = setup_distillation(dist_args, data_args, training_args, data=data)
     trainer, data, loss_module, teacher = setup.trainer, setup.data, setup.loss_module, setup.teacher
     teacher_name, text_embeddings, notes = setup.teacher_name, setup.text_embeddings, setup.notes
     id2label = data.id2label
     output_dir = Path(training_args.output_dir)
-    metrics = train_evaluate_save(trainer, training_args, output_dir)
+    metrics = train_evaluate_save(trainer, training_args, output_dir, config)
 
     results: dict[str, Any] = {
         "method": dist_args.method,
@@ -770,7 +921,12 @@ def run_distillation(dist_args: DistillationArguments, data_args: DataArguments,
         "teacher": teacher_name,
         "student": dist_args.student_name_or_path,
         "dataset": data.name,
-        "linguistic_term": text_embeddings is not None,
+        **evaluation_size(data),
+        "linguistic_term": "ling" in getattr(loss_module, "weights", {}),
+        "text_head": trainer.model.text_head is not None,
+        "text_embeddings_source": setup.text_source,
+        "evaluated_on": (f"selection split (training images matching {data_args.selection_holdout!r})"
+                         if data_args.selection_holdout else "validation"),
         "notes": notes,
         "eval_history": [{"step": e["step"], "val_mean_iou": e["eval_mean_iou"]}
                          for e in trainer.state.log_history if "eval_mean_iou" in e],
@@ -779,17 +935,19 @@ def run_distillation(dist_args: DistillationArguments, data_args: DataArguments,
         "loss_weights": dict(getattr(loss_module, "weights", {})),
         "config": {"distillation": dataclasses.asdict(dist_args), "data": dataclasses.asdict(data_args),
                    "training": {k: v for k, v in training_args.to_dict().items() if "token" not in k}},
+        "run_config": config,
     }
     if trainer.is_world_process_zero():
-        _write_json(output_dir / RESULTS_NAME, results)
         if write_card:
             teacher_miou = None
             if teacher is not None:
                 teacher_miou = teacher_val_miou(teacher, teacher_name, data, data_args, training_args)
                 results["teacher_val_mean_iou"] = teacher_miou
             results["baseline_val_mean_iou"] = baseline_miou
-            write_student_card(output_dir, trainer, results, data, data_args, teacher_miou=teacher_miou,
-                               baseline_miou=baseline_miou)
+            with save_errors(output_dir / "README.md"):
+                write_student_card(output_dir, trainer, results, data, data_args, teacher_miou=teacher_miou,
+                                   baseline_miou=baseline_miou, teacher=teacher)
+        with save_errors(output_dir / RESULTS_NAME):  # written last: it marks the run finished
             _write_json(output_dir / RESULTS_NAME, results)
     return results
 
@@ -797,9 +955,10 @@ def run_distillation(dist_args: DistillationArguments, data_args: DataArguments,
 def teacher_val_miou(teacher: nn.Module, teacher_name: str, data: SegmentationData, data_args: DataArguments,
                      training_args: TrainingArguments) -> float:
     """The teacher's validation mIoU under the same evaluation protocol (cached in ``teacher_results.json``
-    beside a local teacher when it was made by ``train_teacher``)."""
+    beside a local teacher when it was made by ``train_teacher``; measured on the same images when the
+    student is evaluated on a subset of the split)."""
     saved = Path(teacher_name) / "teacher_results.json"
-    if saved.is_file():
+    if saved.is_file() and not is_eval_subset(data):
         return float(json.loads(saved.read_text())["val_mean_iou"])
     mean, std = image_mean_std(teacher)
     _, validation, _ = _datasets_for(data, data_args, mean, std)
@@ -807,11 +966,26 @@ def teacher_val_miou(teacher: nn.Module, teacher_name: str, data: SegmentationDa
                                 batch_size=training_args.per_device_eval_batch_size)["mean_iou"])
 
 
+def evaluation_size(data: SegmentationData) -> dict[str, int]:
+    """``eval_images`` (validation images evaluated) and ``eval_images_total`` (the split's size)."""
+    evaluated = len(data.validation)
+    return {"eval_images": evaluated, "eval_images_total": max(evaluated, data.validation_total or evaluated)}
+
+
+def is_eval_subset(data: SegmentationData) -> bool:
+    """Whether only part of the validation split is evaluated (``--max_eval_samples``)."""
+    size = evaluation_size(data)
+    return size["eval_images"] < size["eval_images_total"]
+
+
 def write_student_card(output_dir: Path, trainer: DistillationTrainer, results: dict[str, Any],
                        data: SegmentationData, data_args: DataArguments, *, teacher_miou: Optional[float],
-                       baseline_miou: Optional[float] = None, num_images: int = 3) -> Path:
-    """Writes README.md (model card), ``predictions.png`` and ``training_curves.png`` into ``output_dir``."""
-    from .model_card import CURVES_NAME, OVERLAY_NAME, build_model_card, plot_training_curves, save_prediction_overlay
+                       baseline_miou: Optional[float] = None, num_images: int = 3,
+                       teacher: Optional[nn.Module] = None) -> Path:
+    """Writes README.md (model card), ``predictions.png`` and ``training_curves.png`` into ``output_dir``.
+    ``teacher``: the teacher model, which the card describes unless it has a Hub id."""
+    from .model_card import (CURVES_NAME, OVERLAY_NAME, build_model_card, plot_training_curves, save_prediction_overlay,
+                             teacher_description)
 
     student = trainer.accelerator.unwrap_model(trainer.model).student.eval()
     mean, std = image_mean_std(student)
@@ -835,37 +1009,67 @@ def write_student_card(output_dir: Path, trainer: DistillationTrainer, results: 
     metrics = {"mean_iou": results["val_mean_iou"], "overall_accuracy": results.get("overall_accuracy") or float("nan"),
                "per_category_iou": [float("nan") if v is None else v for v in results["per_category_iou"]]}
     args = trainer.args
+    teacher_name = results.get("teacher")
+    if teacher is not None and teacher_name:
+        teacher_name = teacher_description(teacher, teacher_name, teacher_miou)
     card = build_model_card(
-        repo_id=args.hub_model_id or output_dir.name, metrics=metrics, id2label=data.id2label,
+        repo_id=args.hub_model_id or str(output_dir), metrics=metrics, id2label=data.id2label,
         dataset_name=data.name, dataset_split="validation", method=results["method"],
-        teacher_name=results.get("teacher"), teacher_miou=teacher_miou, baseline_miou=baseline_miou,
+        teacher_name=teacher_name, teacher_miou=teacher_miou, baseline_miou=baseline_miou,
         loss_weights=results.get("loss_weights"),
         schedule={"steps": results["steps"], "per_device_batch_size": args.per_device_train_batch_size,
                   "gradient_accumulation_steps": args.gradient_accumulation_steps,
                   "learning_rate": args.learning_rate, "scheduler": getattr(args.lr_scheduler_type, "value", str(args.lr_scheduler_type)), "seed": args.seed},
         notes=results.get("notes", []), student_type=type(student).__name__.replace("ForSemanticSegmentation", ""),
-        overlay_image=OVERLAY_NAME if overlay else None, curves_image=CURVES_NAME if curves else None)
+        overlay_image=OVERLAY_NAME if overlay else None, curves_image=CURVES_NAME if curves else None,
+        eval_images=results.get("eval_images"), eval_images_total=results.get("eval_images_total"),
+        text_source=results.get("text_embeddings_source"))
     card.save(str(output_dir / "README.md"))
     return output_dir / "README.md"
 
 
+#: What ``--push_to_hub`` leaves out of the output folder: training state (``checkpoint-*``,
+#: ``training_args.bin``), the default job's teacher and baseline, caches and partial files.
+PUSH_IGNORE_PATTERNS = ("checkpoint-*", "checkpoint-*/**", "teacher/**", "baseline/**", "text_cache/**", "*.tmp",
+                        "training_args.bin")
+
+
+def manual_upload_instructions(output_dir: Path, repo_id: str, private: Optional[bool] = None) -> str:
+    """A shell command (the ``hf`` CLI of huggingface_hub) and the same few lines of Python that upload
+    exactly the files :func:`push_student_to_hub` would (same repo, same ``PUSH_IGNORE_PATTERNS``)."""
+    import shlex
+
+    excludes = " ".join(f"--exclude {shlex.quote(p)}" for p in PUSH_IGNORE_PATTERNS)
+    private_flag = " --private" if private else ""
+    command = f"hf upload {shlex.quote(repo_id)} {shlex.quote(str(output_dir))} {excludes}{private_flag}"
+    python = [
+        "from huggingface_hub import HfApi",
+        "api = HfApi()",
+        f"repo = api.create_repo({repo_id!r}, {'private=True, ' if private else ''}exist_ok=True).repo_id",
+        f"api.upload_folder(folder_path={str(output_dir)!r}, repo_id=repo,",
+        f"                  ignore_patterns={list(PUSH_IGNORE_PATTERNS)!r})",
+    ]
+    return "\n".join(["    " + command, "", "or in Python:", "", *("    " + line for line in python)])
+
+
 def push_student_to_hub(output_dir: Path, repo_id: Optional[str], token: Optional[str] = None,
                         private: Optional[bool] = None) -> str:
-    """Uploads the saved student folder (weights, config, processor, card, images). Everything is
-    already saved locally; without network this raises :class:`UserInputError` saying so."""
+    """Uploads the saved student folder (weights, config, processor, card, images; not
+    :data:`PUSH_IGNORE_PATTERNS`). Everything is already saved locally; when the upload fails (no
+    network, no login) this raises :class:`UserInputError` with a command and a Python snippet that
+    upload the same files later (:func:`manual_upload_instructions`)."""
     from huggingface_hub import HfApi
 
     repo_id = repo_id or output_dir.name
     api = HfApi(token=token)
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True)
-        api.upload_folder(folder_path=str(output_dir), repo_id=url.repo_id,
-                          ignore_patterns=["checkpoint-*", "checkpoint-*/**", "teacher/**", "baseline/**",
-                                           "text_cache/**", "*.tmp", "training_args.bin"])
-    except Exception as error:  # network, auth: the user needs one clear sentence, not a traceback
+        api.upload_folder(folder_path=str(output_dir), repo_id=url.repo_id, ignore_patterns=list(PUSH_IGNORE_PATTERNS))
+    except Exception as error:  # network, auth: the user needs one clear message, not a traceback
         reason = type(error).__name__
         raise UserInputError(
             f"--push_to_hub failed ({reason}): could not upload to the Hub repo '{repo_id}'. The student, its "
-            f"card and results are saved in {output_dir}; upload later with `huggingface-cli upload {repo_id} "
-            f"{output_dir}` once online and logged in.") from None
+            f"card and results are saved in {output_dir}. Once online and logged in (`hf auth login`), upload "
+            f"the files the push would (no checkpoints, no training_args.bin) with\n\n"
+            f"{manual_upload_instructions(output_dir, repo_id, private)}\n") from None
     return url.repo_id

@@ -1,6 +1,7 @@
 """Class-name text embeddings for the linguistic term of C2VKD.
 
-Two sources, one dispatcher (:func:`get_text_embeddings`):
+Three sources, one dispatcher (:func:`resolve_text_embeddings`, or :func:`get_text_embeddings` for the
+tensor alone):
 
 * a precomputed ``(K, D)`` file (``.pth``/``.pt``, ``.safetensors``, ``.npy``):
   :func:`load_text_embeddings`;
@@ -9,13 +10,15 @@ Two sources, one dispatcher (:func:`get_text_embeddings`):
   Transferable Visual Models From Natural Language Supervision", ICML 2021, arXiv 2103.00020): each
   class name is put into every template, each template embedding is L2-normalised, the mean over
   templates is L2-normalised again. Results are cached on disk (safetensors) under a content hash of
-  the model name, the weights' identity, the templates and the class names.
+  the model name, the weights' identity, the templates and the class names;
+* the built-in CLIP ViT-B/16 vocabulary (:mod:`c2vkd_hf.vocabulary`), when it names every class.
 
 Every returned tensor is float32 on the CPU with L2-normalised rows.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -38,6 +41,8 @@ __all__ = [
     "load_text_embeddings",
     "compute_text_embeddings",
     "get_text_embeddings",
+    "resolve_text_embeddings",
+    "ResolvedTextEmbeddings",
     "default_cache_dir",
 ]
 
@@ -272,6 +277,61 @@ def compute_text_embeddings(
     return emb
 
 
+@dataclasses.dataclass(frozen=True)
+class ResolvedTextEmbeddings:
+    """Text embeddings and where they came from: ``kind`` is ``"file"``, ``"tensor"``, ``"open_clip"``
+    or ``"builtin"``; ``source`` is one line for logs, ``results.json`` and the model card."""
+
+    embeddings: torch.Tensor
+    kind: str
+    source: str
+
+
+def resolve_text_embeddings(
+    class_names: Sequence[str],
+    *,
+    text_embeddings: Optional[Union[PathLike, torch.Tensor]] = None,
+    clip_model: Optional[str] = None,
+    clip_pretrained: Optional[str] = None,
+    templates: Templates = "ensemble",
+    cache_dir: Optional[PathLike] = None,
+    device: Union[str, torch.device] = "cpu",
+    builtin: bool = True,
+) -> Optional[ResolvedTextEmbeddings]:
+    """Text embeddings for ``class_names``, first found of: a file/tensor, an open_clip model, and
+    (``builtin``) the built-in CLIP vocabulary when it names every class
+    (:func:`c2vkd_hf.vocabulary.match_vocabulary`). ``None`` when there is none.
+
+    Raises ``ValueError`` when the row count differs from ``len(class_names)``.
+    """
+    if text_embeddings is not None:
+        if clip_model is not None:
+            logger.warning("both text_embeddings and clip_model given; using text_embeddings")
+        if torch.is_tensor(text_embeddings):
+            resolved = ResolvedTextEmbeddings(_normalise_rows(text_embeddings, "the given tensor"), "tensor",
+                                              "the given tensor")
+        else:
+            resolved = ResolvedTextEmbeddings(load_text_embeddings(text_embeddings), "file", str(text_embeddings))
+    elif clip_model is not None:
+        emb = compute_text_embeddings(class_names, clip_model, clip_pretrained, templates, cache_dir, device)
+        resolved = ResolvedTextEmbeddings(emb, "open_clip", f"open_clip {clip_model} ({clip_pretrained})")
+    elif builtin:
+        from .vocabulary import match_vocabulary
+
+        match = match_vocabulary(class_names)
+        if match is None:
+            return None
+        resolved = ResolvedTextEmbeddings(match.embeddings(), "builtin", match.describe())
+    else:
+        return None
+    if resolved.embeddings.shape[0] != len(class_names):
+        raise ValueError(
+            f"text embeddings from {resolved.source} have {resolved.embeddings.shape[0]} rows but the dataset has "
+            f"{len(class_names)} classes"
+        )
+    return resolved
+
+
 def get_text_embeddings(
     class_names: Sequence[str],
     *,
@@ -281,28 +341,15 @@ def get_text_embeddings(
     templates: Templates = "ensemble",
     cache_dir: Optional[PathLike] = None,
     device: Union[str, torch.device] = "cpu",
+    builtin: bool = False,
 ) -> Optional[torch.Tensor]:
-    """Text embeddings for ``class_names`` from a file/tensor (preferred) or an open_clip model.
+    """Text embeddings for ``class_names`` from a file/tensor (preferred), an open_clip model or
+    (``builtin=True``) the built-in vocabulary: :func:`resolve_text_embeddings` without the source.
 
-    Returns ``None`` when neither ``text_embeddings`` nor ``clip_model`` is given (the linguistic term
-    is then off). Raises ``ValueError`` when the row count differs from ``len(class_names)``.
+    Returns ``None`` when there is none (the linguistic term is then off). Raises ``ValueError``
+    when the row count differs from ``len(class_names)``.
     """
-    if text_embeddings is not None:
-        if clip_model is not None:
-            logger.warning("both text_embeddings and clip_model given; using text_embeddings")
-        if torch.is_tensor(text_embeddings):
-            emb = _normalise_rows(text_embeddings, "the given tensor")
-            source = "the given tensor"
-        else:
-            emb = load_text_embeddings(text_embeddings)
-            source = str(text_embeddings)
-    elif clip_model is not None:
-        emb = compute_text_embeddings(class_names, clip_model, clip_pretrained, templates, cache_dir, device)
-        source = f"open_clip {clip_model}"
-    else:
-        return None
-    if emb.shape[0] != len(class_names):
-        raise ValueError(
-            f"text embeddings from {source} have {emb.shape[0]} rows but the dataset has {len(class_names)} classes"
-        )
-    return emb
+    resolved = resolve_text_embeddings(
+        class_names, text_embeddings=text_embeddings, clip_model=clip_model, clip_pretrained=clip_pretrained,
+        templates=templates, cache_dir=cache_dir, device=device, builtin=builtin)
+    return None if resolved is None else resolved.embeddings

@@ -2,7 +2,7 @@
 
 C2VKD's linguistic term (``c2vkd_hf.losses.vlfd``) trains a 1x1 projector ``P_l`` that maps one student
 feature map into CLIP's text space. The final save of a C2VKD run writes it beside the plain student
-as ``text_head.safetensors`` (``c2vkd_hf.trainer.save_text_head``: ``projector.weight``/``projector.bias``,
+as ``text_head.safetensors`` (:mod:`c2vkd_hf.text_head`: ``projector.weight``/``projector.bias``,
 the training classes' ``text_embeddings`` and metadata ``feature``/``tau``). With it:
 
     from c2vkd_hf.text_query import load_text_head, segment_by_text
@@ -19,80 +19,16 @@ a full-resolution map. :class:`TextQuerySegmenter` wraps a student and a vocabul
 
 from __future__ import annotations
 
-import json
-import os
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
-from safetensors import safe_open
 from torch import nn
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
-from .losses.vlfd import pixel_text_logits
 from .models import forward_features
-from .trainer import TEXT_HEAD_NAME
+from .text_head import TEXT_HEAD_NAME, TextHead, load_text_head
 
 __all__ = ["TEXT_HEAD_NAME", "TextHead", "TextQuerySegmenter", "load_text_head", "segment_by_text"]
-
-
-class TextHead(nn.Module):
-    """The linguistic projector of a C2VKD student and the text embeddings it was trained against.
-
-    Attributes: ``projector`` (1x1 conv C -> D), ``text_embeddings`` ((K, D) buffer, L2-normalised),
-    ``feature`` (the student feature name it reads), ``tau`` (pixel-text temperature),
-    ``class_names`` (the K training class names when known, else ``None``).
-    """
-
-    def __init__(self, projector: nn.Conv2d, text_embeddings: torch.Tensor, feature: str, tau: float,
-                 class_names: Optional[Sequence[str]] = None):
-        super().__init__()
-        self.projector = projector
-        self.register_buffer("text_embeddings", nn.functional.normalize(text_embeddings.float(), dim=1))
-        self.feature = str(feature)
-        self.tau = float(tau)
-        self.class_names = list(class_names) if class_names is not None else None
-        if self.class_names is not None and len(self.class_names) != self.text_embeddings.shape[0]:
-            raise ValueError(f"{len(self.class_names)} class names for {self.text_embeddings.shape[0]} text embeddings")
-
-    def forward(self, feature_map: torch.Tensor, text_embeddings: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """(B, C, h, w) student feature -> (B, K', h, w) pixel-text logits."""
-        emb = self.text_embeddings if text_embeddings is None else text_embeddings
-        emb = emb.to(device=feature_map.device)
-        if emb.dim() != 2 or emb.shape[1] != self.projector.out_channels:
-            raise ValueError(f"text embeddings must be (K, {self.projector.out_channels}), got {tuple(emb.shape)}")
-        return pixel_text_logits(self.projector(feature_map.to(self.projector.weight.dtype)), emb, tau=self.tau)
-
-
-def load_text_head(folder_or_file: str | os.PathLike, *, device: str | torch.device = "cpu") -> TextHead:
-    """Reads ``text_head.safetensors`` (a folder holding it, or the file itself). The class names come
-    from ``id2label`` of the ``config.json`` beside it when it has one entry per embedding."""
-    path = os.fspath(folder_or_file)
-    if os.path.isdir(path):
-        path = os.path.join(path, TEXT_HEAD_NAME)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"{path} does not exist: only a C2VKD student trained with the linguistic term (text embeddings) "
-            "has a text head")
-    with safe_open(path, framework="pt", device=str(device)) as fh:
-        meta = fh.metadata() or {}
-        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    missing = {"projector.weight", "projector.bias", "text_embeddings"} - set(tensors)
-    if missing or "feature" not in meta or "tau" not in meta:
-        raise ValueError(f"{path} is not a text head (missing {sorted(missing) or 'feature/tau metadata'})")
-    weight = tensors["projector.weight"]
-    projector = nn.Conv2d(weight.shape[1], weight.shape[0], kernel_size=1)
-    with torch.no_grad():
-        projector.weight.copy_(weight)
-        projector.bias.copy_(tensors["projector.bias"])
-    names = None
-    config = os.path.join(os.path.dirname(path), "config.json")
-    if os.path.isfile(config):
-        with open(config, encoding="utf-8") as fh:
-            id2label = json.load(fh).get("id2label") or {}
-        if len(id2label) == tensors["text_embeddings"].shape[0]:
-            names = [id2label[str(i)] if str(i) in id2label else id2label.get(i) for i in range(len(id2label))]
-    head = TextHead(projector, tensors["text_embeddings"], meta["feature"], float(meta["tau"]), names)
-    return head.to(device).eval()
 
 
 def segment_by_text(student: nn.Module, head: TextHead, pixel_values: torch.Tensor,

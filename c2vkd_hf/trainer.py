@@ -35,13 +35,17 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from accelerate.utils import extract_model_from_parallel
 from transformers import Trainer, TrainerCallback
 from transformers.modeling_outputs import SemanticSegmenterOutput
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .config import IGNORE_INDEX
+from .runs import MANIFEST_NAME, checkpoint_fit_problem, manifest_problems, write_manifest
+from .validation import UserInputError, save_errors
 from .losses.common import cross_entropy
-from .models import DECODER_FEATURE, _unwrap, classifier_module, forward_features, renormalize
+from .models import DECODER_FEATURE, classifier_module, forward_features, renormalize
+from .text_head import TextHead, save_text_head
 
 logger = logging.getLogger(__name__)
 
@@ -55,54 +59,53 @@ class NonFiniteLossError(RuntimeError):
 
 
 class DistillationModel(nn.Module):
-    """The module the Trainer optimises: the student plus the loss module holding the projectors.
+    """The module the Trainer optimises: the student, the loss module holding the projectors, and
+    optionally the student's text head (:class:`~c2vkd_hf.text_head.TextHead`).
 
     ``forward(pixel_values, labels=None, teacher_logits=None, teacher_features=None)``:
     without teacher outputs (evaluation) it returns the student's logits and, given labels, the
     loss module's cross-entropy; with them it returns the total distillation loss, the logits and
     every unweighted term in ``terms``.
 
-    With ``text_head_logits`` (C2VKD with a linguistic projector on the student's ``decoder``
-    feature), the student's logits *are* the pixel-text logits ``S = normalise(P_l D) E^T / tau`` of
-    C2VKD's linguistic head: the cross-entropy, PDD and evaluation all read the head that
-    :func:`fold_text_head_into_classifier` makes the student's classifier at the end, which then
-    switches this back off (the folded classifier has the same per-pixel argmax).
+    With a ``text_head`` (``--text_head``, any method), the student's logits *are* the head's
+    pixel-text logits ``S = normalise(P D) E^T / tau`` on its ``decoder`` feature ``D``: the
+    cross-entropy, every distillation term and evaluation read the head, and the student's own 1x1
+    classifier is frozen until :class:`FoldTextHeadCallback` writes the head into it at the end
+    (same per-pixel argmax) and switches ``text_head_logits`` off.
     """
 
     main_input_name = "pixel_values"
 
     def __init__(self, student: nn.Module, loss_module: nn.Module,
-                 student_feature_names: Optional[list[str]] = None, *, text_head_logits: bool = False):
+                 student_feature_names: Optional[list[str]] = None, *, text_head: Optional[TextHead] = None):
         super().__init__()
         self.student = student
         self.distill_loss = loss_module
         self.student_feature_names = list(student_feature_names or [])
         self.config = student.config  # read by Trainer (e.g. keys_to_ignore_at_inference)
+        self.text_head = text_head
         self.text_head_logits = False
-        if text_head_logits:
-            self.use_text_head_logits()
-
-    def use_text_head_logits(self) -> None:
-        """Makes C2VKD's linguistic head the student's classifier for training and evaluation (see
-        the class docstring); raises ``ValueError`` when the head cannot be folded later."""
-        problem = text_head_fold_problem(self)
-        if problem is not None:
-            raise ValueError(f"text_head_logits: {problem}")
-        self.text_head_logits = True
-        # the own classifier gets no gradient (DDP would wait for it); the fold overwrites it
-        classifier_module(self.student).requires_grad_(False)
+        if text_head is not None:
+            problem = text_head_fold_problem(student, text_head)
+            if problem is not None:
+                raise ValueError(f"text head: {problem}")
+            self.text_head_logits = True
+            # the own classifier gets no gradient (DDP would wait for it); the fold overwrites it
+            classifier_module(self.student).requires_grad_(False)
 
     def forward(self, pixel_values: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 teacher_logits: Optional[torch.Tensor] = None,
                 teacher_features: Optional[list[torch.Tensor]] = None, return_terms: bool = False):
-        if self.student_feature_names and (teacher_logits is not None or self.text_head_logits):
+        wants_features = bool(self.student_feature_names) and teacher_logits is not None
+        student_features = None
+        if wants_features or self.text_head_logits:
             logits, features = forward_features(self.student, pixel_values)
-            student_features = [features[name] for name in self.student_feature_names]
+            if wants_features:
+                student_features = [features[name] for name in self.student_feature_names]
             if self.text_head_logits:
-                loss = self.distill_loss
-                logits = loss.pixel_text_logits(student_features[loss.ling_feature_index])
+                logits = self.text_head(features[self.text_head.feature])
         else:
-            logits, student_features = self.student(pixel_values=pixel_values).logits, None
+            logits = self.student(pixel_values=pixel_values).logits
         if labels is None:
             return SemanticSegmenterOutput(logits=logits)
         if teacher_logits is None and self.distill_loss.requires_teacher:
@@ -162,13 +165,35 @@ class SafeCheckpointTrainer(Trainer):
             self.args.hub_token = token
 
     def _save_checkpoint(self, model, trial) -> None:
-        """``Trainer._save_checkpoint``, after removing the commit marker of a folder about to be rewritten."""
-        if self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            marker = os.path.join(folder, TRAINER_STATE_NAME)
-            if os.path.isfile(marker):
-                os.remove(marker)
-        super()._save_checkpoint(model, trial)
+        """``Trainer._save_checkpoint`` then the checkpoint's manifest (:func:`~c2vkd_hf.runs.write_manifest`).
+        The commit marker and manifest of a folder about to be rewritten are removed first, and again
+        when the save fails (full disk, read-only: a :class:`~c2vkd_hf.validation.SaveError`), so a
+        half-written checkpoint never looks complete."""
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+
+        def uncommit() -> None:
+            for name in (TRAINER_STATE_NAME, MANIFEST_NAME):
+                if os.path.isfile(os.path.join(folder, name)):
+                    os.remove(os.path.join(folder, name))
+
+        with save_errors(folder, cleanup=uncommit if self.args.should_save else None):
+            if self.args.should_save:
+                uncommit()
+            super()._save_checkpoint(model, trial)
+            if self.args.should_save and os.path.isfile(os.path.join(folder, TRAINER_STATE_NAME)):
+                write_manifest(folder)
+
+    def _run_epoch(self, *args, **kwargs):
+        """``Trainer._run_epoch``, skipped once ``max_steps`` are done: ``Trainer`` resumed from the
+        final checkpoint of a run whose ``max_steps`` does not end an epoch would train one step more."""
+        if 0 < self.state.max_steps <= self.state.global_step:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
+    def _saved_module(self) -> nn.Module:
+        """The module whose weights the checkpoints' ``model.safetensors`` holds."""
+        return self.accelerator.unwrap_model(self.model)
 
     def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
         """``Trainer.train``; ``resume_from_checkpoint=True`` means the last *complete* checkpoint in
@@ -183,6 +208,11 @@ class SafeCheckpointTrainer(Trainer):
             if problems:
                 raise ValueError(f"Can't resume from {resume_from_checkpoint}: it is not a complete checkpoint "
                                  f"({'; '.join(problems)}).")
+        if resume_from_checkpoint:
+            misfit = checkpoint_fit_problem(resume_from_checkpoint, self._saved_module())
+            if misfit:
+                raise UserInputError(f"Can't resume from {resume_from_checkpoint}: it holds another model ({misfit}). "
+                                     f"Use another --output_dir, or pass --retrain to train from scratch.")
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
 
 
@@ -233,7 +263,7 @@ class DistillationTrainer(SafeCheckpointTrainer):
             teacher.requires_grad_(False)
             self.teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
         self._term_sums: dict[str, torch.Tensor] = {}
-        self._term_count = 0
+        self._term_counts: dict[str, int] = {}
 
     # ----------------------------------------------------------------------------- loss
     def _teacher_outputs(self, pixel_values: torch.Tensor):
@@ -278,28 +308,30 @@ class DistillationTrainer(SafeCheckpointTrainer):
         return (outputs["loss"], outputs) if return_outputs else outputs["loss"]
 
     def _accumulate_terms(self, terms: dict[str, torch.Tensor]) -> None:
+        """Sums every term (and its weighted value at this step's schedule) until the next log."""
+        weights = self.accelerator.unwrap_model(self.model).distill_loss.effective_weights()
         for name, value in terms.items():
             if name == "loss":
                 continue
             value = value.detach().float()
             self._term_sums[name] = self._term_sums.get(name, 0.0) + value
-        self._term_count += 1
+            self._term_sums[f"{name}@weighted"] = self._term_sums.get(f"{name}@weighted", 0.0) + value * weights[name]
+            self._term_counts[name] = self._term_counts.get(name, 0) + 1
 
     def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
         """Adds the mean of every loss term since the last log, unweighted (``loss/<term>``) and
-        weighted (``loss_weighted/<term>``), averaged across processes."""
-        if "loss" in logs and self._term_count:
-            names = sorted(self._term_sums)
-            stacked = torch.stack([torch.as_tensor(self._term_sums[n], device=self.args.device)
-                                   for n in names]) / self._term_count
+        weighted at the steps' scheduled weights (``loss_weighted/<term>``), averaged across processes.
+        A term not computed at some steps (a scheduled weight at 0) is averaged over the steps that had it."""
+        if "loss" in logs and self._term_counts:
+            keys = sorted(self._term_sums)
+            stacked = torch.stack([torch.as_tensor(self._term_sums[k], device=self.args.device)
+                                   / self._term_counts[k.split("@")[0]] for k in keys])
             if self.accelerator.num_processes > 1:
                 stacked = self.accelerator.reduce(stacked, reduction="mean")
-            weights = getattr(self.accelerator.unwrap_model(self.model).distill_loss, "weights", {})
-            for name, value in zip(names, stacked.tolist()):
-                logs[f"loss/{name}"] = round(value, 6)
-                if name in weights:
-                    logs[f"loss_weighted/{name}"] = round(value * weights[name], 6)
-            self._term_sums, self._term_count = {}, 0
+            for key, value in zip(keys, stacked.tolist()):
+                name, weighted = key.split("@")[0], key.endswith("@weighted")
+                logs[f"loss_weighted/{name}" if weighted else f"loss/{name}"] = round(value, 6)
+            self._term_sums, self._term_counts = {}, {}
         super().log(logs, start_time)
 
     # ----------------------------------------------------------------------------- saving
@@ -321,12 +353,15 @@ class DistillationTrainer(SafeCheckpointTrainer):
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         if getattr(self, "_saving_checkpoint", False):
-            extra = {k: v.detach().cpu().contiguous() for k, v in wrapper.distill_loss.state_dict().items()}
+            extra = distillation_module_state(wrapper)
             if extra:
                 save_file(extra, os.path.join(output_dir, DISTILLATION_MODULES_NAME))
         else:
-            save_text_head(wrapper, output_dir)
+            write_text_head(wrapper, output_dir)
         torch.save(args_without_token(self.args), os.path.join(output_dir, "training_args.bin"))
+
+    def _saved_module(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.model).student
 
     def _load_student_and_modules(self, folder: str) -> None:
         """Restores the student (through ``from_pretrained``, which maps transformers' on-disk key
@@ -338,8 +373,12 @@ class DistillationTrainer(SafeCheckpointTrainer):
         wrapper.student.load_state_dict(saved.state_dict(), strict=True)
         extra = os.path.join(folder, DISTILLATION_MODULES_NAME)
         if os.path.isfile(extra):
-            wrapper.distill_loss.load_state_dict(load_file(extra, device="cpu"), strict=True)
-        elif any(True for _ in wrapper.distill_loss.parameters()):
+            missing, unexpected = wrapper.load_state_dict(load_file(extra, device="cpu"), strict=False)
+            missing = [k for k in missing if not k.startswith("student.")]
+            if missing or unexpected:
+                raise ValueError(f"{extra} does not match this run's projectors and text head (missing "
+                                 f"{missing[:5]}, unexpected {unexpected[:5]}): was it made with other flags?")
+        elif distillation_module_state(wrapper):
             logger.warning("%s has no %s: projectors start from scratch.", folder, DISTILLATION_MODULES_NAME)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
@@ -347,6 +386,14 @@ class DistillationTrainer(SafeCheckpointTrainer):
 
     def _load_best_model(self) -> None:
         self._load_student_and_modules(self.state.best_model_checkpoint)
+
+
+def distillation_module_state(wrapper: DistillationModel) -> dict[str, torch.Tensor]:
+    """Everything the wrapper trains besides the student (the loss module's projectors, the text head),
+    as CPU copies keyed by their names in the wrapper (a projector shared by the head and the
+    linguistic term appears under both names)."""
+    return {k: v.detach().cpu().clone().contiguous() for k, v in wrapper.state_dict().items()
+            if not k.startswith("student.")}
 
 
 def args_without_token(args):
@@ -360,9 +407,10 @@ def args_without_token(args):
 def checkpoint_problems(folder: str, *, require_optimizer: bool = True) -> list[str]:
     """What makes ``folder`` an incomplete checkpoint (an empty list: it is complete).
 
-    Complete means: ``trainer_state.json`` (written last) parses, and the config, the weights and,
-    with ``require_optimizer`` (unless ``save_only_model``), the optimizer, scheduler and RNG state
-    are present.
+    Complete means: ``trainer_state.json`` (written last) parses, the config, the weights and, with
+    ``require_optimizer`` (unless ``save_only_model``), the optimizer, scheduler and RNG state are
+    present, and the files verify against the checkpoint's manifest (sizes and SHA-256; without a
+    manifest, no file is truncated: :func:`~c2vkd_hf.runs.manifest_problems`).
     """
     if not os.path.isdir(folder):
         return [f"{folder} is not a folder"]
@@ -383,7 +431,7 @@ def checkpoint_problems(folder: str, *, require_optimizer: bool = True) -> list[
         problems += [f"no {name}" for name in ("optimizer.pt", "scheduler.pt") if name not in files]
         if not any(name.startswith("rng_state") for name in files):
             problems.append("no rng_state.pth")
-    return problems
+    return problems or manifest_problems(folder)
 
 
 def last_complete_checkpoint(output_dir: str, *, require_optimizer: bool = True) -> Optional[str]:
@@ -398,82 +446,70 @@ def last_complete_checkpoint(output_dir: str, *, require_optimizer: bool = True)
         problems = checkpoint_problems(folder, require_optimizer=require_optimizer)
         if not problems:
             return folder
-        logger.warning("Skipping the incomplete checkpoint %s (%s): it was interrupted while being written "
-                       "or deleted.", folder,
-                       "; ".join(problems))
+        logger.warning("Skipping the incomplete or damaged checkpoint %s (%s): it was interrupted while being "
+                       "written or deleted, or a file was damaged since.", folder, "; ".join(problems))
     return None
 
 
-TEXT_HEAD_NAME = "text_head.safetensors"
-
-
-def save_text_head(wrapper: DistillationModel, output_dir: str) -> Optional[str]:
-    """Saves C2VKD's linguistic projector with the class-name embeddings it was trained against as an
-    optional extra beside the plain student (``text_head.safetensors``; ``from_pretrained`` ignores
-    it). With it the student scores pixels against the embedding of any class name: see
-    ``c2vkd_hf.losses.vlfd.pixel_text_logits``. Returns the path, or ``None`` without a projector."""
+def text_head_of(wrapper: DistillationModel) -> Optional[TextHead]:
+    """The student's text head: the one it classifies with (``--text_head``), else a view of C2VKD's
+    linguistic projector and class-name embeddings (what the text query needs); ``None`` without either."""
+    if wrapper.text_head is not None:
+        return wrapper.text_head
     loss = wrapper.distill_loss
     projector = getattr(loss, "ling_projector", None)
     if projector is None:
         return None
-    tensors = {"projector.weight": projector.weight.detach().cpu().contiguous(),
-               "projector.bias": projector.bias.detach().cpu().contiguous(),
-               "text_embeddings": loss.text_embeddings.detach().cpu().contiguous()}
     feature = wrapper.student_feature_names[loss.ling_feature_index]
-    path = os.path.join(output_dir, TEXT_HEAD_NAME)
-    save_file(tensors, path, metadata={"feature": feature, "tau": str(loss.ling_tau)})
-    return path
+    return TextHead(projector, loss.text_embeddings, feature, loss.ling_tau)
 
 
-def text_head_fold_problem(wrapper: DistillationModel) -> Optional[str]:
-    """Why C2VKD's linguistic head cannot become the student's classifier, or ``None`` when it can
-    (:func:`fold_text_head_into_classifier`): it needs the linguistic projector, a student whose final
-    classifier is a 1x1 convolution, and the projector reading that classifier's input."""
-    loss = wrapper.distill_loss
-    if getattr(loss, "ling_projector", None) is None or classifier_module(wrapper.student) is None:
-        return ("folding the text head needs C2VKD's linguistic projector and a student whose final "
-                "classifier is a 1x1 convolution")
-    feature = wrapper.student_feature_names[loss.ling_feature_index]
-    if feature != DECODER_FEATURE:
-        return (f"the linguistic projector reads the student feature {feature!r}, not the classifier's "
-                f"input {DECODER_FEATURE!r}: use --feature_pairs {DECODER_FEATURE}:<teacher feature>")
+def write_text_head(wrapper: DistillationModel, output_dir: str) -> Optional[str]:
+    """Saves the student's text head (:func:`text_head_of`) as ``text_head.safetensors`` beside the plain
+    student (``from_pretrained`` ignores it); returns the path, or ``None`` without a head."""
+    head = text_head_of(wrapper)
+    return save_text_head(head, output_dir) if head is not None else None
+
+
+def text_head_fold_problem(student: nn.Module, head: TextHead) -> Optional[str]:
+    """Why ``head`` cannot be the classifier of ``student`` (``None`` when it can): the student needs a final
+    1x1 classifier, and the head must read that classifier's input (feature ``decoder``) and score as
+    many classes as it predicts."""
+    classifier = classifier_module(student)
+    if classifier is None:
+        return "the student has no final 1x1 convolution classifier to fold the text head into"
+    if head.feature != DECODER_FEATURE:
+        return (f"the head reads the student feature {head.feature!r}, not the classifier's input "
+                f"{DECODER_FEATURE!r}")
+    if classifier.out_channels != len(head.text_embeddings):
+        return f"{len(head.text_embeddings)} class-name embeddings for a classifier of {classifier.out_channels} classes"
     return None
 
 
-def fold_text_head_into_classifier(wrapper: DistillationModel) -> None:
-    """Replaces the student's final 1x1 classifier by C2VKD's linguistic head, folded into one 1x1 conv.
-
-    The text head scores a pixel's feature ``F`` as ``S = normalise(W_l F + b_l) E^T / tau``. Per
-    pixel the normalisation divides every class score by the same positive number, so
-    ``argmax_k S = argmax_k E (W_l F + b_l)``: a linear map of ``F``. The classifier becomes
-    ``W = E W_l / tau``, ``b = E b_l / tau``, whose per-pixel argmax equals the text query's with
-    the training class names exactly (the logits are ``S`` times ``|W_l F + b_l|``, so softmax
-    probabilities and bilinear upsampling differ slightly). Needs the linguistic projector to read
-    the classifier's own input (:func:`text_head_fold_problem`); the saved student stays a plain
-    ``AutoModelForSemanticSegmentation``."""
-    problem = text_head_fold_problem(wrapper)
-    if problem is not None:
-        raise ValueError(problem)
-    loss = wrapper.distill_loss
-    projector, classifier = loss.ling_projector, classifier_module(wrapper.student)
-    emb = loss.text_embeddings.to(projector.weight)
-    w = projector.weight.detach().flatten(1)  # (D, C)
-    with torch.no_grad():
-        classifier.weight.copy_((emb @ w / loss.ling_tau).view_as(classifier.weight))
-        classifier.bias.copy_(emb @ projector.bias.detach() / loss.ling_tau)
-
-
 class FoldTextHeadCallback(TrainerCallback):
-    """At the end of training (before the final evaluation and save), folds the linguistic head into
-    the student's classifier (:func:`fold_text_head_into_classifier`)."""
+    """At the end of training (before the final evaluation and save), writes the text head into the
+    student's own 1x1 classifier (:meth:`~c2vkd_hf.text_head.TextHead.fold_into`), so the saved
+    student is a plain ``AutoModelForSemanticSegmentation`` that classifies like the head."""
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        wrapper = _unwrap(model)
-        fold_text_head_into_classifier(wrapper)
-        if wrapper.text_head_logits:  # from now on the folded classifier is the text head
-            wrapper.text_head_logits = False
-            classifier_module(wrapper.student).requires_grad_(True)
-        logger.info("The student's classifier is now C2VKD's linguistic (CLIP text) head, folded.")
+        wrapper = extract_model_from_parallel(model)
+        if wrapper.text_head is None or not wrapper.text_head_logits:
+            return
+        classifier = classifier_module(wrapper.student)
+        wrapper.text_head.fold_into(classifier)
+        wrapper.text_head_logits = False  # from now on the folded classifier is the text head
+        classifier.requires_grad_(True)
+        logger.info("The student's classifier is now its text head (projector and class-name embeddings), folded.")
+
+
+class LossScheduleCallback(TrainerCallback):
+    """Sets the loss module's ``progress`` (step / max_steps) before each step, which its term weight
+    schedules read (:mod:`c2vkd_hf.losses.schedule`)."""
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        loss = getattr(extract_model_from_parallel(model), "distill_loss", None)
+        if loss is not None and state.max_steps:
+            loss.progress = state.global_step / state.max_steps
 
 
 def parse_feature_pairs(spec: Optional[str]) -> list[tuple[str, str]]:

@@ -29,6 +29,7 @@ from c2vkd_hf.data import load_segmentation_data
 from c2vkd_hf.models import default_feature_pair, feature_channels, image_mean_std, load_student, load_teacher
 from c2vkd_hf.pipeline import (UserInputError, config_file_arguments, check_class_agreement, parse_feature_pairs, run_script,
                                student_config_overrides, user_errors, validate_distillation_args)
+from c2vkd_hf.validation import check_output_dir, check_ranges, parse_script_arguments
 
 logger = logging.getLogger("c2vkd_hf")
 
@@ -41,18 +42,29 @@ def parse_args(argv: list[str]):
     extra.add_argument("--overwrite", action="store_true", help="Replace a cache built for something else.")
     extra.add_argument("--device", default=None, help="Device for the teacher (default: cuda if available).")
     own, rest = extra.parse_known_args(argv)
+    check_ranges(vars(own))
     parser = HfArgumentParser((DistillationArguments, DataArguments))
     config = config_file_arguments(rest)
-    if config is not None:
-        try:
-            dist_args, data_args = parser.parse_dict(config, allow_extra_keys=True)
-        except ValueError as error:
-            raise UserInputError(f"Config file {rest[0]}: {error}") from None
-    else:
-        dist_args, data_args, unknown = parser.parse_args_into_dataclasses(args=rest, return_remaining_strings=True)
+    if config is None:
+        known = {option for action in parser._actions for option in action.option_strings}
+        unknown = _foreign_flags(rest, known)
         if unknown:
             logger.info("Ignoring flags that do not concern the cache: %s", " ".join(unknown))
+            rest = [a for a in rest if a not in unknown]
+    dist_args, data_args, _ = parse_script_arguments(parser, rest, {}, config=config, allow_extra_keys=True,
+                                                     source=rest[0] if config is not None else None)
     return dist_args, data_args, own
+
+
+def _foreign_flags(argv: list[str], known: set[str]) -> list[str]:
+    """The flags of ``argv`` (with their values) that are not in ``known``: distill.py's training flags."""
+    foreign, skipping = [], False
+    for arg in argv:
+        if arg.startswith("--"):
+            skipping = arg.split("=")[0] not in known
+        if skipping:
+            foreign.append(arg)
+    return foreign
 
 
 def teacher_feature_names(dist_args: DistillationArguments, teacher) -> list[str]:
@@ -82,6 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise UserInputError("--teacher_cache DIR is required: the folder to write the cache to.")
     if not dist_args.teacher_name_or_path:
         raise UserInputError("--teacher_name_or_path is required (the teacher whose outputs are cached).")
+    check_output_dir(dist_args.teacher_cache, "--teacher_cache")
     import torch
     from accelerate import PartialState
 

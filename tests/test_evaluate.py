@@ -19,7 +19,8 @@ from c2vkd_hf.data import SYNTHETIC_CLASSES
 from c2vkd_hf.metrics import StreamingMeanIoU
 from c2vkd_hf.models import load_student
 from c2vkd_hf.config import DataArguments
-from c2vkd_hf.pipeline import evaluate_model, saved_data_arguments, segmentation_scores, sliding_window_logits
+from c2vkd_hf.pipeline import (UserInputError, evaluate_model, saved_data_arguments, segmentation_scores,
+                               sliding_window_logits)
 from tiny import TINY_SEGFORMER, tensor_dataset, tiny_student
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -221,4 +222,5 @@ def test_saved_data_configuration_is_used_only_without_data_flags(tmp_path):
     parsed = DataArguments()
     assert saved_data_arguments(tmp_path, ["--model_name_or_path", str(tmp_path)], parsed) == saved
     assert saved_data_arguments(tmp_path, ["--resize_height=8", "--resize_width", "8"], parsed) is parsed
-    assert saved_data_arguments(tmp_path / "elsewhere", [], parsed) is parsed
+    with pytest.raises(UserInputError, match="has no results.json to take the data configuration from"):
+        saved_data_arguments(tmp_path / "elsewhere", [], parsed)  # never silently the synthetic scenes

@@ -26,7 +26,8 @@ from transformers import (
 from c2vkd_hf import models as M
 from c2vkd_hf.losses import get_loss
 from c2vkd_hf.pipeline import UserInputError, check_class_agreement
-from c2vkd_hf.trainer import TEXT_HEAD_NAME, DistillationModel
+from c2vkd_hf.text_head import TEXT_HEAD_NAME
+from c2vkd_hf.trainer import DistillationModel
 from tiny import ID2LABEL, make_trainer, tiny_student, tiny_teacher
 
 _VIT = dict(hidden_size=16, num_hidden_layers=4, num_attention_heads=2, intermediate_size=32, patch_size=8,

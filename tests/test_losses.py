@@ -515,3 +515,42 @@ def test_pure_function_validation():
         vlfd_relation_loss(z, z, grid=0)
     with pytest.raises(ValueError, match="beta"):
         dist_loss(z, z, y, beta=-1)
+
+
+def test_weight_schedules_by_hand():
+    """s(p): constant 1; linear max(0, 1 - p/end); cosine (1 + cos(pi min(p/end, 1))) / 2."""
+    from c2vkd_hf.losses.schedule import parse_schedules, schedule_factor
+
+    assert [schedule_factor(("linear", 0.5), p) for p in (0.0, 0.25, 0.5, 0.9)] == [1.0, 0.5, 0.0, 0.0]
+    assert schedule_factor(("cosine", 1.0), 0.5) == pytest.approx(0.5)
+    assert schedule_factor(("cosine", 0.5), 0.75) == 0.0 and schedule_factor(None, 0.7) == 1.0
+    assert parse_schedules("stage:linear:0.5, pdd:constant") == {"stage": ("linear", 0.5), "pdd": ("constant", 1.0)}
+    for bad in ("stage:linear", "stage:exp:0.5", "stage:linear:0", "stage:linear:x", "stage:linear:0.5,stage:cosine:1"):
+        with pytest.raises(ValueError):
+            parse_schedules(bad)
+
+
+def test_stage_guidance_term_and_its_decay():
+    """C2VKD's stage term = mean over stage pairs of L_glob(Q_i F_s, F_t) + L_rel(F_s, F_t), added after
+    the main pairs; with a linear schedule ending at half of training its weight halves at p = 0.25 and
+    the term is gone (not computed, not in the total) from p = 0.5."""
+    torch.manual_seed(0)
+    loss = C2VKDLoss(student_channels=[6], teacher_channels=[7], stage_student_channels=[4, 5],
+                     stage_teacher_channels=[3, 2], stage_weight=0.4, pdd_weight=0, glob_weight=0, rel_weight=0)
+    loss.set_schedules({"stage": ("linear", 0.5), "kd": ("linear", 0.5)})  # a term it lacks is ignored
+    assert set(loss.schedules) == {"stage"}
+    zs, zt, y = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.randint(0, 3, (2, 4, 4))
+    fs = [torch.randn(2, 6, 4, 4), torch.randn(2, 4, 4, 4), torch.randn(2, 5, 2, 2)]
+    ft = [torch.randn(2, 7, 4, 4), torch.randn(2, 3, 4, 4), torch.randn(2, 2, 2, 2)]
+    expected = torch.stack([vlfd_global_loss(q(a), b) + vlfd_relation_loss(a, b)
+                            for q, a, b in zip(loss.stage_projectors, fs[1:], ft[1:])]).mean()
+    out = loss(zs, zt, y, fs, ft)
+    torch.testing.assert_close(out["stage"], expected)
+    torch.testing.assert_close(out["loss"], out["ce"] + 0.4 * expected)
+    loss.progress = 0.25
+    torch.testing.assert_close(loss(zs, zt, y, fs, ft)["loss"], out["ce"] + 0.2 * expected)
+    loss.progress = 0.5
+    late = loss(zs, zt, y, fs, ft)
+    assert "stage" not in late and torch.equal(late["loss"], late["ce"])
+    with pytest.raises(ValueError, match="one entry per stage pair"):
+        C2VKDLoss(stage_student_channels=[4], stage_teacher_channels=[3, 2], stage_weight=1)

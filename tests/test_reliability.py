@@ -129,9 +129,14 @@ def test_killed_run_restarts_to_the_same_student_and_no_token_is_written(tmp_pat
 
 
 def _fake_checkpoint(folder: Path, step: int) -> Path:
+    """A checkpoint folder with every file resume reads (tiny, structurally valid) and no manifest."""
+    from safetensors.torch import save_file
+
     folder.mkdir(parents=True)
-    for name in ("config.json", "model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth"):
-        (folder / name).write_bytes(b"x")
+    (folder / "config.json").write_text("{}")
+    save_file({"w": torch.zeros(2)}, str(folder / "model.safetensors"))
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        torch.save({"step": step}, folder / name)
     (folder / TRAINER_STATE_NAME).write_text(json.dumps({"global_step": step}))
     return folder
 
@@ -377,26 +382,23 @@ def test_no_unsafe_loading_in_the_package():
 
 def test_text_head_folded_into_the_saved_student(tmp_path, capsys):
     """C2VKD's default (decoder pairs, text embeddings given): the text head is trained as the
-    classifier (--text_head_logits) and the saved plain student's classifier is the folded linguistic
-    head of text_head.safetensors, which the model card says; --ling_head_as_classifier false keeps
-    the trained classifier; on a stage4 pair the flag is refused, and --text_head_logits true without
-    the fold too."""
+    classifier and the saved plain student's classifier is the folded head of text_head.safetensors,
+    which the model card says; --text_head false keeps the trained classifier; the head is refused
+    with a stage4 linguistic pair, and for a method without text embeddings."""
     from transformers import AutoModelForSemanticSegmentation
 
     classes = dict(enumerate(SYNTHETIC_CLASSES))
     teacher, student = _save_tiny(tmp_path / "teacher", classes, seed=1), _save_tiny(tmp_path / "student", classes, 2)
     torch.save(torch.randn(len(classes), 16), tmp_path / "emb.pth")
-    run = [*TINY_DATA, *QUICK, "--teacher_name_or_path", teacher, "--student_name_or_path", student,
-           "--method", "c2vkd", "--max_steps", "2", "--train_baseline", "false",
-           "--text_embeddings", str(tmp_path / "emb.pth")]
-    refused = ["--output_dir", str(tmp_path / "refused"), *run, "--feature_pairs", "stage4:stage4",
-               "--ling_head_as_classifier", "true"]
+    common = [*TINY_DATA, *QUICK, "--teacher_name_or_path", teacher, "--student_name_or_path", student,
+              "--max_steps", "2", "--train_baseline", "false"]
+    run = [*common, "--method", "c2vkd", "--text_embeddings", str(tmp_path / "emb.pth")]
+    refused = ["--output_dir", str(tmp_path / "refused"), *run, "--feature_pairs", "stage4:stage4", "--text_head", "true"]
     assert run_script(distill.main, refused) == EXIT_USER_ERROR
-    assert "--ling_head_as_classifier needs" in capsys.readouterr().err
-    refused = ["--output_dir", str(tmp_path / "refused"), *run, "--text_head_logits", "true",
-               "--ling_head_as_classifier", "false"]
+    assert "--text_head with C2VKD" in capsys.readouterr().err
+    refused = ["--output_dir", str(tmp_path / "refused"), *common, "--method", "kd", "--text_head", "true"]
     assert run_script(distill.main, refused) == EXIT_USER_ERROR
-    assert "--text_head_logits" in capsys.readouterr().err
+    assert "--text_head needs the class names' text embeddings" in capsys.readouterr().err
     distill.main(["--output_dir", str(tmp_path / "out"), *run])
     model = AutoModelForSemanticSegmentation.from_pretrained(tmp_path / "out")
     head = load_file(tmp_path / "out" / "text_head.safetensors")
@@ -404,8 +406,10 @@ def test_text_head_folded_into_the_saved_student(tmp_path, capsys):
     folded = emb @ head["projector.weight"].flatten(1) / 0.03
     torch.testing.assert_close(model.decode_head.classifier.weight.flatten(1), folded, atol=1e-4, rtol=1e-4)
     card = (tmp_path / "out" / "README.md").read_text()
-    assert "linguistic head" in card and "trained as the classifier from the first step" in card
-    distill.main(["--output_dir", str(tmp_path / "own"), *run, "--ling_head_as_classifier", "false"])
+    assert "trained as a text head" in card
+    distill.main(["--output_dir", str(tmp_path / "own"), *run, "--text_head", "false"])
     own = AutoModelForSemanticSegmentation.from_pretrained(tmp_path / "own").decode_head.classifier.weight
     assert not torch.allclose(own.flatten(1), folded, atol=1e-2)
-
+    results = json.loads((tmp_path / "own" / "results.json").read_text())
+    assert results["text_head"] is False
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["text_head"] is True

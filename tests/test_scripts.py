@@ -41,7 +41,8 @@ def test_default_job_saves_a_plain_student_with_card(default_run):
     assert (out / "teacher" / "teacher_results.json").is_file(), "the default teacher is trained and cached"
     assert (out / "baseline" / "results.json").is_file(), "a no-teacher baseline on the same schedule"
     assert results["baseline_val_mean_iou"] is not None and results["teacher_val_mean_iou"] is not None
-    assert results["linguistic_term"] is False and any("linguistic" in n for n in results["notes"])
+    # the synthetic classes are in the built-in CLIP vocabulary: full C2VKD offline, and the source is recorded
+    assert results["linguistic_term"] is True and results["text_embeddings_source"].startswith("built-in CLIP")
     model = AutoModelForSemanticSegmentation.from_pretrained(out)
     assert model.config.id2label[0] == "sky" and model.config.num_labels == 6
     processor = AutoImageProcessor.from_pretrained(out)
@@ -56,8 +57,25 @@ def test_default_job_saves_a_plain_student_with_card(default_run):
     result = card.data.eval_results[0]
     assert result.metric_type == "mean_iou" and result.task_type == "image-segmentation"
     assert result.metric_value == pytest.approx(round(results["val_mean_iou"] * 100, 2))
-    assert "linguistic" in card.text and "| sky |" in card.text
+    assert "built-in CLIP ViT-B/16 vocabulary" in card.text and "| sky |" in card.text
+    assert f'from_pretrained("{out}")' in card.text  # no --hub_model_id: the output folder, which exists
+    assert str(out / "teacher") not in card.text and r"UperNet \+ tf\_efficientnet\_lite0" in card.text
     assert (out / "predictions.png").is_file() and (out / "training_curves.png").is_file()
+
+
+def test_card_of_a_subset_evaluation(tmp_path, default_run):
+    """--max_eval_samples: the card says "n of N images", the model-index stays empty, and the
+    teacher's figure is measured on the same images."""
+    out, _ = default_run
+    run = tmp_path / "subset"
+    results = distill.main(["--output_dir", str(run), "--teacher_name_or_path", str(out / "teacher"), "--method", "kd",
+                            "--max_eval_samples", "2", "--eval_strategy", "no", "--save_strategy", "no",
+                            "--train_baseline", "false", "--max_steps", "1", "--per_device_train_batch_size", "4",
+                            "--student_config_overrides", TINY_SEGFORMER_JSON, "--disable_tqdm", "true"] + TINY_DATA)
+    assert results["eval_images"] == 2 and results["eval_images_total"] == 6
+    card = ModelCard.load(run / "README.md")
+    assert "Results on synthetic (validation, 2 of 6 images)" in card.text and not card.data.eval_results
+    assert results["teacher_val_mean_iou"] is not None and str(out / "teacher") not in card.text
 
 
 def test_evaluate_reproduces_the_card(default_run):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from c2vkd_hf.losses import get_loss
 from c2vkd_hf.models import forward_features, load_student
 from c2vkd_hf.pipeline import evaluate_model
 from c2vkd_hf.text_query import TEXT_HEAD_NAME, TextQuerySegmenter, load_text_head, segment_by_text
-from c2vkd_hf.trainer import DistillationModel, save_text_head
+from c2vkd_hf.trainer import DistillationModel, write_text_head
 from tiny import ID2LABEL, TINY_SEGFORMER, c2vkd_model, make_trainer, tensor_dataset, tiny_student, tiny_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,19 +74,25 @@ def test_segment_by_text_matches_the_training_scores_and_takes_any_vocabulary(tr
 
 def test_missing_text_head_is_a_clear_error(tmp_path):
     tiny_student().save_pretrained(tmp_path)
-    with pytest.raises(FileNotFoundError, match="only a C2VKD student"):
+    with pytest.raises(FileNotFoundError, match="only a student trained with a text head"):
         load_text_head(tmp_path)
 
 
-def test_text_query_script_on_synthetic_data(tmp_path):
-    id2label = dict(enumerate(SYNTHETIC_CLASSES))
+def _student_folder(tmp_path, text: torch.Tensor) -> Path:
+    """A tiny synthetic-data student with a text head trained against ``text`` (6, D)."""
     torch.manual_seed(0)
-    student = load_student("segformer-b0", id2label, config_overrides=TINY_SEGFORMER)
-    text = nn.functional.normalize(torch.randn(6, 12), dim=1)
+    student = load_student("segformer-b0", dict(enumerate(SYNTHETIC_CLASSES)), config_overrides=TINY_SEGFORMER)
     loss = get_loss("c2vkd", student_channels=[32], teacher_channels=[32], text_embeddings=text)
     folder = tmp_path / "student"
     student.save_pretrained(folder)
-    save_text_head(DistillationModel(student, loss, ["stage4"]), str(folder))
+    write_text_head(DistillationModel(student, loss, ["stage4"]), str(folder))
+    return folder
+
+
+
+def test_text_query_script_on_synthetic_data(tmp_path):
+    torch.manual_seed(0)
+    folder = _student_folder(tmp_path, nn.functional.normalize(torch.randn(6, 12), dim=1))
     names = ["sky", "house", "street", "plant", "vehicle", "pedestrian", "bus"]
     torch.save(torch.randn(len(names), 12), tmp_path / "query.pth")
     (tmp_path / "mapping.json").write_text(json.dumps({"mapping": {"sky": ["sky"], "building": ["house"],
@@ -108,3 +115,52 @@ def test_text_query_script_on_synthetic_data(tmp_path):
     assert (out / "text_query.png").stat().st_size > 1000
     with pytest.raises(Exception, match="without a training class: bus"):
         text_query_script.main([a if a != "pedestrian=person,bus=car" else "pedestrian=person" for a in argv])
+
+
+SMALL_DATA = ["--synthetic_train_size", "2", "--synthetic_validation_size", "3", "--synthetic_height", "32",
+              "--synthetic_width", "32"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--show_names", "sky,unicorn"], "--show_names unicorn: not among the query names"),
+    (["--query_vocabulary", "city", "--show_names", "tree"], "--show_names tree: not among"),
+    (["--query_vocabulary", "klingon"], "--query_vocabulary 'klingon'"),
+    (["--query_names", "a,b"], "--query_names names the rows of --query_embeddings"),
+    (["--query_vocabulary", "city", "--extra_mapping", "road=sky"], "query names without a training class"),
+    (["--query_vocabulary", "city", "--extra_mapping", "road=street"], "'street' is not a training class"),
+    (["--query_embeddings", "{small}", "--query_names", "a,b"], "holds embeddings of shape (2, 12), but the "
+                                                                "student's text head needs (K, 512)"),
+    (["--query_mapping", "/nonexistent.json", "--query_vocabulary", "voc"], "--query_mapping /nonexistent.json does "
+                                                                             "not exist"),
+    (["--num_images", "-1"], "--num_images must be an integer >= 0"),
+])
+def test_every_flag_is_checked_before_any_evaluation(tmp_path, monkeypatch, flags, message):
+    from c2vkd_hf.cli import text_query as cli
+    from c2vkd_hf.pipeline import UserInputError
+    from c2vkd_hf.vocabulary import match_vocabulary
+
+    folder = _student_folder(tmp_path, match_vocabulary(SYNTHETIC_CLASSES).embeddings())
+    torch.save(torch.randn(2, 12), tmp_path / "small.pth")
+    monkeypatch.setattr(cli, "evaluate_model", lambda *a, **k: pytest.fail("evaluated before the flags were checked"))
+    flags = [f.replace("{small}", str(tmp_path / "small.pth")) for f in flags]
+    with pytest.raises(UserInputError, match=re.escape(message)):
+        cli.main(["--model_name_or_path", str(folder), "--output_dir", str(tmp_path / "out")] + SMALL_DATA + flags)
+
+
+def test_figure_and_defaults_without_and_with_a_built_in_vocabulary(tmp_path, capsys):
+    from c2vkd_hf.cli import text_query as cli
+    from c2vkd_hf.vocabulary import load_vocabulary, match_vocabulary
+
+    folder = _student_folder(tmp_path, match_vocabulary(SYNTHETIC_CLASSES).embeddings())
+    base = ["--model_name_or_path", str(folder), "--num_images", "1"] + SMALL_DATA
+    plain = cli.main(base + ["--output_dir", str(tmp_path / "plain")])
+    assert "query_names" not in plain and (tmp_path / "plain" / "text_query.png").stat().st_size > 1000
+    report = (tmp_path / "plain" / "RESULTS.md").read_text()
+    assert "'sky', 'building', 'road', 'tree'" in report and "c2vkd-text-query" in report  # default: training names
+    assert "student head" in capsys.readouterr().err  # the progress bars are named
+
+    city = cli.main(base + ["--output_dir", str(tmp_path / "city"), "--query_vocabulary", "city"])
+    assert city["query_names"] == list(load_vocabulary("city")[0])
+    report = (tmp_path / "city" / "RESULTS.md").read_text()
+    assert "'sidewalk', 'wall', 'fence', 'pole'" in report  # default: the first four names it was not trained on
+    assert (tmp_path / "city" / "text_query.png").stat().st_size > 1000

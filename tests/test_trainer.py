@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForSemanticSegmentation, TrainerCallback
 
+from c2vkd_hf.losses import get_loss
 from c2vkd_hf.trainer import DISTILLATION_MODULES_NAME, NonFiniteLossError, parse_feature_pairs
 from tiny import c2vkd_model, make_trainer, tensor_dataset, tiny_student, tiny_teacher
 
@@ -135,7 +136,7 @@ def test_final_save_keeps_the_text_head_beside_the_plain_student(tmp_path):
 
     from c2vkd_hf.losses.vlfd import pixel_text_logits
     from c2vkd_hf.models import forward_features
-    from c2vkd_hf.trainer import TEXT_HEAD_NAME
+    from c2vkd_hf.text_head import TEXT_HEAD_NAME
 
     teacher = tiny_teacher()
     model = c2vkd_model(tiny_student(), teacher)
@@ -175,63 +176,69 @@ def test_teacher_training_evaluates_on_full_resolution_labels(tmp_path):
 
 
 def test_folded_text_head_classifier_predicts_like_the_text_query():
-    """fold_text_head_into_classifier: the student's own logits then have the per-pixel argmax of the
-    text query with the training names (exactly), and the student stays a plain SegFormer."""
-    from c2vkd_hf.losses import get_loss
-    from c2vkd_hf.models import feature_channels, forward_features
-    from c2vkd_hf.trainer import DistillationModel, fold_text_head_into_classifier
+    """TextHead.fold_into: the student's own logits then have the per-pixel argmax of the text query
+    with the training names (exactly), and the student stays a plain SegFormer; a head on another
+    feature than the classifier's input cannot be the classifier."""
+    from c2vkd_hf.models import classifier_module, feature_channels, forward_features
+    from c2vkd_hf.text_head import TextHead
+    from c2vkd_hf.trainer import DistillationModel, text_head_fold_problem
 
     student = tiny_student(4).eval()
     channels = feature_channels(student)["decoder"]
     text = torch.nn.functional.normalize(torch.randn(student.config.num_labels, 12), dim=1)
-    loss = get_loss("c2vkd", student_channels=[channels], teacher_channels=[5], text_embeddings=text)
-    torch.nn.init.normal_(loss.ling_projector.weight)
-    model = DistillationModel(student, loss, ["decoder"])
+    head = TextHead.create(channels, text, "decoder", 0.03)
+    torch.nn.init.normal_(head.projector.weight)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         before, feats = forward_features(student, x)
-        query = loss.pixel_text_logits(feats["decoder"])
+        query = head(feats["decoder"])
         assert not torch.equal(before.argmax(1), query.argmax(1))
-        fold_text_head_into_classifier(model)
+        head.fold_into(classifier_module(student))
         after = student(pixel_values=x).logits
     assert torch.equal(after.argmax(1), query.argmax(1))
 
-    stage4 = DistillationModel(tiny_student(), get_loss("c2vkd", student_channels=[32], teacher_channels=[5],
-                                                        text_embeddings=text), ["stage4"])
+    stage4 = TextHead.create(32, text, "stage4", 0.03)
+    assert "decoder" in text_head_fold_problem(tiny_student(), stage4)
     with pytest.raises(ValueError, match="decoder"):
-        fold_text_head_into_classifier(stage4)
+        DistillationModel(tiny_student(), get_loss("none"), text_head=stage4)
 
 
-def test_text_head_logits_train_the_text_head_and_leave_the_own_classifier():
-    """DistillationModel(text_head_logits=True): its logits are the text head's pixel-text logits in
+@pytest.mark.parametrize("method", ["none", "dist", "c2vkd"])
+def test_text_head_is_the_classifier_for_every_method(method):
+    """DistillationModel(text_head=...): for any method its logits are the head's pixel-text logits in
     training and evaluation, every term's gradient reaches the projector and none the frozen own
-    classifier; after FoldTextHeadCallback the plain student predicts like the text head."""
-    from c2vkd_hf.losses import get_loss
+    classifier (C2VKD's linguistic term shares the head's projector); after FoldTextHeadCallback the
+    plain student predicts like the head."""
     from c2vkd_hf.models import classifier_module, feature_channels, forward_features
+    from c2vkd_hf.text_head import TextHead
     from c2vkd_hf.trainer import DistillationModel, FoldTextHeadCallback
 
     student = tiny_student(4)
     classifier = classifier_module(student)
     channels = feature_channels(student)["decoder"]
     text = torch.nn.functional.normalize(torch.randn(student.config.num_labels, 12), dim=1)
-    loss = get_loss("c2vkd", student_channels=[channels], teacher_channels=[channels], text_embeddings=text)
-    model = DistillationModel(student, loss, ["decoder"], text_head_logits=True)
+    head = TextHead.create(channels, text, "decoder", 0.03)
+    if method == "c2vkd":
+        loss = get_loss("c2vkd", student_channels=[channels], teacher_channels=[channels], text_embeddings=text,
+                        ling_projector=head.projector)
+        assert loss.ling_projector is head.projector
+        model = DistillationModel(student, loss, ["decoder"], text_head=head)
+    else:
+        model = DistillationModel(student, get_loss(method), text_head=head)
     x, labels = torch.randn(2, 3, 32, 32), torch.randint(0, student.config.num_labels, (2, 32, 32))
     own_logits, feats = forward_features(student, x)
     out = model(x, labels=labels, teacher_logits=torch.randn_like(own_logits),
                 teacher_features=[torch.randn_like(feats["decoder"])], return_terms=True)
-    torch.testing.assert_close(out["logits"], loss.pixel_text_logits(feats["decoder"]))
+    torch.testing.assert_close(out["logits"], head(feats["decoder"]))
     out["loss"].backward()
     assert classifier.weight.grad is None and not classifier.weight.requires_grad
-    assert loss.ling_projector.weight.grad.abs().sum() > 0
+    assert head.projector.weight.grad.abs().sum() > 0
     with torch.no_grad():
         evaluated = model(x, labels=labels).logits
-    torch.testing.assert_close(evaluated, loss.pixel_text_logits(feats["decoder"]).detach())
+    torch.testing.assert_close(evaluated, head(feats["decoder"]).detach())
 
     FoldTextHeadCallback().on_train_end(None, None, None, model=model)
     assert not model.text_head_logits and classifier.weight.requires_grad
     with torch.no_grad():
         assert torch.equal(student(pixel_values=x).logits.argmax(1), evaluated.argmax(1))
-    with pytest.raises(ValueError, match="text_head_logits"):
-        DistillationModel(tiny_student(), get_loss("c2vkd", student_channels=[32], teacher_channels=[5],
-                                                   text_embeddings=text), ["stage4"], text_head_logits=True)
+        assert torch.equal(model(x).logits, student(pixel_values=x).logits)  # the folded classifier now

@@ -8,6 +8,10 @@ term name to its weight, so a trainer can log ``loss/<term>`` and the weighted v
 Cross-entropy (term ``"ce"``, weight ``ce_weight``) is always computed and reported, even at weight
 0 (it is cheap and the most useful curve to watch). Any other term whose weight is 0 is neither
 computed nor reported, and no projector is built for it.
+
+A term may follow a weight schedule over training (:mod:`.schedule`): ``set_schedules`` assigns them,
+``progress`` (step / total steps, set by the trainer each step) selects the point on it, and
+:meth:`DistillationLoss.effective_weights` gives ``w * s(progress)``, which the total uses.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from torch import nn
 
 from ..config import IGNORE_INDEX
 from .common import check_positive, check_weight, cross_entropy
+from .schedule import Schedule, schedule_factor
 
 __all__ = ["DistillationLoss", "LogitDistillationLoss", "pick_temperature"]
 
@@ -43,11 +48,23 @@ class DistillationLoss(nn.Module):
         self.ce_weight = check_weight("ce_weight", ce_weight)
         self.ignore_index = int(ignore_index)
         self.weights: Dict[str, float] = {"ce": self.ce_weight}
+        self.schedules: Dict[str, Schedule] = {}
+        #: fraction of training done, in [0, 1]; the trainer sets it before each step
+        self.progress = 0.0
 
     @property
     def term_names(self) -> List[str]:
         """Names of the terms ``forward`` reports (besides ``"loss"``)."""
         return list(self.weights)
+
+    def set_schedules(self, schedules: Dict[str, Schedule]) -> None:
+        """Weight schedules by term name (:mod:`.schedule`); a schedule for a term this loss does not
+        have (e.g. ``stage`` with no stage pairs) is ignored, so one setting serves every method."""
+        self.schedules = {name: sched for name, sched in schedules.items() if name in self.weights}
+
+    def effective_weights(self) -> Dict[str, float]:
+        """``{term: weight * s(progress)}``: the weights the total uses at the current progress."""
+        return {name: w * schedule_factor(self.schedules.get(name), self.progress) for name, w in self.weights.items()}
 
     def distillation_terms(
         self,
@@ -76,8 +93,9 @@ class DistillationLoss(nn.Module):
                 self.distillation_terms(student_logits, teacher_logits, labels, student_features, teacher_features)
             )
         total = None
+        weights = self.effective_weights()
         for key, value in terms.items():
-            weighted = self.weights[key] * value
+            weighted = weights[key] * value
             total = weighted if total is None else total + weighted
         terms["loss"] = total
         return terms

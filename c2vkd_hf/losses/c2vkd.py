@@ -1,14 +1,22 @@
-"""C2VKD: CNN-to-ViT knowledge distillation = CE + PDD + VLFD (global, relation, linguistic).
+"""C2VKD: CNN-to-ViT knowledge distillation = CE + PDD + VLFD (global, relation, linguistic) + stage guidance.
 
 Zheng, Luo, Zhou, Wang, "Distilling Efficient Vision Transformers from CNNs for Semantic
 Segmentation", arXiv 2310.07265. Total loss (formulas in :mod:`.pdd` and :mod:`.vlfd`):
 
-``L = w_ce CE + w_pdd L_pdd + w_glob L_glob + w_rel L_rel + w_ling L_ling``
+``L = w_ce CE + w_pdd L_pdd + w_glob L_glob + w_rel L_rel + w_ling L_ling + w_stage s(p) L_stage``
+
+Stage guidance (our addition, the paper's thesis applied to the CNN's intermediate stages): VLFD's
+visual terms on several student/teacher stage pairs at once, each pair through its own 1x1
+projector ``Q_i``: ``L_stage = mean_i [L_glob(Q_i F_s,i, F_t,i) + L_rel(F_s,i, F_t,i)]``. Its weight
+follows a schedule ``s(p)`` over training progress ``p`` (:mod:`.schedule`; the flag default decays
+it linearly to 0 at half of training): imitating a CNN's intermediate features speeds up a
+from-scratch ViT early and limits it late (locality guidance, Li et al., ECCV 2022; DearKD, Chen et
+al., CVPR 2022; CSKD, Zhao et al., ICCV 2023). Once its weight has reached 0 the term is not computed.
 
 Which logits CE and PDD read is the trainer's choice: the student's own classifier's, or (the
 default with the ``decoder`` feature pair and text embeddings) the linguistic head's pixel-text
-logits ``S``, which become the student's classifier at the end (``c2vkd_hf.trainer.DistillationModel``,
-``text_head_logits``). Training the head that ships with the labels and PDD, not only with the
+logits ``S`` of the student's text head (``--text_head``, :mod:`c2vkd_hf.text_head`), whose projector the
+linguistic term then shares and which becomes the student's classifier at the end. Training the head that ships with the labels and PDD, not only with the
 linguistic term on the feature grid, raised CamVid val mIoU by +1.5 points on average over 3 seeds;
 this is our addition, not the paper's. The same head with no teacher term scored higher still, so
 that gain belongs to the head, not to distillation (``benchmarks/camvid/FINDINGS.md``, section 3a).
@@ -66,7 +74,12 @@ class C2VKDLoss(DistillationLoss):
         text_embeddings: ``(K, D)`` class-name embeddings, stored L2-normalised as a non-persistent
             buffer (never trained, not saved); ``None`` turns the linguistic term off.
         ling_feature_index: which student feature (index into the pair list) feeds ``P_l``.
-        ce_weight, pdd_weight, glob_weight, rel_weight, ling_weight: term weights (>= 0); a term of
+        ling_projector: an existing 1x1 conv to use as ``P_l`` (the student's text head's projector,
+            shared so that the linguistic term trains the head the student classifies with); default:
+            a new one.
+        stage_student_channels, stage_teacher_channels: channel counts of the stage-guidance pairs
+            (``L_stage``, after the main pairs in the feature lists); ``None``: no stage term.
+        ce_weight, pdd_weight, glob_weight, rel_weight, ling_weight, stage_weight: term weights (>= 0); a term of
             weight 0 is not computed, not reported, and gets no projector. ``glob_weight`` defaults to
             0.1, not 1: on CamVid (SegFormer-B0 from scratch, UperNet-Lite0 teacher) the global term at
             weight 1 stayed near 2.2 nats per position all run long (three times the cross-entropy),
@@ -78,8 +91,9 @@ class C2VKDLoss(DistillationLoss):
         ignore_index: void label value.
 
     ``forward(student_logits, teacher_logits, labels, student_features, teacher_features)`` returns
-    the unweighted terms among ``ce, pdd, glob, rel, ling`` plus ``loss``. Feature terms average over
-    the pairs. Teacher tensors are detached.
+    the unweighted terms among ``ce, pdd, glob, rel, ling, stage`` plus ``loss``. The feature lists
+    hold the main pairs, then the stage pairs. Feature terms average over their pairs. Teacher
+    tensors are detached.
     """
 
     def __init__(
@@ -89,6 +103,10 @@ class C2VKDLoss(DistillationLoss):
         teacher_channels: Optional[Union[int, Sequence[int]]] = None,
         text_embeddings: Optional[torch.Tensor] = None,
         ling_feature_index: int = -1,
+        ling_projector: Optional[nn.Conv2d] = None,
+        stage_student_channels: Optional[Sequence[int]] = None,
+        stage_teacher_channels: Optional[Sequence[int]] = None,
+        stage_weight: float = 0.0,
         ce_weight: float = 1.0,
         pdd_weight: float = 1.0,
         glob_weight: float = 0.1,
@@ -108,6 +126,7 @@ class C2VKDLoss(DistillationLoss):
         glob_weight = check_weight("glob_weight", glob_weight)
         rel_weight = check_weight("rel_weight", rel_weight)
         ling_weight = check_weight("ling_weight", ling_weight)
+        stage_weight = check_weight("stage_weight", stage_weight)
         self.pdd_alpha = check_weight("pdd_alpha", pdd_alpha)
         self.pdd_beta = check_weight("pdd_beta", pdd_beta)
         self.pdd_temperature = check_positive("pdd_temperature", pdd_temperature)
@@ -128,6 +147,16 @@ class C2VKDLoss(DistillationLoss):
         self.student_channels = s_ch or []
         self.teacher_channels = t_ch or []
         n_pairs = len(self.student_channels)
+        ss_ch = _as_channel_list("stage_student_channels", stage_student_channels) or []
+        st_ch = _as_channel_list("stage_teacher_channels", stage_teacher_channels) or []
+        if len(ss_ch) != len(st_ch):
+            raise ValueError(f"stage_student_channels and stage_teacher_channels need one entry per stage pair, got "
+                             f"{stage_student_channels!r} and {stage_teacher_channels!r}")
+        self.stage_student_channels, self.stage_teacher_channels = ss_ch, st_ch
+        self.stage_projectors = None
+        if ss_ch and stage_weight > 0:
+            self.weights["stage"] = stage_weight
+            self.stage_projectors = nn.ModuleList(nn.Conv2d(cs, ct, kernel_size=1) for cs, ct in zip(ss_ch, st_ch))
 
         if pdd_weight > 0:
             self.weights["pdd"] = pdd_weight
@@ -154,13 +183,20 @@ class C2VKDLoss(DistillationLoss):
                 if not -n_pairs <= self.ling_feature_index < n_pairs:
                     raise ValueError(f"ling_feature_index {ling_feature_index} is out of range for {n_pairs} feature pair(s)")
                 self.weights["ling"] = ling_weight
-                self.ling_projector = nn.Conv2d(self.student_channels[self.ling_feature_index], emb.shape[1], kernel_size=1)
+                in_channels = self.student_channels[self.ling_feature_index]
+                if ling_projector is not None:
+                    if (ling_projector.in_channels, ling_projector.out_channels) != (in_channels, emb.shape[1]):
+                        raise ValueError(f"ling_projector maps {ling_projector.in_channels} -> {ling_projector.out_channels} "
+                                         f"channels; the linguistic term needs {in_channels} -> {emb.shape[1]}")
+                    self.ling_projector = ling_projector
+                else:
+                    self.ling_projector = nn.Conv2d(in_channels, emb.shape[1], kernel_size=1)
         self.register_buffer("text_embeddings", emb, persistent=False)
 
     @property
     def uses_features(self) -> bool:
         """Whether ``forward`` needs ``student_features`` and ``teacher_features``."""
-        return any(k in self.weights for k in ("glob", "rel", "ling"))
+        return any(k in self.weights for k in ("glob", "rel", "ling", "stage"))
 
     def _check_features(self, student_features, teacher_features):
         fs = _as_feature_list("student_features", student_features)
@@ -168,12 +204,15 @@ class C2VKDLoss(DistillationLoss):
         if fs is None or ft is None:
             raise ValueError(
                 "C2VKD with feature terms "
-                f"{[k for k in self.weights if k in ('glob', 'rel', 'ling')]} needs student_features and teacher_features"
+                f"{[k for k in self.weights if k in ('glob', 'rel', 'ling', 'stage')]} needs student_features and "
+                "teacher_features"
             )
-        n = len(self.student_channels)
+        s_ch = self.student_channels + self.stage_student_channels
+        t_ch = self.teacher_channels + self.stage_teacher_channels
+        n = len(s_ch)
         if len(fs) != n or len(ft) != n:
             raise ValueError(f"expected {n} feature pair(s), got {len(fs)} student and {len(ft)} teacher features")
-        for i, (a, b, ca, cb) in enumerate(zip(fs, ft, self.student_channels, self.teacher_channels)):
+        for i, (a, b, ca, cb) in enumerate(zip(fs, ft, s_ch, t_ch)):
             if a.dim() != 4 or b.dim() != 4 or a.shape[1] != ca or b.shape[1] != cb:
                 raise ValueError(
                     f"feature pair {i}: expected (B, {ca}, h, w) student and (B, {cb}, h, w) teacher tensors, "
@@ -199,6 +238,12 @@ class C2VKDLoss(DistillationLoss):
         if not self.uses_features:
             return terms
         fs, ft = self._check_features(student_features, teacher_features)
+        n = len(self.student_channels)
+        fs, ft, stage_s, stage_t = fs[:n], ft[:n], fs[n:], ft[n:]
+        if "stage" in self.weights and self.effective_weights()["stage"] > 0:
+            per_pair = [vlfd_global_loss(q(a), b, tau=self.glob_tau) + vlfd_relation_loss(a, b, grid=self.rel_grid)
+                        for q, a, b in zip(self.stage_projectors, stage_s, stage_t)]
+            terms["stage"] = torch.stack(per_pair).mean()
         if "glob" in self.weights:
             per_pair = [vlfd_global_loss(p(a), b, tau=self.glob_tau) for p, a, b in zip(self.visual_projectors, fs, ft)]
             terms["glob"] = torch.stack(per_pair).mean()

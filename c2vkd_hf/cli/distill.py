@@ -1,0 +1,119 @@
+"""``c2vkd-distill``: distil a CNN segmentation teacher into a ViT student (C2VKD or a peer method).
+
+    c2vkd-distill --output_dir runs/demo                                    # offline default job
+    accelerate launch scripts/distill.py config.yaml                        # all flags from one file
+    accelerate launch -m c2vkd_hf.cli.distill --teacher_name_or_path T --train_images ... --method c2vkd ...
+
+Flags: ``DistillationArguments`` and ``DataArguments`` (``c2vkd_hf/config.py``) and transformers'
+``TrainingArguments``. Without a teacher on the synthetic dataset (the default), it trains a small CNN
+teacher first (cached in ``<output_dir>/teacher``), a no-teacher baseline on the same schedule
+(``<output_dir>/baseline``), then the student, and prints the three mIoUs.
+
+``--teacher_cache DIR`` replays the teacher's outputs from a cache instead of running the teacher each
+step (built first when missing; see ``scripts/cache_teacher.py`` and ``c2vkd_hf/cache.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from transformers import HfArgumentParser, TrainingArguments
+
+from c2vkd_hf.config import DataArguments, DistillationArguments
+from c2vkd_hf.pipeline import (
+    config_file_arguments,
+    previous_distillation,
+    push_student_to_hub,
+    run_distillation,
+    run_script,
+    validate_distillation_args,
+)
+from c2vkd_hf.validation import parse_script_arguments
+
+logger = logging.getLogger("c2vkd_hf")
+
+#: Defaults of this script where they differ from TrainingArguments' (a flag or config value wins).
+SCRIPT_DEFAULTS = {
+    "output_dir": "outputs/c2vkd-default",
+    "learning_rate": 6e-4,
+    "lr_scheduler_type": "polynomial",
+    "warmup_steps": 20,
+    "weight_decay": 0.01,
+    "per_device_train_batch_size": 8,
+    "per_device_eval_batch_size": 8,
+    "max_steps": 200,
+    "eval_strategy": "steps",
+    "eval_steps": 100,
+    "save_strategy": "steps",
+    "save_steps": 100,
+    "save_total_limit": 2,
+    "logging_steps": 10,
+    "seed": 0,
+    "report_to": "none",
+}
+
+
+def parse_args(argv: list[str]):
+    """``(DistillationArguments, DataArguments, TrainingArguments, train_baseline)`` from flags or one
+    config file, type- and range-checked (``c2vkd_hf.validation.parse_script_arguments``)."""
+    parser = HfArgumentParser((DistillationArguments, DataArguments, TrainingArguments))
+    parser.add_argument("--train_baseline", choices=["auto", "true", "false"], default="auto",
+                        help="Also train the student without a teacher on the same schedule (default: only in "
+                             "the offline default job).")
+    config = config_file_arguments(argv)
+    train_baseline = str(config.pop("train_baseline", "auto")).lower() if config is not None else None
+    dist_args, data_args, training_args, extras = parse_script_arguments(
+        parser, argv, SCRIPT_DEFAULTS, config=config, source=argv[0] if config is not None else None)
+    return dist_args, data_args, training_args, train_baseline or extras["train_baseline"]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    dist_args, data_args, training_args, train_baseline = parse_args(argv)
+    validate_distillation_args(dist_args)  # before anything is loaded or trained
+    push, training_args.push_to_hub = training_args.push_to_hub, False  # pushed once, after everything is saved
+    is_default_job = data_args.dataset_name == "synthetic" and data_args.train_images is None
+    baseline = is_default_job if train_baseline == "auto" else train_baseline == "true"
+    output_dir = Path(training_args.output_dir)
+
+    results = previous_distillation(dist_args, data_args, training_args)  # before any work (e.g. the baseline)
+    baseline_miou = results.get("baseline_val_mean_iou") if results is not None else None
+    if results is None and baseline and dist_args.method != "none":
+        from dataclasses import replace
+
+        baseline_args = replace(training_args, output_dir=str(output_dir / "baseline"))
+        baseline_miou = run_distillation(replace(dist_args, method="none"), data_args, baseline_args,
+                                         write_card=False)["val_mean_iou"]
+    if results is None:
+        results = run_distillation(dist_args, data_args, training_args, baseline_miou=baseline_miou)
+    else:
+        print(f"{output_dir} already holds this run, finished: nothing was trained or changed "
+              f"(--retrain trains it again).")
+
+    rows = [(f"student ({results['method']})", results["val_mean_iou"])]
+    if results.get("teacher_val_mean_iou") is not None:
+        rows.append((f"teacher ({results['teacher']})", results["teacher_val_mean_iou"]))
+    if baseline_miou is not None:
+        rows.append(("student without teacher, same schedule", baseline_miou))
+    print("\nValidation mIoU on", results["dataset"])
+    for name, value in rows:
+        print(f"  {value * 100:6.2f}%  {name}")
+    print(f"Saved the student to {output_dir} ({results['wall_time_s']:.0f} s).")
+    if push:
+        repo = push_student_to_hub(output_dir, training_args.hub_model_id, training_args.hub_token,
+                                   training_args.hub_private_repo)
+        print(f"Pushed to https://huggingface.co/{repo}")
+    return results
+
+
+def run(argv: list[str] | None = None) -> int:
+    """The ``c2vkd-distill`` command: :func:`main`, with one-line errors and exit codes
+    (:func:`~c2vkd_hf.pipeline.run_script`)."""
+    return run_script(main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -1,0 +1,105 @@
+"""End to end on tiny data: the text head with a teacher-free student, C2VKD's stage guidance with its
+decaying weight, and the sequence-disjoint selection split."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForSemanticSegmentation
+
+from c2vkd_hf.config import DataArguments
+from c2vkd_hf.data import SYNTHETIC_CLASSES, DataValidationError, load_segmentation_data, source_paths
+from c2vkd_hf.models import load_student
+from c2vkd_hf.pipeline import EXIT_USER_ERROR, run_script
+from tiny import TINY_SEGFORMER, TINY_SEGFORMER_JSON
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import distill  # noqa: E402
+
+TINY = ["--synthetic_train_size", "8", "--synthetic_validation_size", "2", "--synthetic_height", "32",
+        "--synthetic_width", "32", "--student_config_overrides", TINY_SEGFORMER_JSON,
+        "--per_device_train_batch_size", "4", "--disable_tqdm", "true", "--eval_strategy", "no",
+        "--logging_steps", "1", "--train_baseline", "false", "--report_to", "none"]
+
+
+def _save_tiny(folder: Path, seed: int) -> str:
+    torch.manual_seed(seed)
+    load_student("segformer-b0", dict(enumerate(SYNTHETIC_CLASSES)), config_overrides=TINY_SEGFORMER).save_pretrained(folder)
+    return str(folder)
+
+
+def test_text_head_with_no_teacher_gives_a_plain_student_that_classifies_like_the_head(tmp_path):
+    torch.save(torch.randn(len(SYNTHETIC_CLASSES), 16), tmp_path / "emb.pth")
+    out = tmp_path / "none-head"
+    distill.main(["--output_dir", str(out), *TINY, "--method", "none", "--text_head", "true", "--max_steps", "2",
+                  "--student_name_or_path", _save_tiny(tmp_path / "student", 2),
+                  "--text_embeddings", str(tmp_path / "emb.pth")])
+    results = json.loads((out / "results.json").read_text())
+    assert results["text_head"] is True and results["linguistic_term"] is False and results["method"] == "none"
+    head = load_file(out / "text_head.safetensors")
+    folded = torch.nn.functional.normalize(head["text_embeddings"], dim=1) @ head["projector.weight"].flatten(1) / 0.03
+    model = AutoModelForSemanticSegmentation.from_pretrained(out)
+    torch.testing.assert_close(model.decode_head.classifier.weight.flatten(1), folded, atol=1e-4, rtol=1e-4)
+
+
+def test_stage_guidance_decays_to_zero_by_the_scheduled_fraction(tmp_path):
+    """Four stage pairs at weight 0.5, linear decay ending at half of training: the logged weighted stage term
+    halves by a quarter of the run, and from half of it the term is no longer computed."""
+    out = tmp_path / "stage"
+    distill.main(["--output_dir", str(out), *TINY, "--method", "c2vkd", "--max_steps", "8",
+                  "--teacher_name_or_path", _save_tiny(tmp_path / "teacher", 1),
+                  "--student_name_or_path", _save_tiny(tmp_path / "student", 2),
+                  "--stage_pairs", "stage1:stage1,stage2:stage2,stage3:stage3,stage4:stage4", "--stage_weight", "0.5",
+                  "--weight_schedules", "stage:linear:0.5"])
+    history = {e["step"]: e for e in json.loads((out / "results.json").read_text())["loss_history"]}
+    assert history[1]["loss_weighted/stage"] == pytest.approx(0.5 * history[1]["loss/stage"], rel=1e-4)
+    assert history[3]["loss_weighted/stage"] == pytest.approx(0.25 * history[3]["loss/stage"], rel=1e-4)
+    assert all("loss/stage" not in history[step] for step in range(5, 9))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--stage_weight", "0.5"], "--stage_weight needs --stage_pairs"),
+    (["--method", "dist", "--stage_pairs", "stage1:stage1", "--stage_weight", "1"], "C2VKD's stage guidance"),
+    (["--weight_schedules", "stage:linear:2"], "end fraction must be in (0, 1]"),
+    (["--stage_pairs", "stage9:stage1", "--stage_weight", "1"], "feature pair stage9:stage1"),
+])
+def test_stage_guidance_flags_are_checked(tmp_path, capsys, flags, message):
+    argv = ["--output_dir", str(tmp_path / "x"), *TINY, "--method", "c2vkd", "--max_steps", "1",
+            "--teacher_name_or_path", _save_tiny(tmp_path / "teacher", 1), *flags]
+    assert run_script(distill.main, argv) == EXIT_USER_ERROR
+    assert message in capsys.readouterr().err
+
+
+def _folder(root: Path, names: list[str]) -> None:
+    for sub in ("train", "trainannot"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        PIL.Image.fromarray(np.full((8, 8, 3), i * 20, np.uint8)).save(root / "train" / name)
+        PIL.Image.fromarray(np.full((8, 8), i % 2, np.uint8)).save(root / "trainannot" / name)
+
+
+def test_selection_split_holds_out_one_sequence(tmp_path):
+    names = [f"0001TP_{i:03d}.png" for i in range(3)] + [f"0006R0_{i:03d}.png" for i in range(2)]
+    _folder(tmp_path, names)
+    (tmp_path / "classes.json").write_text(json.dumps(["a", "b"]))
+    args = DataArguments(train_images=str(tmp_path / "train"), train_labels=str(tmp_path / "trainannot"),
+                         validation_images=str(tmp_path / "train"), validation_labels=str(tmp_path / "trainannot"),
+                         labels_file=str(tmp_path / "classes.json"), selection_holdout="0006R0_*")
+    data = load_segmentation_data(args)
+    train = sorted(Path(source_paths(data.train, i)[0]).name for i in range(len(data.train)))
+    held = sorted(Path(source_paths(data.validation, i)[0]).name for i in range(len(data.validation)))
+    assert train == names[:3] and held == names[3:]
+    for pattern in ("nothing_*", "*.png"):
+        with pytest.raises(DataValidationError, match="must hold out some, not all"):
+            load_segmentation_data(DataArguments(**{**vars(args), "selection_holdout": pattern}))
+    with pytest.raises(DataValidationError, match="needs local image/mask folders"):
+        load_segmentation_data(DataArguments(selection_holdout="x_*"))
