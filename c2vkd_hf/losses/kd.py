@@ -42,8 +42,8 @@ def kd_loss(
         return zero_like_graph(student_logits)
     log_ps = F.log_softmax(zs / temperature, dim=1)
     log_pt = F.log_softmax(zt / temperature, dim=1)
-    kl = (log_pt.exp() * (log_pt - log_ps)).sum(dim=1)
-    return temperature**2 * kl.mean()
+    # KL(p_t || p_s) per row, averaged over rows ("batchmean" divides the sum by the row count).
+    return temperature**2 * F.kl_div(log_ps, log_pt, reduction="batchmean", log_target=True)
 
 
 @register_loss("kd")
