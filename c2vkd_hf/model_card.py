@@ -18,6 +18,8 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .constants import IGNORE_INDEX
+
 #: The card template, package data: ``c2vkd_hf/templates/student_card.md``.
 TEMPLATE_NAME = "student_card.md"
 OVERLAY_NAME = "predictions.png"
@@ -189,7 +191,7 @@ def plot_training_curves(log_history: Iterable[dict[str, Any]], path: str | Path
 
 def save_prediction_overlay(images: Sequence[np.ndarray], labels: Sequence[np.ndarray],
                             predictions: Sequence[np.ndarray], palette: Sequence[Sequence[int]],
-                            path: str | Path, ignore_index: int = 255) -> Path:
+                            path: str | Path, ignore_index: int = IGNORE_INDEX) -> Path:
     """Saves a grid (one row per image: image, colourised label, colourised prediction blended on
     the image). ``images`` are uint8 (H, W, 3); labels/predictions integer (H, W)."""
     from matplotlib.figure import Figure  # the object API: no pyplot state, the caller's backend untouched

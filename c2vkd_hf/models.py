@@ -56,6 +56,8 @@ from transformers.configuration_utils import SubConfigSpec
 from transformers.modeling_outputs import SemanticSegmenterOutput
 from transformers.models.auto.modeling_auto import MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES
 
+from .constants import IGNORE_INDEX
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -87,7 +89,6 @@ __all__ = [
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-IGNORE_INDEX = 255
 
 # --------------------------------------------------------------------------------------------------
 # Students

@@ -40,7 +40,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.modeling_outputs import SemanticSegmenterOutput
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
 
-from .config import IGNORE_INDEX
+from .constants import IGNORE_INDEX
 from .runs import MANIFEST_NAME, checkpoint_fit_problem, manifest_problems, write_manifest
 from .validation import UserInputError, save_errors
 from .losses.common import cross_entropy

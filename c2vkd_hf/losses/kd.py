@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..config import IGNORE_INDEX
+from ..constants import IGNORE_INDEX
 from .base import LogitDistillationLoss
 from .common import check_positive, flatten_valid, float32_compute, resize, zero_like_graph
 from .registry import register_loss

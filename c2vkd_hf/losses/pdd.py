@@ -27,7 +27,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..config import IGNORE_INDEX
+from ..constants import IGNORE_INDEX
 from .common import (
     check_positive,
     check_unit_interval,
