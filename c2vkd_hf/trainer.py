@@ -4,7 +4,7 @@ One code path serves every method (``c2vkd``, ``kd``, ``cwd``, ``dist``, ``dkd``
 trainer runs the frozen teacher (or, with a ``teacher_cache``, replays its cached outputs under each
 example's training view: :mod:`c2vkd_hf.cache`), then calls the trained :class:`DistillationModel` (student + the
 loss module that owns the projectors), which returns a dict of named loss terms. Design choices,
-each forced by how ``Trainer`` works (see DESIGN.md, "Trainer facts"):
+each forced by how ``Trainer`` works (see docs/DESIGN.md, "Trainer facts"):
 
 * The projectors must be optimised, DDP-synchronised and checkpointed, so they live inside the
   module the Trainer trains (:class:`DistillationModel`); the loss is computed inside its

@@ -2,8 +2,8 @@
 
 C2VKD: Zheng, Luo, Zhou, Wang, "Distilling Efficient Vision Transformers from CNNs for Semantic
 Segmentation", arXiv 2310.07265. The formulas below are this project's precise definition (see
-``DESIGN.md``); CLIP text embeddings come from Radford et al., "Learning Transferable Visual Models
-From Natural Language Supervision", ICML 2021.
+``docs/DESIGN.md``, "Losses"); CLIP text embeddings come from Radford et al., "Learning
+Transferable Visual Models From Natural Language Supervision", ICML 2021.
 
 Visual terms, in the teacher's feature space (``P_v``: a 1x1 conv C_s -> C_t held by the module):
 
