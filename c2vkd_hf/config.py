@@ -15,8 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-#: The one internal ignore value used for labels everywhere in the package.
-IGNORE_INDEX = 255
+from .constants import IGNORE_INDEX  # noqa: F401  (defined in constants; kept importable from here)
 
 METHODS = ("c2vkd", "kd", "cwd", "dist", "dkd", "none")
 

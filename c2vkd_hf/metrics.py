@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from .constants import IGNORE_INDEX
+
 __all__ = ["StreamingMeanIoU", "logits_to_predictions", "make_compute_metrics", "preprocess_logits_for_metrics"]
 
 
@@ -45,7 +47,7 @@ class StreamingMeanIoU:
     1.0
     """
 
-    def __init__(self, num_labels: int, ignore_index: int = 255):
+    def __init__(self, num_labels: int, ignore_index: int = IGNORE_INDEX):
         if num_labels < 1:
             raise ValueError("num_labels must be positive")
         self.num_labels = int(num_labels)
@@ -141,7 +143,7 @@ def _first(x: Any) -> Any:
 
 def make_compute_metrics(
     num_labels: int,
-    ignore_index: int = 255,
+    ignore_index: int = IGNORE_INDEX,
     id2label: Mapping[int, str] | None = None,
 ) -> Callable[..., dict[str, float]]:
     """``compute_metrics`` for ``Trainer`` with ``TrainingArguments(batch_eval_metrics=True)``.

@@ -18,6 +18,8 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .constants import IGNORE_INDEX
+
 #: The card template, package data: ``c2vkd_hf/templates/student_card.md``.
 TEMPLATE_NAME = "student_card.md"
 OVERLAY_NAME = "predictions.png"
@@ -156,10 +158,7 @@ def build_model_card(
 def plot_training_curves(log_history: Iterable[dict[str, Any]], path: str | Path) -> Optional[Path]:
     """Plots every logged loss term and the validation mIoU against the step; returns the path
     (``None`` when nothing was logged)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # the object API: no pyplot state, the caller's backend untouched
 
     series: dict[str, tuple[list, list]] = {}
     for entry in log_history:
@@ -172,7 +171,8 @@ def plot_training_curves(log_history: Iterable[dict[str, Any]], path: str | Path
                     series[key][1].append(value)
     if not series:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    axes = fig.subplots(1, 2)
     for key, (steps, values) in sorted(series.items()):
         if key == "eval_mean_iou":
             axes[1].plot(steps, [v * 100 for v in values], marker="o", label="val mIoU")
@@ -186,24 +186,21 @@ def plot_training_curves(log_history: Iterable[dict[str, Any]], path: str | Path
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=90)
-    plt.close(fig)
     return path
 
 
 def save_prediction_overlay(images: Sequence[np.ndarray], labels: Sequence[np.ndarray],
                             predictions: Sequence[np.ndarray], palette: Sequence[Sequence[int]],
-                            path: str | Path, ignore_index: int = 255) -> Path:
+                            path: str | Path, ignore_index: int = IGNORE_INDEX) -> Path:
     """Saves a grid (one row per image: image, colourised label, colourised prediction blended on
     the image). ``images`` are uint8 (H, W, 3); labels/predictions integer (H, W)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # the object API: no pyplot state, the caller's backend untouched
 
     lut = np.zeros((256, 3), dtype=np.uint8)
     lut[: len(palette)] = np.asarray(palette, dtype=np.uint8)[:256]
     rows = len(images)
-    fig, axes = plt.subplots(rows, 3, figsize=(10, 2.8 * rows), squeeze=False)
+    fig = Figure(figsize=(10, 2.8 * rows))
+    axes = fig.subplots(rows, 3, squeeze=False)
     for row, (image, label, pred) in enumerate(zip(images, labels, predictions)):
         label_rgb = lut[np.clip(label, 0, 255)]
         label_rgb[label == ignore_index] = 0
@@ -216,5 +213,4 @@ def save_prediction_overlay(images: Sequence[np.ndarray], labels: Sequence[np.nd
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=80)
-    plt.close(fig)
     return path

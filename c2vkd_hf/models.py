@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from torch import nn
 from torch.nn import functional as F
 
@@ -54,6 +55,8 @@ from transformers.backbone_utils import BackboneMixin, load_backbone
 from transformers.configuration_utils import SubConfigSpec
 from transformers.modeling_outputs import SemanticSegmenterOutput
 from transformers.models.auto.modeling_auto import MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES
+
+from .constants import IGNORE_INDEX
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -86,7 +89,6 @@ __all__ = [
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-IGNORE_INDEX = 255
 
 # --------------------------------------------------------------------------------------------------
 # Students
@@ -232,23 +234,11 @@ def _segmenter_output(logits: torch.Tensor, labels: torch.Tensor | None, hidden_
     return SemanticSegmenterOutput(loss=loss, logits=logits, hidden_states=hidden_states)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The model under DDP / accelerate / torch.compile wrappers (for inspection only)."""
-    seen = set()
-    while id(model) not in seen:
-        seen.add(id(model))
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif hasattr(model, "module") and isinstance(model.module, nn.Module) and not hasattr(model, "config"):
-            model = model.module
-    return model
-
-
 def _processor_folder(model_or_path: Any) -> str | None:
     if isinstance(model_or_path, (str, os.PathLike)):
         path = os.fspath(model_or_path)
     elif isinstance(model_or_path, nn.Module):
-        config = getattr(_unwrap(model_or_path), "config", None)
+        config = getattr(extract_model_from_parallel(model_or_path, keep_torch_compile=False), "config", None)
         path = getattr(config, "_name_or_path", "") or ""
     else:
         return None
@@ -615,7 +605,7 @@ def efficientnet_lite0_weights_path() -> str | None:
 
 def _timm_module(model: nn.Module) -> nn.Module:
     """The timm model inside a TimmBackbone / a model with a TimmBackbone ``.backbone``."""
-    model = _unwrap(model)
+    model = extract_model_from_parallel(model, keep_torch_compile=False)
     candidates = [model, getattr(model, "backbone", None)]
     for cand in candidates:
         if cand is not None and hasattr(cand, "_backbone") and isinstance(cand._backbone, nn.Module):
@@ -930,7 +920,7 @@ def fix_patch_grid(model: nn.Module) -> nn.Module:
     grid (a reshape error on e.g. 120x160 images). Two forward pre-hooks (not saved with the weights)
     pass the grid of the current input. Other models are returned unchanged; calling it twice is a no-op.
     """
-    inner = _unwrap(model)
+    inner = extract_model_from_parallel(model, keep_torch_compile=False)
     if _model_type(inner) != "dpt" or not hasattr(inner, "neck") or getattr(inner, "_c2vkd_grid_fixed", False):
         return model
     state: dict[str, tuple[int, int]] = {}
@@ -1010,7 +1000,7 @@ def feature_family(model: nn.Module) -> str:
     """How :func:`forward_features` reads a model's feature maps (see its docstring):
     ``"segformer"``, ``"backbone"``, ``"dpt"``, ``"beit"``, ``"mobilenet_v2"``, ``"torchvision"`` or
     ``"hidden_states"`` (the generic fallback)."""
-    inner = _unwrap(model)
+    inner = extract_model_from_parallel(model, keep_torch_compile=False)
     model_type = _model_type(inner)
     if model_type == "segformer":
         return "segformer"
@@ -1043,7 +1033,7 @@ def classifier_module(model: nn.Module) -> Optional[nn.Conv2d]:
     """The final 1x1 convolution that maps decoder features to class logits, when the model has one
     where segmentation models usually keep it (``decode_head.classifier``: SegFormer, UperNet, BEiT;
     ``classifier``: the project DeepLabV3+; ``head.head[-1]``: DPT); else ``None``."""
-    inner = _unwrap(model)
+    inner = extract_model_from_parallel(model, keep_torch_compile=False)
     candidates = [getattr(getattr(inner, "decode_head", None), "classifier", None), getattr(inner, "classifier", None)]
     head = getattr(getattr(inner, "head", None), "head", None)
     if isinstance(head, nn.Sequential) and len(head):
@@ -1098,7 +1088,7 @@ def _forward_stage_features(
     model: nn.Module, pixel_values: torch.Tensor, **forward_kwargs: Any
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """:func:`forward_features` without the decoder feature."""
-    inner = _unwrap(model)
+    inner = extract_model_from_parallel(model, keep_torch_compile=False)
     model_type = _model_type(inner)
     family = feature_family(inner)
 
@@ -1168,7 +1158,7 @@ def _forward_stage_features(
 def feature_channels(model: nn.Module, image_size: Sequence[int] | int | None = None) -> dict[str, int]:
     """``{feature name: channels}`` as returned by :func:`forward_features` (from the config when it
     says, else from a dry forward pass at ``image_size``, default the config's or 64x64)."""
-    inner = _unwrap(model)
+    inner = extract_model_from_parallel(model, keep_torch_compile=False)
     config = getattr(inner, "config", None)
     classifier = classifier_module(inner)
     decoder = {DECODER_FEATURE: int(classifier.in_channels)} if classifier is not None else {}

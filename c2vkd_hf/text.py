@@ -19,6 +19,7 @@ Every returned tensor is float32 on the CPU with L2-normalised rows.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -46,30 +47,6 @@ __all__ = [
     "default_cache_dir",
 ]
 
-#: The 80 ImageNet prompt templates CLIP ensembles for zero-shot classification (Radford et al. 2021).
-IMAGENET_TEMPLATES = (
-    "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.", "a photo of the hard to see {}.",
-    "a low resolution photo of the {}.", "a rendering of a {}.", "graffiti of a {}.", "a bad photo of the {}.",
-    "a cropped photo of the {}.", "a tattoo of a {}.", "the embroidered {}.", "a photo of a hard to see {}.",
-    "a bright photo of a {}.", "a photo of a clean {}.", "a photo of a dirty {}.", "a dark photo of the {}.",
-    "a drawing of a {}.", "a photo of my {}.", "the plastic {}.", "a photo of the cool {}.",
-    "a close-up photo of a {}.", "a black and white photo of the {}.", "a painting of the {}.",
-    "a painting of a {}.", "a pixelated photo of the {}.", "a sculpture of the {}.", "a bright photo of the {}.",
-    "a cropped photo of a {}.", "a plastic {}.", "a photo of the dirty {}.", "a jpeg corrupted photo of a {}.",
-    "a blurry photo of the {}.", "a photo of the {}.", "a good photo of the {}.", "a rendering of the {}.",
-    "a {} in a video game.", "a photo of one {}.", "a doodle of a {}.", "a close-up photo of the {}.",
-    "a photo of a {}.", "the origami {}.", "the {} in a video game.", "a sketch of a {}.", "a doodle of the {}.",
-    "a origami {}.", "a low resolution photo of a {}.", "the toy {}.", "a rendition of the {}.",
-    "a photo of the clean {}.", "a photo of a large {}.", "a rendition of a {}.", "a photo of a nice {}.",
-    "a photo of a weird {}.", "a blurry photo of a {}.", "a cartoon {}.", "art of a {}.", "a sketch of the {}.",
-    "a embroidered {}.", "a pixelated photo of a {}.", "itap of the {}.", "a jpeg corrupted photo of the {}.",
-    "a good photo of a {}.", "a plushie {}.", "a photo of the nice {}.", "a photo of the small {}.",
-    "a photo of the weird {}.", "the cartoon {}.", "art of the {}.", "a drawing of the {}.",
-    "a photo of the large {}.", "a black and white photo of a {}.", "the plushie {}.", "a dark photo of a {}.",
-    "itap of a {}.", "graffiti of the {}.", "a toy {}.", "itap of my {}.", "a photo of a cool {}.",
-    "a photo of a small {}.", "a tattoo of the {}.",
-)
-
 #: Five scene-level templates added for dense prediction (MaskCLIP: Zhou, Loy, Dai, "Extract Free
 #: Dense Labels from CLIP", ECCV 2022), giving the 85-template ensemble of the staged embeddings.
 SCENE_TEMPLATES = (
@@ -77,8 +54,26 @@ SCENE_TEMPLATES = (
     "this is the {} in the scene.", "this is one {} in the scene.",
 )
 
-#: ``templates="ensemble"``: 85 templates.
-ENSEMBLE_TEMPLATES = IMAGENET_TEMPLATES + SCENE_TEMPLATES
+
+@functools.lru_cache(maxsize=None)
+def _imagenet_templates() -> tuple:
+    """The 80 ImageNet prompt templates CLIP ensembles for zero-shot classification (Radford et al. 2021),
+    as open_clip ships them (``open_clip.OPENAI_IMAGENET_TEMPLATES``, callables), turned into
+    ``str.format`` strings. Imported on first use: open_clip is a slow import that most runs never need."""
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    return tuple(template("{}") for template in OPENAI_IMAGENET_TEMPLATES)
+
+
+def __getattr__(name: str):
+    # IMAGENET_TEMPLATES (80) and ENSEMBLE_TEMPLATES (``templates="ensemble"``: those 80 + the 5 scene
+    # templates) are module attributes computed on first access (PEP 562)
+    if name == "IMAGENET_TEMPLATES":
+        return _imagenet_templates()
+    if name == "ENSEMBLE_TEMPLATES":
+        return _imagenet_templates() + SCENE_TEMPLATES
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 #: ``templates="single"``.
 SINGLE_TEMPLATE = ("a photo of a {}.",)
@@ -94,7 +89,7 @@ def resolve_templates(templates: Templates = "ensemble") -> tuple:
     containing ``{}``, or a list of such strings."""
     if isinstance(templates, str):
         if templates == "ensemble":
-            return ENSEMBLE_TEMPLATES
+            return _imagenet_templates() + SCENE_TEMPLATES
         if templates == "single":
             return SINGLE_TEMPLATE
         templates = (templates,)
@@ -203,14 +198,13 @@ def _cache_key(model_name: str, weights_id: str, templates: tuple, class_names: 
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:32]
 
 
-@torch.no_grad()
 def _encode_classes(model, tokenizer, class_names: Sequence[str], templates: tuple, device) -> torch.Tensor:
-    rows = []
-    for name in class_names:
-        tokens = tokenizer([t.format(name) for t in templates]).to(device)
-        emb = F.normalize(model.encode_text(tokens).float(), dim=-1)
-        rows.append(F.normalize(emb.mean(dim=0), dim=0))
-    return torch.stack(rows).cpu()
+    """``(K, D)`` prompt-ensembled embeddings through open_clip's ``build_zero_shot_classifier`` (each
+    prompt embedding L2-normalised, the mean over templates L2-normalised again)."""
+    from open_clip import build_zero_shot_classifier
+
+    weights = build_zero_shot_classifier(model, tokenizer, list(class_names), list(templates), device=device)
+    return weights.T.float().cpu()  # it returns (D, K), the zero-shot classifier's weight layout
 
 
 def compute_text_embeddings(
@@ -274,7 +268,9 @@ def compute_text_embeddings(
         }
         save_file({_EMBEDDING_KEY: emb}, str(tmp), metadata=metadata)
         os.replace(tmp, cache_file)  # atomic: concurrent processes never read a partial file
-    return emb
+    # what a later cache hit returns (load_text_embeddings normalises the stored rows once more; a
+    # normalisation is not always bitwise idempotent), so a first and a cached call agree exactly
+    return _normalise_rows(emb, model_name)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,7 +4,7 @@ One code path serves every method (``c2vkd``, ``kd``, ``cwd``, ``dist``, ``dkd``
 trainer runs the frozen teacher (or, with a ``teacher_cache``, replays its cached outputs under each
 example's training view: :mod:`c2vkd_hf.cache`), then calls the trained :class:`DistillationModel` (student + the
 loss module that owns the projectors), which returns a dict of named loss terms. Design choices,
-each forced by how ``Trainer`` works (see DESIGN.md, "Trainer facts"):
+each forced by how ``Trainer`` works (see docs/DESIGN.md, "Trainer facts"):
 
 * The projectors must be optimised, DDP-synchronised and checkpointed, so they live inside the
   module the Trainer trains (:class:`DistillationModel`); the loss is computed inside its
@@ -38,9 +38,9 @@ from torch import nn
 from accelerate.utils import extract_model_from_parallel
 from transformers import Trainer, TrainerCallback
 from transformers.modeling_outputs import SemanticSegmenterOutput
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
 
-from .config import IGNORE_INDEX
+from .constants import IGNORE_INDEX
 from .runs import MANIFEST_NAME, checkpoint_fit_problem, manifest_problems, write_manifest
 from .validation import UserInputError, save_errors
 from .losses.common import cross_entropy
@@ -436,12 +436,16 @@ def checkpoint_problems(folder: str, *, require_optimizer: bool = True) -> list[
 
 def last_complete_checkpoint(output_dir: str, *, require_optimizer: bool = True) -> Optional[str]:
     """The newest complete ``checkpoint-N`` folder in ``output_dir`` (``None`` if there is none);
-    incomplete ones (a save interrupted by a kill) are skipped with a warning."""
+    incomplete ones (a save interrupted by a kill) are skipped with a warning.
+
+    The folders are listed and ordered by step with transformers' ``sort_checkpoints`` (the order its
+    own checkpoint rotation uses). ``get_last_checkpoint`` does not fit here: it returns only the
+    newest folder, while this function must fall back to older ones when the newest fails
+    :func:`checkpoint_problems` (which includes the manifest check of :mod:`c2vkd_hf.runs`)."""
     if not os.path.isdir(output_dir):
         return None
-    steps = sorted(((int(m.group(1)), name) for name in os.listdir(output_dir) if (m := _CHECKPOINT_RE.match(name))
-                    and os.path.isdir(os.path.join(output_dir, name))), reverse=True)
-    for _, name in steps:
+    names = [os.path.basename(path) for path in sort_checkpoints(output_dir, PREFIX_CHECKPOINT_DIR)]
+    for name in reversed([n for n in names if _CHECKPOINT_RE.match(n)]):  # newest first
         folder = os.path.join(output_dir, name)
         problems = checkpoint_problems(folder, require_optimizer=require_optimizer)
         if not problems:

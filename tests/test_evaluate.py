@@ -137,9 +137,28 @@ def test_evaluate_model_options_and_predictions(tmp_path):
     assert sorted(os.listdir(tmp_path / "pred")) == ["00000.png", "00001.png", "00002.png"]
     image = PIL.Image.open(tmp_path / "pred" / "00001.png")
     assert image.mode == "RGB" and image.size == (32, 32)
-    tta = evaluate_model(model, data, 3, batch_size=2, progress=False, scales=(1.0, 1.5), flip=True,
-                         window=(32, 32), stride=(8, 8))
-    assert 0.0 <= tta["mean_iou"] <= 1.0
+    # multi-scale + flip: the prediction is the argmax of the mean probability over the views (each
+    # scale, and the flipped image's prediction flipped back), written out here by hand
+    expected = StreamingMeanIoU(3)
+    with torch.no_grad():
+        for item in data:
+            x, views = item["pixel_values"][None], []
+            for scale in (1.0, 1.5):
+                xs = nn.functional.interpolate(x, size=(round(32 * scale),) * 2, mode="bilinear", align_corners=False)
+                views.append(_upsampled(model, xs, (32, 32)).softmax(1))
+                views.append(_upsampled(model, xs.flip(-1), (32, 32)).flip(-1).softmax(1))
+            expected.update(torch.stack(views).mean(0).argmax(1), item["labels"][None])
+    tta = evaluate_model(model, data, 3, batch_size=2, progress=False, scales=(1.0, 1.5), flip=True)
+    assert tta == expected.compute()
+    # with a sliding window as well: the same as scoring each image with segmentation_scores
+    tiled = StreamingMeanIoU(3)
+    with torch.no_grad():
+        for item in data:
+            scores = segmentation_scores(model, item["pixel_values"][None], output_size=(32, 32), scales=(1.0, 1.5),
+                                         flip=True, window=(32, 32), stride=(8, 8))
+            tiled.update(scores.argmax(1), item["labels"][None])
+    assert evaluate_model(model, data, 3, batch_size=2, progress=False, scales=(1.0, 1.5), flip=True,
+                          window=(32, 32), stride=(8, 8)) == tiled.compute()
 
 
 def _free_port() -> int:

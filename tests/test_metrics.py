@@ -212,3 +212,23 @@ def test_trainer_evaluate_with_batch_eval_metrics(tmp_path):
     assert metrics["eval_iou_b"] == pytest.approx(ref["per_category_iou"][1])
     # a second evaluation starts from a clean state
     assert trainer.evaluate()["eval_mean_iou"] == pytest.approx(ref["mean_iou"])
+
+
+def test_matches_evaluate_mean_iou_when_it_can_be_loaded():
+    """The same numbers as the ``evaluate`` library's ``mean_iou`` (the reference the streaming metric
+    replaces, see docs/DESIGN.md). Its script comes from the Hub, so offline the test skips."""
+    evaluate = pytest.importorskip("evaluate")
+    try:
+        reference = evaluate.load("mean_iou")
+    except Exception as error:  # offline, no cached script: nothing to compare with
+        pytest.skip(f"evaluate.load('mean_iou') unavailable: {type(error).__name__}")
+    rng = np.random.default_rng(3)
+    preds, labels = random_batch(rng, 5, absent=(3,))
+    m = StreamingMeanIoU(5, ignore_index=IGNORE)
+    m.update(torch.from_numpy(preds), torch.from_numpy(labels))
+    ours = m.compute()
+    theirs = reference.compute(predictions=list(preds), references=list(labels), num_labels=5,
+                               ignore_index=IGNORE, reduce_labels=False)
+    for key in ("mean_iou", "mean_accuracy", "overall_accuracy"):
+        assert ours[key] == pytest.approx(theirs[key], abs=1e-12), key
+    np.testing.assert_allclose(ours["per_category_iou"], theirs["per_category_iou"], atol=1e-12, equal_nan=True)

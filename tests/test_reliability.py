@@ -368,14 +368,46 @@ def test_class_names_are_escaped_in_the_model_card(tmp_path):
     assert table[1] == r"| \|x\| | 20.00 |"
 
 
-def test_no_unsafe_loading_in_the_package():
-    """Only safetensors and torch.load(weights_only=True); remote code only when asked for."""
-    import re
+class _RunsCodeWhenUnpickled:
+    """A pickle payload that writes ``marker`` when unpickled: what a hostile checkpoint would do."""
 
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('ran')",)
+
+
+def test_no_unsafe_loading_in_the_package(tmp_path):
+    """Every file the package reads as tensors (text embeddings .pth/.npy, teacher and backbone weights)
+    refuses a pickle that carries code, and never runs it; the same file does run it when unpickled
+    the unsafe way, so the payload is real."""
+    import pickle
+
+    from c2vkd_hf.models import _read_state_dict
+    from c2vkd_hf.text import load_text_embeddings
+
+    marker = tmp_path / "ran"
+    hostile = tmp_path / "hostile.pth"
+    torch.save({"weight": torch.zeros(2), "payload": _RunsCodeWhenUnpickled(marker)}, hostile)
+    hostile_npy = tmp_path / "hostile.npy"
+    np.save(hostile_npy, np.array([_RunsCodeWhenUnpickled(marker)], dtype=object), allow_pickle=True)
+
+    for load in (load_text_embeddings, _read_state_dict):
+        with pytest.raises(pickle.UnpicklingError):
+            load(hostile)
+    with pytest.raises(ValueError, match="allow_pickle"):
+        load_text_embeddings(hostile_npy)
+    assert not marker.exists()
+
+    torch.load(hostile, weights_only=False)  # the unsafe way: the payload runs
+    assert marker.read_text() == "ran"
+
+
+def test_no_pickle_or_remote_code_in_the_source():
+    """No bare unpickling anywhere, and remote code only when asked for (``--trust_remote_code``)."""
     for path in [*(ROOT / "c2vkd_hf").rglob("*.py"), *(ROOT / "scripts").glob("*.py")]:
         source = path.read_text()
-        for call in re.findall(r"torch\.load\([^)]*\)", source):
-            assert "weights_only=True" in call, f"{path}: {call}"
         assert "pickle.load" not in source and "allow_pickle=True" not in source, path
         assert "trust_remote_code=True" not in source, path
 
@@ -384,7 +416,7 @@ def test_text_head_folded_into_the_saved_student(tmp_path, capsys):
     """C2VKD's default (decoder pairs, text embeddings given): the text head is trained as the
     classifier and the saved plain student's classifier is the folded head of text_head.safetensors,
     which the model card says; --text_head false keeps the trained classifier; the head is refused
-    with a stage4 linguistic pair, and for a method without text embeddings."""
+    with a stage4 linguistic pair."""
     from transformers import AutoModelForSemanticSegmentation
 
     classes = dict(enumerate(SYNTHETIC_CLASSES))
@@ -396,9 +428,6 @@ def test_text_head_folded_into_the_saved_student(tmp_path, capsys):
     refused = ["--output_dir", str(tmp_path / "refused"), *run, "--feature_pairs", "stage4:stage4", "--text_head", "true"]
     assert run_script(distill.main, refused) == EXIT_USER_ERROR
     assert "--text_head with C2VKD" in capsys.readouterr().err
-    refused = ["--output_dir", str(tmp_path / "refused"), *common, "--method", "kd", "--text_head", "true"]
-    assert run_script(distill.main, refused) == EXIT_USER_ERROR
-    assert "--text_head needs the class names' text embeddings" in capsys.readouterr().err
     distill.main(["--output_dir", str(tmp_path / "out"), *run])
     model = AutoModelForSemanticSegmentation.from_pretrained(tmp_path / "out")
     head = load_file(tmp_path / "out" / "text_head.safetensors")

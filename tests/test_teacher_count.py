@@ -79,12 +79,27 @@ def test_stage_guidance_flags_are_checked(tmp_path, capsys, flags, message):
     assert message in capsys.readouterr().err
 
 
-def _folder(root: Path, names: list[str]) -> None:
+def _folder(root: Path, names: list[str], size: int = 8) -> None:
     for sub in ("train", "trainannot"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     for i, name in enumerate(names):
-        PIL.Image.fromarray(np.full((8, 8, 3), i * 20, np.uint8)).save(root / "train" / name)
-        PIL.Image.fromarray(np.full((8, 8), i % 2, np.uint8)).save(root / "trainannot" / name)
+        PIL.Image.fromarray(np.full((size, size, 3), i * 20, np.uint8)).save(root / "train" / name)
+        label = np.zeros((size, size), np.uint8)
+        label[size // 2:] = 1
+        PIL.Image.fromarray(label).save(root / "trainannot" / name)
+
+
+def test_text_head_without_embeddings_is_refused(tmp_path, capsys):
+    """Class names the built-in vocabulary does not know, no --text_embeddings: --text_head is a user error."""
+    _folder(tmp_path, [f"a{i}.png" for i in range(4)], size=32)
+    (tmp_path / "classes.json").write_text(json.dumps(["zorblax", "quuxite"]))
+    folders = ["--train_images", str(tmp_path / "train"), "--train_labels", str(tmp_path / "trainannot"),
+               "--validation_images", str(tmp_path / "train"), "--validation_labels", str(tmp_path / "trainannot"),
+               "--labels_file", str(tmp_path / "classes.json")]
+    argv = ["--output_dir", str(tmp_path / "x"), *folders, *TINY[8:], "--method", "none", "--text_head", "true",
+            "--max_steps", "1"]
+    assert run_script(distill.main, argv) == EXIT_USER_ERROR
+    assert "--text_head needs the class names' text embeddings" in capsys.readouterr().err
 
 
 def test_selection_split_holds_out_one_sequence(tmp_path):

@@ -14,6 +14,7 @@ from transformers import AutoModelForSemanticSegmentation
 
 from c2vkd_hf.data import SYNTHETIC_CLASSES
 from c2vkd_hf.losses import get_loss
+from c2vkd_hf.metrics import StreamingMeanIoU
 from c2vkd_hf.models import forward_features, load_student
 from c2vkd_hf.pipeline import evaluate_model
 from c2vkd_hf.text_query import TEXT_HEAD_NAME, TextQuerySegmenter, load_text_head, segment_by_text
@@ -68,8 +69,16 @@ def test_segment_by_text_matches_the_training_scores_and_takes_any_vocabulary(tr
         with pytest.raises(ValueError, match=r"\(K, 12\)"):
             segment_by_text(student, head, x, torch.randn(4, 7))
     # as a model: evaluation helpers apply
-    metrics = evaluate_model(TextQuerySegmenter(student, head), tensor_dataset(4, seed=3), 3, progress=False)
-    assert 0.0 <= metrics["mean_iou"] <= 1.0
+    data = tensor_dataset(4, seed=3)
+    expected = StreamingMeanIoU(3)
+    with torch.no_grad():
+        for item in data:
+            x = item["pixel_values"][None]
+            scores = nn.functional.interpolate(segment_by_text(student, head, x), size=item["labels"].shape[-2:],
+                                               mode="bilinear", align_corners=False)
+            expected.update(scores.argmax(1), item["labels"][None])
+    metrics = evaluate_model(TextQuerySegmenter(student, head), data, 3, progress=False)
+    assert metrics == expected.compute()
 
 
 def test_missing_text_head_is_a_clear_error(tmp_path):

@@ -181,10 +181,7 @@ def _query_confusion(model: nn.Module, dataset, num_names: int, num_labels: int,
 
 def _figure(path: Path, rows: list[dict], class_names: list[str], palette, query_names: list[str],
             show: list[str], name_to_class: Optional[list[int]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # the object API: no pyplot state, the caller's backend untouched
     from matplotlib.patches import Patch
 
     if name_to_class is not None:  # a name takes the colour of the training class it stands for
@@ -192,7 +189,8 @@ def _figure(path: Path, rows: list[dict], class_names: list[str], palette, query
     else:
         query_palette = default_palette(len(query_names))
     cols = 4 + len(show)
-    fig, axes = plt.subplots(len(rows), cols, figsize=(2.4 * cols, 2.0 * len(rows) + 1.2), squeeze=False)
+    fig = Figure(figsize=(2.4 * cols, 2.0 * len(rows) + 1.2))
+    axes = fig.subplots(len(rows), cols, squeeze=False)
     titles = ["image", "ground truth", "student head", f"text query ({len(query_names)} names)"]
     for r, row in enumerate(rows):
         panels = [row["image"], colorize(row["label"], palette), colorize(row["pred"], palette),
@@ -218,7 +216,6 @@ def _figure(path: Path, rows: list[dict], class_names: list[str], palette, query
     fig.legend(handles=handles, loc="lower center", ncol=min(8, len(handles)), fontsize=6, frameon=False)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _show_names(flag: Optional[str], names: list[str], class_names: list[str]) -> list[str]:

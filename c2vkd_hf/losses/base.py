@@ -21,7 +21,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from ..config import IGNORE_INDEX
+from ..constants import IGNORE_INDEX
 from .common import check_positive, check_weight, cross_entropy
 from .schedule import Schedule, schedule_factor
 

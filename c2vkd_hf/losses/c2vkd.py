@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import IGNORE_INDEX
+from ..constants import IGNORE_INDEX
 from .base import DistillationLoss
 from .common import check_positive, check_unit_interval, check_weight
 from .pdd import pdd_loss

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..config import IGNORE_INDEX
+from ..constants import IGNORE_INDEX
 from .base import DistillationLoss
 from .registry import register_loss
 

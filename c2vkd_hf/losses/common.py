@@ -19,7 +19,7 @@ from typing import Callable, Optional, Sequence, Tuple, TypeVar
 import torch
 import torch.nn.functional as F
 
-from ..config import IGNORE_INDEX
+from ..constants import IGNORE_INDEX
 
 __all__ = [
     "IGNORE_INDEX",

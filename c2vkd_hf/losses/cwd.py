@@ -35,8 +35,8 @@ def cwd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tau:
     zt = resize(teacher_logits.detach().float(), student_logits.shape[-2:]).reshape(b * k, -1)
     log_ps = F.log_softmax(zs / tau, dim=1)
     log_pt = F.log_softmax(zt / tau, dim=1)
-    kl = (log_pt.exp() * (log_pt - log_ps)).sum(dim=1)
-    return tau**2 * kl.mean()
+    # one row per (image, channel): KL over positions, averaged over rows
+    return tau**2 * F.kl_div(log_ps, log_pt, reduction="batchmean", log_target=True)
 
 
 @register_loss("cwd")

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from ..config import IGNORE_INDEX
+from ..constants import IGNORE_INDEX
 from .base import LogitDistillationLoss
 from .common import check_positive, check_weight, flatten_valid, float32_compute, resize, zero_like_graph
 from .registry import register_loss

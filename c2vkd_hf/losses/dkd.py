@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import IGNORE_INDEX
+from ..constants import IGNORE_INDEX
 from .base import LogitDistillationLoss
 from .common import check_weight
 from .pdd import pdd_loss

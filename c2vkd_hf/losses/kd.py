@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..config import IGNORE_INDEX
+from ..constants import IGNORE_INDEX
 from .base import LogitDistillationLoss
 from .common import check_positive, flatten_valid, float32_compute, resize, zero_like_graph
 from .registry import register_loss
@@ -42,8 +42,8 @@ def kd_loss(
         return zero_like_graph(student_logits)
     log_ps = F.log_softmax(zs / temperature, dim=1)
     log_pt = F.log_softmax(zt / temperature, dim=1)
-    kl = (log_pt.exp() * (log_pt - log_ps)).sum(dim=1)
-    return temperature**2 * kl.mean()
+    # KL(p_t || p_s) per row, averaged over rows ("batchmean" divides the sum by the row count).
+    return temperature**2 * F.kl_div(log_ps, log_pt, reduction="batchmean", log_target=True)
 
 
 @register_loss("kd")

@@ -23,9 +23,11 @@ which stays finite for logits of any magnitude.
 from __future__ import annotations
 
 import math
-import torch
 
-from ..config import IGNORE_INDEX
+import torch
+import torch.nn.functional as F
+
+from ..constants import IGNORE_INDEX
 from .common import (
     check_positive,
     check_unit_interval,
@@ -75,10 +77,11 @@ def decoupled_kl(
         lq_nt = lt_nt + log_1mg
         q_t, q_nt = lq_t.exp(), lq_nt.exp()
         p_hat_t = lt_hat.exp()  # exactly 0 at the target class
-    zero = torch.zeros((), dtype=zs.dtype, device=zs.device)
-    # 0 * log 0 := 0 (q_nt is exactly 0 when g == 1)
-    tc = torch.where(q_t > 0, q_t * (lq_t - ls_t), zero) + torch.where(q_nt > 0, q_nt * (lq_nt - ls_nt), zero)
-    nc = (p_hat_t * (lt_hat - ls_hat)).sum(dim=1)
+    # TC: KL between two-way distributions. The probability-target form of kl_div computes q * log q
+    # with xlogy, so 0 * log 0 = 0 (q_nt is exactly 0 when g == 1, where log q_nt is -inf).
+    tc = F.kl_div(torch.stack((ls_t, ls_nt), dim=1), torch.stack((q_t, q_nt), dim=1), reduction="none").sum(dim=1)
+    # NC: the masked target class has log p_hat_t ~ -1e4, so exp() is exactly 0 and it adds nothing.
+    nc = F.kl_div(ls_hat, lt_hat, reduction="none", log_target=True).sum(dim=1)
     return alpha * tc + beta * nc
 
 

@@ -2,8 +2,8 @@
 
 C2VKD: Zheng, Luo, Zhou, Wang, "Distilling Efficient Vision Transformers from CNNs for Semantic
 Segmentation", arXiv 2310.07265. The formulas below are this project's precise definition (see
-``DESIGN.md``); CLIP text embeddings come from Radford et al., "Learning Transferable Visual Models
-From Natural Language Supervision", ICML 2021.
+``docs/DESIGN.md``, "Losses"); CLIP text embeddings come from Radford et al., "Learning
+Transferable Visual Models From Natural Language Supervision", ICML 2021.
 
 Visual terms, in the teacher's feature space (``P_v``: a 1x1 conv C_s -> C_t held by the module):
 
@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..config import IGNORE_INDEX
+from ..constants import IGNORE_INDEX
 from .common import (
     check_positive,
     check_unit_interval,
@@ -67,7 +67,7 @@ def vlfd_global_loss(student_feat_projected: torch.Tensor, teacher_feat: torch.T
     ft = teacher_feat.detach().float()
     log_ps = F.log_softmax(fs / tau, dim=1)
     log_pt = F.log_softmax(ft / tau, dim=1)
-    kl = (log_pt.exp() * (log_pt - log_ps)).sum(dim=1)  # (B, h, w)
+    kl = F.kl_div(log_ps, log_pt, reduction="none", log_target=True).sum(dim=1)  # (B, h, w)
     return tau**2 * kl.mean()
 
 
@@ -154,9 +154,9 @@ def vlfd_linguistic_loss(
             onehot = F.one_hot(torch.where(valid, y, torch.zeros_like(y)), k).permute(0, 3, 1, 2).float()
             corrected = (1.0 - g) * r + g * onehot
             r = torch.where(valid[:, None], corrected, r)
-        log_r = torch.log(r.clamp_min(torch.finfo(torch.float32).tiny))
         v = F.normalize(torch.einsum("bkhw,kd->bdhw", r, e), dim=1, eps=_NORM_EPS)
-    kl = torch.where(r > 0, r * (log_r - log_q), torch.zeros((), device=r.device)).sum(dim=1)
+    # the probability-target form of kl_div computes r * log r with xlogy, so 0 * log 0 = 0
+    kl = F.kl_div(log_q, r, reduction="none").sum(dim=1)
     cos = (u * v).sum(dim=1)
     return kl.mean() + (1.0 - cos).mean()
 
