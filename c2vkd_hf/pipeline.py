@@ -312,6 +312,8 @@ def prepare_training_args(training_args: TrainingArguments) -> TrainingArguments
     training_args.remove_unused_columns = False  # the transforms need the raw image/label columns
     training_args.batch_eval_metrics = True  # stream the confusion matrix; keep no predictions
     training_args.label_names = ["labels"]
+    if training_args.device.type == "cpu":
+        training_args.dataloader_pin_memory = False  # pinned memory needs an accelerator (else a warning per run)
     steps = training_args.max_steps
     if steps and steps > 0 and training_args.warmup_steps >= max(steps, 1):
         # a warm-up as long as the run leaves the polynomial schedule nothing to decay (division by zero)
