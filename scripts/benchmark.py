@@ -23,6 +23,9 @@ augmentation draw for all methods. The gain ratio is C2VKD's mean paired gain ov
 A run not in the tables is an ablation (ABLATIONS.md), paired against the run it changes
 (``--ablates``, default ``c2vkd``).
 
+**Teacher.** The short protocol runs the teacher online each step; the long one replays it from a
+teacher cache (one per split and set of teacher outputs, built by the first run that needs it).
+
 **Runs.** Each is ``scripts/distill.py`` in a subprocess (own folder under ``--work_dir``, resumed
 from its last checkpoint when interrupted). ``runs/<protocol>/<name>-seed<k>.json`` holds
 ``protocol``, ``name``, ``method``, ``text_head``, ``seed``, ``val_mean_iou``, ``selection_mean_iou``
@@ -74,6 +77,18 @@ def table_specs() -> list[str]:
 
 def table_names() -> set[str]:
     return {parse_run(s)[0] for _, specs in TABLES.values() for s in specs}
+
+
+def teacher_cache_dir(args, split: str, method: str, extra: list[str]) -> Optional[str]:
+    """The long protocol replays the teacher from a cache (``--teacher_cache``) so that a teacher run costs
+    about what the student alone costs: one cache per split and per set of teacher outputs the run reads
+    (method and flags; the cache refuses another key). The short protocol runs the teacher online."""
+    if args.protocol != "long" or method == "none":
+        return None
+    import hashlib
+
+    tag = hashlib.sha1(" ".join([method, *extra]).encode()).hexdigest()[:8]
+    return str(Path(args.work_dir) / "teacher-cache" / f"{split}-{method}-{tag}")
 
 
 def shared_config(args, split: str) -> dict:
@@ -145,6 +160,9 @@ def run_one(name: str, method: str, extra: list[str], seed: int, split: str, arg
         print(f"[skip] {name} seed {seed} {split}: another benchmark process is running it", flush=True)
         return
     config = {**shared_config(args, split), "method": method, "seed": seed, "output_dir": str(work)}
+    cache = teacher_cache_dir(args, split, method, extra)
+    if cache:
+        config["teacher_cache"] = cache
     config_file = work / "benchmark_config.json"
     config_file.write_text(json.dumps(config, indent=2))
     cmd = [sys.executable, str(ROOT / "scripts" / "distill.py")]
