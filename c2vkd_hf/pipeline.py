@@ -1024,16 +1024,20 @@ def write_student_card(output_dir: Path, trainer: DistillationTrainer, results: 
                        baseline_miou: Optional[float] = None, num_images: int = 3,
                        teacher: Optional[nn.Module] = None, baseline_history: Optional[list[dict]] = None) -> Path:
     """Writes README.md (model card), ``predictions.png`` and ``training_curves.png`` into ``output_dir``.
-    ``teacher``: the teacher model, which the card describes unless it has a Hub id."""
+    ``teacher``: the teacher model, which the card describes unless it has a Hub id. ``baseline_history``:
+    the no-teacher baseline's ``eval_history``, plotted beside the student's (default: the one in
+    ``<output_dir>/baseline/results.json`` when the default job wrote it). ``num_images`` frames spread
+    across the validation split are shown."""
     from .model_card import (CURVES_NAME, OVERLAY_NAME, build_model_card, plot_training_curves, save_prediction_overlay,
-                             teacher_description)
+                             spread_indices, teacher_description)
 
     student = trainer.accelerator.unwrap_model(trainer.model).student.eval()
     mean, std = image_mean_std(student)
     transform = build_transform(data_args, mean, std, train=False)
     images, labels, preds = [], [], []
-    count = min(num_images, len(data.validation))
-    for index in range(count):
+    frames = spread_indices(len(data.validation), num_images)  # across the split: neighbours look alike
+    count = len(frames)
+    for index in frames:
         raw = data.validation[index]
         example = transform({"image": [raw["image"]], "label": [raw["label"]]})
         pixel_values = example["pixel_values"][0][None].to(next(student.parameters()).device)
@@ -1045,8 +1049,15 @@ def write_student_card(output_dir: Path, trainer: DistillationTrainer, results: 
         labels.append(label)
         images.append(np.asarray(raw["image"].convert("RGB").resize(label.shape[::-1])))
     palette = data.palette or default_palette(len(data.id2label))
-    overlay = save_prediction_overlay(images, labels, preds, palette, output_dir / OVERLAY_NAME) if count else None
-    curves = plot_training_curves(trainer.state.log_history, output_dir / CURVES_NAME)
+    class_names = [str(data.id2label[i]) for i in range(len(data.id2label))]
+    overlay = save_prediction_overlay(images, labels, preds, palette, output_dir / OVERLAY_NAME,
+                                      class_names=class_names, frame_indices=frames) if count else None
+    if baseline_history is None and (output_dir / "baseline" / RESULTS_NAME).is_file():  # the default job's baseline
+        with contextlib.suppress(ValueError, KeyError, OSError):
+            baseline_history = json.loads((output_dir / "baseline" / RESULTS_NAME).read_text())["eval_history"]
+    curves = plot_training_curves(trainer.state.log_history, output_dir / CURVES_NAME,
+                                  baseline_history=baseline_history, baseline_miou=baseline_miou,
+                                  teacher_miou=teacher_miou)
     metrics = {"mean_iou": results["val_mean_iou"], "overall_accuracy": results.get("overall_accuracy") or float("nan"),
                "per_category_iou": [float("nan") if v is None else v for v in results["per_category_iou"]]}
     args = trainer.args
