@@ -2,7 +2,7 @@
 
 ``scripts/train_teacher.py``, ``scripts/distill.py``, ``scripts/evaluate.py`` and
 ``scripts/benchmark.py`` are thin wrappers around these functions, so that the offline default job
-(which trains its own teacher first, then the student, then a no-teacher baseline) and the
+(which trains its own teacher first, then a no-teacher baseline, then the student) and the
 benchmark share one code path with what users run.
 """
 

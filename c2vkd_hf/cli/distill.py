@@ -116,13 +116,13 @@ def main(argv: list[str] | None = None) -> dict:
         with_baseline = baseline and dist_args.method != "none"
         phases = (["teacher"] if needs_default_teacher(dist_args, data_args) else []) + \
             (["baseline"] if with_baseline else []) + ["student"]
-        number = {phase: f"[{i}/{len(phases)}]" for i, phase in enumerate(phases, 1)}
+        number = {phase: f"[{i}/{len(phases)}] " if len(phases) > 1 else "" for i, phase in enumerate(phases, 1)}
         data = None
         if "teacher" in phases:
             data = load_segmentation_data(data_args)
             folder = default_teacher_folder(dist_args, training_args)
             trained = (folder / TEACHER_RESULTS_NAME).is_file()
-            announce(training_args, f"{number['teacher']} teacher: " + (
+            announce(training_args, f"{number['teacher']}teacher: " + (
                 f"reusing the small CNN teacher trained earlier in {folder}" if trained else
                 f"training a small CNN (UperNet + tf_efficientnet_lite0), {dist_args.default_teacher_steps} steps, "
                 f"in {folder}"))
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
         baseline_history = None
         if with_baseline:
             baseline_args = replace(training_args, output_dir=str(output_dir / "baseline"))
-            announce(training_args, f"{number['baseline']} baseline: the student without a teacher (cross-entropy "
+            announce(training_args, f"{number['baseline']}baseline: the student without a teacher (cross-entropy "
                                     f"only), same schedule, in {baseline_args.output_dir}")
             baseline_results = run_distillation(replace(dist_args, method="none"), data_args, baseline_args,
                                                 data=data, write_card=False, phase="baseline")
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
         teacher = dist_args.teacher_name_or_path or ("the teacher above" if "teacher" in phases else None)
         what = (f"distilling {teacher} into the student with {dist_args.method}" if dist_args.method != "none"
                 else "training the student without a teacher")
-        announce(training_args, f"{number['student']} student: {what}, in {output_dir}")
+        announce(training_args, f"{number['student']}student: {what}, in {output_dir}")
         results = run_distillation(dist_args, data_args, training_args, data=data, baseline_miou=baseline_miou,
                                    baseline_history=baseline_history, phase="student")
     else:
