@@ -2,7 +2,7 @@
 
 ``scripts/train_teacher.py``, ``scripts/distill.py``, ``scripts/evaluate.py`` and
 ``scripts/benchmark.py`` are thin wrappers around these functions, so that the offline default job
-(which trains its own teacher first, then the student, then a no-teacher baseline) and the
+(which trains its own teacher first, then a no-teacher baseline, then the student) and the
 benchmark share one code path with what users run.
 """
 
@@ -549,14 +549,14 @@ def train_evaluate_save(trainer: SafeCheckpointTrainer, training_args: TrainingA
 def train_teacher(data: SegmentationData, data_args: DataArguments, training_args: TrainingArguments, *,
                   arch: str = "upernet", backbone: str = "tf_efficientnet_lite0",
                   backbone_weights: Optional[str] = None, head_lr_multiplier: float = 5.0,
-                  retrain: bool = False) -> dict[str, Any]:
+                  retrain: bool = False, phase: str = "teacher") -> dict[str, Any]:
     """Fine-tunes a CNN teacher with :class:`~c2vkd_hf.trainer.TeacherTrainer` (``transformers.Trainer``
     with kill-safe checkpoints and the NaN/inf loss check) and saves an
     ``AutoModelForSemanticSegmentation`` folder in ``training_args.output_dir`` with
     ``teacher_results.json`` (validation mIoU, schedule, wall time). Resumes from the last checkpoint
     there; a finished run of the same configuration is not trained again (its results are returned;
     ``retrain``: trained from scratch). The backbone gets ``learning_rate``, the decoder
-    ``head_lr_multiplier`` times it."""
+    ``head_lr_multiplier`` times it. ``phase`` names the progress bar and the console lines."""
     start = time.time()
     output_dir = Path(training_args.output_dir)
     prepare_training_args(training_args)
@@ -588,7 +588,7 @@ def train_teacher(data: SegmentationData, data_args: DataArguments, training_arg
                       data_collator=collate_fn, compute_metrics=make_compute_metrics(len(data.id2label), IGNORE_INDEX,
                                                                                    data.id2label),
                       processing_class=student_image_processor(model, size=processor_size(data_args, data)),
-                      optimizers=(optimizer, None), callbacks=callbacks)
+                      optimizers=(optimizer, None), callbacks=callbacks, phase=phase)
     metrics = train_evaluate_save(trainer, training_args, output_dir, config)
     results = {
         "val_mean_iou": metrics["eval_mean_iou"],
@@ -624,14 +624,28 @@ def check_pyramid_backbone(model: nn.Module, backbone: str) -> None:
 DEFAULT_TEACHER_LR = 2e-3
 
 
+def default_teacher_folder(dist_args: DistillationArguments, training_args: TrainingArguments) -> Path:
+    """Where the offline default job keeps its small CNN teacher: ``--teacher_cache_dir``, else
+    ``<output_dir>/teacher``."""
+    return Path(dist_args.teacher_cache_dir or Path(training_args.output_dir) / "teacher")
+
+
+def needs_default_teacher(dist_args: DistillationArguments, data_args: DataArguments) -> bool:
+    """Whether the run trains the default job's own teacher (a method with a teacher, none given,
+    the built-in synthetic dataset)."""
+    return (dist_args.method != "none" and dist_args.teacher_name_or_path is None
+            and data_args.dataset_name == "synthetic" and data_args.train_images is None)
+
+
 def _default_teacher(data: SegmentationData, data_args: DataArguments, training_args: TrainingArguments,
-                     folder: Path, steps: int) -> str:
-    """Trains (once; reused afterwards) the small CNN teacher of the offline default job."""
+                     folder: Path, steps: int, say=logger.warning) -> str:
+    """Trains (once; reused afterwards) the small CNN teacher of the offline default job. ``say``: how
+    the training is announced (a warning, unless the caller announced the phase)."""
     if (folder / TEACHER_RESULTS_NAME).is_file():
         logger.info("Reusing the default teacher in %s", folder)
         return str(folder)
-    logger.warning("No --teacher_name_or_path: training a small CNN teacher first, in %s (cached for later runs).",
-                   folder)
+    say("No --teacher_name_or_path: training a small CNN teacher first, %d steps, in %s (cached for later runs).",
+        steps, folder)
     args = TrainingArguments(
         output_dir=str(folder), max_steps=steps, learning_rate=DEFAULT_TEACHER_LR,
         per_device_train_batch_size=training_args.per_device_train_batch_size,
@@ -644,6 +658,28 @@ def _default_teacher(data: SegmentationData, data_args: DataArguments, training_
 
     train_teacher(data, data_args, args, backbone_weights=efficientnet_lite0_weights_path())
     return str(folder)
+
+
+def default_job_teacher(dist_args: DistillationArguments, data_args: DataArguments,
+                        training_args: TrainingArguments, data: SegmentationData) -> Optional[str]:
+    """The offline default job's teacher folder, trained first when missing (the job trains it before the
+    no-teacher baseline, so that the console tells the phases in order); ``None`` when the run has no
+    such teacher (:func:`needs_default_teacher`)."""
+    if not needs_default_teacher(dist_args, data_args):
+        return None
+    return _default_teacher(data, data_args, training_args, default_teacher_folder(dist_args, training_args),
+                            dist_args.default_teacher_steps, say=logger.debug)
+
+
+def quiet_library_output() -> None:
+    """Silences what transformers prints on every run and that tells a user nothing: the progress bars of
+    saving and loading weights ("Writing model shards", "Loading weights"). huggingface_hub's download
+    bars stay on."""
+    from huggingface_hub.utils import enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # transformers' own bars (also switches the Hub's off) ...
+    enable_progress_bars()  # ... the Hub's download bars back on
 
 
 def build_loss_module(args: DistillationArguments, *, student_channels: list[int], teacher_channels: list[int],
@@ -760,10 +796,10 @@ class DistillationSetup:
 
 def setup_distillation(dist_args: DistillationArguments, data_args: DataArguments,
                        training_args: TrainingArguments, *, data: Optional[SegmentationData] = None,
-                       callbacks: Optional[list] = None) -> DistillationSetup:
+                       callbacks: Optional[list] = None, phase: str = "student") -> DistillationSetup:
     """Loads the data, text embeddings, teacher and student, builds the loss module and (with
     ``--teacher_cache``) opens or builds the teacher cache, and returns the trainer, not yet trained.
-    ``callbacks``: extra ``TrainerCallback``s."""
+    ``callbacks``: extra ``TrainerCallback``s; ``phase`` names the progress bar and console lines."""
     validate_distillation_args(dist_args)
     output_dir = Path(training_args.output_dir)
     prepare_training_args(training_args)
@@ -782,8 +818,8 @@ def setup_distillation(dist_args: DistillationArguments, data_args: DataArgument
             if data.name != "synthetic":
                 raise UserInputError(f"--teacher_name_or_path is required for --method {dist_args.method} "
                                      f"(a CNN AutoModelForSemanticSegmentation folder or Hub id).")
-            cache = Path(dist_args.teacher_cache_dir or output_dir / "teacher")
-            teacher_name = _default_teacher(data, data_args, training_args, cache, dist_args.default_teacher_steps)
+            teacher_name = _default_teacher(data, data_args, training_args, default_teacher_folder(dist_args, training_args),
+                                            dist_args.default_teacher_steps)
         # a torchvision checkpoint carries no class names: it gets the dataset's (its class count is checked)
         names = {"id2label": id2label} if parse_torchvision_name(str(teacher_name)) is not None else {}
         with user_errors(f"--teacher_name_or_path {teacher_name}"):
@@ -840,7 +876,7 @@ def setup_distillation(dist_args: DistillationArguments, data_args: DataArgument
         model=model, args=training_args, train_dataset=train, eval_dataset=validation, data_collator=collate_fn,
         callbacks=data_callbacks + list(callbacks or []),
         compute_metrics=make_compute_metrics(len(id2label), IGNORE_INDEX, id2label), processing_class=processor,
-        teacher=teacher, teacher_feature_names=teacher_feature_names,
+        phase=phase, teacher=teacher, teacher_feature_names=teacher_feature_names,
         student_mean_std=(student_mean, student_std),
         teacher_mean_std=image_mean_std(teacher) if teacher is not None else None, teacher_cache=teacher_cache)
     return DistillationSetup(trainer=trainer, data=data, loss_module=loss_module, teacher=teacher,
@@ -894,17 +930,20 @@ def previous_distillation(dist_args: DistillationArguments, data_args: DataArgum
 
 def run_distillation(dist_args: DistillationArguments, data_args: DataArguments,
                      training_args: TrainingArguments, *, data: Optional[SegmentationData] = None,
-                     write_card: bool = True, baseline_miou: Optional[float] = None) -> dict[str, Any]:
+                     write_card: bool = True, baseline_miou: Optional[float] = None,
+                     baseline_history: Optional[list[dict]] = None, phase: str = "student") -> dict[str, Any]:
     """Distils ``dist_args.teacher_name_or_path`` into ``dist_args.student_name_or_path`` and saves the
     plain student, its image processor, ``results.json`` and (``write_card``) the model card with its
     images in ``training_args.output_dir``. Resumes from the last checkpoint there; a finished run of
-    the same configuration there is not trained again: its saved results are returned."""
+    the same configuration there is not trained again: its saved results are returned. ``baseline_history``:
+    the no-teacher baseline's ``eval_history`` (plotted beside the student's); ``phase`` names the
+    progress bar and console lines."""
     start = time.time()
     finished = previous_distillation(dist_args, data_args, training_args)
     if finished is not None:
         return finished
     config = distillation_run_config(dist_args, data_args, training_args)
-    setup = setup_distillation(dist_args, data_args, training_args, data=data)
+    setup = setup_distillation(dist_args, data_args, training_args, data=data, phase=phase)
     trainer, data, loss_module, teacher = setup.trainer, setup.data, setup.loss_module, setup.teacher
     teacher_name, text_embeddings, notes = setup.teacher_name, setup.text_embeddings, setup.notes
     id2label = data.id2label
@@ -948,7 +987,7 @@ def run_distillation(dist_args: DistillationArguments, data_args: DataArguments,
             results["baseline_val_mean_iou"] = baseline_miou
             with save_errors(output_dir / "README.md"):
                 write_student_card(output_dir, trainer, results, data, data_args, teacher_miou=teacher_miou,
-                                   baseline_miou=baseline_miou, teacher=teacher)
+                                   baseline_miou=baseline_miou, teacher=teacher, baseline_history=baseline_history)
         with save_errors(output_dir / RESULTS_NAME):  # written last: it marks the run finished
             _write_json(output_dir / RESULTS_NAME, results)
     return results
@@ -983,18 +1022,22 @@ def is_eval_subset(data: SegmentationData) -> bool:
 def write_student_card(output_dir: Path, trainer: DistillationTrainer, results: dict[str, Any],
                        data: SegmentationData, data_args: DataArguments, *, teacher_miou: Optional[float],
                        baseline_miou: Optional[float] = None, num_images: int = 3,
-                       teacher: Optional[nn.Module] = None) -> Path:
+                       teacher: Optional[nn.Module] = None, baseline_history: Optional[list[dict]] = None) -> Path:
     """Writes README.md (model card), ``predictions.png`` and ``training_curves.png`` into ``output_dir``.
-    ``teacher``: the teacher model, which the card describes unless it has a Hub id."""
+    ``teacher``: the teacher model, which the card describes unless it has a Hub id. ``baseline_history``:
+    the no-teacher baseline's ``eval_history``, plotted beside the student's (default: the one in
+    ``<output_dir>/baseline/results.json`` when the default job wrote it). ``num_images`` frames spread
+    across the validation split are shown."""
     from .model_card import (CURVES_NAME, OVERLAY_NAME, build_model_card, plot_training_curves, save_prediction_overlay,
-                             teacher_description)
+                             spread_indices, teacher_description)
 
     student = trainer.accelerator.unwrap_model(trainer.model).student.eval()
     mean, std = image_mean_std(student)
     transform = build_transform(data_args, mean, std, train=False)
     images, labels, preds = [], [], []
-    count = min(num_images, len(data.validation))
-    for index in range(count):
+    frames = spread_indices(len(data.validation), num_images)  # across the split: neighbours look alike
+    count = len(frames)
+    for index in frames:
         raw = data.validation[index]
         example = transform({"image": [raw["image"]], "label": [raw["label"]]})
         pixel_values = example["pixel_values"][0][None].to(next(student.parameters()).device)
@@ -1006,8 +1049,15 @@ def write_student_card(output_dir: Path, trainer: DistillationTrainer, results: 
         labels.append(label)
         images.append(np.asarray(raw["image"].convert("RGB").resize(label.shape[::-1])))
     palette = data.palette or default_palette(len(data.id2label))
-    overlay = save_prediction_overlay(images, labels, preds, palette, output_dir / OVERLAY_NAME) if count else None
-    curves = plot_training_curves(trainer.state.log_history, output_dir / CURVES_NAME)
+    class_names = [str(data.id2label[i]) for i in range(len(data.id2label))]
+    overlay = save_prediction_overlay(images, labels, preds, palette, output_dir / OVERLAY_NAME,
+                                      class_names=class_names, frame_indices=frames) if count else None
+    if baseline_history is None and (output_dir / "baseline" / RESULTS_NAME).is_file():  # the default job's baseline
+        with contextlib.suppress(ValueError, KeyError, OSError):
+            baseline_history = json.loads((output_dir / "baseline" / RESULTS_NAME).read_text())["eval_history"]
+    curves = plot_training_curves(trainer.state.log_history, output_dir / CURVES_NAME,
+                                  baseline_history=baseline_history, baseline_miou=baseline_miou,
+                                  teacher_miou=teacher_miou)
     metrics = {"mean_iou": results["val_mean_iou"], "overall_accuracy": results.get("overall_accuracy") or float("nan"),
                "per_category_iou": [float("nan") if v is None else v for v in results["per_category_iou"]]}
     args = trainer.args

@@ -22,10 +22,16 @@ from pathlib import Path
 from transformers import HfArgumentParser, TrainingArguments
 
 from c2vkd_hf.config import DataArguments, DistillationArguments
+from c2vkd_hf.data import load_segmentation_data
 from c2vkd_hf.pipeline import (
+    TEACHER_RESULTS_NAME,
     config_file_arguments,
+    default_job_teacher,
+    default_teacher_folder,
+    needs_default_teacher,
     previous_distillation,
     push_student_to_hub,
+    quiet_library_output,
     run_distillation,
     run_script,
     validate_distillation_args,
@@ -69,9 +75,32 @@ def parse_args(argv: list[str]):
     return dist_args, data_args, training_args, train_baseline or extras["train_baseline"]
 
 
+def announce(training_args: TrainingArguments, line: str) -> None:
+    """One line on the console (main process only) before a phase starts."""
+    if training_args.process_index == 0:
+        print(line, flush=True)
+
+
+def summary_lines(results: dict, baseline_miou: float | None) -> list[str]:
+    """The closing summary: the student's, the teacher's and the baseline's validation mIoU, then the
+    gain from the teacher with its sign (student minus baseline, in points)."""
+    rows = [(f"student ({results['method']})", results["val_mean_iou"])]
+    if results.get("teacher_val_mean_iou") is not None:
+        rows.append((f"teacher ({results['teacher']})", results["teacher_val_mean_iou"]))
+    if baseline_miou is not None:
+        rows.append(("student without teacher, same schedule", baseline_miou))
+    lines = [f"Validation mIoU on {results['dataset']}"]
+    lines += [f"  {value * 100:6.2f}%  {name}" for name, value in rows]
+    if baseline_miou is not None:
+        gain = (results["val_mean_iou"] - baseline_miou) * 100
+        lines.append(f"  {gain:+6.2f}   points from the teacher (student minus student without teacher)")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    quiet_library_output()
     dist_args, data_args, training_args, train_baseline = parse_args(argv)
     validate_distillation_args(dist_args)  # before anything is loaded or trained
     push, training_args.push_to_hub = training_args.push_to_hub, False  # pushed once, after everything is saved
@@ -81,26 +110,43 @@ def main(argv: list[str] | None = None) -> dict:
 
     results = previous_distillation(dist_args, data_args, training_args)  # before any work (e.g. the baseline)
     baseline_miou = results.get("baseline_val_mean_iou") if results is not None else None
-    if results is None and baseline and dist_args.method != "none":
+    if results is None:
         from dataclasses import replace
 
-        baseline_args = replace(training_args, output_dir=str(output_dir / "baseline"))
-        baseline_miou = run_distillation(replace(dist_args, method="none"), data_args, baseline_args,
-                                         write_card=False)["val_mean_iou"]
-    if results is None:
-        results = run_distillation(dist_args, data_args, training_args, baseline_miou=baseline_miou)
+        with_baseline = baseline and dist_args.method != "none"
+        phases = (["teacher"] if needs_default_teacher(dist_args, data_args) else []) + \
+            (["baseline"] if with_baseline else []) + ["student"]
+        number = {phase: f"[{i}/{len(phases)}] " if len(phases) > 1 else "" for i, phase in enumerate(phases, 1)}
+        data = None
+        if "teacher" in phases:
+            data = load_segmentation_data(data_args)
+            folder = default_teacher_folder(dist_args, training_args)
+            trained = (folder / TEACHER_RESULTS_NAME).is_file()
+            announce(training_args, f"{number['teacher']}teacher: " + (
+                f"reusing the small CNN teacher trained earlier in {folder}" if trained else
+                f"training a small CNN (UperNet + tf_efficientnet_lite0), {dist_args.default_teacher_steps} steps, "
+                f"in {folder}"))
+            default_job_teacher(dist_args, data_args, training_args, data)
+        baseline_history = None
+        if with_baseline:
+            baseline_args = replace(training_args, output_dir=str(output_dir / "baseline"))
+            announce(training_args, f"{number['baseline']}baseline: the student without a teacher (cross-entropy "
+                                    f"only), same schedule, in {baseline_args.output_dir}")
+            baseline_results = run_distillation(replace(dist_args, method="none"), data_args, baseline_args,
+                                                data=data, write_card=False, phase="baseline")
+            baseline_miou = baseline_results["val_mean_iou"]
+            baseline_history = baseline_results.get("eval_history")
+        teacher = dist_args.teacher_name_or_path or ("the teacher above" if "teacher" in phases else None)
+        what = (f"distilling {teacher} into the student with {dist_args.method}" if dist_args.method != "none"
+                else "training the student without a teacher")
+        announce(training_args, f"{number['student']}student: {what}, in {output_dir}")
+        results = run_distillation(dist_args, data_args, training_args, data=data, baseline_miou=baseline_miou,
+                                   baseline_history=baseline_history, phase="student")
     else:
         print(f"{output_dir} already holds this run, finished: nothing was trained or changed "
               f"(--retrain trains it again).")
 
-    rows = [(f"student ({results['method']})", results["val_mean_iou"])]
-    if results.get("teacher_val_mean_iou") is not None:
-        rows.append((f"teacher ({results['teacher']})", results["teacher_val_mean_iou"]))
-    if baseline_miou is not None:
-        rows.append(("student without teacher, same schedule", baseline_miou))
-    print("\nValidation mIoU on", results["dataset"])
-    for name, value in rows:
-        print(f"  {value * 100:6.2f}%  {name}")
+    print("\n" + "\n".join(summary_lines(results, baseline_miou)))
     print(f"Saved the student to {output_dir} ({results['wall_time_s']:.0f} s).")
     if push:
         repo = push_student_to_hub(output_dir, training_args.hub_model_id, training_args.hub_token,

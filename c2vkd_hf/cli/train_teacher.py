@@ -26,7 +26,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from c2vkd_hf.config import DataArguments
 from c2vkd_hf.data import load_segmentation_data
 from c2vkd_hf.models import efficientnet_lite0_weights_path
-from c2vkd_hf.pipeline import config_file_arguments, run_script, train_teacher
+from c2vkd_hf.pipeline import config_file_arguments, quiet_library_output, run_script, train_teacher
 from c2vkd_hf.validation import parse_script_arguments
 
 
@@ -68,6 +68,7 @@ SCRIPT_DEFAULTS = {
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    quiet_library_output()
     parser = HfArgumentParser((TeacherArguments, DataArguments, TrainingArguments))
     config = config_file_arguments(argv)  # train_teacher.py config.yaml: all flags from one file
     teacher_args, data_args, training_args, _ = parse_script_arguments(
