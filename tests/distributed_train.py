@@ -17,3 +17,6 @@ if __name__ == "__main__":
     trainer.train()
     if trainer.is_world_process_zero():
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, f"{output_dir}/weights.pt")
+    if torch.distributed.is_initialized():  # shut gloo down before the interpreter exits (else a rank can abort)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
