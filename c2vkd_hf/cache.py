@@ -245,13 +245,17 @@ def replay_grid(geometry: Geometry, output_size: Sequence[int]) -> tuple[torch.T
     return grid.float(), inside
 
 
-def replay_maps(maps: torch.Tensor, geometries: Sequence[Geometry], reference_size: Sequence[int]) -> torch.Tensor:
+def replay_maps(maps: torch.Tensor, geometries: Sequence[Geometry], reference_size: Sequence[int],
+                view_scale: float = 1.0) -> torch.Tensor:
     """Apply each example's training ``geometry`` to its cached (B, C, h, w) ``maps`` of the reference
-    view, at the maps' own stride (:func:`replay_output_size`): bilinear resampling, clamped at the
-    image border (as a resize is), 0 where the crop lies in the padding."""
+    view, at the maps' own stride (:func:`replay_output_size`) of the crop enlarged ``view_scale``
+    times (the teacher's view; 1: the student's): bilinear resampling, clamped at the image border (as
+    a resize is), 0 where the crop lies in the padding."""
     crop = geometries[0].output_size
     if any(g.output_size != crop for g in geometries):
         raise ValueError("all views of a batch must have the same crop size")
+    if view_scale != 1.0:
+        crop = tuple(int(round(c * view_scale)) for c in crop)
     out_size = replay_output_size(maps.shape[-2:], reference_size, crop)
     grids, masks = zip(*(replay_grid(g, out_size) for g in geometries))
     grid = torch.stack(grids).to(maps.device)
@@ -601,15 +605,18 @@ class TeacherCache:
         return logits, features
 
     def replay(self, indices: Sequence[int], geometries: Sequence[Geometry],
-               feature_names: Optional[Sequence[str]] = None, device=None
+               feature_names: Optional[Sequence[str]] = None, device=None, view_scale: float = 1.0
                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The teacher's ``(logits, [features])`` for examples ``indices`` seen through ``geometries``
-        (:func:`replay_maps`: logits and each feature map at their own stride), on ``device``."""
+        (:func:`replay_maps`: logits and each feature map at their own stride), on ``device``.
+        ``view_scale``: how many times the student's resolution the teacher saw (the cache was built at
+        the data's reference size times this, ``--teacher_input_scale``); the maps replay at the
+        teacher's stride of that larger view, as the online teacher's would."""
         if len(indices) != len(geometries):
             raise ValueError(f"{len(indices)} indices but {len(geometries)} geometries")
         logits, features = self.read(indices, feature_names)
         if device is not None:
             logits, features = logits.to(device), [f.to(device) for f in features]
-        logits = replay_maps(logits, geometries, self.reference_size)
-        features = [replay_maps(f, geometries, self.reference_size) for f in features]
+        logits = replay_maps(logits, geometries, self.reference_size, view_scale)
+        features = [replay_maps(f, geometries, self.reference_size, view_scale) for f in features]
         return logits, features

@@ -190,6 +190,13 @@ class DistillationArguments:
                   "each step replays its stored logits/features under the step's crop, scale and flip instead of "
                   "running the teacher. A cache built for other teacher weights, images or preprocessing is "
                   "refused."})
+    teacher_input_scale: float = field(
+        default=1.0,
+        metadata={"help": "The teacher sees each training view at this many times the student's resolution (e.g. 1.5 "
+                  "for a teacher trained at 180x240 when the student reads 120x160): with --teacher_cache the "
+                  "teacher runs on the source image resized to the data's reference size times this factor; "
+                  "online it runs on the student's view upsampled bilinearly. The student and its inference "
+                  "are unchanged."})
     teacher_cache_top_k: Optional[int] = field(
         default=None,
         metadata={"help": "Store only the k largest teacher logits per pixel (plus one rest logit) in the cache "

@@ -878,7 +878,8 @@ def setup_distillation(dist_args: DistillationArguments, data_args: DataArgument
         compute_metrics=make_compute_metrics(len(id2label), IGNORE_INDEX, id2label), processing_class=processor,
         phase=phase, teacher=teacher, teacher_feature_names=teacher_feature_names,
         student_mean_std=(student_mean, student_std),
-        teacher_mean_std=image_mean_std(teacher) if teacher is not None else None, teacher_cache=teacher_cache)
+        teacher_mean_std=image_mean_std(teacher) if teacher is not None else None, teacher_cache=teacher_cache,
+        teacher_input_scale=dist_args.teacher_input_scale)
     return DistillationSetup(trainer=trainer, data=data, loss_module=loss_module, teacher=teacher,
                              teacher_name=teacher_name, text_embeddings=text_embeddings, notes=notes,
                              teacher_cache=teacher_cache, text_source=text_source)
@@ -895,6 +896,12 @@ def open_teacher_cache(dist_args: DistillationArguments, data_args: DataArgument
 
     directory = Path(dist_args.teacher_cache).expanduser()
     reference = (data_args.resize_height, data_args.resize_width) if data_args.resize_height else None
+    scale = dist_args.teacher_input_scale
+    if scale != 1.0:
+        if reference is None:
+            raise UserInputError("--teacher_input_scale with --teacher_cache needs --resize_height/--resize_width "
+                                 "(the reference size the teacher's view is scaled from).")
+        reference = tuple(int(round(v * scale)) for v in reference)
     device = training_args.device  # sets up torch.distributed under torchrun/accelerate before sharding the build
     try:
         status = cache_status(directory)

@@ -248,14 +248,17 @@ class DistillationTrainer(SafeCheckpointTrainer):
         teacher_cache: a :class:`c2vkd_hf.cache.TeacherCache`: the teacher's outputs are replayed from
             it (training batches must carry ``example_index`` and ``geometry``); ``teacher`` is then
             not placed or run.
+        teacher_input_scale: the teacher sees each view at this many times the student's resolution
+            (online: the batch upsampled bilinearly; cached: the cache was built at that size).
         All other arguments are :class:`transformers.Trainer`'s.
     """
 
     def __init__(self, *args, teacher: Optional[nn.Module] = None,
                  teacher_feature_names: Optional[list[str]] = None,
                  student_mean_std: Optional[tuple] = None, teacher_mean_std: Optional[tuple] = None,
-                 teacher_cache=None, **kwargs):
+                 teacher_cache=None, teacher_input_scale: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)
+        self.teacher_input_scale = float(teacher_input_scale)
         self.teacher_feature_names = list(teacher_feature_names or [])
         self.student_mean_std = student_mean_std
         self.teacher_mean_std = teacher_mean_std
@@ -272,6 +275,10 @@ class DistillationTrainer(SafeCheckpointTrainer):
     def _teacher_outputs(self, pixel_values: torch.Tensor):
         if self.student_mean_std is not None and self.teacher_mean_std is not None:
             pixel_values = renormalize(pixel_values, *self.student_mean_std, *self.teacher_mean_std)
+        if self.teacher_input_scale != 1.0:
+            size = [int(round(v * self.teacher_input_scale)) for v in pixel_values.shape[-2:]]
+            pixel_values = nn.functional.interpolate(pixel_values, size=size, mode="bilinear", align_corners=False,
+                                                     antialias=self.teacher_input_scale < 1.0)
         with torch.no_grad():
             if self.teacher_feature_names:
                 logits, features = forward_features(self.teacher, pixel_values)
@@ -290,7 +297,8 @@ class DistillationTrainer(SafeCheckpointTrainer):
                              "transform's return_index=True and return_geometry=True, on a dataset with an "
                              "example_index column)")
         logits, features = self.teacher_cache.replay(inputs[INDEX_COLUMN], inputs["geometry"],
-                                                     self.teacher_feature_names, device=device)
+                                                     self.teacher_feature_names, device=device,
+                                                     view_scale=self.teacher_input_scale)
         return logits, (features if self.teacher_feature_names else None)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -87,8 +87,9 @@ def teacher_cache_dir(args, split: str, method: str, extra: list[str]) -> Option
         return None
     import hashlib
 
-    # only the flags that choose which teacher maps are stored (feature and stage pairs) make another cache
-    reads = [f"{flag}={extra[i + 1]}" for i, flag in enumerate(extra[:-1]) if flag in ("--feature_pairs", "--stage_pairs")]
+    # only the flags that choose which teacher maps are stored (feature and stage pairs, the teacher's input scale)
+    # make another cache
+    reads = [f"{flag}={extra[i + 1]}" for i, flag in enumerate(extra[:-1]) if flag in ("--feature_pairs", "--stage_pairs", "--teacher_input_scale")]
     tag = hashlib.sha1(" ".join([method, *reads]).encode()).hexdigest()[:8]
     return str(Path(args.work_dir) / "teacher-cache" / f"{split}-{method}-{tag}")
 

@@ -121,6 +121,32 @@ def test_replay_agrees_with_apply_geometry_and_with_the_analytic_view_at_a_strid
     assert (padded[:, -2:] == 0).all() and (padded[:, :7, :9] > 0).all()
 
 
+def test_teacher_input_scale_replays_the_larger_teacher_view(tmp_path):
+    # a cache built at twice the reference size (--teacher_input_scale 2) replays each view at the teacher's
+    # stride of the doubled view: for a pointwise teacher, what the online teacher gives on the student's view
+    # upsampled 2x (the trainer's online path), away from the crop's border
+    dataset = make_synthetic_dataset(4, 32, 40, seed=3)
+    teacher = PointwiseTeacher()
+    build(tmp_path / "c", teacher, dataset, reference_size=(64, 80))
+    cache = TeacherCache(tmp_path / "c")
+    identity = Geometry((32, 40), (0, 0, 32, 40), False)
+    logits, _ = cache.replay([1, 3], [identity] * 2, view_scale=2.0)
+    assert logits.shape[-2:] == (64, 80)
+    torch.testing.assert_close(logits, cache.read([1, 3])[0], atol=1e-5, rtol=0)
+    geometry = Geometry((32, 40), (4, 8, 24, 24), True)
+    transform = SegmentationTransform(image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, train=True,
+                                      crop=geometry.output_size)
+    transform.geometry_for = lambda size, index=None: geometry
+    views = torch.stack(transform({"image": list(dataset["image"])})["pixel_values"])
+    with torch.no_grad():
+        online = teacher(torch.nn.functional.interpolate(views, scale_factor=2, mode="bilinear")).logits
+    replayed, _ = cache.replay(range(4), [geometry] * 4, view_scale=2.0)
+    assert replayed.shape == online.shape == (4, 3, 48, 48)
+    torch.testing.assert_close(replayed[..., 2:-2, 2:-2], online[..., 2:-2, 2:-2], atol=3e-2, rtol=3e-2)
+    # without the scale the same cache replays at the student's size, and differs
+    assert cache.replay(range(4), [geometry] * 4)[0].shape[-2:] == (24, 24)
+
+
 def test_an_interrupted_build_resumes_and_never_serves_half_written_rows(tmp_path):
     dataset = make_synthetic_dataset(10, 32, 32, seed=3)
     teacher = PointwiseTeacher()
