@@ -31,7 +31,7 @@ from transformers import AutoConfig, TrainingArguments, set_seed
 from .config import IGNORE_INDEX, METHODS, DataArguments, DistillationArguments
 from .data import (AugmentationEpochCallback, SegmentationData, build_transform, collate_fn, default_palette,
                    load_segmentation_data, with_example_index)
-from .decoded import decoded_datasets
+from .data.decoded import decoded_datasets
 from .losses import get_loss
 from .metrics import StreamingMeanIoU, make_compute_metrics
 from .models import (
@@ -285,7 +285,7 @@ def _datasets_for(data: SegmentationData, data_args: DataArguments, mean, std, s
     With ``seed`` the training augmentation of each example is a function of (seed, epoch, example
     index), so an interrupted run resumes with exactly the same augmented batches. ``with_views``:
     training batches also carry each example's ``example_index`` and ``geometry`` (what a teacher
-    cache replays). With the decoded-dataset cache (``--decoded_cache``, :mod:`c2vkd_hf.decoded`) both
+    cache replays). With the decoded-dataset cache (``--decoded_cache``, :mod:`c2vkd_hf.data.decoded`) both
     splits are read from memory-mapped decoded arrays, with the same geometries."""
     transform = build_transform(data_args, mean, std, train=True, seed=seed)
     transform.return_index = transform.return_geometry = with_views

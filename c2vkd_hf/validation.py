@@ -282,7 +282,7 @@ def image_sizes(dataset) -> list[tuple[tuple[int, int], str]]:
 
     import PIL.Image
 
-    from .data import _oriented_size
+    from .data.checks import _oriented_size
 
     sizes = []
     table = dataset.with_format("arrow")
