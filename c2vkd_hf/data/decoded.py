@@ -65,6 +65,7 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 from ..config import DataArguments
+from ..files import read_json_meta
 from .base import SegmentationData
 from .checks import _open_source, _oriented_size
 from .sources import _segnet_layout
@@ -167,13 +168,7 @@ def _differences(stored: dict, expected: dict) -> list[str]:
 
 
 def _read_meta(directory: Path) -> Optional[dict[str, Any]]:
-    path = directory / META_NAME
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise DecodedCacheError(f"{path} is unreadable ({error}); delete {directory} to rebuild it.") from None
+    return read_json_meta(directory / META_NAME, DecodedCacheError, f"delete {directory} to rebuild it.")
 
 
 def _original_sizes(dataset) -> list[tuple[int, int]]:
