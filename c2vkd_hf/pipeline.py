@@ -58,10 +58,10 @@ from .trainer import (
     SafeCheckpointTrainer,
     NonFiniteLossError,
     TeacherTrainer,
+    TextHeadFoldError,
     checkpoint_problems,
     last_complete_checkpoint,
     parse_feature_pairs,
-    text_head_fold_problem,
 )
 from .validation import UserInputError, check_input_sizes, check_output_dir, is_write_failure, save_errors
 
@@ -709,9 +709,8 @@ def build_loss_module(args: DistillationArguments, *, student_channels: list[int
     return get_loss(args.method, **peer)
 
 
-def build_text_head(args: DistillationArguments, student: nn.Module, s_channels: dict[str, int],
-                    text_embeddings: Optional[torch.Tensor], pairs: list[tuple[str, str]],
-                    id2label: dict[int, str]) -> Optional[TextHead]:
+def build_text_head(args: DistillationArguments, s_channels: dict[str, int], text_embeddings: Optional[torch.Tensor],
+                    pairs: list[tuple[str, str]], id2label: dict[int, str]) -> Optional[TextHead]:
     """The student's text head (:mod:`c2vkd_hf.text_head`) on its ``decoder`` feature, or ``None``.
 
     ``--text_head`` unset: on for C2VKD when its linguistic term is on and reads the ``decoder``
@@ -729,12 +728,9 @@ def build_text_head(args: DistillationArguments, student: nn.Module, s_channels:
     if DECODER_FEATURE not in s_channels:
         raise UserInputError("--text_head needs a student whose final classifier is a 1x1 convolution reading a "
                              f"'{DECODER_FEATURE}' feature (SegFormer, UperNet, BEiT, DPT do).")
-    head = TextHead.create(s_channels[DECODER_FEATURE], text_embeddings, DECODER_FEATURE, args.ling_tau,
+    # whether it can be folded into the student's classifier is checked once, by DistillationModel
+    return TextHead.create(s_channels[DECODER_FEATURE], text_embeddings, DECODER_FEATURE, args.ling_tau,
                            [id2label[i] for i in range(len(id2label))])
-    problem = text_head_fold_problem(student, head)
-    if problem is not None:
-        raise UserInputError(f"--text_head: {problem}.")
-    return head
 
 
 def distillation_text_embeddings(dist_args: DistillationArguments, id2label: dict[int, str], output_dir: Path,
@@ -849,7 +845,7 @@ def setup_distillation(dist_args: DistillationArguments, data_args: DataArgument
             if s_name not in s_channels or t_name not in t_channels:
                 raise UserInputError(f"feature pair {s_name}:{t_name}: the student has features "
                                      f"{sorted(s_channels)}, the teacher {sorted(t_channels)}.")
-    text_head = build_text_head(dist_args, student, s_channels, text_embeddings, pairs, id2label)
+    text_head = build_text_head(dist_args, s_channels, text_embeddings, pairs, id2label)
     loss_module = build_loss_module(
         dist_args, student_channels=[s_channels[s] for s, _ in pairs],
         teacher_channels=[t_channels[t] for _, t in pairs], text_embeddings=text_embeddings,
@@ -858,7 +854,10 @@ def setup_distillation(dist_args: DistillationArguments, data_args: DataArgument
     loss_module.set_schedules(parse_schedules(dist_args.weight_schedules))
     if dist_args.channels_last:
         student.to(memory_format=torch.channels_last)
-    model = DistillationModel(student, loss_module, [s for s, _ in pairs + stage_pairs], text_head=text_head)
+    try:
+        model = DistillationModel(student, loss_module, [s for s, _ in pairs + stage_pairs], text_head=text_head)
+    except TextHeadFoldError as error:
+        raise UserInputError(f"--text_head: {error.problem}.") from None
     teacher_feature_names = [t for _, t in pairs + stage_pairs]
 
     teacher_cache = None
