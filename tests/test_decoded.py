@@ -17,7 +17,7 @@ from c2vkd_hf.data import build_transform, load_segmentation_data, make_syntheti
 from c2vkd_hf.data.decoded import (DecodedCacheError, DecodedDataset, DecodedSplit, build_decoded_cache, decoded_key,
                                    open_or_build, stored_size, use_decoded_cache)
 from c2vkd_hf.data.transforms import _image_tensor, _label_tensor
-from c2vkd_hf.pipeline import _datasets_for
+from c2vkd_hf.jobs.common import _datasets_for
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
