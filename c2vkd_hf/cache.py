@@ -63,6 +63,7 @@ import torch.nn.functional as nnf
 from torch import nn
 
 from .data import Geometry, SegmentationTransform, collate_fn
+from .files import read_json_meta
 
 logger = logging.getLogger(__name__)
 
@@ -295,13 +296,7 @@ def _write_json_atomic(path: Path, payload: dict) -> None:
 
 
 def _read_meta(directory: Path) -> Optional[dict[str, Any]]:
-    path = directory / META_NAME
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise TeacherCacheError(f"{path} is unreadable ({error}); delete {directory} and rebuild the cache.") from None
+    return read_json_meta(directory / META_NAME, TeacherCacheError, f"delete {directory} and rebuild the cache.")
 
 
 def _open_array(directory: Path, entry: dict[str, Any], mode: str) -> np.memmap:

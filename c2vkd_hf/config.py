@@ -86,9 +86,10 @@ class DataArguments:
     )
     decoded_cache: Optional[bool] = field(
         default=None,
-        metadata={"help": "Decode and resize each split once into uint8 memory-mapped arrays (c2vkd_hf/decoded.py) "
-                  "and augment tensors read from them, instead of decoding the files at every step. Default: on "
-                  "for local folders and the synthetic set, off for datasets/Hub sources; false turns it off."},
+        metadata={"help": "Decode and resize each split once into uint8 memory-mapped arrays "
+                  "(c2vkd_hf/data/decoded.py) and augment tensors read from them, instead of decoding the files at "
+                  "every step. Default: on for local folders and the synthetic set, off for datasets/Hub sources; "
+                  "false turns it off."},
     )
     decoded_cache_dir: Optional[str] = field(
         default=None,

@@ -14,7 +14,7 @@ the training classes' ``text_embeddings`` and metadata ``feature``/``tau``). Wit
 training; ``None``: the training classes). The logits are ``normalise(P_l(F)) E^T / tau`` on the grid of
 the student feature ``F`` named in the head (e.g. SegFormer ``stage4``, stride 32): upsample them for
 a full-resolution map. :class:`TextQuerySegmenter` wraps a student and a vocabulary as a model whose
-``logits`` are these scores, so every evaluation helper (``pipeline.evaluate_model``) applies.
+``logits`` are these scores, so every evaluation helper (``inference.evaluate_model``) applies.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def segment_by_text(student: nn.Module, head: TextHead, pixel_values: torch.Tens
 class TextQuerySegmenter(nn.Module):
     """A segmentation model made of a student, its text head and a fixed vocabulary: ``forward``
     returns ``SemanticSegmenterOutput(logits=segment_by_text(...))``, so the vocabulary's argmax is the
-    prediction (for ``pipeline.evaluate_model``, sliding windows, test-time augmentation)."""
+    prediction (for ``inference.evaluate_model``, sliding windows, test-time augmentation)."""
 
     def __init__(self, student: nn.Module, head: TextHead, text_embeddings: Optional[torch.Tensor] = None):
         super().__init__()

@@ -60,6 +60,15 @@ class NonFiniteLossError(RuntimeError):
     """A loss term became NaN or infinite during training."""
 
 
+class TextHeadFoldError(ValueError):
+    """A text head that cannot become the student's classifier; ``problem`` says why
+    (:func:`text_head_fold_problem`)."""
+
+    def __init__(self, problem: str):
+        super().__init__(f"text head: {problem}")
+        self.problem = problem
+
+
 class DistillationModel(nn.Module):
     """The module the Trainer optimises: the student, the loss module holding the projectors, and
     optionally the student's text head (:class:`~c2vkd_hf.text_head.TextHead`).
@@ -88,9 +97,9 @@ class DistillationModel(nn.Module):
         self.text_head = text_head
         self.text_head_logits = False
         if text_head is not None:
-            problem = text_head_fold_problem(student, text_head)
+            problem = text_head_fold_problem(student, text_head)  # the one check, for every caller
             if problem is not None:
-                raise ValueError(f"text head: {problem}")
+                raise TextHeadFoldError(problem)
             self.text_head_logits = True
             # the own classifier gets no gradient (DDP would wait for it); the fold overwrites it
             classifier_module(self.student).requires_grad_(False)

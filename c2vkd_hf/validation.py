@@ -1,6 +1,6 @@
 """Up-front validation of the scripts' input: flags and config files, the output folder, the label set
 and the image sizes, so that every user error is found before any work and reported as one
-:class:`UserInputError` (exit code 2, see ``pipeline.run_script``) naming the flag, file or value at fault.
+:class:`UserInputError` (exit code 2, see ``jobs.run_script``) naming the flag, file or value at fault.
 
 * :func:`parse_script_arguments`: one parser path for flags and config files (``script.py config.yaml``):
   config values are converted and type-checked as on the command line, then every numeric flag is
@@ -283,7 +283,7 @@ def image_sizes(dataset) -> list[tuple[tuple[int, int], str]]:
 
     import PIL.Image
 
-    from .data import _oriented_size
+    from .data.checks import _oriented_size
 
     sizes = []
     table = dataset.with_format("arrow")

@@ -250,7 +250,7 @@ def worker_train(args, name: str) -> dict:
     from transformers import HfArgumentParser, TrainerCallback, TrainingArguments
 
     from c2vkd_hf.config import DataArguments, DistillationArguments
-    from c2vkd_hf.pipeline import prepare_training_args, setup_distillation
+    from c2vkd_hf.jobs import prepare_training_args, setup_distillation
 
     threads = _set_threads(args)
     device = device_name(args)

@@ -11,7 +11,7 @@ import torch
 
 torch.set_num_threads(1)
 
-# the decoded-dataset cache (c2vkd_hf/decoded.py) of the tests' runs lives in a throw-away folder, not ~/.cache
+# the decoded-dataset cache (c2vkd_hf/data/decoded.py) of the tests' runs lives in a throw-away folder, not ~/.cache
 if "C2VKD_HF_CACHE" not in os.environ:
     os.environ["C2VKD_HF_CACHE"] = tempfile.mkdtemp(prefix="c2vkd-test-cache-")
     atexit.register(shutil.rmtree, os.environ["C2VKD_HF_CACHE"], True)

@@ -240,7 +240,7 @@ def test_distill_with_teacher_cache_trains_without_running_the_teacher(tmp_path,
     model = AutoModelForSemanticSegmentation.from_pretrained(out)
     assert model.config.num_labels == 6
     # the same cache under other preprocessing is refused before training, naming the difference
-    from c2vkd_hf.pipeline import UserInputError
+    from c2vkd_hf.jobs import UserInputError
 
     with pytest.raises(UserInputError, match=r"(?s)--teacher_cache.*reference size.*Rebuild") as info:
         distill.main(["--output_dir", str(tmp_path / "run2"), "--teacher_name_or_path", str(out / "teacher"),

@@ -1,4 +1,4 @@
-"""The decoded-dataset cache (c2vkd_hf/decoded.py): round trip, stale keys, interrupted builds, and
+"""The decoded-dataset cache (c2vkd_hf/data/decoded.py): round trip, stale keys, interrupted builds, and
 augmentation identical with and without it (geometry and labels exactly, pixels within rounding)."""
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 from c2vkd_hf.config import DataArguments
-from c2vkd_hf.data import (build_transform, load_segmentation_data, make_synthetic_dataset, with_example_index,
-                           _image_tensor, _label_tensor)
-from c2vkd_hf.decoded import (DecodedCacheError, DecodedDataset, DecodedSplit, build_decoded_cache, decoded_key,
-                              open_or_build, stored_size, use_decoded_cache)
-from c2vkd_hf.pipeline import _datasets_for
+from c2vkd_hf.data import build_transform, load_segmentation_data, make_synthetic_dataset, with_example_index
+from c2vkd_hf.data.decoded import (DecodedCacheError, DecodedDataset, DecodedSplit, build_decoded_cache, decoded_key,
+                                   open_or_build, stored_size, use_decoded_cache)
+from c2vkd_hf.data.transforms import _image_tensor, _label_tensor
+from c2vkd_hf.jobs.common import _datasets_for
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 

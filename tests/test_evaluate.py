@@ -19,8 +19,8 @@ from c2vkd_hf.data import SYNTHETIC_CLASSES
 from c2vkd_hf.metrics import StreamingMeanIoU
 from c2vkd_hf.models import load_student
 from c2vkd_hf.config import DataArguments
-from c2vkd_hf.pipeline import (UserInputError, evaluate_model, saved_data_arguments, segmentation_scores,
-                               sliding_window_logits)
+from c2vkd_hf.inference import evaluate_model, segmentation_scores, sliding_window_logits
+from c2vkd_hf.jobs import UserInputError, saved_data_arguments
 from tiny import TINY_SEGFORMER, tensor_dataset, tiny_student
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -25,7 +25,7 @@ from transformers import (
 
 from c2vkd_hf import models as M
 from c2vkd_hf.losses import get_loss
-from c2vkd_hf.pipeline import UserInputError, check_class_agreement
+from c2vkd_hf.jobs import UserInputError, check_class_agreement
 from c2vkd_hf.text_head import TEXT_HEAD_NAME
 from c2vkd_hf.trainer import DistillationModel
 from tiny import ID2LABEL, make_trainer, tiny_student, tiny_teacher
@@ -262,7 +262,7 @@ def test_torchvision_teacher_names_are_validated_as_arch_and_checkpoint(tmp_path
     """``validate_distillation_args`` checks the ARCH of ``torchvision:ARCH:CHECKPOINT`` and the CHECKPOINT alone
     as a file (an absolute checkpoint path used to be taken for a missing local folder)."""
     from c2vkd_hf.config import DistillationArguments
-    from c2vkd_hf.pipeline import validate_distillation_args
+    from c2vkd_hf.jobs import validate_distillation_args
 
     state = {k: v.contiguous() for k, v in _torchvision("lraspp_mobilenet_v3_large").state_dict().items()}
     save_file(state, str(tmp_path / "w.safetensors"))
@@ -304,7 +304,7 @@ def test_run_distillation_with_config_folder_student_and_torchvision_teacher(tmp
     monkeypatch.chdir(tmp_path)
     from c2vkd_hf.config import DataArguments, DistillationArguments
     from c2vkd_hf.data import load_segmentation_data
-    from c2vkd_hf.pipeline import run_distillation
+    from c2vkd_hf.jobs import run_distillation
 
     data_args = DataArguments(synthetic_train_size=8, synthetic_validation_size=2, synthetic_height=32,
                               synthetic_width=48)

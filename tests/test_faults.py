@@ -3,7 +3,7 @@ configuration's run is refused, damaged checkpoints are skipped for the newest t
 save leaves no checkpoint that looks complete, and every user error (flags, config files, output folder,
 label sets, image sizes, cache and embedding files) exits 2 with one message naming the culprit.
 
-Scripts run through :func:`c2vkd_hf.pipeline.run_script` (what their ``__main__`` runs), on tiny data.
+Scripts run through :func:`c2vkd_hf.jobs.run_script` (what their ``__main__`` runs), on tiny data.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from c2vkd_hf.losses import get_loss
-from c2vkd_hf.pipeline import EXIT_USER_ERROR, run_script
+from c2vkd_hf.jobs import EXIT_USER_ERROR, run_script
 from c2vkd_hf.runs import MANIFEST_NAME, RUN_CONFIG_NAME
 from c2vkd_hf.trainer import DistillationModel, DistillationTrainer, last_complete_checkpoint
 from c2vkd_hf.validation import SaveError, UserInputError

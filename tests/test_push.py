@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 from huggingface_hub import HfApi
 
-from c2vkd_hf.pipeline import UserInputError, push_student_to_hub
+from c2vkd_hf.jobs import UserInputError, push_student_to_hub
 
 KEPT = {"README.md", "config.json", "model.safetensors", "preprocessor_config.json", "predictions.png",
         "training_curves.png", "results.json", "text_head.safetensors"}

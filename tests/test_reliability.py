@@ -3,7 +3,7 @@ with one message and exit code 2, a NaN loss stopping with exit code 3, no Hub t
 names escaped in the model card. docs/RELIABILITY.md lists every case with its test here.
 
 Scripts are run in a subprocess where the real process matters (SIGKILL, the ``__main__`` exit code, no
-traceback); otherwise through :func:`c2vkd_hf.pipeline.run_script`, which is exactly what their
+traceback); otherwise through :func:`c2vkd_hf.jobs.run_script`, which is exactly what their
 ``__main__`` runs, to keep this file fast.
 """
 
@@ -26,7 +26,7 @@ from transformers import TrainingArguments
 
 from c2vkd_hf.data import SYNTHETIC_CLASSES
 from c2vkd_hf.models import load_student
-from c2vkd_hf.pipeline import EXIT_NON_FINITE_LOSS, EXIT_USER_ERROR, resume_checkpoint, run_script
+from c2vkd_hf.jobs import EXIT_NON_FINITE_LOSS, EXIT_USER_ERROR, resume_checkpoint, run_script
 from c2vkd_hf.losses import get_loss
 from c2vkd_hf.trainer import (
     TRAINER_STATE_NAME,

@@ -125,7 +125,7 @@ def test_class_count_mismatch_with_text_embeddings(tmp_path, default_run):
 
 
 def test_push_to_hub_offline_fails_clearly_after_saving(tmp_path, default_run, monkeypatch):
-    from c2vkd_hf.pipeline import UserInputError, push_student_to_hub
+    from c2vkd_hf.jobs import UserInputError, push_student_to_hub
 
     out, _ = default_run
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -17,7 +17,7 @@ from transformers import AutoModelForSemanticSegmentation
 from c2vkd_hf.config import DataArguments
 from c2vkd_hf.data import SYNTHETIC_CLASSES, DataValidationError, load_segmentation_data, source_paths
 from c2vkd_hf.models import load_student
-from c2vkd_hf.pipeline import EXIT_USER_ERROR, run_script
+from c2vkd_hf.jobs import EXIT_USER_ERROR, run_script
 from tiny import TINY_SEGFORMER, TINY_SEGFORMER_JSON
 
 ROOT = Path(__file__).resolve().parents[1]

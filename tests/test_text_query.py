@@ -16,7 +16,7 @@ from c2vkd_hf.data import SYNTHETIC_CLASSES
 from c2vkd_hf.losses import get_loss
 from c2vkd_hf.metrics import StreamingMeanIoU
 from c2vkd_hf.models import forward_features, load_student
-from c2vkd_hf.pipeline import evaluate_model
+from c2vkd_hf.inference import evaluate_model
 from c2vkd_hf.text_query import TEXT_HEAD_NAME, TextQuerySegmenter, load_text_head, segment_by_text
 from c2vkd_hf.trainer import DistillationModel, write_text_head
 from tiny import ID2LABEL, TINY_SEGFORMER, c2vkd_model, make_trainer, tensor_dataset, tiny_student, tiny_teacher
@@ -145,7 +145,7 @@ SMALL_DATA = ["--synthetic_train_size", "2", "--synthetic_validation_size", "3",
 ])
 def test_every_flag_is_checked_before_any_evaluation(tmp_path, monkeypatch, flags, message):
     from c2vkd_hf.cli import text_query as cli
-    from c2vkd_hf.pipeline import UserInputError
+    from c2vkd_hf.jobs import UserInputError
     from c2vkd_hf.vocabulary import match_vocabulary
 
     folder = _student_folder(tmp_path, match_vocabulary(SYNTHETIC_CLASSES).embeddings())

@@ -163,7 +163,7 @@ def test_teacher_training_evaluates_on_full_resolution_labels(tmp_path):
 
     from c2vkd_hf.config import DataArguments
     from c2vkd_hf.data import load_segmentation_data
-    from c2vkd_hf.pipeline import train_teacher
+    from c2vkd_hf.jobs import train_teacher
 
     data_args = DataArguments(synthetic_train_size=4, synthetic_validation_size=2, synthetic_height=32,
                               synthetic_width=48, resize_height=16, resize_width=24)

@@ -23,7 +23,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from c2vkd_hf.config import DataArguments, DistillationArguments
 from c2vkd_hf.data import load_segmentation_data
-from c2vkd_hf.pipeline import (
+from c2vkd_hf.jobs import (
     TEACHER_RESULTS_NAME,
     config_file_arguments,
     default_job_teacher,
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def run(argv: list[str] | None = None) -> int:
     """The ``c2vkd-distill`` command: :func:`main`, with one-line errors and exit codes
-    (:func:`~c2vkd_hf.pipeline.run_script`)."""
+    (:func:`~c2vkd_hf.jobs.run_script`)."""
     return run_script(main, argv)
 
 

@@ -10,7 +10,7 @@ Without data flags, the data configuration saved in the model folder's ``results
 ``scripts/distill.py``) is used, so the command reproduces the model card's mIoU. Prints mIoU,
 pixel accuracy and per-class IoU, and writes them to ``--output_file`` when given.
 
-Large images and test-time augmentation (``c2vkd_hf.pipeline.segmentation_scores``):
+Large images and test-time augmentation (``c2vkd_hf.inference.segmentation_scores``):
 
 * ``--window_height 180 --window_width 240 [--stride_height 120 --stride_width 160]``: sliding-window
   inference (overlapping crops of the training size, logits averaged where they overlap), e.g. on
@@ -39,7 +39,8 @@ from transformers import HfArgumentParser
 from c2vkd_hf.config import DataArguments
 from c2vkd_hf.data import build_transform, default_palette, load_segmentation_data
 from c2vkd_hf.models import image_mean_std, load_teacher
-from c2vkd_hf.pipeline import UserInputError, evaluate_model, run_script, saved_data_arguments, user_errors
+from c2vkd_hf.inference import evaluate_model
+from c2vkd_hf.jobs import UserInputError, run_script, saved_data_arguments, user_errors
 from c2vkd_hf.validation import check_input_sizes, check_output_dir, parse_script_arguments
 
 
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def run(argv: list[str] | None = None) -> int:
     """The ``c2vkd-evaluate`` command: :func:`main`, with one-line errors and exit codes
-    (:func:`~c2vkd_hf.pipeline.run_script`)."""
+    (:func:`~c2vkd_hf.jobs.run_script`)."""
     return run_script(main, argv, user_errors=(OSError,))  # OSError: unreadable model folder or image
 
 

@@ -54,8 +54,8 @@ from c2vkd_hf.config import IGNORE_INDEX, DataArguments
 from c2vkd_hf.data import build_transform, collate_fn, colorize, default_palette, load_segmentation_data
 from c2vkd_hf.metrics import StreamingMeanIoU
 from c2vkd_hf.models import fix_patch_grid, image_mean_std
-from c2vkd_hf.pipeline import (UserInputError, evaluate_model, run_script, saved_data_arguments, segmentation_scores,
-                               user_errors)
+from c2vkd_hf.inference import evaluate_model, segmentation_scores
+from c2vkd_hf.jobs import UserInputError, run_script, saved_data_arguments, user_errors
 from c2vkd_hf.validation import check_output_dir, parse_script_arguments
 from c2vkd_hf.text import load_text_embeddings
 from c2vkd_hf.text_query import TextQuerySegmenter, load_text_head
@@ -359,7 +359,7 @@ def _report(results: dict, argv: list[str], show: list[str], figure: bool) -> st
 
 def run(argv: list[str] | None = None) -> int:
     """The ``c2vkd-text-query`` command: :func:`main`, with one-line errors and exit codes
-    (:func:`~c2vkd_hf.pipeline.run_script`)."""
+    (:func:`~c2vkd_hf.jobs.run_script`)."""
     return run_script(main, argv, user_errors=(OSError,))  # OSError: unreadable model folder or image
 
 

@@ -26,7 +26,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from c2vkd_hf.config import DataArguments
 from c2vkd_hf.data import load_segmentation_data
 from c2vkd_hf.models import efficientnet_lite0_weights_path
-from c2vkd_hf.pipeline import config_file_arguments, quiet_library_output, run_script, train_teacher
+from c2vkd_hf.jobs import config_file_arguments, quiet_library_output, run_script, train_teacher
 from c2vkd_hf.validation import parse_script_arguments
 
 
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def run(argv: list[str] | None = None) -> int:
     """The ``c2vkd-train-teacher`` command: :func:`main`, with one-line errors and exit codes
-    (:func:`~c2vkd_hf.pipeline.run_script`)."""
+    (:func:`~c2vkd_hf.jobs.run_script`)."""
     return run_script(main, argv)
 
 

@@ -64,8 +64,12 @@ import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from .config import DataArguments
-from .data import INDEX_COLUMN, SegmentationData, SegmentationTransform, _image_tensor, _label_tensor
+from ..config import DataArguments
+from ..files import read_json_meta
+from .base import SegmentationData
+from .checks import _open_source, _oriented_size
+from .sources import _segnet_layout
+from .transforms import INDEX_COLUMN, SegmentationTransform, _image_tensor, _label_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +130,7 @@ def stored_size(original: Sequence[int], transform: SegmentationTransform) -> tu
 
 
 def _fingerprint(dataset, column: str) -> dict[str, Any]:
-    from .cache import dataset_fingerprint
+    from ..cache import dataset_fingerprint
 
     return dataset_fingerprint(dataset, column)
 
@@ -164,19 +168,11 @@ def _differences(stored: dict, expected: dict) -> list[str]:
 
 
 def _read_meta(directory: Path) -> Optional[dict[str, Any]]:
-    path = directory / META_NAME
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise DecodedCacheError(f"{path} is unreadable ({error}); delete {directory} to rebuild it.") from None
+    return read_json_meta(directory / META_NAME, DecodedCacheError, f"delete {directory} to rebuild it.")
 
 
 def _original_sizes(dataset) -> list[tuple[int, int]]:
     """(h, w) of every row's image as ``datasets`` decodes it, from the file headers (no decoding)."""
-    from .data import _open_source, _oriented_size
-
     column = dataset.with_format("arrow").select_columns(["image"])
     sizes = []
     for start in range(0, len(dataset), 256):
@@ -392,8 +388,6 @@ class DecodedDataset(torch.utils.data.Dataset):
 def use_decoded_cache(data_args: DataArguments) -> bool:
     """``--decoded_cache``, or by default on for local folders (``--train_images``, a SegNet/CamVid
     layout folder) and the synthetic set, off for ``datasets`` sources (Hub ids, saved datasets)."""
-    from .data import _segnet_layout
-
     choice = getattr(data_args, "decoded_cache", None)
     if choice is not None:
         return bool(choice)

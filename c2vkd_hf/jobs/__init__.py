@@ -1,0 +1,110 @@
+"""The jobs behind the scripts: train a teacher, distil a student (evaluation: :mod:`c2vkd_hf.inference`).
+
+``scripts/train_teacher.py``, ``scripts/distill.py``, ``scripts/evaluate.py`` and
+``scripts/benchmark.py`` are thin wrappers around these functions (through :mod:`c2vkd_hf.cli`), so
+that the offline default job (which trains its own teacher first, then a no-teacher baseline, then
+the student) and the benchmark share one code path with what users run.
+
+* :mod:`.errors`: user errors and exit codes (:func:`run_script`, :func:`user_errors`);
+* :mod:`.checks`: checks of the flags before any work, and of the classes of data, teacher and text;
+* :mod:`.common`: what the jobs share (results files, script arguments, datasets and training
+  arguments, resuming, finished runs, train-evaluate-save);
+* :mod:`.teacher`: :func:`train_teacher` and the offline default job's teacher;
+* :mod:`.distill`: :func:`setup_distillation`, :func:`run_distillation`, the student's model card;
+* :mod:`.publish`: :func:`push_student_to_hub`.
+"""
+
+from ..validation import UserInputError
+from .checks import (
+    check_class_agreement,
+    check_local_path,
+    check_teacher_name,
+    student_config_overrides,
+    student_head_note,
+    validate_distillation_args,
+)
+from .common import (
+    RESULTS_NAME,
+    TEACHER_RESULTS_NAME,
+    config_file_arguments,
+    peak_rss_mb,
+    prepare_training_args,
+    previous_run,
+    processor_size,
+    quiet_library_output,
+    resume_checkpoint,
+    saved_data_arguments,
+    train_evaluate_save,
+)
+from .distill import (
+    DistillationSetup,
+    build_loss_module,
+    build_text_head,
+    distillation_run_config,
+    distillation_text_embeddings,
+    evaluation_size,
+    is_eval_subset,
+    open_teacher_cache,
+    previous_distillation,
+    run_distillation,
+    setup_distillation,
+    teacher_val_miou,
+    write_student_card,
+)
+from .errors import EXIT_NON_FINITE_LOSS, EXIT_USER_ERROR, run_script, user_errors
+from .publish import PUSH_IGNORE_PATTERNS, manual_upload_instructions, push_student_to_hub
+from .teacher import (
+    DEFAULT_TEACHER_LR,
+    check_pyramid_backbone,
+    default_job_teacher,
+    default_teacher_folder,
+    needs_default_teacher,
+    train_teacher,
+)
+
+__all__ = [
+    "UserInputError",
+    "EXIT_USER_ERROR",
+    "EXIT_NON_FINITE_LOSS",
+    "run_script",
+    "user_errors",
+    "check_class_agreement",
+    "check_local_path",
+    "check_teacher_name",
+    "student_config_overrides",
+    "student_head_note",
+    "validate_distillation_args",
+    "RESULTS_NAME",
+    "TEACHER_RESULTS_NAME",
+    "config_file_arguments",
+    "peak_rss_mb",
+    "prepare_training_args",
+    "previous_run",
+    "processor_size",
+    "quiet_library_output",
+    "resume_checkpoint",
+    "saved_data_arguments",
+    "train_evaluate_save",
+    "DEFAULT_TEACHER_LR",
+    "check_pyramid_backbone",
+    "default_job_teacher",
+    "default_teacher_folder",
+    "needs_default_teacher",
+    "train_teacher",
+    "DistillationSetup",
+    "build_loss_module",
+    "build_text_head",
+    "distillation_run_config",
+    "distillation_text_embeddings",
+    "evaluation_size",
+    "is_eval_subset",
+    "open_teacher_cache",
+    "previous_distillation",
+    "run_distillation",
+    "setup_distillation",
+    "teacher_val_miou",
+    "write_student_card",
+    "PUSH_IGNORE_PATTERNS",
+    "manual_upload_instructions",
+    "push_student_to_hub",
+]

@@ -1,0 +1,455 @@
+"""The distillation job: set up teacher, student, loss, text head and caches; train, evaluate, save, write the card."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import TrainingArguments, set_seed
+
+from ..config import IGNORE_INDEX, DataArguments, DistillationArguments
+from ..data import SegmentationData, build_transform, collate_fn, default_palette, load_segmentation_data
+from ..inference import evaluate_model
+from ..losses import get_loss
+from ..losses.schedule import parse_schedules
+from ..metrics import make_compute_metrics
+from ..models import (
+    DECODER_FEATURE,
+    default_feature_pair,
+    feature_channels,
+    image_mean_std,
+    load_student,
+    load_teacher,
+    parse_torchvision_name,
+    student_image_processor,
+)
+from ..runs import run_config
+from ..text_head import TextHead
+from ..trainer import (
+    DistillationModel,
+    DistillationTrainer,
+    FoldTextHeadCallback,
+    LossScheduleCallback,
+    TextHeadFoldError,
+    parse_feature_pairs,
+)
+from ..validation import UserInputError, check_input_sizes, save_errors
+from .checks import check_class_agreement, student_config_overrides, student_head_note, validate_distillation_args
+from .common import (RESULTS_NAME, _datasets_for, _write_json, peak_rss_mb, prepare_training_args, previous_run,
+                     processor_size, train_evaluate_save)
+from .errors import user_errors
+from .teacher import _default_teacher, default_teacher_folder
+
+logger = logging.getLogger(__name__)
+
+
+def build_loss_module(args: DistillationArguments, *, student_channels: list[int], teacher_channels: list[int],
+                      text_embeddings: Optional[torch.Tensor],
+                      stage_channels: tuple[list[int], list[int]] = ([], []),
+                      ling_projector: Optional[nn.Conv2d] = None) -> nn.Module:
+    """The loss module of ``args.method`` with every constant from the flags. C2VKD: ``stage_channels``
+    are the (student, teacher) channels of the stage-guidance pairs; ``ling_projector`` the text head's
+    projector, which its linguistic term then trains."""
+    common = {"ce_weight": args.ce_weight, "ignore_index": IGNORE_INDEX}
+    if args.method == "none":
+        return get_loss("none", **common)
+    if args.method == "c2vkd":
+        return get_loss(
+            "c2vkd", **common, student_channels=student_channels or None, teacher_channels=teacher_channels or None,
+            stage_student_channels=stage_channels[0] or None, stage_teacher_channels=stage_channels[1] or None,
+            stage_weight=args.stage_weight, ling_projector=ling_projector,
+            text_embeddings=text_embeddings, pdd_weight=args.pdd_weight, glob_weight=args.glob_weight,
+            rel_weight=args.rel_weight, ling_weight=args.ling_weight, pdd_alpha=args.pdd_alpha,
+            pdd_beta=args.pdd_beta, pdd_temperature=args.pdd_temperature, label_weight=args.label_weight,
+            glob_tau=args.glob_tau, rel_grid=args.rel_grid, ling_tau=args.ling_tau)
+    peer = dict(common)
+    if args.kd_weight is not None:
+        peer["kd_weight"] = args.kd_weight
+    if args.kd_temperature is not None:
+        peer["temperature" if args.method in ("kd", "dkd") else "tau"] = args.kd_temperature
+    return get_loss(args.method, **peer)
+
+
+def build_text_head(args: DistillationArguments, s_channels: dict[str, int], text_embeddings: Optional[torch.Tensor],
+                    pairs: list[tuple[str, str]], id2label: dict[int, str]) -> Optional[TextHead]:
+    """The student's text head (:mod:`c2vkd_hf.text_head`) on its ``decoder`` feature, or ``None``.
+
+    ``--text_head`` unset: on for C2VKD when its linguistic term is on and reads the ``decoder``
+    feature (the default pair), off for every other method. With C2VKD the head's projector is the
+    linguistic term's, so the term trains the classifier the student ships with."""
+    ling_on = args.method == "c2vkd" and args.ling_weight > 0 and text_embeddings is not None
+    reads_decoder = bool(pairs) and pairs[-1][0] == DECODER_FEATURE
+    wanted = (ling_on and reads_decoder) if args.text_head is None else args.text_head
+    if not wanted:
+        return None
+    if ling_on and not reads_decoder:
+        raise UserInputError(f"--text_head with C2VKD: its linguistic term trains the head, so the last --feature_pairs "
+                             f"entry must read the student's '{DECODER_FEATURE}' feature (e.g. "
+                             f"{DECODER_FEATURE}:{DECODER_FEATURE}); got {pairs}.")
+    if DECODER_FEATURE not in s_channels:
+        raise UserInputError("--text_head needs a student whose final classifier is a 1x1 convolution reading a "
+                             f"'{DECODER_FEATURE}' feature (SegFormer, UperNet, BEiT, DPT do).")
+    # whether it can be folded into the student's classifier is checked once, by DistillationModel
+    return TextHead.create(s_channels[DECODER_FEATURE], text_embeddings, DECODER_FEATURE, args.ling_tau,
+                           [id2label[i] for i in range(len(id2label))])
+
+
+def distillation_text_embeddings(dist_args: DistillationArguments, id2label: dict[int, str], output_dir: Path,
+                                 notes: list[str]) -> tuple[Optional[torch.Tensor], Optional[str]]:
+    """The class-name text embeddings of C2VKD's linguistic term or of the text head (``--text_head``,
+    any method) and their source (one line, for ``results.json`` and the card), or ``(None, None)`` when
+    neither is asked for, or no embeddings are found (then a loud warning and a note for the card;
+    ``--text_head true`` is refused).
+
+    Sources, first found: ``--text_embeddings``, ``--clip_model``, the built-in CLIP vocabulary when it
+    names every class (:mod:`c2vkd_hf.vocabulary`; the log says which names matched what)."""
+    if not ((dist_args.method == "c2vkd" and dist_args.ling_weight > 0) or dist_args.text_head):
+        return None, None
+    from ..text import resolve_text_embeddings
+    from ..vocabulary import closest_vocabulary
+
+    class_names = [id2label[i] for i in range(len(id2label))]
+    # fork_rng: computing embeddings (or finding them cached) must not change the models' initialisation
+    with user_errors(f"--text_embeddings {dist_args.text_embeddings}" if dist_args.text_embeddings
+                     else "text embeddings"), torch.random.fork_rng(devices=[]):
+        resolved = resolve_text_embeddings(
+            class_names, text_embeddings=dist_args.text_embeddings, clip_model=dist_args.clip_model,
+            clip_pretrained=dist_args.clip_pretrained, templates=dist_args.prompt_templates,
+            cache_dir=str(output_dir / "text_cache"))
+    if resolved is None and dist_args.text_head:
+        raise UserInputError("--text_head needs the class names' text embeddings, and the built-in CLIP vocabulary "
+                             "does not name every class: give --text_embeddings FILE or --clip_model NAME "
+                             "--clip_pretrained TAG_OR_CHECKPOINT.")
+    if resolved is None:
+        closest, missing = closest_vocabulary(class_names)
+        logger.warning(
+            "\n" + "!" * 100 + "\nC2VKD's linguistic term is OFF: no class-name text embeddings. The built-in CLIP "
+            f"vocabulary does not name every class (closest: '{closest}', which lacks {', '.join(missing)}; see "
+            "c2vkd_hf/vocabulary.py for its synonyms). Enable it with --text_embeddings FILE ([num_classes, dim] "
+            ".pth/.safetensors/.npy) or --clip_model NAME --clip_pretrained TAG_OR_CHECKPOINT (needs CLIP "
+            "weights).\n" + "!" * 100)
+        notes.append("The linguistic (CLIP text) term of VLFD was off: no text embeddings were available.")
+        return None, None
+    logger.info("Class-name text embeddings: %s", resolved.source)
+    check_class_agreement(id2label, text_embeddings=resolved.embeddings, text_source=resolved.source)
+    return resolved.embeddings, resolved.source
+
+
+@dataclasses.dataclass
+class DistillationSetup:
+    """Everything :func:`setup_distillation` built: the ready :class:`DistillationTrainer` and what the
+    results and the model card report."""
+
+    trainer: DistillationTrainer
+    data: SegmentationData
+    loss_module: nn.Module
+    teacher: Optional[nn.Module]
+    teacher_name: Optional[str]
+    text_embeddings: Optional[torch.Tensor]
+    notes: list[str]
+    teacher_cache: Any = None
+    text_source: Optional[str] = None
+
+
+def setup_distillation(dist_args: DistillationArguments, data_args: DataArguments,
+                       training_args: TrainingArguments, *, data: Optional[SegmentationData] = None,
+                       callbacks: Optional[list] = None, phase: str = "student") -> DistillationSetup:
+    """Loads the data, text embeddings, teacher and student, builds the loss module and (with
+    ``--teacher_cache``) opens or builds the teacher cache, and returns the trainer, not yet trained.
+    ``callbacks``: extra ``TrainerCallback``s; ``phase`` names the progress bar and console lines."""
+    validate_distillation_args(dist_args)
+    output_dir = Path(training_args.output_dir)
+    prepare_training_args(training_args)
+    data = data if data is not None else load_segmentation_data(data_args)
+    check_input_sizes(data, data_args, training_args.per_device_train_batch_size,
+                      training_args.per_device_eval_batch_size)
+    id2label = data.id2label
+    notes: list[str] = []
+
+    text_embeddings, text_source = distillation_text_embeddings(dist_args, id2label, output_dir, notes)
+
+    teacher = None
+    teacher_name = dist_args.teacher_name_or_path
+    if dist_args.method != "none":
+        if teacher_name is None:
+            if data.name != "synthetic":
+                raise UserInputError(f"--teacher_name_or_path is required for --method {dist_args.method} "
+                                     f"(a CNN AutoModelForSemanticSegmentation folder or Hub id).")
+            teacher_name = _default_teacher(data, data_args, training_args, default_teacher_folder(dist_args, training_args),
+                                            dist_args.default_teacher_steps)
+        # a torchvision checkpoint carries no class names: it gets the dataset's (its class count is checked)
+        names = {"id2label": id2label} if parse_torchvision_name(str(teacher_name)) is not None else {}
+        with user_errors(f"--teacher_name_or_path {teacher_name}"):
+            teacher = load_teacher(teacher_name, trust_remote_code=dist_args.trust_remote_code, **names)
+        check_class_agreement(id2label, teacher=teacher, teacher_name=teacher_name)
+
+    overrides = student_config_overrides(dist_args)
+    set_seed(training_args.seed)  # --seed also sets the student's and the projectors' initial weights
+    with user_errors(f"--student_name_or_path {dist_args.student_name_or_path}"):
+        head_note = student_head_note(dist_args.student_name_or_path, id2label, dist_args.trust_remote_code)
+        student = load_student(dist_args.student_name_or_path, id2label,
+                               trust_remote_code=dist_args.trust_remote_code, config_overrides=overrides)
+    if head_note:
+        logger.warning(head_note)
+        notes.append(head_note)
+    processor = student_image_processor(student, size=processor_size(data_args, data))
+    student_mean, student_std = image_mean_std(student)
+
+    pairs: list[tuple[str, str]] = []
+    stage_pairs: list[tuple[str, str]] = []
+    s_channels, t_channels = feature_channels(student), {}
+    if dist_args.method == "c2vkd":
+        pairs = parse_feature_pairs(dist_args.feature_pairs) or [default_feature_pair(student, teacher)]
+        stage_pairs = parse_feature_pairs(dist_args.stage_pairs) if dist_args.stage_weight > 0 else []
+        t_channels = feature_channels(teacher)
+        for s_name, t_name in pairs + stage_pairs:
+            if s_name not in s_channels or t_name not in t_channels:
+                raise UserInputError(f"feature pair {s_name}:{t_name}: the student has features "
+                                     f"{sorted(s_channels)}, the teacher {sorted(t_channels)}.")
+    text_head = build_text_head(dist_args, s_channels, text_embeddings, pairs, id2label)
+    loss_module = build_loss_module(
+        dist_args, student_channels=[s_channels[s] for s, _ in pairs],
+        teacher_channels=[t_channels[t] for _, t in pairs], text_embeddings=text_embeddings,
+        stage_channels=([s_channels[s] for s, _ in stage_pairs], [t_channels[t] for _, t in stage_pairs]),
+        ling_projector=text_head.projector if text_head is not None else None)
+    loss_module.set_schedules(parse_schedules(dist_args.weight_schedules))
+    if dist_args.channels_last:
+        student.to(memory_format=torch.channels_last)
+    try:
+        model = DistillationModel(student, loss_module, [s for s, _ in pairs + stage_pairs], text_head=text_head)
+    except TextHeadFoldError as error:
+        raise UserInputError(f"--text_head: {error.problem}.") from None
+    teacher_feature_names = [t for _, t in pairs + stage_pairs]
+
+    teacher_cache = None
+    if dist_args.teacher_cache:
+        teacher_cache = open_teacher_cache(dist_args, data_args, training_args, data, teacher, teacher_feature_names)
+    train, validation, data_callbacks = _datasets_for(data, data_args, student_mean, student_std,
+                                                      seed=training_args.seed, with_views=teacher_cache is not None)
+    data_callbacks.append(LossScheduleCallback())
+    if text_head is not None:
+        data_callbacks.append(FoldTextHeadCallback())
+        notes.append("The student's classifier was trained as a text head (a projection of its decoder feature scored "
+                     "against the CLIP text embeddings of the class names) and folded into its 1x1 convolution at "
+                     "the end of training.")
+    trainer = DistillationTrainer(
+        model=model, args=training_args, train_dataset=train, eval_dataset=validation, data_collator=collate_fn,
+        callbacks=data_callbacks + list(callbacks or []),
+        compute_metrics=make_compute_metrics(len(id2label), IGNORE_INDEX, id2label), processing_class=processor,
+        phase=phase, teacher=teacher, teacher_feature_names=teacher_feature_names,
+        student_mean_std=(student_mean, student_std),
+        teacher_mean_std=image_mean_std(teacher) if teacher is not None else None, teacher_cache=teacher_cache,
+        teacher_input_scale=dist_args.teacher_input_scale)
+    return DistillationSetup(trainer=trainer, data=data, loss_module=loss_module, teacher=teacher,
+                             teacher_name=teacher_name, text_embeddings=text_embeddings, notes=notes,
+                             teacher_cache=teacher_cache, text_source=text_source)
+
+
+def open_teacher_cache(dist_args: DistillationArguments, data_args: DataArguments,
+                       training_args: TrainingArguments, data: SegmentationData, teacher: nn.Module,
+                       feature_names: list[str]):
+    """The :class:`~c2vkd_hf.cache.TeacherCache` in ``--teacher_cache`` for this teacher, training set
+    and preprocessing. A missing cache is built first and an interrupted one completed (progress
+    bar; under several processes each builds its share of the rows); a cache with another key is
+    refused with a :class:`UserInputError` that says what differs and how to rebuild."""
+    from ..cache import TeacherCache, TeacherCacheError, build_teacher_cache, cache_status
+
+    directory = Path(dist_args.teacher_cache).expanduser()
+    reference = (data_args.resize_height, data_args.resize_width) if data_args.resize_height else None
+    scale = dist_args.teacher_input_scale
+    if scale != 1.0:
+        if reference is None:
+            raise UserInputError("--teacher_input_scale with --teacher_cache needs --resize_height/--resize_width "
+                                 "(the reference size the teacher's view is scaled from).")
+        reference = tuple(int(round(v * scale)) for v in reference)
+    device = training_args.device  # sets up torch.distributed under torchrun/accelerate before sharding the build
+    try:
+        status = cache_status(directory)
+        if not status.complete:
+            logger.warning("Teacher cache %s is %s: running the teacher over the %d training images once.",
+                           directory, f"incomplete ({status.done}/{status.num_rows} rows)" if status.exists
+                           else "missing", len(data.train))
+        teacher.to(device)
+        key = build_teacher_cache(
+            directory, teacher, data.train, reference_size=reference, teacher_mean_std=image_mean_std(teacher),
+            feature_names=feature_names, top_k=dist_args.teacher_cache_top_k,
+            batch_size=training_args.per_device_eval_batch_size, progress=not training_args.disable_tqdm)
+        return TeacherCache(directory, expected_key=key)
+    except TeacherCacheError as error:
+        raise UserInputError(f"--teacher_cache: {error}") from None
+
+
+def distillation_run_config(dist_args: DistillationArguments, data_args: DataArguments,
+                            training_args: TrainingArguments) -> dict:
+    """The configuration identifying a distillation run (:func:`c2vkd_hf.runs.run_config`)."""
+    prepare_training_args(training_args)
+    return run_config({"distillation": dataclasses.asdict(dist_args), "data": dataclasses.asdict(data_args),
+                       "training": training_args.to_dict()})
+
+
+def previous_distillation(dist_args: DistillationArguments, data_args: DataArguments,
+                          training_args: TrainingArguments) -> Optional[dict]:
+    """The saved results of a finished distillation of this configuration in ``--output_dir``, or
+    ``None`` to train (see :func:`previous_run`; ``--retrain`` deletes a previous run first)."""
+    return previous_run(Path(training_args.output_dir), distillation_run_config(dist_args, data_args, training_args),
+                        training_args, results_name=RESULTS_NAME, retrain=dist_args.retrain)
+
+
+def run_distillation(dist_args: DistillationArguments, data_args: DataArguments,
+                     training_args: TrainingArguments, *, data: Optional[SegmentationData] = None,
+                     write_card: bool = True, baseline_miou: Optional[float] = None,
+                     baseline_history: Optional[list[dict]] = None, phase: str = "student") -> dict[str, Any]:
+    """Distils ``dist_args.teacher_name_or_path`` into ``dist_args.student_name_or_path`` and saves the
+    plain student, its image processor, ``results.json`` and (``write_card``) the model card with its
+    images in ``training_args.output_dir``. Resumes from the last checkpoint there; a finished run of
+    the same configuration there is not trained again: its saved results are returned. ``baseline_history``:
+    the no-teacher baseline's ``eval_history`` (plotted beside the student's); ``phase`` names the
+    progress bar and console lines."""
+    start = time.time()
+    finished = previous_distillation(dist_args, data_args, training_args)
+    if finished is not None:
+        return finished
+    config = distillation_run_config(dist_args, data_args, training_args)
+    setup = setup_distillation(dist_args, data_args, training_args, data=data, phase=phase)
+    trainer, data, loss_module, teacher = setup.trainer, setup.data, setup.loss_module, setup.teacher
+    teacher_name, text_embeddings, notes = setup.teacher_name, setup.text_embeddings, setup.notes
+    id2label = data.id2label
+    output_dir = Path(training_args.output_dir)
+    metrics = train_evaluate_save(trainer, training_args, output_dir, config)
+
+    results: dict[str, Any] = {
+        "method": dist_args.method,
+        "seed": training_args.seed,
+        "val_mean_iou": metrics["eval_mean_iou"],
+        "overall_accuracy": metrics.get("eval_overall_accuracy"),
+        "per_category_iou": [metrics.get(f"eval_iou_{id2label[i]}") for i in range(len(id2label))],
+        "steps": trainer.state.global_step,
+        "wall_time_s": time.time() - start,
+        "peak_rss_mb": peak_rss_mb(),
+        "teacher": teacher_name,
+        "student": dist_args.student_name_or_path,
+        "dataset": data.name,
+        **evaluation_size(data),
+        "linguistic_term": "ling" in getattr(loss_module, "weights", {}),
+        "text_head": trainer.model.text_head is not None,
+        "text_embeddings_source": setup.text_source,
+        "evaluated_on": (f"selection split (training images matching {data_args.selection_holdout!r})"
+                         if data_args.selection_holdout else "validation"),
+        "notes": notes,
+        "eval_history": [{"step": e["step"], "val_mean_iou": e["eval_mean_iou"]}
+                         for e in trainer.state.log_history if "eval_mean_iou" in e],
+        "loss_history": [{k: v for k, v in e.items() if k == "step" or k.startswith("loss")}
+                         for e in trainer.state.log_history if "loss" in e],
+        "loss_weights": dict(getattr(loss_module, "weights", {})),
+        "config": {"distillation": dataclasses.asdict(dist_args), "data": dataclasses.asdict(data_args),
+                   "training": {k: v for k, v in training_args.to_dict().items() if "token" not in k}},
+        "run_config": config,
+    }
+    if trainer.is_world_process_zero():
+        if write_card:
+            teacher_miou = None
+            if teacher is not None:
+                teacher_miou = teacher_val_miou(teacher, teacher_name, data, data_args, training_args)
+                results["teacher_val_mean_iou"] = teacher_miou
+            results["baseline_val_mean_iou"] = baseline_miou
+            with save_errors(output_dir / "README.md"):
+                write_student_card(output_dir, trainer, results, data, data_args, teacher_miou=teacher_miou,
+                                   baseline_miou=baseline_miou, teacher=teacher, baseline_history=baseline_history)
+        with save_errors(output_dir / RESULTS_NAME):  # written last: it marks the run finished
+            _write_json(output_dir / RESULTS_NAME, results)
+    return results
+
+
+def teacher_val_miou(teacher: nn.Module, teacher_name: str, data: SegmentationData, data_args: DataArguments,
+                     training_args: TrainingArguments) -> float:
+    """The teacher's validation mIoU under the same evaluation protocol (cached in ``teacher_results.json``
+    beside a local teacher when it was made by ``train_teacher``; measured on the same images when the
+    student is evaluated on a subset of the split)."""
+    saved = Path(teacher_name) / "teacher_results.json"
+    if saved.is_file() and not is_eval_subset(data):
+        return float(json.loads(saved.read_text())["val_mean_iou"])
+    mean, std = image_mean_std(teacher)
+    _, validation, _ = _datasets_for(data, data_args, mean, std)
+    return float(evaluate_model(teacher, validation, len(data.id2label),
+                                batch_size=training_args.per_device_eval_batch_size)["mean_iou"])
+
+
+def evaluation_size(data: SegmentationData) -> dict[str, int]:
+    """``eval_images`` (validation images evaluated) and ``eval_images_total`` (the split's size)."""
+    evaluated = len(data.validation)
+    return {"eval_images": evaluated, "eval_images_total": max(evaluated, data.validation_total or evaluated)}
+
+
+def is_eval_subset(data: SegmentationData) -> bool:
+    """Whether only part of the validation split is evaluated (``--max_eval_samples``)."""
+    size = evaluation_size(data)
+    return size["eval_images"] < size["eval_images_total"]
+
+
+def write_student_card(output_dir: Path, trainer: DistillationTrainer, results: dict[str, Any],
+                       data: SegmentationData, data_args: DataArguments, *, teacher_miou: Optional[float],
+                       baseline_miou: Optional[float] = None, num_images: int = 3,
+                       teacher: Optional[nn.Module] = None, baseline_history: Optional[list[dict]] = None) -> Path:
+    """Writes README.md (model card), ``predictions.png`` and ``training_curves.png`` into ``output_dir``.
+    ``teacher``: the teacher model, which the card describes unless it has a Hub id. ``baseline_history``:
+    the no-teacher baseline's ``eval_history``, plotted beside the student's (default: the one in
+    ``<output_dir>/baseline/results.json`` when the default job wrote it). ``num_images`` frames spread
+    across the validation split are shown."""
+    from ..model_card import (CURVES_NAME, OVERLAY_NAME, build_model_card, plot_training_curves, save_prediction_overlay,
+                             spread_indices, teacher_description)
+
+    student = trainer.accelerator.unwrap_model(trainer.model).student.eval()
+    mean, std = image_mean_std(student)
+    transform = build_transform(data_args, mean, std, train=False)
+    images, labels, preds = [], [], []
+    frames = spread_indices(len(data.validation), num_images)  # across the split: neighbours look alike
+    count = len(frames)
+    for index in frames:
+        raw = data.validation[index]
+        example = transform({"image": [raw["image"]], "label": [raw["label"]]})
+        pixel_values = example["pixel_values"][0][None].to(next(student.parameters()).device)
+        label = np.asarray(example["labels"][0])
+        with torch.no_grad():
+            logits = student(pixel_values=pixel_values).logits
+        logits = nn.functional.interpolate(logits.float(), size=label.shape, mode="bilinear", align_corners=False)
+        preds.append(logits.argmax(1)[0].cpu().numpy())
+        labels.append(label)
+        images.append(np.asarray(raw["image"].convert("RGB").resize(label.shape[::-1])))
+    palette = data.palette or default_palette(len(data.id2label))
+    class_names = [str(data.id2label[i]) for i in range(len(data.id2label))]
+    overlay = save_prediction_overlay(images, labels, preds, palette, output_dir / OVERLAY_NAME,
+                                      class_names=class_names, frame_indices=frames) if count else None
+    if baseline_history is None and (output_dir / "baseline" / RESULTS_NAME).is_file():  # the default job's baseline
+        with contextlib.suppress(ValueError, KeyError, OSError):
+            baseline_history = json.loads((output_dir / "baseline" / RESULTS_NAME).read_text())["eval_history"]
+    curves = plot_training_curves(trainer.state.log_history, output_dir / CURVES_NAME,
+                                  baseline_history=baseline_history, baseline_miou=baseline_miou,
+                                  teacher_miou=teacher_miou)
+    metrics = {"mean_iou": results["val_mean_iou"], "overall_accuracy": results.get("overall_accuracy") or float("nan"),
+               "per_category_iou": [float("nan") if v is None else v for v in results["per_category_iou"]]}
+    args = trainer.args
+    teacher_name = results.get("teacher")
+    if teacher is not None and teacher_name:
+        teacher_name = teacher_description(teacher, teacher_name, teacher_miou)
+    card = build_model_card(
+        repo_id=args.hub_model_id or str(output_dir), metrics=metrics, id2label=data.id2label,
+        dataset_name=data.name, dataset_split="validation", method=results["method"],
+        teacher_name=teacher_name, teacher_miou=teacher_miou, baseline_miou=baseline_miou,
+        loss_weights=results.get("loss_weights"),
+        schedule={"steps": results["steps"], "per_device_batch_size": args.per_device_train_batch_size,
+                  "gradient_accumulation_steps": args.gradient_accumulation_steps,
+                  "learning_rate": args.learning_rate, "scheduler": getattr(args.lr_scheduler_type, "value", str(args.lr_scheduler_type)), "seed": args.seed},
+        notes=results.get("notes", []), student_type=type(student).__name__.replace("ForSemanticSegmentation", ""),
+        overlay_image=OVERLAY_NAME if overlay else None, curves_image=CURVES_NAME if curves else None,
+        eval_images=results.get("eval_images"), eval_images_total=results.get("eval_images_total"),
+        text_source=results.get("text_embeddings_source"))
+    card.save(str(output_dir / "README.md"))
+    return output_dir / "README.md"
