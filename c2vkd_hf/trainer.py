@@ -115,11 +115,29 @@ class DistillationModel(nn.Module):
             ce = cross_entropy(logits, labels, ignore_index=self.distill_loss.ignore_index)
             terms = {"ce": ce, "loss": self.distill_loss.weights["ce"] * ce}
         else:
+            shared = {"student_text_logits": logits} if self._text_head_is_linguistic_head() else {}
             terms = self.distill_loss(logits, teacher_logits, labels, student_features=student_features,
-                                      teacher_features=teacher_features)
+                                      teacher_features=teacher_features, **shared)
         if return_terms:
             return {"loss": terms["loss"], "logits": logits, "terms": terms}
         return SemanticSegmenterOutput(loss=terms["loss"], logits=logits)
+
+
+    def _text_head_is_linguistic_head(self) -> bool:
+        """Whether the student's logits (its text head's ``S``) are exactly the pixel-text logits C2VKD's
+        linguistic term scores: same projector module, same feature, temperature and class-name
+        embeddings. The loss then reads them instead of projecting the feature a second time."""
+        loss = self.distill_loss
+        head = self.text_head
+        if not self.text_head_logits or head is None or "ling" not in getattr(loss, "weights", {}):
+            return False
+        if getattr(loss, "ling_projector", None) is not head.projector or float(loss.ling_tau) != head.tau:
+            return False
+        names = self.student_feature_names[:len(getattr(loss, "student_channels", []))]  # main pairs, not stages
+        if not names or names[loss.ling_feature_index] != head.feature:
+            return False
+        own, theirs = loss.text_embeddings, head.text_embeddings
+        return own is not None and own.shape == theirs.shape and bool(torch.equal(own, theirs.to(own)))
 
 
 class SafeCheckpointTrainer(Trainer):
