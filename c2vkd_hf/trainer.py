@@ -73,7 +73,9 @@ class DistillationModel(nn.Module):
     pixel-text logits ``S = normalise(P D) E^T / tau`` on its ``decoder`` feature ``D``: the
     cross-entropy, every distillation term and evaluation read the head, and the student's own 1x1
     classifier is frozen until :class:`FoldTextHeadCallback` writes the head into it at the end
-    (same per-pixel argmax) and switches ``text_head_logits`` off.
+    (same per-pixel argmax) and switches ``text_head_logits`` off. When the head's projector is also
+    C2VKD's linguistic projector (the pipeline's default), the loss reads the head's ``S`` for the
+    linguistic term instead of projecting the feature again (:meth:`_text_head_is_linguistic_head`).
     """
 
     main_input_name = "pixel_values"
@@ -122,11 +124,12 @@ class DistillationModel(nn.Module):
             return {"loss": terms["loss"], "logits": logits, "terms": terms}
         return SemanticSegmenterOutput(loss=terms["loss"], logits=logits)
 
-
     def _text_head_is_linguistic_head(self) -> bool:
         """Whether the student's logits (its text head's ``S``) are exactly the pixel-text logits C2VKD's
         linguistic term scores: same projector module, same feature, temperature and class-name
-        embeddings. The loss then reads them instead of projecting the feature a second time."""
+        embeddings. The loss then reads them instead of projecting the feature a second time (the
+        projection and its gradient are most of the text head's cost). The embeddings are compared once
+        per version of the two buffers (a comparison is a device sync on a GPU)."""
         loss = self.distill_loss
         head = self.text_head
         if not self.text_head_logits or head is None or "ling" not in getattr(loss, "weights", {}):
@@ -137,7 +140,12 @@ class DistillationModel(nn.Module):
         if not names or names[loss.ling_feature_index] != head.feature:
             return False
         own, theirs = loss.text_embeddings, head.text_embeddings
-        return own is not None and own.shape == theirs.shape and bool(torch.equal(own, theirs.to(own)))
+        if own is None or own.shape != theirs.shape:
+            return False
+        key = (own.data_ptr(), own._version, own.device, theirs.data_ptr(), theirs._version, theirs.device)
+        if getattr(self, "_same_embeddings", (None, False))[0] != key:
+            self._same_embeddings = (key, bool(torch.equal(own, theirs.to(own))))
+        return self._same_embeddings[1]
 
 
 class SafeCheckpointTrainer(Trainer):

@@ -20,6 +20,11 @@ linguistic term then shares and which becomes the student's classifier at the en
 linguistic term on the feature grid, raised CamVid val mIoU by +1.5 points on average over 3 seeds;
 this is our addition, not the paper's. The same head with no teacher term scored higher still, so
 that gain belongs to the head, not to distillation (``benchmarks/camvid/FINDINGS.md``, section 3a).
+
+Cost (the formulas are unchanged; :mod:`.pdd`, :mod:`.vlfd`): when the student's text head is the
+linguistic projector, the linguistic term reads the head's ``S`` (``student_text_logits``) instead of
+projecting the feature a second time; the 1x1 projectors run as matrix products on channels-last rows;
+at ``T = 1`` the cross-entropy comes out of PDD's log-probabilities.
 """
 
 from __future__ import annotations
@@ -278,7 +283,8 @@ class C2VKDLoss(DistillationLoss):
             feature = fs[self.ling_feature_index]
             scores = student_text_logits
             if scores is None:
-                scores = project_pixel_text_logits(feature, self.ling_projector, self.text_embeddings, tau=self.ling_tau)
+                scores = project_pixel_text_logits(feature, self.ling_projector, self.text_embeddings,
+                                                   tau=self.ling_tau)
             elif tuple(scores.shape) != (feature.shape[0], self.text_embeddings.shape[0], *feature.shape[-2:]):
                 raise ValueError(f"student_text_logits {tuple(scores.shape)} must be (B, K, h, w) at the linguistic "
                                  f"feature's grid {tuple(feature.shape[-2:])}")

@@ -18,6 +18,12 @@ With ``g = 0`` this is exactly DKD applied per pixel (:func:`c2vkd_hf.losses.dkd
 
 Everything is evaluated in log space: ``log(1 - p[y]) = logsumexp(non-target) - logsumexp(all)``,
 which stays finite for logits of any magnitude.
+
+:func:`pdd_loss` computes this on ``(B, K, H*W)`` maps with a closed-form backward
+(:class:`_PixelDecoupledKL`: ``NC`` written as ``sum_k p_hat_t,k (z_t,k - z_s,k) - sigma_t (lse_nt,t - lse_nt,s)``,
+the same number as the elementwise KL), weighting ignored pixels by 0 instead of gathering the valid
+ones; at ``T = 1`` the student's cross-entropy is a by-product (:func:`pdd_loss_and_cross_entropy`).
+:func:`decoupled_kl` is the row form on ``(N, K)`` rows of valid pixels.
 """
 
 from __future__ import annotations
