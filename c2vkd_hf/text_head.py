@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .losses.vlfd import pixel_text_logits
+from .losses.vlfd import project_pixel_text_logits
 
 __all__ = ["TEXT_HEAD_NAME", "TextHead", "load_text_head", "save_text_head"]
 
@@ -64,12 +64,15 @@ class TextHead(nn.Module):
 
     def forward(self, feature_map: torch.Tensor, text_embeddings: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B, C, h, w) student feature -> (B, K', h, w) pixel-text logits ``S`` (default: the training
-        classes; any (K', D) embeddings work, e.g. unseen class names)."""
+        classes; any (K', D) embeddings work, e.g. unseen class names). The projection runs as one matrix
+        product on the positions' channel vectors and ``S_k = (P F . e_k) / (max(|P F|, eps) tau)``
+        (:func:`~c2vkd_hf.losses.vlfd.project_pixel_text_logits`): the same numbers as normalising the
+        ``D``-channel map first, without building it."""
         emb = self.text_embeddings if text_embeddings is None else text_embeddings
         emb = emb.to(device=feature_map.device)
         if emb.dim() != 2 or emb.shape[1] != self.projector.out_channels:
             raise ValueError(f"text embeddings must be (K, {self.projector.out_channels}), got {tuple(emb.shape)}")
-        return pixel_text_logits(self.projector(feature_map.to(self.projector.weight.dtype)), emb, tau=self.tau)
+        return project_pixel_text_logits(feature_map.to(self.projector.weight.dtype), self.projector, emb, tau=self.tau)
 
     def fold_into(self, classifier: nn.Conv2d) -> None:
         """Writes the head into ``classifier`` (a 1x1 conv reading the same feature ``F``).

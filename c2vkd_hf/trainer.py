@@ -82,7 +82,9 @@ class DistillationModel(nn.Module):
     pixel-text logits ``S = normalise(P D) E^T / tau`` on its ``decoder`` feature ``D``: the
     cross-entropy, every distillation term and evaluation read the head, and the student's own 1x1
     classifier is frozen until :class:`FoldTextHeadCallback` writes the head into it at the end
-    (same per-pixel argmax) and switches ``text_head_logits`` off.
+    (same per-pixel argmax) and switches ``text_head_logits`` off. When the head's projector is also
+    C2VKD's linguistic projector (the pipeline's default), the loss reads the head's ``S`` for the
+    linguistic term instead of projecting the feature again (:meth:`_text_head_is_linguistic_head`).
     """
 
     main_input_name = "pixel_values"
@@ -124,11 +126,35 @@ class DistillationModel(nn.Module):
             ce = cross_entropy(logits, labels, ignore_index=self.distill_loss.ignore_index)
             terms = {"ce": ce, "loss": self.distill_loss.weights["ce"] * ce}
         else:
+            shared = {"student_text_logits": logits} if self._text_head_is_linguistic_head() else {}
             terms = self.distill_loss(logits, teacher_logits, labels, student_features=student_features,
-                                      teacher_features=teacher_features)
+                                      teacher_features=teacher_features, **shared)
         if return_terms:
             return {"loss": terms["loss"], "logits": logits, "terms": terms}
         return SemanticSegmenterOutput(loss=terms["loss"], logits=logits)
+
+    def _text_head_is_linguistic_head(self) -> bool:
+        """Whether the student's logits (its text head's ``S``) are exactly the pixel-text logits C2VKD's
+        linguistic term scores: same projector module, same feature, temperature and class-name
+        embeddings. The loss then reads them instead of projecting the feature a second time (the
+        projection and its gradient are most of the text head's cost). The embeddings are compared once
+        per version of the two buffers (a comparison is a device sync on a GPU)."""
+        loss = self.distill_loss
+        head = self.text_head
+        if not self.text_head_logits or head is None or "ling" not in getattr(loss, "weights", {}):
+            return False
+        if getattr(loss, "ling_projector", None) is not head.projector or float(loss.ling_tau) != head.tau:
+            return False
+        names = self.student_feature_names[:len(getattr(loss, "student_channels", []))]  # main pairs, not stages
+        if not names or names[loss.ling_feature_index] != head.feature:
+            return False
+        own, theirs = loss.text_embeddings, head.text_embeddings
+        if own is None or own.shape != theirs.shape:
+            return False
+        key = (own.data_ptr(), own._version, own.device, theirs.data_ptr(), theirs._version, theirs.device)
+        if getattr(self, "_same_embeddings", (None, False))[0] != key:
+            self._same_embeddings = (key, bool(torch.equal(own, theirs.to(own))))
+        return self._same_embeddings[1]
 
 
 class SafeCheckpointTrainer(Trainer):

@@ -26,9 +26,16 @@ from .cwd import CWDLoss, cwd_loss
 from .dist import DISTLoss, dist_loss
 from .dkd import DKDLoss, dkd_loss
 from .kd import KDLoss, kd_loss
-from .pdd import pdd_loss
+from .pdd import pdd_loss, pdd_loss_and_cross_entropy
 from .registry import available_losses, get_loss, register_loss
-from .vlfd import pixel_text_logits, vlfd_global_loss, vlfd_linguistic_loss, vlfd_relation_loss
+from .vlfd import (
+    pixel_text_logits,
+    project_pixel_text_logits,
+    vlfd_global_loss,
+    vlfd_linguistic_loss,
+    vlfd_linguistic_loss_from_scores,
+    vlfd_relation_loss,
+)
 
 __all__ = [
     "IGNORE_INDEX",
@@ -45,10 +52,13 @@ __all__ = [
     "dist_loss",
     "dkd_loss",
     "pdd_loss",
+    "pdd_loss_and_cross_entropy",
     "vlfd_global_loss",
     "vlfd_relation_loss",
     "vlfd_linguistic_loss",
+    "vlfd_linguistic_loss_from_scores",
     "pixel_text_logits",
+    "project_pixel_text_logits",
     "get_loss",
     "register_loss",
     "available_losses",

@@ -74,7 +74,8 @@ class DistillationLoss(nn.Module):
         student_features=None,
         teacher_features=None,
     ) -> Dict[str, torch.Tensor]:
-        """Unweighted distillation terms (everything except ``"ce"``)."""
+        """Unweighted distillation terms (everything except ``"ce"``; a subclass that gets the
+        cross-entropy as a by-product may return it as ``"ce"``, which :meth:`forward` then uses)."""
         raise NotImplementedError
 
     def forward(
@@ -84,14 +85,20 @@ class DistillationLoss(nn.Module):
         labels: torch.Tensor,
         student_features=None,
         teacher_features=None,
+        **term_inputs,
     ) -> Dict[str, torch.Tensor]:
-        terms = {"ce": cross_entropy(student_logits, labels, ignore_index=self.ignore_index)}
+        """The terms and their weighted total ``"loss"``. ``term_inputs``: extra keyword inputs a
+        subclass's :meth:`distillation_terms` accepts (C2VKD: ``student_text_logits``), passed through."""
+        terms = {}
         if len(self.weights) > 1:
             if teacher_logits is None and self.requires_teacher:
                 raise ValueError(f"loss {self.method_name!r} needs teacher_logits")
-            terms.update(
-                self.distillation_terms(student_logits, teacher_logits, labels, student_features, teacher_features)
-            )
+            terms = self.distillation_terms(student_logits, teacher_logits, labels, student_features,
+                                            teacher_features, **term_inputs)
+        ce = terms.pop("ce", None)  # a subclass may compute it as a by-product (C2VKD's PDD at T = 1)
+        if ce is None:
+            ce = cross_entropy(student_logits, labels, ignore_index=self.ignore_index)
+        terms = {"ce": ce, **terms}
         total = None
         weights = self.effective_weights()
         for key, value in terms.items():

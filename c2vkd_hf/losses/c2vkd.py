@@ -20,6 +20,11 @@ linguistic term then shares and which becomes the student's classifier at the en
 linguistic term on the feature grid, raised CamVid val mIoU by +1.5 points on average over 3 seeds;
 this is our addition, not the paper's. The same head with no teacher term scored higher still, so
 that gain belongs to the head, not to distillation (``benchmarks/camvid/FINDINGS.md``, section 3a).
+
+Cost (the formulas are unchanged; :mod:`.pdd`, :mod:`.vlfd`): when the student's text head is the
+linguistic projector, the linguistic term reads the head's ``S`` (``student_text_logits``) instead of
+projecting the feature a second time; the 1x1 projectors run as matrix products on channels-last rows;
+at ``T = 1`` the cross-entropy comes out of PDD's log-probabilities.
 """
 
 from __future__ import annotations
@@ -33,9 +38,15 @@ from torch import nn
 from ..constants import IGNORE_INDEX
 from .base import DistillationLoss
 from .common import check_positive, check_unit_interval, check_weight
-from .pdd import pdd_loss
+from .pdd import pdd_loss, pdd_loss_and_cross_entropy
 from .registry import register_loss
-from .vlfd import pixel_text_logits, vlfd_global_loss, vlfd_linguistic_loss, vlfd_relation_loss
+from .vlfd import (
+    conv1x1_rows,
+    project_pixel_text_logits,
+    vlfd_global_loss,
+    vlfd_linguistic_loss_from_scores,
+    vlfd_relation_loss,
+)
 
 __all__ = ["C2VKDLoss"]
 
@@ -221,10 +232,26 @@ class C2VKDLoss(DistillationLoss):
         return fs, ft
 
     def distillation_terms(
-        self, student_logits, teacher_logits, labels, student_features=None, teacher_features=None
+        self, student_logits, teacher_logits, labels, student_features=None, teacher_features=None,
+        student_text_logits: Optional[torch.Tensor] = None,
     ) -> Dict[str, torch.Tensor]:
+        """The unweighted terms. ``student_text_logits``: the pixel-text logits
+        ``S = normalise(P_l F_s) E^T / tau`` of the linguistic feature, when the caller already has them
+        (the student's text head, whose projector is ``P_l``, computed exactly this ``S`` for its logits:
+        :class:`~c2vkd_hf.trainer.DistillationModel` passes them); ``None``: projected here."""
         terms: Dict[str, torch.Tensor] = {}
-        if "pdd" in self.weights:
+        if "pdd" in self.weights and self.pdd_temperature == 1.0:
+            # the cross-entropy is a by-product of PDD's log-probabilities at T = 1 (the same value)
+            terms["pdd"], terms["ce"] = pdd_loss_and_cross_entropy(
+                student_logits,
+                teacher_logits,
+                labels,
+                alpha=self.pdd_alpha,
+                beta=self.pdd_beta,
+                label_weight=self.label_weight,
+                ignore_index=self.ignore_index,
+            )
+        elif "pdd" in self.weights:
             terms["pdd"] = pdd_loss(
                 student_logits,
                 teacher_logits,
@@ -241,18 +268,28 @@ class C2VKDLoss(DistillationLoss):
         n = len(self.student_channels)
         fs, ft, stage_s, stage_t = fs[:n], ft[:n], fs[n:], ft[n:]
         if "stage" in self.weights and self.effective_weights()["stage"] > 0:
-            per_pair = [vlfd_global_loss(q(a), b, tau=self.glob_tau) + vlfd_relation_loss(a, b, grid=self.rel_grid)
+            per_pair = [vlfd_global_loss(self._project(q, a), b, tau=self.glob_tau)
+                        + vlfd_relation_loss(a, b, grid=self.rel_grid)
                         for q, a, b in zip(self.stage_projectors, stage_s, stage_t)]
             terms["stage"] = torch.stack(per_pair).mean()
         if "glob" in self.weights:
-            per_pair = [vlfd_global_loss(p(a), b, tau=self.glob_tau) for p, a, b in zip(self.visual_projectors, fs, ft)]
+            per_pair = [vlfd_global_loss(self._project(p, a), b, tau=self.glob_tau)
+                        for p, a, b in zip(self.visual_projectors, fs, ft)]
             terms["glob"] = torch.stack(per_pair).mean()
         if "rel" in self.weights:
             per_pair = [vlfd_relation_loss(a, b, grid=self.rel_grid) for a, b in zip(fs, ft)]
             terms["rel"] = torch.stack(per_pair).mean()
         if "ling" in self.weights:
-            terms["ling"] = vlfd_linguistic_loss(
-                self.ling_projector(fs[self.ling_feature_index]),
+            feature = fs[self.ling_feature_index]
+            scores = student_text_logits
+            if scores is None:
+                scores = project_pixel_text_logits(feature, self.ling_projector, self.text_embeddings,
+                                                   tau=self.ling_tau)
+            elif tuple(scores.shape) != (feature.shape[0], self.text_embeddings.shape[0], *feature.shape[-2:]):
+                raise ValueError(f"student_text_logits {tuple(scores.shape)} must be (B, K, h, w) at the linguistic "
+                                 f"feature's grid {tuple(feature.shape[-2:])}")
+            terms["ling"] = vlfd_linguistic_loss_from_scores(
+                scores,
                 teacher_logits,
                 labels,
                 self.text_embeddings,
@@ -262,6 +299,12 @@ class C2VKDLoss(DistillationLoss):
             )
         return terms
 
+    @staticmethod
+    def _project(projector: nn.Conv2d, feature: torch.Tensor) -> torch.Tensor:
+        """``projector(feature)`` (a 1x1 conv), computed on channels-last rows (:func:`~.vlfd.conv1x1_rows`)
+        and returned as a ``(B, C_t, h, w)`` view of them."""
+        return conv1x1_rows(feature, projector).permute(0, 3, 1, 2)
+
     def pixel_text_logits(
         self, student_feature: torch.Tensor, text_embeddings: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
@@ -270,4 +313,4 @@ class C2VKDLoss(DistillationLoss):
         if self.ling_projector is None:
             raise ValueError("this C2VKDLoss has no linguistic projector (no text_embeddings or ling_weight == 0)")
         emb = self.text_embeddings if text_embeddings is None else text_embeddings.to(student_feature.device)
-        return pixel_text_logits(self.ling_projector(student_feature), emb, tau=self.ling_tau)
+        return project_pixel_text_logits(student_feature, self.ling_projector, emb, tau=self.ling_tau)
