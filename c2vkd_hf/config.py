@@ -140,6 +140,10 @@ class DistillationArguments:
     pdd_beta: float = field(default=1.0, metadata={"help": "PDD: weight of the non-target term NC."})
     pdd_temperature: float = field(default=1.0, metadata={"help": "PDD: temperature T."})
     label_weight: float = field(default=0.5, metadata={"help": "PDD/linguistic label correction g in [0, 1]."})
+    class_balance: bool = field(
+        default=False,
+        metadata={"help": "C2VKD: class-balanced means in PDD and the linguistic term (each class present in a batch's "
+                  "labels weighs the same; the cross-entropy keeps the plain mean)."})
 
     # VLFD
     feature_pairs: Optional[str] = field(

@@ -554,3 +554,50 @@ def test_stage_guidance_term_and_its_decay():
     assert "stage" not in late and torch.equal(late["loss"], late["ce"])
     with pytest.raises(ValueError, match="one entry per stage pair"):
         C2VKDLoss(stage_student_channels=[4], stage_teacher_channels=[3, 2], stage_weight=1)
+
+
+def test_class_balanced_weights_give_every_present_class_the_same_total():
+    from c2vkd_hf.losses.common import class_balanced_weights
+
+    labels = torch.tensor([[0, 0, 0, 0, 0, 0, 2, 255], [0, 0, 0, 0, 0, 0, 0, 2]])
+    w = class_balanced_weights(labels, num_classes=4, ignore_index=255)
+    assert w.shape == labels.shape and w[0, 7] == 0
+    torch.testing.assert_close(w[labels == 0].sum(), torch.tensor(0.5))
+    torch.testing.assert_close(w[labels == 2].sum(), torch.tensor(0.5))
+    torch.testing.assert_close(w[0, 6], torch.tensor(0.25))  # 2 pixels of class 2 share half the weight
+    assert class_balanced_weights(torch.full((2, 3), 255), 4, 255).sum() == 0
+
+
+def test_class_balanced_pdd_and_linguistic_term_weigh_a_rare_class_up():
+    # a pixel-wise loss that is large only on the rare class: the balanced mean gives it half the weight
+    from c2vkd_hf.losses.pdd import pdd_loss, pdd_loss_and_cross_entropy
+    from c2vkd_hf.losses.vlfd import vlfd_linguistic_loss_from_scores
+
+    torch.manual_seed(0)
+    labels = torch.zeros(1, 4, 4, dtype=torch.long)
+    labels[0, 0, 0] = 1
+    zt = torch.zeros(1, 3, 4, 4)
+    zs = torch.zeros(1, 3, 4, 4)
+    zt[0, 2, 0, 0] = 5.0  # the teacher disagrees with the student only at the rare pixel
+    plain = pdd_loss(zs, zt, labels)
+    balanced = pdd_loss(zs, zt, labels, class_balance=True)
+    rare = pdd_loss(zs[..., :1, :1], zt[..., :1, :1], labels[:, :1, :1])
+    common = pdd_loss(zs[..., 1:2, 1:2], zt[..., 1:2, 1:2], labels[:, 1:2, 1:2])  # the 15 others are alike
+    assert rare > 2 * common
+    torch.testing.assert_close(plain, (rare + 15 * common) / 16)
+    torch.testing.assert_close(balanced, (rare + common) / 2)  # the rare pixel's weight: 1/16 -> 1/2
+    # the cross-entropy by-product keeps the plain mean
+    pdd_b, ce_b = pdd_loss_and_cross_entropy(zs, zt, labels, class_balance=True)
+    _, ce = pdd_loss_and_cross_entropy(zs, zt, labels)
+    torch.testing.assert_close(pdd_b, balanced)
+    torch.testing.assert_close(ce_b, ce)
+    emb = torch.nn.functional.normalize(torch.randn(3, 8), dim=1)
+    scores = torch.randn(1, 3, 4, 4)
+    per_position_plain = vlfd_linguistic_loss_from_scores(scores, zt, labels, emb)
+    bal = vlfd_linguistic_loss_from_scores(scores, zt, labels, emb, class_balance=True)
+    assert not torch.allclose(bal, per_position_plain)
+    # with one class everywhere the balanced mean is the plain mean
+    same = torch.zeros(1, 4, 4, dtype=torch.long)
+    torch.testing.assert_close(vlfd_linguistic_loss_from_scores(scores, zt, same, emb, class_balance=True),
+                               vlfd_linguistic_loss_from_scores(scores, zt, same, emb))
+    torch.testing.assert_close(pdd_loss(zs, zt, same, class_balance=True), pdd_loss(zs, zt, same))

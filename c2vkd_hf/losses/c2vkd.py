@@ -99,6 +99,9 @@ class C2VKDLoss(DistillationLoss):
         pdd_alpha, pdd_beta, pdd_temperature, label_weight: PDD constants (``label_weight`` is also
             the linguistic target's label correction g).
         glob_tau, rel_grid, ling_tau: VLFD constants.
+        class_balance: PDD's and the linguistic term's means over pixels become class-balanced (every class
+            present in the batch's labels weighs the same, :func:`~.common.class_balanced_weights`); the
+            cross-entropy stays the plain mean. Our addition, not the paper's.
         ignore_index: void label value.
 
     ``forward(student_logits, teacher_logits, labels, student_features, teacher_features)`` returns
@@ -130,6 +133,7 @@ class C2VKDLoss(DistillationLoss):
         glob_tau: float = 1.0,
         rel_grid: int = 16,
         ling_tau: float = 0.03,
+        class_balance: bool = False,
         ignore_index: int = IGNORE_INDEX,
     ) -> None:
         super().__init__(ce_weight=ce_weight, ignore_index=ignore_index)
@@ -144,6 +148,7 @@ class C2VKDLoss(DistillationLoss):
         self.label_weight = check_unit_interval("label_weight", label_weight)
         self.glob_tau = check_positive("glob_tau", glob_tau)
         self.ling_tau = check_positive("ling_tau", ling_tau)
+        self.class_balance = bool(class_balance)
         if not isinstance(rel_grid, int) or isinstance(rel_grid, bool) or rel_grid < 1:
             raise ValueError(f"rel_grid must be an integer >= 1, got {rel_grid!r}")
         self.rel_grid = rel_grid
@@ -250,6 +255,7 @@ class C2VKDLoss(DistillationLoss):
                 beta=self.pdd_beta,
                 label_weight=self.label_weight,
                 ignore_index=self.ignore_index,
+                class_balance=self.class_balance,
             )
         elif "pdd" in self.weights:
             terms["pdd"] = pdd_loss(
@@ -261,6 +267,7 @@ class C2VKDLoss(DistillationLoss):
                 temperature=self.pdd_temperature,
                 label_weight=self.label_weight,
                 ignore_index=self.ignore_index,
+                class_balance=self.class_balance,
             )
         if not self.uses_features:
             return terms
@@ -296,6 +303,7 @@ class C2VKDLoss(DistillationLoss):
                 tau=self.ling_tau,
                 label_weight=self.label_weight,
                 ignore_index=self.ignore_index,
+                class_balance=self.class_balance,
             )
         return terms
 

@@ -106,6 +106,22 @@ def flatten_valid(
     return flat[valid], tuple(r[valid] for r in rows)
 
 
+def class_balanced_weights(labels: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Pixel weights, shaped like ``labels``, under which every class present in the batch's labels
+    carries the same total weight: ``w_i = 1 / (|C| n_{y_i})`` for a valid pixel of class ``y_i``
+    (``n_k``: the batch's pixels of class ``k``; ``|C|``: the number of classes with ``n_k > 0``), 0 for
+    an ignored pixel. They sum to 1 (all 0 when no pixel is valid). A pixel-averaged distillation term
+    spends nearly all of its signal on the frequent classes; under these weights a class of 1% of the
+    pixels counts as much as one of 40% (the class-level view of DIST's intra-class relation, Huang et
+    al., NeurIPS 2022, applied to a per-pixel loss)."""
+    valid = labels != ignore_index
+    target = torch.where(valid, labels, torch.zeros_like(labels)).long()
+    counts = torch.bincount(target[valid].reshape(-1), minlength=num_classes).float()
+    present = (counts > 0).sum().clamp_min(1)
+    per_class = torch.where(counts > 0, 1.0 / (counts * present), torch.zeros_like(counts))
+    return per_class[target] * valid.float()
+
+
 def mask_target(z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Replace each row's target logit by a value :data:`MASK_MARGIN` below the row's minimum.
 

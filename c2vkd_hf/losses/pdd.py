@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from ..constants import IGNORE_INDEX
 from .common import (
+    class_balanced_weights,
     MASK_MARGIN,
     check_positive,
     check_unit_interval,
@@ -187,9 +188,10 @@ class _PixelDecoupledKL(torch.autograd.Function):
 
 
 def _pdd_and_cross_entropy(student_logits, teacher_logits, labels, alpha, beta, temperature, label_weight,
-                           ignore_index):
+                           ignore_index, class_balance=False):
     """``(L_pdd, CE)``: PDD (validated arguments) and the student's cross-entropy ``mean_valid(-log p_s,y)`` at
-    temperature T (the usual cross-entropy when T = 1), both means over the valid pixels (0 if none)."""
+    temperature T (the usual cross-entropy when T = 1), both means over the valid pixels (0 if none); with
+    ``class_balance`` PDD's mean is class-balanced (:func:`~.common.class_balanced_weights`), CE's is not."""
     if labels is None:
         raise ValueError("pdd_loss needs labels (the target class of each pixel)")
     if student_logits.shape[:2] != teacher_logits.shape[:2]:
@@ -208,10 +210,11 @@ def _pdd_and_cross_entropy(student_logits, teacher_logits, labels, alpha, beta, 
         valid = labels != ignore_index
         target = torch.where(valid, labels, torch.zeros_like(labels))
         weight = valid.float() / valid.sum().clamp_min(1)  # the mean over valid pixels; 0 if there are none
+        pdd_weight = class_balanced_weights(labels, k, ignore_index) if class_balance else weight
     if temperature != 1.0:
         zs, zt = zs / temperature, zt / temperature
     per_pixel, ce = _PixelDecoupledKL.apply(zs, zt, target, alpha, beta, label_weight)
-    return temperature**2 * (per_pixel * weight).sum(), (ce * weight).sum()
+    return temperature**2 * (per_pixel * pdd_weight).sum(), (ce * weight).sum()
 
 
 def _check_constants(alpha, beta, temperature, label_weight):
@@ -230,6 +233,7 @@ def pdd_loss(
     temperature: float = 1.0,
     label_weight: float = 0.5,
     ignore_index: int = IGNORE_INDEX,
+    class_balance: bool = False,
 ) -> torch.Tensor:
     """Pixel-wise decoupled distillation ``L_pdd`` (see the module docstring for the formula).
 
@@ -243,12 +247,16 @@ def pdd_loss(
         temperature: softmax temperature T (> 0); the loss is scaled by T^2.
         label_weight: label correction g in [0, 1]; 0 gives DKD.
         ignore_index: void label value.
+        class_balance: replace the mean over valid pixels by the class-balanced mean
+            ``sum_i w_i (alpha TC_i + beta NC_i)``, ``w`` from :func:`~.common.class_balanced_weights` (every
+            class present in ``labels`` weighs the same).
 
     Returns:
         A float32 scalar, the mean over valid pixels (0 if there are none).
     """
     constants = _check_constants(alpha, beta, temperature, label_weight)
-    return _pdd_and_cross_entropy(student_logits, teacher_logits, labels, *constants, ignore_index)[0]
+    return _pdd_and_cross_entropy(student_logits, teacher_logits, labels, *constants, ignore_index,
+                                  class_balance)[0]
 
 
 @float32_compute
@@ -261,9 +269,11 @@ def pdd_loss_and_cross_entropy(
     beta: float = 1.0,
     label_weight: float = 0.5,
     ignore_index: int = IGNORE_INDEX,
+    class_balance: bool = False,
 ):
     """``(pdd_loss(...), cross_entropy(student_logits, labels))`` at temperature 1, in one pass: the
     cross-entropy ``mean_valid(lse_s - z_s,y)`` is a by-product of PDD's log-probabilities (same upsampled
-    logits, same valid pixels, so the same value as :func:`~.common.cross_entropy`)."""
+    logits, same valid pixels, so the same value as :func:`~.common.cross_entropy`). ``class_balance``
+    applies to PDD only (see :func:`pdd_loss`)."""
     constants = _check_constants(alpha, beta, 1.0, label_weight)
-    return _pdd_and_cross_entropy(student_logits, teacher_logits, labels, *constants, ignore_index)
+    return _pdd_and_cross_entropy(student_logits, teacher_logits, labels, *constants, ignore_index, class_balance)

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from ..constants import IGNORE_INDEX
 from .common import (
+    class_balanced_weights,
     check_positive,
     check_unit_interval,
     float32_compute,
@@ -321,6 +322,7 @@ def vlfd_linguistic_loss_from_scores(
     tau: float = 0.03,
     label_weight: float = 0.5,
     ignore_index: int = IGNORE_INDEX,
+    class_balance: bool = False,
 ) -> torch.Tensor:
     """Linguistic term ``L_ling`` from the pixel-text logits ``S = u E^T / tau`` (``(B, K, h, w)``,
     :func:`pixel_text_logits`; the student's text head computes the same ``S`` for its logits, so C2VKD
@@ -331,6 +333,11 @@ def vlfd_linguistic_loss_from_scores(
     = tau (sum_k r_k S_k) / max(|r E|, eps)``, and ``|r E|^2 = r^T (E E^T) r`` (``E E^T``: the K x K
     Gram matrix of the normalised embeddings; no gradient flows through ``r``). So no ``D``-channel
     map is built. ``r``: the teacher's softmax at ``S``'s grid, label-corrected as in the module docstring.
+
+    ``class_balance`` (needs ``labels``): the two means over positions become ``sum_i w_i (.)`` with
+    ``w_i = (n_valid / n) c_i`` at a labelled position (``c``: :func:`~.common.class_balanced_weights` of the
+    grid's labels, so every class present weighs the same) and ``1 / n`` at an ignored one (its share of
+    the plain mean), ``n`` positions in all.
     """
     tau = check_positive("tau", tau)
     g = check_unit_interval("label_weight", label_weight)
@@ -361,4 +368,11 @@ def vlfd_linguistic_loss_from_scores(
     # the probability-target form of kl_div computes r * log r with xlogy, so 0 * log 0 = 0
     kl = F.kl_div(log_q, r, reduction="none").sum(dim=1)
     cos = tau * (r * s).sum(dim=1) / norm_re
-    return kl.mean() + (1.0 - cos).mean()
+    if not (class_balance and labels is not None):
+        return kl.mean() + (1.0 - cos).mean()
+    with torch.no_grad():
+        y = resize_labels(labels, size)
+        valid = y != ignore_index
+        n = valid.numel()
+        w = class_balanced_weights(y, k, ignore_index) * (valid.sum() / n) + (~valid).float() / n
+    return (w * (kl + 1.0 - cos)).sum()
