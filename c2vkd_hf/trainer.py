@@ -46,7 +46,8 @@ from .constants import IGNORE_INDEX
 from .runs import MANIFEST_NAME, checkpoint_fit_problem, manifest_problems, write_manifest
 from .validation import UserInputError, save_errors
 from .losses.common import cross_entropy
-from .models import DECODER_FEATURE, classifier_module, forward_features, renormalize
+from .models import DECODER_FEATURE, classifier_module, forward_features
+from .teacher import CachedTeacher, LiveTeacher
 from .text_head import TextHead, save_text_head
 
 logger = logging.getLogger(__name__)
@@ -285,6 +286,8 @@ class DistillationTrainer(SafeCheckpointTrainer):
             not placed or run.
         teacher_input_scale: the teacher sees each view at this many times the student's resolution
             (online: the batch upsampled bilinearly; cached: the cache was built at that size).
+        The teacher arguments become one object, ``self.teacher_source`` (:class:`~c2vkd_hf.teacher.LiveTeacher`
+        or :class:`~c2vkd_hf.teacher.CachedTeacher`), whose ``outputs(inputs, device)`` the loss reads.
         All other arguments are :class:`transformers.Trainer`'s.
     """
 
@@ -293,49 +296,20 @@ class DistillationTrainer(SafeCheckpointTrainer):
                  student_mean_std: Optional[tuple] = None, teacher_mean_std: Optional[tuple] = None,
                  teacher_cache=None, teacher_input_scale: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)
-        self.teacher_input_scale = float(teacher_input_scale)
-        self.teacher_feature_names = list(teacher_feature_names or [])
-        self.student_mean_std = student_mean_std
-        self.teacher_mean_std = teacher_mean_std
-        self.teacher = None
-        self.teacher_cache = teacher_cache
-        if teacher is not None and teacher_cache is None:
-            teacher.eval()
-            teacher.requires_grad_(False)
-            self.teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
+        names = list(teacher_feature_names or [])
+        #: where the teacher's outputs come from (:mod:`c2vkd_hf.teacher`); ``None`` for --method none
+        self.teacher_source = None
+        if teacher_cache is not None:
+            self.teacher_source = CachedTeacher(teacher_cache, names, input_scale=teacher_input_scale)
+        elif teacher is not None:
+            self.teacher_source = LiveTeacher(teacher, names, student_mean_std=student_mean_std,
+                                              teacher_mean_std=teacher_mean_std, input_scale=teacher_input_scale)
+        if self.teacher_source is not None:
+            self.teacher_source.prepare(self.accelerator)
         self._term_sums: dict[str, torch.Tensor] = {}
         self._term_counts: dict[str, int] = {}
 
     # ----------------------------------------------------------------------------- loss
-    def _teacher_outputs(self, pixel_values: torch.Tensor):
-        if self.student_mean_std is not None and self.teacher_mean_std is not None:
-            pixel_values = renormalize(pixel_values, *self.student_mean_std, *self.teacher_mean_std)
-        if self.teacher_input_scale != 1.0:
-            size = [int(round(v * self.teacher_input_scale)) for v in pixel_values.shape[-2:]]
-            pixel_values = nn.functional.interpolate(pixel_values, size=size, mode="bilinear", align_corners=False,
-                                                     antialias=self.teacher_input_scale < 1.0)
-        with torch.no_grad():
-            if self.teacher_feature_names:
-                logits, features = forward_features(self.teacher, pixel_values)
-                feats = [features[name].detach() for name in self.teacher_feature_names]
-            else:
-                logits, feats = self.teacher(pixel_values=pixel_values).logits, None
-        return logits.detach(), feats
-
-    def _cached_teacher_outputs(self, inputs: dict, device):
-        """The teacher's outputs replayed from ``self.teacher_cache`` for the batch's examples
-        (``example_index``) under their training views (``geometry``)."""
-        from .data import INDEX_COLUMN
-
-        if INDEX_COLUMN not in inputs or "geometry" not in inputs:
-            raise ValueError("a teacher cache needs batches with 'example_index' and 'geometry' (the training "
-                             "transform's return_index=True and return_geometry=True, on a dataset with an "
-                             "example_index column)")
-        logits, features = self.teacher_cache.replay(inputs[INDEX_COLUMN], inputs["geometry"],
-                                                     self.teacher_feature_names, device=device,
-                                                     view_scale=self.teacher_input_scale)
-        return logits, (features if self.teacher_feature_names else None)
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         pixel_values, labels = inputs["pixel_values"], inputs.get("labels")
         if not model.training:
@@ -343,10 +317,8 @@ class DistillationTrainer(SafeCheckpointTrainer):
             outputs = model(pixel_values=pixel_values, labels=labels)
             return (outputs.loss, outputs) if return_outputs else outputs.loss
         teacher_logits, teacher_features = (None, None)
-        if self.teacher_cache is not None:
-            teacher_logits, teacher_features = self._cached_teacher_outputs(inputs, pixel_values.device)
-        elif self.teacher is not None:
-            teacher_logits, teacher_features = self._teacher_outputs(pixel_values)
+        if self.teacher_source is not None:
+            teacher_logits, teacher_features = self.teacher_source.outputs(inputs, pixel_values.device)
         outputs = model(pixel_values=pixel_values, labels=labels, teacher_logits=teacher_logits,
                         teacher_features=teacher_features, return_terms=True)
         self._check_finite(outputs["terms"])

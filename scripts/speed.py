@@ -290,8 +290,8 @@ def worker_train(args, name: str) -> dict:
                 return result
             return wrapper
 
-        trainer._teacher_outputs = timed(trainer._teacher_outputs, "teacher")
-        trainer._cached_teacher_outputs = timed(trainer._cached_teacher_outputs, "teacher")
+        if trainer.teacher_source is not None:
+            trainer.teacher_source.outputs = timed(trainer.teacher_source.outputs, "teacher")
         loss_module = trainer.model.distill_loss
         loss_module.forward = timed(loss_module.forward, "loss_forward")
         setup_peak = _peak_rss_mb()

@@ -17,7 +17,7 @@ from c2vkd_hf.cache import (DONE_NAME, TeacherCache, TeacherCacheError, build_te
                             topk_compress, topk_expand)
 from c2vkd_hf.data import Geometry, SegmentationTransform, apply_geometry, make_synthetic_dataset
 from c2vkd_hf.models import IMAGENET_MEAN, IMAGENET_STD, forward_features
-from c2vkd_hf.trainer import DistillationTrainer
+from c2vkd_hf.teacher import CachedTeacher, LiveTeacher
 from tiny import TINY_SEGFORMER_JSON, tiny_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,9 +138,10 @@ def test_teacher_input_scale_replays_the_larger_teacher_view(tmp_path):
                                       crop=geometry.output_size)
     transform.geometry_for = lambda size, index=None: geometry
     views = torch.stack(transform({"image": list(dataset["image"])})["pixel_values"])
-    with torch.no_grad():
-        online = teacher(torch.nn.functional.interpolate(views, scale_factor=2, mode="bilinear")).logits
-    replayed, _ = cache.replay(range(4), [geometry] * 4, view_scale=2.0)
+    # the trainer's two teacher sources: the live teacher enlarges the view, the cached one replays it
+    online, _ = LiveTeacher(teacher, input_scale=2.0).outputs({"pixel_values": views})
+    replayed, _ = CachedTeacher(cache, input_scale=2.0).outputs(
+        {"pixel_values": views, "example_index": torch.arange(4), "geometry": [geometry] * 4})
     assert replayed.shape == online.shape == (4, 3, 48, 48)
     torch.testing.assert_close(replayed[..., 2:-2, 2:-2], online[..., 2:-2, 2:-2], atol=3e-2, rtol=3e-2)
     # without the scale the same cache replays at the student's size, and differs
@@ -231,7 +232,7 @@ def test_distill_with_teacher_cache_trains_without_running_the_teacher(tmp_path,
              "--student_config_overrides", TINY_SEGFORMER_JSON, "--default_teacher_steps", "3", "--max_steps", "3",
              "--eval_steps", "3", "--save_steps", "3", "--logging_steps", "1", "--per_device_train_batch_size", "4",
              "--disable_tqdm", "true", "--train_baseline", "false"]
-    monkeypatch.setattr(DistillationTrainer, "_teacher_outputs", no_teacher)
+    monkeypatch.setattr(LiveTeacher, "outputs", no_teacher)
     results = distill.main(flags)
     assert results["steps"] == 3 and results["config"]["distillation"]["teacher_cache"] == str(cache_dir)
     assert results["loss_history"] and "loss/pdd" in results["loss_history"][0]

@@ -80,7 +80,7 @@ def _c2vkd(student: nn.Module, teacher: nn.Module) -> tuple[DistillationModel, s
 def _distil_and_reload(tmp_path, student, teacher, data):
     model, t_name = _c2vkd(student, teacher)
     trainer = make_trainer(str(tmp_path / "run"), model, teacher, data, per_device_train_batch_size=4)
-    trainer.teacher_feature_names = [t_name]
+    trainer.teacher_source.feature_names = [t_name]
     before = {k: v.clone() for k, v in student.state_dict().items()}
     trainer.train()
     logged = [e for e in trainer.state.log_history if "loss/ling" in e]
