@@ -176,8 +176,8 @@ def parse_script_arguments(parser, argv: list[str], defaults: dict[str, Any], *,
         if config is not None:
             values = config_values({**defaults, **config}, parser.dataclass_types)
         else:
-            namespace = parser.parse_args([f"--{key}={value}" for key, value in defaults.items()] + list(argv))
-            values = vars(namespace)
+            parser.set_defaults(**defaults)  # the script's defaults, overridden by any flag given
+            values = vars(parser.parse_args(list(argv)))
         check_ranges(values)
         fields = {f.name for dtype in parser.dataclass_types for f in dataclasses.fields(dtype)}
         extras = {k: v for k, v in values.items() if k not in fields}
