@@ -144,6 +144,10 @@ class DistillationArguments:
         default=False,
         metadata={"help": "C2VKD: class-balanced means in PDD and the linguistic term (each class present in a batch's "
                   "labels weighs the same; the cross-entropy keeps the plain mean)."})
+    class_balance_power: float = field(
+        default=1.0,
+        metadata={"help": "C2VKD with --class_balance: exponent p of the balancing, class k weighing n_k^(1 - p) "
+                  "(1: every class present the same; 0: the plain mean)."})
 
     # VLFD
     feature_pairs: Optional[str] = field(

@@ -81,7 +81,7 @@ RANGES: dict[str, Callable[[Any], Optional[str]]] = {
     "dataset_ignore_index": lambda v: None if 0 <= v <= 255 else "must be a label value in 0..255",
     # DistillationArguments, TeacherArguments, the evaluation scripts
     "default_teacher_steps": _at_least(1), "teacher_cache_top_k": _at_least(1), "head_lr_multiplier": _above(0),
-    "teacher_input_scale": _above(0),
+    "teacher_input_scale": _above(0), "class_balance_power": _at_least(0, float),
     "batch_size": _at_least(1), "num_predictions": _at_least(-1), "num_images": _at_least(0),
 }
 

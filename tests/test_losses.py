@@ -601,3 +601,17 @@ def test_class_balanced_pdd_and_linguistic_term_weigh_a_rare_class_up():
     torch.testing.assert_close(vlfd_linguistic_loss_from_scores(scores, zt, same, emb, class_balance=True),
                                vlfd_linguistic_loss_from_scores(scores, zt, same, emb))
     torch.testing.assert_close(pdd_loss(zs, zt, same, class_balance=True), pdd_loss(zs, zt, same))
+
+
+def test_class_balance_power_interpolates_between_the_plain_and_the_balanced_mean():
+    from c2vkd_hf.losses.common import class_balanced_weights
+
+    labels = torch.tensor([[0] * 9 + [1]])  # 9 pixels of class 0, 1 of class 1
+    plain = class_balanced_weights(labels, 2, 255, power=0.0)
+    torch.testing.assert_close(plain, torch.full((1, 10), 0.1))
+    half = class_balanced_weights(labels, 2, 255, power=0.5)
+    # class k weighs n_k^(1 - p): 9^0.5 = 3 against 1^0.5 = 1
+    torch.testing.assert_close(half[labels == 0].sum(), torch.tensor(0.75))
+    torch.testing.assert_close(half[labels == 1].sum(), torch.tensor(0.25))
+    full = class_balanced_weights(labels, 2, 255, power=1.0)
+    torch.testing.assert_close(full[labels == 1].sum(), torch.tensor(0.5))

@@ -69,7 +69,8 @@ def build_loss_module(args: DistillationArguments, *, student_channels: list[int
             text_embeddings=text_embeddings, pdd_weight=args.pdd_weight, glob_weight=args.glob_weight,
             rel_weight=args.rel_weight, ling_weight=args.ling_weight, pdd_alpha=args.pdd_alpha,
             pdd_beta=args.pdd_beta, pdd_temperature=args.pdd_temperature, label_weight=args.label_weight,
-            glob_tau=args.glob_tau, rel_grid=args.rel_grid, ling_tau=args.ling_tau, class_balance=args.class_balance)
+            glob_tau=args.glob_tau, rel_grid=args.rel_grid, ling_tau=args.ling_tau, class_balance=args.class_balance,
+            class_balance_power=args.class_balance_power)
     peer = dict(common)
     if args.kd_weight is not None:
         peer["kd_weight"] = args.kd_weight

@@ -101,7 +101,8 @@ class C2VKDLoss(DistillationLoss):
         glob_tau, rel_grid, ling_tau: VLFD constants.
         class_balance: PDD's and the linguistic term's means over pixels become class-balanced (every class
             present in the batch's labels weighs the same, :func:`~.common.class_balanced_weights`); the
-            cross-entropy stays the plain mean. Our addition, not the paper's.
+            cross-entropy stays the plain mean. Our addition, not the paper's. ``class_balance_power``: the
+            exponent ``p`` of the balancing (class ``k`` weighs ``n_k^(1 - p)``; 1: every class the same).
         ignore_index: void label value.
 
     ``forward(student_logits, teacher_logits, labels, student_features, teacher_features)`` returns
@@ -134,6 +135,7 @@ class C2VKDLoss(DistillationLoss):
         rel_grid: int = 16,
         ling_tau: float = 0.03,
         class_balance: bool = False,
+        class_balance_power: float = 1.0,
         ignore_index: int = IGNORE_INDEX,
     ) -> None:
         super().__init__(ce_weight=ce_weight, ignore_index=ignore_index)
@@ -149,6 +151,7 @@ class C2VKDLoss(DistillationLoss):
         self.glob_tau = check_positive("glob_tau", glob_tau)
         self.ling_tau = check_positive("ling_tau", ling_tau)
         self.class_balance = bool(class_balance)
+        self.class_balance_power = check_weight("class_balance_power", class_balance_power)
         if not isinstance(rel_grid, int) or isinstance(rel_grid, bool) or rel_grid < 1:
             raise ValueError(f"rel_grid must be an integer >= 1, got {rel_grid!r}")
         self.rel_grid = rel_grid
@@ -256,6 +259,7 @@ class C2VKDLoss(DistillationLoss):
                 label_weight=self.label_weight,
                 ignore_index=self.ignore_index,
                 class_balance=self.class_balance,
+                class_balance_power=self.class_balance_power,
             )
         elif "pdd" in self.weights:
             terms["pdd"] = pdd_loss(
@@ -268,6 +272,7 @@ class C2VKDLoss(DistillationLoss):
                 label_weight=self.label_weight,
                 ignore_index=self.ignore_index,
                 class_balance=self.class_balance,
+                class_balance_power=self.class_balance_power,
             )
         if not self.uses_features:
             return terms
@@ -304,6 +309,7 @@ class C2VKDLoss(DistillationLoss):
                 label_weight=self.label_weight,
                 ignore_index=self.ignore_index,
                 class_balance=self.class_balance,
+                class_balance_power=self.class_balance_power,
             )
         return terms
 

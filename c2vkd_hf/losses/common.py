@@ -106,20 +106,23 @@ def flatten_valid(
     return flat[valid], tuple(r[valid] for r in rows)
 
 
-def class_balanced_weights(labels: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """Pixel weights, shaped like ``labels``, under which every class present in the batch's labels
-    carries the same total weight: ``w_i = 1 / (|C| n_{y_i})`` for a valid pixel of class ``y_i``
-    (``n_k``: the batch's pixels of class ``k``; ``|C|``: the number of classes with ``n_k > 0``), 0 for
-    an ignored pixel. They sum to 1 (all 0 when no pixel is valid). A pixel-averaged distillation term
-    spends nearly all of its signal on the frequent classes; under these weights a class of 1% of the
-    pixels counts as much as one of 40% (the class-level view of DIST's intra-class relation, Huang et
-    al., NeurIPS 2022, applied to a per-pixel loss)."""
+def class_balanced_weights(labels: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX,
+                           power: float = 1.0) -> torch.Tensor:
+    """Pixel weights, shaped like ``labels``, that give rare classes more weight:
+    ``w_i = n_{y_i}^-p / sum_k n_k^(1 - p)`` for a valid pixel of class ``y_i`` (``n_k``: the batch's
+    pixels of class ``k``, the sum over classes present), 0 for an ignored pixel; they sum to 1 (all 0
+    when no pixel is valid). ``p = 0`` is the plain mean over valid pixels; ``p = 1`` gives every class
+    present the same total weight ``1 / |C|``; in between, class ``k`` weighs ``n_k^(1 - p)``. A
+    pixel-averaged distillation term spends nearly all of its signal on the frequent classes; with
+    ``p = 1`` a class of 1% of the pixels counts as much as one of 40% (the class-level view of DIST's
+    intra-class relation, Huang et al., NeurIPS 2022, applied to a per-pixel loss)."""
     valid = labels != ignore_index
     target = torch.where(valid, labels, torch.zeros_like(labels)).long()
     counts = torch.bincount(target[valid].reshape(-1), minlength=num_classes).float()
-    present = (counts > 0).sum().clamp_min(1)
-    per_class = torch.where(counts > 0, 1.0 / (counts * present), torch.zeros_like(counts))
-    return per_class[target] * valid.float()
+    present = counts > 0
+    per_class = torch.where(present, counts.clamp_min(1).pow(-float(power)), torch.zeros_like(counts))
+    total = (counts * per_class).sum().clamp_min(1e-12)
+    return (per_class / total)[target] * valid.float()
 
 
 def mask_target(z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -188,7 +188,7 @@ class _PixelDecoupledKL(torch.autograd.Function):
 
 
 def _pdd_and_cross_entropy(student_logits, teacher_logits, labels, alpha, beta, temperature, label_weight,
-                           ignore_index, class_balance=False):
+                           ignore_index, class_balance=False, class_balance_power=1.0):
     """``(L_pdd, CE)``: PDD (validated arguments) and the student's cross-entropy ``mean_valid(-log p_s,y)`` at
     temperature T (the usual cross-entropy when T = 1), both means over the valid pixels (0 if none); with
     ``class_balance`` PDD's mean is class-balanced (:func:`~.common.class_balanced_weights`), CE's is not."""
@@ -210,7 +210,7 @@ def _pdd_and_cross_entropy(student_logits, teacher_logits, labels, alpha, beta, 
         valid = labels != ignore_index
         target = torch.where(valid, labels, torch.zeros_like(labels))
         weight = valid.float() / valid.sum().clamp_min(1)  # the mean over valid pixels; 0 if there are none
-        pdd_weight = class_balanced_weights(labels, k, ignore_index) if class_balance else weight
+        pdd_weight = class_balanced_weights(labels, k, ignore_index, class_balance_power) if class_balance else weight
     if temperature != 1.0:
         zs, zt = zs / temperature, zt / temperature
     per_pixel, ce = _PixelDecoupledKL.apply(zs, zt, target, alpha, beta, label_weight)
@@ -234,6 +234,7 @@ def pdd_loss(
     label_weight: float = 0.5,
     ignore_index: int = IGNORE_INDEX,
     class_balance: bool = False,
+    class_balance_power: float = 1.0,
 ) -> torch.Tensor:
     """Pixel-wise decoupled distillation ``L_pdd`` (see the module docstring for the formula).
 
@@ -249,14 +250,15 @@ def pdd_loss(
         ignore_index: void label value.
         class_balance: replace the mean over valid pixels by the class-balanced mean
             ``sum_i w_i (alpha TC_i + beta NC_i)``, ``w`` from :func:`~.common.class_balanced_weights` (every
-            class present in ``labels`` weighs the same).
+            class present in ``labels`` weighs the same); ``class_balance_power`` is its exponent ``p``
+            (1: fully balanced, 0: the plain mean).
 
     Returns:
         A float32 scalar, the mean over valid pixels (0 if there are none).
     """
     constants = _check_constants(alpha, beta, temperature, label_weight)
     return _pdd_and_cross_entropy(student_logits, teacher_logits, labels, *constants, ignore_index,
-                                  class_balance)[0]
+                                  class_balance, class_balance_power)[0]
 
 
 @float32_compute
@@ -270,10 +272,12 @@ def pdd_loss_and_cross_entropy(
     label_weight: float = 0.5,
     ignore_index: int = IGNORE_INDEX,
     class_balance: bool = False,
+    class_balance_power: float = 1.0,
 ):
     """``(pdd_loss(...), cross_entropy(student_logits, labels))`` at temperature 1, in one pass: the
     cross-entropy ``mean_valid(lse_s - z_s,y)`` is a by-product of PDD's log-probabilities (same upsampled
     logits, same valid pixels, so the same value as :func:`~.common.cross_entropy`). ``class_balance``
     applies to PDD only (see :func:`pdd_loss`)."""
     constants = _check_constants(alpha, beta, 1.0, label_weight)
-    return _pdd_and_cross_entropy(student_logits, teacher_logits, labels, *constants, ignore_index, class_balance)
+    return _pdd_and_cross_entropy(student_logits, teacher_logits, labels, *constants, ignore_index, class_balance,
+                                  class_balance_power)

@@ -323,6 +323,7 @@ def vlfd_linguistic_loss_from_scores(
     label_weight: float = 0.5,
     ignore_index: int = IGNORE_INDEX,
     class_balance: bool = False,
+    class_balance_power: float = 1.0,
 ) -> torch.Tensor:
     """Linguistic term ``L_ling`` from the pixel-text logits ``S = u E^T / tau`` (``(B, K, h, w)``,
     :func:`pixel_text_logits`; the student's text head computes the same ``S`` for its logits, so C2VKD
@@ -336,7 +337,7 @@ def vlfd_linguistic_loss_from_scores(
 
     ``class_balance`` (needs ``labels``): the two means over positions become ``sum_i w_i (.)`` with
     ``w_i = (n_valid / n) c_i`` at a labelled position (``c``: :func:`~.common.class_balanced_weights` of the
-    grid's labels, so every class present weighs the same) and ``1 / n`` at an ignored one (its share of
+    grid's labels with exponent ``class_balance_power``) and ``1 / n`` at an ignored one (its share of
     the plain mean), ``n`` positions in all.
     """
     tau = check_positive("tau", tau)
@@ -374,5 +375,5 @@ def vlfd_linguistic_loss_from_scores(
         y = resize_labels(labels, size)
         valid = y != ignore_index
         n = valid.numel()
-        w = class_balanced_weights(y, k, ignore_index) * (valid.sum() / n) + (~valid).float() / n
+        w = class_balanced_weights(y, k, ignore_index, class_balance_power) * (valid.sum() / n) + (~valid).float() / n
     return (w * (kl + 1.0 - cos)).sum()
