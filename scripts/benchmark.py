@@ -190,7 +190,9 @@ def run_one(name: str, method: str, extra: list[str], seed: int, split: str, arg
         "text_head": bool(results.get("text_head")), "extra_flags": extra,
         "ablation": None if name in table_names() else name,
         f"{split}_mean_iou": results["val_mean_iou"],
-        "teacher_val_mean_iou": results.get("teacher_val_mean_iou") or record.get("teacher_val_mean_iou"),
+        # the teacher's score on the official val split only (a selection run evaluates it on the held-out frames)
+        "teacher_val_mean_iou": (results.get("teacher_val_mean_iou") if split == "val" else None)
+        or record.get("teacher_val_mean_iou"),
     })
     if args.ablates and record["ablation"]:
         record["ablates"] = args.ablates
@@ -202,6 +204,7 @@ def run_one(name: str, method: str, extra: list[str], seed: int, split: str, arg
         "steps": results["steps"], "wall_time_s": results["wall_time_s"], "peak_rss_mb": results["peak_rss_mb"],
         "eval_history": results["eval_history"], "loss_history": results["loss_history"],
         "loss_weights": results["loss_weights"], "command": " ".join(shlex.quote(c) for c in cmd),
+        "teacher_mean_iou": results.get("teacher_val_mean_iou"),
         "finished_in_s": time.time() - start,
     }
     record.setdefault("val_mean_iou", None)
