@@ -324,10 +324,10 @@ def test_class_label_feature_gives_names(tmp_path):
 
 
 def test_synthetic_deterministic_and_fast():
-    start = time.perf_counter()
+    start = time.process_time()  # this process's CPU time: other jobs on a shared machine do not count
     a = make_synthetic_dataset(64, 64, 64, seed=3)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 2.0, elapsed  # spec: < 1 s; slack for a loaded CI machine
+    elapsed = time.process_time() - start
+    assert elapsed < 2.0, elapsed  # spec: < 1 s; slack for a slower CPU
     b = make_synthetic_dataset(2, 64, 64, seed=3)
     c = make_synthetic_dataset(2, 64, 64, seed=4)
     for i in range(2):
