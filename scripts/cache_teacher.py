@@ -29,6 +29,7 @@ from c2vkd_hf.data import load_segmentation_data
 from c2vkd_hf.models import default_feature_pair, feature_channels, image_mean_std, load_student, load_teacher
 from c2vkd_hf.jobs import (UserInputError, config_file_arguments, check_class_agreement, run_script,
                            student_config_overrides, user_errors, validate_distillation_args)
+from c2vkd_hf.jobs.distill import teacher_reference_size
 from c2vkd_hf.trainer import parse_feature_pairs
 from c2vkd_hf.validation import check_output_dir, check_ranges, parse_script_arguments
 
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
         teacher = load_teacher(dist_args.teacher_name_or_path, trust_remote_code=dist_args.trust_remote_code)
     check_class_agreement(data.id2label, teacher=teacher, teacher_name=dist_args.teacher_name_or_path)
     names = teacher_feature_names(dist_args, teacher)
-    reference = (data_args.resize_height, data_args.resize_width) if data_args.resize_height else None
+    reference = teacher_reference_size(dist_args, data_args)
     directory = Path(dist_args.teacher_cache).expanduser()
     try:
         before = cache_status(directory)

@@ -254,6 +254,19 @@ def setup_distillation(dist_args: DistillationArguments, data_args: DataArgument
                              teacher_cache=teacher_cache, text_source=text_source)
 
 
+def teacher_reference_size(dist_args: DistillationArguments, data_args: DataArguments) -> Optional[tuple[int, int]]:
+    """The size a teacher cache is built at: the data's reference size (``--resize_height/--resize_width``;
+    ``None``: the images' common size) times ``--teacher_input_scale``."""
+    reference = (data_args.resize_height, data_args.resize_width) if data_args.resize_height else None
+    scale = dist_args.teacher_input_scale
+    if scale == 1.0:
+        return reference
+    if reference is None:
+        raise UserInputError("--teacher_input_scale with --teacher_cache needs --resize_height/--resize_width "
+                             "(the reference size the teacher's view is scaled from).")
+    return tuple(int(round(v * scale)) for v in reference)
+
+
 def open_teacher_cache(dist_args: DistillationArguments, data_args: DataArguments,
                        training_args: TrainingArguments, data: SegmentationData, teacher: nn.Module,
                        feature_names: list[str]):
@@ -264,13 +277,7 @@ def open_teacher_cache(dist_args: DistillationArguments, data_args: DataArgument
     from ..cache import TeacherCache, TeacherCacheError, build_teacher_cache, cache_status
 
     directory = Path(dist_args.teacher_cache).expanduser()
-    reference = (data_args.resize_height, data_args.resize_width) if data_args.resize_height else None
-    scale = dist_args.teacher_input_scale
-    if scale != 1.0:
-        if reference is None:
-            raise UserInputError("--teacher_input_scale with --teacher_cache needs --resize_height/--resize_width "
-                                 "(the reference size the teacher's view is scaled from).")
-        reference = tuple(int(round(v * scale)) for v in reference)
+    reference = teacher_reference_size(dist_args, data_args)
     device = training_args.device  # sets up torch.distributed under torchrun/accelerate before sharding the build
     try:
         status = cache_status(directory)
