@@ -355,8 +355,8 @@ def vlfd_linguistic_loss_from_scores(
     with torch.no_grad():
         e = F.normalize(text_embeddings.detach().float(), dim=1, eps=_NORM_EPS)
         r = torch.softmax(resize(teacher_logits.detach().float(), size), dim=1)
-        if labels is not None and g > 0:
-            y = resize_labels(labels, size)
+        y = resize_labels(labels, size) if labels is not None else None  # the labels on S's grid
+        if y is not None and g > 0:
             valid = y != ignore_index
             onehot = F.one_hot(torch.where(valid, y, torch.zeros_like(y)), k).permute(0, 3, 1, 2).float()
             corrected = (1.0 - g) * r + g * onehot
@@ -369,10 +369,9 @@ def vlfd_linguistic_loss_from_scores(
     # the probability-target form of kl_div computes r * log r with xlogy, so 0 * log 0 = 0
     kl = F.kl_div(log_q, r, reduction="none").sum(dim=1)
     cos = tau * (r * s).sum(dim=1) / norm_re
-    if not (class_balance and labels is not None):
+    if not (class_balance and y is not None):
         return kl.mean() + (1.0 - cos).mean()
     with torch.no_grad():
-        y = resize_labels(labels, size)
         valid = y != ignore_index
         n = valid.numel()
         w = class_balanced_weights(y, k, ignore_index, class_balance_power) * (valid.sum() / n) + (~valid).float() / n
