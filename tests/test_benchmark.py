@@ -80,12 +80,15 @@ def test_ratio_undefined_when_no_peer_beats_the_baseline(tmp_path):
 def test_ablations_are_paired_with_the_run_they_change(tmp_path):
     _run(tmp_path, "none", "none", 0, 0.30)
     _run(tmp_path, "c2vkd", "c2vkd", 0, 0.36, selection=0.20)
-    _run(tmp_path, "c2vkd-stage", "c2vkd", 0, 0.35, selection=0.22)
+    _run(tmp_path, "c2vkd-stage", "c2vkd", 0, 0.35, selection=0.22, text_head=True)
+    _run(tmp_path, "none-head", "none", 0, 0.32, selection=0.25)
     _run(tmp_path, "none-head-x", "none", 0, 0.31, ablates="none")
     benchmark.main(["--report_only", "--out_dir", str(tmp_path), "--readme", str(tmp_path / "none.md")])
     ablations = (tmp_path / "ABLATIONS.md").read_text()
-    assert "| c2vkd-stage | c2vkd | `-` | -1.00 (0/1 seeds above) | +2.00 (1/1 seeds above) |" in ablations
-    assert "| none-head-x | none | `-` | +1.00 (1/1 seeds above) | - |" in ablations
+    # paired with the run it changes, and (teacher-based, with the head) minus none-head of the same seed
+    assert ("| c2vkd-stage | c2vkd | `-` | -1.00 (0/1 seeds above) | +2.00 (1/1 seeds above) | "
+            "+3.00 (1/1 seeds above) | -3.00 (0/1 seeds above) |") in ablations
+    assert "| none-head-x | none | `-` | +1.00 (1/1 seeds above) | - | - | - |" in ablations
     assert "c2vkd-stage" not in (tmp_path / "RESULTS.md").read_text()
 
 
