@@ -509,10 +509,11 @@ def summarise(training: list[dict]) -> tuple[dict, str]:
     extra = ratios["cached_over_student_step"] * a["step_s_median"] - a["step_s_median"]
     cache_s = c["teacher_or_cache_s_median"] or 0.0
     verdict = (f"Where (c)'s extra time over (a) goes (about {extra:.3f} s a step at (a)'s median): {cache_s:.3f} s "
-               f"reading and replaying the cache; the rest is C2VKD's own loss work (the student's feature maps, the "
-               f"two 1x1 projectors on the decoder features, the PDD/VLFD terms: forward {c['loss_forward_s_median']:.3f}"
-               f" s vs {a['loss_forward_s_median']:.3f} s for plain cross-entropy, plus their backward). With the data "
-               "pipeline's cost gone from (a), that work is a larger share of (c)'s step than before.")
+               f"reading and replaying the cache; the rest is C2VKD's own work (the text head's pixel-text products, the "
+               f"global projector, PDD at the label grid, the relation term: forward {c['loss_forward_s_median']:.3f}"
+               f" s vs {a['loss_forward_s_median']:.3f} s for plain cross-entropy, plus their backward; a profile of "
+               "each part: docs/RECIPES.md, speed section). With the data pipeline's cost gone from (a), that work is a "
+               "larger share of (c)'s step than before.")
     missed = [f"(a)/(a0) = {ratios['student_over_bare_step']:.2f} > 1.25"] if ratios["student_over_bare_step"] > 1.25 else []
     if ratios["cached_over_student_step"] > 1.10:
         missed.append(f"(c)/(a) = {ratios['cached_over_student_step']:.2f} > 1.10")
