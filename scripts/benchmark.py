@@ -327,7 +327,17 @@ def protocol_lines(runs: list[dict], protocol: str) -> list[str]:
             f"{cfg['data']['resize_height']}x{cfg['data']['resize_width']}, scale {cfg['data']['min_scale']}-"
             f"{cfg['data']['max_scale']}, crop, flip; SegFormer-B0 from random init; teacher "
             f"`{Path(cfg['distillation']['teacher_name_or_path']).name}`"
-            + (f" ({teacher * 100:.2f}% val mIoU at this resolution)" if teacher else "")]
+            + (f" ({teacher * 100:.2f}% val mIoU at this resolution)" if teacher else "") + c2vkd_balance(runs)]
+
+
+def c2vkd_balance(runs: list[dict]) -> str:
+    """How the table's ``c2vkd`` runs weigh pixels (class balance became C2VKD's default after the short
+    protocol's runs were made; each run's configuration says which it used)."""
+    cfgs = [r["config"]["distillation"] for r in runs if r["name"] == "c2vkd" and r.get("config")]
+    kinds = sorted({(c.get("class_balance", False), c.get("class_balance_power", 1.0)) for c in cfgs})
+    text = ", ".join(f"class-balanced means, power {p:g}" if on else "plain pixel means (`--class_balance false`)"
+                     for on, p in kinds)
+    return f"; `c2vkd` runs: {text}" if text else ""
 
 
 def make_plots(runs: list[dict], out_dir: Path, protocol: str) -> list[str]:

@@ -100,3 +100,18 @@ def test_selection_runs_hold_out_one_sequence(tmp_path):
     assert benchmark.shared_config(args, "val")["max_steps"] == benchmark.PROTOCOLS["long"]["max_steps"]
     specs = benchmark.table_specs()
     assert len(specs) == len(set(specs)) == 11 and specs.count("c2vkd:c2vkd") == 1
+
+
+def test_protocol_line_says_how_the_c2vkd_runs_weigh_pixels(tmp_path):
+    _run(tmp_path, "none", "none", 0, 0.30)
+    _run(tmp_path, "c2vkd", "c2vkd", 0, 0.31)  # made before class balance was the default: no key in its config
+    _run(tmp_path, "none", "none", 0, 0.30, protocol="short")
+    _run(tmp_path, "c2vkd", "c2vkd", 0, 0.31, protocol="short")
+    record = benchmark.record_path(tmp_path, "long", "c2vkd", 0)
+    run = json.loads(record.read_text())
+    run["config"]["distillation"].update(class_balance=True, class_balance_power=0.5)
+    record.write_text(json.dumps(run))
+    benchmark.main(["--report_only", "--out_dir", str(tmp_path), "--readme", str(tmp_path / "none.md")])
+    long, short = (tmp_path / "RESULTS.md").read_text().split("## Short protocol")
+    assert "`c2vkd` runs: class-balanced means, power 0.5" in long
+    assert "`c2vkd` runs: plain pixel means (`--class_balance false`)" in short

@@ -615,3 +615,29 @@ def test_class_balance_power_interpolates_between_the_plain_and_the_balanced_mea
     torch.testing.assert_close(half[labels == 1].sum(), torch.tensor(0.25))
     full = class_balanced_weights(labels, 2, 255, power=1.0)
     torch.testing.assert_close(full[labels == 1].sum(), torch.tensor(0.5))
+
+
+def test_c2vkd_from_the_default_flags_uses_half_way_class_balanced_means():
+    """The product's C2VKD (flags at their defaults) weighs class k by n_k^(1 - 0.5) in PDD; --class_balance
+    false gives the paper's plain pixel mean. Checked on the loss value of a batch with a rare class."""
+    from c2vkd_hf.cli.distill import parse_args
+    from c2vkd_hf.jobs.distill import build_loss_module
+    from c2vkd_hf.losses.common import class_balanced_weights
+    from c2vkd_hf.losses.pdd import pdd_loss
+
+    labels = torch.zeros(1, 4, 4, dtype=torch.long)
+    labels[0, 0, 0] = 1
+    zs, zt = torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 4, 4)
+    zt[0, 2, 0, 0] = 5.0
+    per_pixel = torch.stack([pdd_loss(zs[..., i:i + 1, j:j + 1], zt[..., i:i + 1, j:j + 1], labels[:, i:i + 1, j:j + 1])
+                             for i in range(4) for j in range(4)]).view(1, 4, 4)
+    half = (class_balanced_weights(labels, 3, IGNORE_INDEX, power=0.5) .view(1, 4, 4) * per_pixel).sum()
+
+    def pdd_term(argv):
+        dist_args = parse_args(["--output_dir", "unused", "--method", "c2vkd", *argv])[0]
+        loss = build_loss_module(dist_args, student_channels=[], teacher_channels=[], text_embeddings=None)
+        return pdd_loss(zs, zt, labels, class_balance=loss.class_balance, class_balance_power=loss.class_balance_power)
+
+    torch.testing.assert_close(pdd_term([]), half)
+    torch.testing.assert_close(pdd_term(["--class_balance", "false"]), per_pixel.mean())
+    assert not torch.allclose(half, per_pixel.mean())

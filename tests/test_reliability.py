@@ -442,3 +442,24 @@ def test_text_head_folded_into_the_saved_student(tmp_path, capsys):
     results = json.loads((tmp_path / "own" / "results.json").read_text())
     assert results["text_head"] is False
     assert json.loads((tmp_path / "out" / "results.json").read_text())["text_head"] is True
+
+
+def test_flags_a_method_does_not_read_do_not_identify_its_run(tmp_path):
+    """A new default of a C2VKD-only flag (class balance) must not make a `kd` run another configuration
+    (refused on resume), also against a run config saved with every flag; for C2VKD it does."""
+    from c2vkd_hf.config import DataArguments, DistillationArguments
+    from c2vkd_hf.jobs.distill import distillation_run_config
+    from c2vkd_hf.runs import config_differences
+
+    data, training = DataArguments(), TrainingArguments(output_dir=str(tmp_path), report_to="none")
+
+    def identity(**flags):
+        return distillation_run_config(DistillationArguments(**flags), data, training)
+
+    assert identity(method="kd", class_balance=False, pdd_weight=2.0) == identity(method="kd")
+    saved_by_an_earlier_version = json.loads(json.dumps(identity(method="kd")))
+    saved_by_an_earlier_version["distillation"].update(class_balance=False, class_balance_power=1.0)
+    assert config_differences(saved_by_an_earlier_version, identity(method="kd")) == []
+    assert identity(method="kd", kd_temperature=2.0) != identity(method="kd")  # what kd reads still counts
+    assert config_differences(identity(method="c2vkd", class_balance=False), identity(method="c2vkd")) == [
+        "distillation.class_balance: False -> True"]

@@ -295,11 +295,24 @@ def open_teacher_cache(dist_args: DistillationArguments, data_args: DataArgument
         raise UserInputError(f"--teacher_cache: {error}") from None
 
 
+#: Flags only C2VKD reads: they do not identify a run of another method, so a change of their defaults
+#: (e.g. ``class_balance``) neither refuses nor re-trains a ``kd``/``dist``/``none`` run.
+C2VKD_ONLY_FIELDS = frozenset({
+    "pdd_weight", "glob_weight", "rel_weight", "ling_weight", "pdd_alpha", "pdd_beta", "pdd_temperature",
+    "label_weight", "glob_tau", "rel_grid", "class_balance", "class_balance_power", "feature_pairs", "stage_pairs",
+    "stage_weight"})
+
+
 def distillation_run_config(dist_args: DistillationArguments, data_args: DataArguments,
                             training_args: TrainingArguments) -> dict:
-    """The configuration identifying a distillation run (:func:`c2vkd_hf.runs.run_config`)."""
+    """The configuration identifying a distillation run (:func:`c2vkd_hf.runs.run_config`), without the
+    flags its method does not read (:data:`C2VKD_ONLY_FIELDS`; a saved configuration that has them still
+    matches, since fields only one side knows are not compared)."""
     prepare_training_args(training_args)
-    return run_config({"distillation": dataclasses.asdict(dist_args), "data": dataclasses.asdict(data_args),
+    distillation = dataclasses.asdict(dist_args)
+    if dist_args.method != "c2vkd":
+        distillation = {k: v for k, v in distillation.items() if k not in C2VKD_ONLY_FIELDS}
+    return run_config({"distillation": distillation, "data": dataclasses.asdict(data_args),
                        "training": training_args.to_dict()})
 
 

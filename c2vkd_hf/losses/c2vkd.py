@@ -21,6 +21,12 @@ linguistic term on the feature grid, raised CamVid val mIoU by +1.5 points on av
 this is our addition, not the paper's. The same head with no teacher term scored higher still, so
 that gain belongs to the head, not to distillation (``benchmarks/camvid/FINDINGS.md``, section 3a).
 
+Class-balanced means (our addition, ``class_balance``/``class_balance_power``): PDD's and the linguistic
+term's means over pixels weigh class k by ``n_k^(1-p)`` (:func:`~.common.class_balanced_weights`). This class
+defaults to the paper's plain means; the product's flags default to ``p = 0.5``, because with plain means
+C2VKD lost CamVid's rare classes and ended below the teacher-free student with the same head
+(``benchmarks/camvid/FINDINGS.md``, section 0a).
+
 Cost (the formulas are unchanged; :mod:`.pdd`, :mod:`.vlfd`): when the student's text head is the
 linguistic projector, the linguistic term reads the head's ``S`` (``student_text_logits``) instead of
 projecting the feature a second time; the 1x1 projectors run as matrix products on channels-last rows;
