@@ -631,7 +631,7 @@ def test_c2vkd_from_the_default_flags_uses_half_way_class_balanced_means():
     zt[0, 2, 0, 0] = 5.0
     per_pixel = torch.stack([pdd_loss(zs[..., i:i + 1, j:j + 1], zt[..., i:i + 1, j:j + 1], labels[:, i:i + 1, j:j + 1])
                              for i in range(4) for j in range(4)]).view(1, 4, 4)
-    half = (class_balanced_weights(labels, 3, IGNORE_INDEX, power=0.5) .view(1, 4, 4) * per_pixel).sum()
+    half = (class_balanced_weights(labels, 3, IGNORE_INDEX, power=0.5).view(1, 4, 4) * per_pixel).sum()
 
     def pdd_term(argv):
         dist_args = parse_args(["--output_dir", "unused", "--method", "c2vkd", *argv])[0]

@@ -355,7 +355,8 @@ def vlfd_linguistic_loss_from_scores(
     with torch.no_grad():
         e = F.normalize(text_embeddings.detach().float(), dim=1, eps=_NORM_EPS)
         r = torch.softmax(resize(teacher_logits.detach().float(), size), dim=1)
-        y = resize_labels(labels, size) if labels is not None else None  # the labels on S's grid
+        # the labels on S's grid, resized once, only when the label correction or class balance reads them
+        y = resize_labels(labels, size) if labels is not None and (g > 0 or class_balance) else None
         if y is not None and g > 0:
             valid = y != ignore_index
             onehot = F.one_hot(torch.where(valid, y, torch.zeros_like(y)), k).permute(0, 3, 1, 2).float()
