@@ -1,10 +1,13 @@
 """Trains the tiny C2VKD setup for a few steps and saves the student; run by test_distributed.py under
 ``torchrun --nproc_per_node N`` (gloo on CPU) with the same global batch for every N."""
 
+import gc
+import os
 import sys
 
 import torch
 
+from c2vkd_hf.jobs import end_distributed
 from tiny import c2vkd_model, make_trainer, tensor_dataset, tiny_student, tiny_teacher
 
 if __name__ == "__main__":
@@ -17,6 +20,12 @@ if __name__ == "__main__":
     trainer.train()
     if trainer.is_world_process_zero():
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, f"{output_dir}/weights.pt")
-    if torch.distributed.is_initialized():  # shut gloo down before the interpreter exits (else a rank can abort)
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # rank 0 has saved
+    del trainer, model  # the DDP wrapper holds the process group: let it go before the group is shut down
+    gc.collect()
+    end_distributed()
+    # Skip interpreter teardown: it is torch's, not ours, and a gloo rank has aborted in it (SIGABRT).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

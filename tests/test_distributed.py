@@ -20,11 +20,13 @@ def _free_port() -> int:
 
 def _run(tmp_path: Path, nproc: int, per_device: int) -> dict:
     out = tmp_path / f"n{nproc}"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    # faulthandler: should a rank die on a signal, its Python stack is in the failure message
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1",
+           "PYTHONPATH": str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}",
            str(HERE / "distributed_train.py"), str(out), str(per_device)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-6000:]}"
     return torch.load(out / "weights.pt", weights_only=True)
 
 
@@ -35,3 +37,30 @@ def test_two_processes_match_one_process(tmp_path):
     assert one.keys() == two.keys()
     for key in one:
         torch.testing.assert_close(one[key], two[key], atol=2e-5, rtol=1e-4, msg=lambda m: f"{key}: {m}")
+
+
+@pytest.mark.parametrize("outcome", ["returns", "user_error", "bug"])
+def test_a_script_shuts_its_process_group_down_however_it_ends(tmp_path, outcome):
+    import torch.distributed as dist
+
+    from c2vkd_hf.jobs import EXIT_USER_ERROR, run_script
+    from c2vkd_hf.validation import UserInputError
+
+    def main(argv):
+        assert dist.is_initialized()
+        if outcome == "user_error":
+            raise UserInputError("bad flag")
+        if outcome == "bug":
+            raise RuntimeError("a bug")
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        if outcome == "bug":
+            with pytest.raises(RuntimeError, match="a bug"):
+                run_script(main, [])
+        else:
+            assert run_script(main, []) == (EXIT_USER_ERROR if outcome == "user_error" else 0)
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -5,7 +5,8 @@
 that the offline default job (which trains its own teacher first, then a no-teacher baseline, then
 the student) and the benchmark share one code path with what users run.
 
-* :mod:`.errors`: user errors and exit codes (:func:`run_script`, :func:`user_errors`);
+* :mod:`.errors`: how scripts end: user errors, exit codes, the process group shut down
+  (:func:`run_script`, :func:`user_errors`, :func:`end_distributed`);
 * :mod:`.checks`: checks of the flags before any work, and of the classes of data, teacher and text;
 * :mod:`.common`: what the jobs share (results files, script arguments, datasets and training
   arguments, resuming, finished runs, train-evaluate-save);
@@ -51,7 +52,7 @@ from .distill import (
     teacher_val_miou,
     write_student_card,
 )
-from .errors import EXIT_NON_FINITE_LOSS, EXIT_USER_ERROR, run_script, user_errors
+from .errors import EXIT_NON_FINITE_LOSS, EXIT_USER_ERROR, end_distributed, run_script, user_errors
 from .publish import PUSH_IGNORE_PATTERNS, manual_upload_instructions, push_student_to_hub
 from .teacher import (
     DEFAULT_TEACHER_LR,
@@ -67,6 +68,7 @@ __all__ = [
     "EXIT_USER_ERROR",
     "EXIT_NON_FINITE_LOSS",
     "run_script",
+    "end_distributed",
     "user_errors",
     "check_class_agreement",
     "check_local_path",

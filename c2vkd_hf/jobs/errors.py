@@ -1,4 +1,5 @@
-"""User errors and exit codes: bad input is one ``error: ...`` paragraph and exit code 2, a NaN loss code 3."""
+"""How scripts end: bad input is one ``error: ...`` paragraph and exit code 2, a NaN loss code 3, and a
+distributed run shuts its process group down first."""
 
 from __future__ import annotations
 
@@ -27,23 +28,27 @@ def run_script(main, argv: Optional[list[str]] = None, user_errors: tuple = ()) 
     ``user_errors``; :data:`EXIT_NON_FINITE_LOSS` when training stopped on a NaN/inf loss (the last
     complete checkpoint is kept). These print one ``error: ...`` paragraph on stderr, no traceback
     (under ``accelerate launch``/``torchrun`` too: the process exits with the code); any other
-    exception is a bug and propagates with its traceback."""
+    exception is a bug and propagates with its traceback. Under ``torchrun``/``accelerate launch`` the
+    process group is shut down when ``main`` ends, however it ends (:func:`end_distributed`)."""
     from ..data import DataValidationError
 
     try:
-        main(argv)
-    except (UserInputError, DataValidationError, FileNotFoundError, *user_errors) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except NonFiniteLossError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_NON_FINITE_LOSS
-    except OSError as error:
-        if not is_write_failure(error):
-            raise
-        print(f"error: could not write {error.filename or 'a file'} ({error.strerror}).", file=sys.stderr)
-        return EXIT_USER_ERROR
-    return 0
+        try:
+            main(argv)
+        except (UserInputError, DataValidationError, FileNotFoundError, *user_errors) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        except NonFiniteLossError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return EXIT_NON_FINITE_LOSS
+        except OSError as error:
+            if not is_write_failure(error):
+                raise
+            print(f"error: could not write {error.filename or 'a file'} ({error.strerror}).", file=sys.stderr)
+            return EXIT_USER_ERROR
+        return 0
+    finally:
+        end_distributed()
 
 
 @contextlib.contextmanager
@@ -61,3 +66,14 @@ def user_errors(what: str):
                              f"loaded (only safetensors and torch.load(weights_only=True) are used).") from None
     except SafetensorError as error:
         raise UserInputError(f"{what}: a safetensors file is corrupt or truncated ({error}).") from None
+
+
+def end_distributed() -> None:
+    """Shuts the default ``torch.distributed`` process group down, on every rank, when one is up.
+
+    torch asks for this before a process exits; without it a gloo rank can abort (SIGABRT) while the
+    interpreter tears down threads that still hold the group. A no-op outside a distributed run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
