@@ -300,6 +300,48 @@ def table_section(runs: list[dict], table: str) -> list[str]:
     return lines + [""]
 
 
+def class_values(runs: list[dict], name: str, split: str) -> dict[int, dict[str, float]]:
+    """``{seed: {class: IoU in points}}`` of run ``name`` on ``split`` (classes absent from the split's labels,
+    recorded as None, left out)."""
+    out = {}
+    for r in runs:
+        per = r.get("runs", {}).get(split, {}).get("per_category_iou") if r["name"] == name else None
+        if per:
+            out[r["seed"]] = {k: v * 100 for k, v in per.items() if v is not None}
+    return out
+
+
+def per_class_section(runs: list[dict], table: str = "head") -> list[str]:
+    """Markdown: where each run's gain lands, per class and split: the table's baseline's IoU (seed mean) and
+    every other run's IoU minus the baseline's, paired by seed and averaged over the seeds both have,
+    ``mean_s [IoU_k(run, s) - IoU_k(base, s)]``."""
+    base, specs = TABLES[table]
+    lines = []
+    for split in SPLITS:
+        ref = class_values(runs, base, split)
+        names = [n for n in (parse_run(s)[0] for s in specs) if n != base and set(class_values(runs, n, split)) & set(ref)]
+        if not ref or not names:
+            continue
+        others = {n: class_values(runs, n, split) for n in names}
+        classes = list(next(iter(ref.values())))
+        lines += [f"**{split}** ({base}: {len(ref)} seeds; a gain column pairs the seeds both runs have)", "",
+                  f"| class | {base} IoU | " + " | ".join(f"{n} minus {base}" for n in names) + " |",
+                  "|---|" + "---|" * (len(names) + 1)]
+        for k in classes:
+            cells = [mean_std([v[k] for v in ref.values() if k in v])]
+            for n in names:
+                diffs = [others[n][s][k] - ref[s][k] for s in sorted(others[n]) if s in ref
+                         and k in others[n][s] and k in ref[s]]
+                cells.append(f"{statistics.mean(diffs):+.2f}" if diffs else "-")
+            lines.append(f"| {k} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if not lines:
+        return []
+    return [f"### Per class: where the gain over `{base}` lands", "",
+            "IoU in points; the baseline's seed mean ± std, then each run minus the baseline, paired by seed.", "",
+            *lines]
+
+
 def ablation_section(runs: list[dict]) -> list[str]:
     """Markdown: each ablation paired by seed with the run it changes, on both splits, and (for a teacher-based
     variant with the text head) its teacher-attributable gain: minus ``none-head``, paired by seed."""
@@ -409,7 +451,7 @@ def write_report(args) -> Optional[str]:
             section += table_section(runs, table)
         files = make_plots(runs, out_dir, protocol)
         section += [f"![{f}]({f})" for f in files] + [""]
-        lines += section
+        lines += section + per_class_section(runs)
         if not readme_lines:
             readme_lines = section[:-len(files) - 1]
         abl = ablation_section(runs)

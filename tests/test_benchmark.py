@@ -115,3 +115,23 @@ def test_protocol_line_says_how_the_c2vkd_runs_weigh_pixels(tmp_path):
     long, short = (tmp_path / "RESULTS.md").read_text().split("## Short protocol")
     assert "`c2vkd` runs: class-balanced means, power 0.5" in long
     assert "`c2vkd` runs: plain pixel means (`--class_balance false`)" in short
+
+
+def test_per_class_gains_are_paired_by_seed_and_skip_absent_classes(tmp_path):
+    def with_classes(name, method, seed, car, road):
+        _run(tmp_path, name, method, seed, 0.3)
+        path = benchmark.record_path(tmp_path, "long", name, seed)
+        record = json.loads(path.read_text())
+        record["runs"]["val"]["per_category_iou"] = {"car": car, "road": road}
+        benchmark.write_json(path, record)
+
+    with_classes("none-head", "none", 0, 0.10, 0.90)
+    with_classes("none-head", "none", 1, 0.20, None)  # road absent from this run's labels
+    with_classes("c2vkd", "c2vkd", 0, 0.15, 0.80)
+    with_classes("c2vkd", "c2vkd", 1, 0.40, 0.85)
+    with_classes("dist-head", "dist", 2, 0.90, 0.90)  # no none-head seed 2: nothing to pair, no column
+    lines = benchmark.per_class_section(benchmark.load_runs(tmp_path, "long"))
+    assert "| class | none-head IoU | c2vkd minus none-head |" in lines
+    assert "| car | 15.00 ± 7.07 | +12.50 |" in lines  # (5 + 20) / 2
+    assert "| road | 90.00 | -10.00 |" in lines  # seed 1 has no road IoU for none-head: seed 0 only
+    assert not any("dist-head minus" in line for line in lines)
