@@ -311,15 +311,14 @@ def class_values(runs: list[dict], name: str, split: str) -> dict[int, dict[str,
     return out
 
 
-def per_class_section(runs: list[dict], table: str = "head") -> list[str]:
-    """Markdown: where each run's gain lands, per class and split: the table's baseline's IoU (seed mean) and
-    every other run's IoU minus the baseline's, paired by seed and averaged over the seeds both have,
+def per_class_section(runs: list[dict], base: str, candidates: list[str]) -> list[str]:
+    """Markdown: where each run's gain lands, per class and split: ``base``'s IoU (seed mean) and each of
+    ``candidates``' IoU minus the baseline's, paired by seed and averaged over the seeds both have,
     ``mean_s [IoU_k(run, s) - IoU_k(base, s)]``."""
-    base, specs = TABLES[table]
     lines = []
     for split in SPLITS:
         ref = class_values(runs, base, split)
-        names = [n for n in (parse_run(s)[0] for s in specs) if n != base and set(class_values(runs, n, split)) & set(ref)]
+        names = [n for n in candidates if n != base and set(class_values(runs, n, split)) & set(ref)]
         if not ref or not names:
             continue
         others = {n: class_values(runs, n, split) for n in names}
@@ -342,12 +341,18 @@ def per_class_section(runs: list[dict], table: str = "head") -> list[str]:
             *lines]
 
 
+def teacher_head_variants(runs: list[dict]) -> list[str]:
+    """The ablation variants that use the teacher and the text head (compared with ``none-head``)."""
+    return sorted({r["name"] for r in runs if r.get("ablation") and r.get("text_head") and r.get("method") != "none"})
+
+
 def ablation_section(runs: list[dict]) -> list[str]:
     """Markdown: each ablation paired by seed with the run it changes, on both splits, and (for a teacher-based
     variant with the text head) its teacher-attributable gain: minus ``none-head``, paired by seed."""
     variants = sorted({r["name"] for r in runs if r.get("ablation")})
     if not variants:
         return []
+    with_head = set(teacher_head_variants(runs))
     lines = ["| variant | compared with | flags | val: paired gain | selection: paired gain | "
              "val: minus none-head | selection: minus none-head |", "|---|---|---|---|---|---|---|"]
     for name in variants:
@@ -355,8 +360,8 @@ def ablation_section(runs: list[dict]) -> list[str]:
         ref = run.get("ablates") or "c2vkd"
         flags = " ".join(run.get("extra_flags") or []) or "-"
         cells = [gain_cell(paired_gains(runs, name, ref, split)) for split in SPLITS]
-        with_head = run.get("text_head") and run.get("method") != "none"
-        cells += [gain_cell(paired_gains(runs, name, "none-head", split)) if with_head else "-" for split in SPLITS]
+        cells += [gain_cell(paired_gains(runs, name, "none-head", split)) if name in with_head else "-"
+                  for split in SPLITS]
         lines.append(f"| {name} | {ref} | `{flags}` | " + " | ".join(cells) + " |")
     return lines + [""]
 
@@ -451,12 +456,14 @@ def write_report(args) -> Optional[str]:
             section += table_section(runs, table)
         files = make_plots(runs, out_dir, protocol)
         section += [f"![{f}]({f})" for f in files] + [""]
-        lines += section + per_class_section(runs)
+        base, specs = TABLES["head"]
+        lines += section + per_class_section(runs, base, [parse_run(s)[0] for s in specs])
         if not readme_lines:
             readme_lines = section[:-len(files) - 1]
         abl = ablation_section(runs)
         if abl:
-            ablations += [f"## {protocol.capitalize()} protocol", "", *abl]
+            ablations += [f"## {protocol.capitalize()} protocol", "", *abl,
+                          *per_class_section(runs, base, ["c2vkd", *teacher_head_variants(runs)])]
     lines += ["## Commands", "", "```bash", "python scripts/benchmark.py --protocol long --main_seeds 5 --other_seeds 3",
               "python scripts/benchmark.py --protocol short --main_seeds 5 --other_seeds 3", "```", ""]
     (out_dir / "RESULTS.md").write_text("\n".join(lines) + "\n")

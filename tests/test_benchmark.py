@@ -130,7 +130,7 @@ def test_per_class_gains_are_paired_by_seed_and_skip_absent_classes(tmp_path):
     with_classes("c2vkd", "c2vkd", 0, 0.15, 0.80)
     with_classes("c2vkd", "c2vkd", 1, 0.40, 0.85)
     with_classes("dist-head", "dist", 2, 0.90, 0.90)  # no none-head seed 2: nothing to pair, no column
-    lines = benchmark.per_class_section(benchmark.load_runs(tmp_path, "long"))
+    lines = benchmark.per_class_section(benchmark.load_runs(tmp_path, "long"), "none-head", ["c2vkd", "dist-head"])
     assert "| class | none-head IoU | c2vkd minus none-head |" in lines
     assert "| car | 15.00 ± 7.07 | +12.50 |" in lines  # (5 + 20) / 2
     assert "| road | 90.00 | -10.00 |" in lines  # seed 1 has no road IoU for none-head: seed 0 only
