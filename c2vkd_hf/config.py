@@ -151,6 +151,10 @@ class DistillationArguments:
         metadata={"help": "C2VKD with --class_balance: exponent p of the balancing, class k weighing n_k^(1 - p) "
                   "(1: every class present the same; 0: the plain mean). 0.5 was chosen on CamVid val and the "
                   "selection split over 1.0 (FINDINGS, section 0a)."})
+    class_balance_terms: str = field(
+        default="pdd,ling",
+        metadata={"help": "C2VKD with --class_balance: the terms whose means are balanced, comma-separated, some of "
+                  "pdd, ling (the others keep the plain mean)."})
 
     # VLFD
     feature_pairs: Optional[str] = field(

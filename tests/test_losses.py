@@ -617,6 +617,50 @@ def test_class_balance_power_interpolates_between_the_plain_and_the_balanced_mea
     torch.testing.assert_close(full[labels == 1].sum(), torch.tensor(0.5))
 
 
+@pytest.mark.parametrize("balanced", [("pdd",), ("ling",), ("pdd", "ling")])
+def test_class_balance_terms_balance_only_the_terms_named(balanced):
+    """Each of PDD and the linguistic term takes the balanced value exactly when it is named, else the plain
+    one (the others: glob, rel, ce, never balanced, are unchanged)."""
+    s, t, y, fs, ft, emb = _c2vkd_inputs()
+    y = y.clone()
+    y[y != 255] = 0
+    y[0, 0, 0] = 1  # one rare pixel, so balanced and plain means differ
+    kwargs = dict(student_channels=[6, 5], teacher_channels=[7, 3], text_embeddings=emb.detach(), ling_feature_index=0)
+    torch.manual_seed(0)
+    plain = C2VKDLoss(**kwargs)
+    torch.manual_seed(0)
+    full = C2VKDLoss(**kwargs, class_balance=True, class_balance_power=1.0)
+    torch.manual_seed(0)
+    some = C2VKDLoss(**kwargs, class_balance=True, class_balance_power=1.0, class_balance_terms=balanced)
+    out_plain, out_full, out_some = (m(s, t, y, fs, ft) for m in (plain, full, some))
+    for term in ("pdd", "ling"):
+        assert not torch.allclose(out_plain[term], out_full[term])
+        torch.testing.assert_close(out_some[term], (out_full if term in balanced else out_plain)[term])
+    for term in ("ce", "glob", "rel"):
+        torch.testing.assert_close(out_some[term], out_plain[term])
+
+
+def test_class_balance_terms_flag_is_checked_and_reaches_the_loss():
+    from c2vkd_hf.cli.distill import parse_args
+    from c2vkd_hf.jobs import validate_distillation_args
+    from c2vkd_hf.jobs.distill import build_loss_module
+    from c2vkd_hf.validation import UserInputError
+
+    def loss_from(*argv):
+        dist_args = parse_args(["--output_dir", "unused", "--method", "c2vkd", *argv])[0]
+        validate_distillation_args(dist_args)
+        return build_loss_module(dist_args, student_channels=[], teacher_channels=[], text_embeddings=None)
+
+    assert loss_from().class_balance_terms == ("pdd", "ling")
+    assert loss_from("--class_balance_terms", " ling ").class_balance_terms == ("ling",)
+    assert loss_from("--class_balance_terms", "ling").balances("ling") and not loss_from(
+        "--class_balance_terms", "ling").balances("pdd")
+    assert not loss_from("--class_balance", "false").balances("pdd")
+    for bad in ("", "pdd,glob", "pdd,pdd"):
+        with pytest.raises(UserInputError, match="--class_balance_terms"):
+            loss_from("--class_balance_terms", bad)
+
+
 def test_c2vkd_from_the_default_flags_uses_half_way_class_balanced_means():
     """The product's C2VKD (flags at their defaults) weighs class k by n_k^(1 - 0.5) in PDD; --class_balance
     false gives the paper's plain pixel mean. Checked on the loss value of a batch with a rare class."""

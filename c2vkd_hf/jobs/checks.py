@@ -14,6 +14,7 @@ from torch import nn
 from transformers import AutoConfig
 
 from ..config import METHODS, DistillationArguments
+from ..losses.c2vkd import parse_class_balance_terms
 from ..losses.schedule import parse_schedules
 from ..models import SEGFORMER_SIZES, TORCHVISION_ARCHS, parse_torchvision_name
 from ..trainer import parse_feature_pairs
@@ -44,6 +45,7 @@ def validate_distillation_args(args: DistillationArguments) -> None:
         parse_feature_pairs(args.feature_pairs)
         stage_pairs = parse_feature_pairs(args.stage_pairs)
         parse_schedules(args.weight_schedules)
+        parse_class_balance_terms(args.class_balance_terms)
     except ValueError as error:
         raise UserInputError(f"{error}") from None
     if args.stage_weight > 0 and not stage_pairs:

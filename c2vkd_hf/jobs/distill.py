@@ -19,6 +19,7 @@ from ..config import IGNORE_INDEX, DataArguments, DistillationArguments
 from ..data import SegmentationData, build_transform, collate_fn, default_palette, load_segmentation_data
 from ..inference import evaluate_model
 from ..losses import get_loss
+from ..losses.c2vkd import parse_class_balance_terms
 from ..losses.schedule import parse_schedules
 from ..metrics import make_compute_metrics
 from ..models import (
@@ -70,7 +71,8 @@ def build_loss_module(args: DistillationArguments, *, student_channels: list[int
             rel_weight=args.rel_weight, ling_weight=args.ling_weight, pdd_alpha=args.pdd_alpha,
             pdd_beta=args.pdd_beta, pdd_temperature=args.pdd_temperature, label_weight=args.label_weight,
             glob_tau=args.glob_tau, rel_grid=args.rel_grid, ling_tau=args.ling_tau, class_balance=args.class_balance,
-            class_balance_power=args.class_balance_power)
+            class_balance_power=args.class_balance_power,
+            class_balance_terms=parse_class_balance_terms(args.class_balance_terms))
     peer = dict(common)
     if args.kd_weight is not None:
         peer["kd_weight"] = args.kd_weight
@@ -299,7 +301,8 @@ def open_teacher_cache(dist_args: DistillationArguments, data_args: DataArgument
 #: (e.g. ``class_balance``) neither refuses nor re-trains a ``kd``/``dist``/``none`` run.
 C2VKD_ONLY_FIELDS = frozenset({
     "pdd_weight", "glob_weight", "rel_weight", "ling_weight", "pdd_alpha", "pdd_beta", "pdd_temperature",
-    "label_weight", "glob_tau", "rel_grid", "class_balance", "class_balance_power", "feature_pairs", "stage_pairs",
+    "label_weight", "glob_tau", "rel_grid", "class_balance", "class_balance_power", "class_balance_terms",
+    "feature_pairs", "stage_pairs",
     "stage_weight"})
 
 

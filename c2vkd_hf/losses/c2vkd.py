@@ -25,7 +25,8 @@ Class-balanced means (our addition, ``class_balance``/``class_balance_power``): 
 term's means over pixels weigh class k by ``n_k^(1-p)`` (:func:`~.common.class_balanced_weights`). This class
 defaults to the paper's plain means; the product's flags default to ``p = 0.5``, because with plain means
 C2VKD lost CamVid's rare classes and ended below the teacher-free student with the same head
-(``benchmarks/camvid/FINDINGS.md``, section 0a).
+(``benchmarks/camvid/FINDINGS.md``, section 0a). ``class_balance_terms`` balances one term only (the
+other keeps the plain mean): per class, balance traded the large classes for the rare ones (section 0c).
 
 Cost (the formulas are unchanged; :mod:`.pdd`, :mod:`.vlfd`): when the student's text head is the
 linguistic projector, the linguistic term reads the head's ``S`` (``student_text_logits``) instead of
@@ -54,7 +55,20 @@ from .vlfd import (
     vlfd_relation_loss,
 )
 
-__all__ = ["C2VKDLoss"]
+__all__ = ["C2VKDLoss", "BALANCEABLE_TERMS", "parse_class_balance_terms"]
+
+#: The terms whose means over pixels ``class_balance`` can make class-balanced.
+BALANCEABLE_TERMS = ("pdd", "ling")
+
+
+def parse_class_balance_terms(spec: str) -> tuple[str, ...]:
+    """``"pdd,ling"`` -> ``("pdd", "ling")``: the comma-separated ``--class_balance_terms`` flag, each name one of
+    :data:`BALANCEABLE_TERMS`, at least one, none twice."""
+    terms = tuple(t.strip() for t in str(spec).split(",") if t.strip())
+    if not terms or set(terms) - set(BALANCEABLE_TERMS) or len(set(terms)) < len(terms):
+        raise ValueError(f"--class_balance_terms must name some of {', '.join(BALANCEABLE_TERMS)} once each, "
+                         f"comma-separated, got {spec!r}")
+    return terms
 
 FeatureList = Optional[Union[torch.Tensor, Sequence[torch.Tensor]]]
 
@@ -109,6 +123,8 @@ class C2VKDLoss(DistillationLoss):
             present in the batch's labels weighs the same, :func:`~.common.class_balanced_weights`); the
             cross-entropy stays the plain mean. Our addition, not the paper's. ``class_balance_power``: the
             exponent ``p`` of the balancing (class ``k`` weighs ``n_k^(1 - p)``; 1: every class the same).
+            ``class_balance_terms``: which of the two terms balance (``("pdd", "ling")``, the default, or one
+            of them; the other keeps the plain mean).
         ignore_index: void label value.
 
     ``forward(student_logits, teacher_logits, labels, student_features, teacher_features)`` returns
@@ -142,6 +158,7 @@ class C2VKDLoss(DistillationLoss):
         ling_tau: float = 0.03,
         class_balance: bool = False,
         class_balance_power: float = 1.0,
+        class_balance_terms: Sequence[str] = BALANCEABLE_TERMS,
         ignore_index: int = IGNORE_INDEX,
     ) -> None:
         super().__init__(ce_weight=ce_weight, ignore_index=ignore_index)
@@ -158,6 +175,10 @@ class C2VKDLoss(DistillationLoss):
         self.ling_tau = check_positive("ling_tau", ling_tau)
         self.class_balance = bool(class_balance)
         self.class_balance_power = check_weight("class_balance_power", class_balance_power)
+        terms = tuple(class_balance_terms)
+        if not terms or set(terms) - set(BALANCEABLE_TERMS):
+            raise ValueError(f"class_balance_terms must name some of {', '.join(BALANCEABLE_TERMS)}, got {terms!r}")
+        self.class_balance_terms = terms
         if not isinstance(rel_grid, int) or isinstance(rel_grid, bool) or rel_grid < 1:
             raise ValueError(f"rel_grid must be an integer >= 1, got {rel_grid!r}")
         self.rel_grid = rel_grid
@@ -264,7 +285,7 @@ class C2VKDLoss(DistillationLoss):
                 beta=self.pdd_beta,
                 label_weight=self.label_weight,
                 ignore_index=self.ignore_index,
-                class_balance=self.class_balance,
+                class_balance=self.balances("pdd"),
                 class_balance_power=self.class_balance_power,
             )
         elif "pdd" in self.weights:
@@ -277,7 +298,7 @@ class C2VKDLoss(DistillationLoss):
                 temperature=self.pdd_temperature,
                 label_weight=self.label_weight,
                 ignore_index=self.ignore_index,
-                class_balance=self.class_balance,
+                class_balance=self.balances("pdd"),
                 class_balance_power=self.class_balance_power,
             )
         if not self.uses_features:
@@ -314,10 +335,14 @@ class C2VKDLoss(DistillationLoss):
                 tau=self.ling_tau,
                 label_weight=self.label_weight,
                 ignore_index=self.ignore_index,
-                class_balance=self.class_balance,
+                class_balance=self.balances("ling"),
                 class_balance_power=self.class_balance_power,
             )
         return terms
+
+    def balances(self, term: str) -> bool:
+        """Whether ``term`` (``pdd`` or ``ling``) takes class-balanced means."""
+        return self.class_balance and term in self.class_balance_terms
 
     @staticmethod
     def _project(projector: nn.Conv2d, feature: torch.Tensor) -> torch.Tensor:
