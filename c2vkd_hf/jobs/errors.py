@@ -1,5 +1,5 @@
-"""How scripts end: bad input is one ``error: ...`` paragraph and exit code 2, a NaN loss code 3, and a
-distributed run shuts its process group down first."""
+"""How scripts end: bad input is one ``error: ...`` paragraph and exit code 2, a NaN loss code 3; a
+distributed run shuts its process group down before it returns its code."""
 
 from __future__ import annotations
 
@@ -29,26 +29,26 @@ def run_script(main, argv: Optional[list[str]] = None, user_errors: tuple = ()) 
     complete checkpoint is kept). These print one ``error: ...`` paragraph on stderr, no traceback
     (under ``accelerate launch``/``torchrun`` too: the process exits with the code); any other
     exception is a bug and propagates with its traceback. Under ``torchrun``/``accelerate launch`` the
-    process group is shut down when ``main`` ends, however it ends (:func:`end_distributed`)."""
+    process group is shut down before an exit code is returned (:func:`end_distributed`); a bug leaves it to
+    the launcher, since shutting down could wait on ranks still inside a collective."""
     from ..data import DataValidationError
 
     try:
-        try:
-            main(argv)
-        except (UserInputError, DataValidationError, FileNotFoundError, *user_errors) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return EXIT_USER_ERROR
-        except NonFiniteLossError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return EXIT_NON_FINITE_LOSS
-        except OSError as error:
-            if not is_write_failure(error):
-                raise
-            print(f"error: could not write {error.filename or 'a file'} ({error.strerror}).", file=sys.stderr)
-            return EXIT_USER_ERROR
-        return 0
-    finally:
-        end_distributed()
+        main(argv)
+        code = 0
+    except (UserInputError, DataValidationError, FileNotFoundError, *user_errors) as error:
+        print(f"error: {error}", file=sys.stderr)
+        code = EXIT_USER_ERROR
+    except NonFiniteLossError as error:
+        print(f"error: {error}", file=sys.stderr)
+        code = EXIT_NON_FINITE_LOSS
+    except OSError as error:
+        if not is_write_failure(error):
+            raise
+        print(f"error: could not write {error.filename or 'a file'} ({error.strerror}).", file=sys.stderr)
+        code = EXIT_USER_ERROR
+    end_distributed()
+    return code
 
 
 @contextlib.contextmanager
