@@ -318,10 +318,11 @@ def per_class_section(runs: list[dict], base: str, candidates: list[str]) -> lis
     lines = []
     for split in SPLITS:
         ref = class_values(runs, base, split)
-        names = [n for n in candidates if n != base and set(class_values(runs, n, split)) & set(ref)]
+        others = {n: class_values(runs, n, split) for n in candidates if n != base}
+        others = {n: v for n, v in others.items() if set(v) & set(ref)}
+        names = list(others)
         if not ref or not names:
             continue
-        others = {n: class_values(runs, n, split) for n in names}
         classes = list(next(iter(ref.values())))
         lines += [f"**{split}** ({base}: {len(ref)} seeds; a gain column pairs the seeds both runs have)", "",
                   f"| class | {base} IoU | " + " | ".join(f"{n} minus {base}" for n in names) + " |",
