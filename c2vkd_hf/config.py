@@ -73,6 +73,12 @@ class DataArguments:
     min_scale: float = field(default=0.75, metadata={"help": "Random rescale range, lower bound."})
     max_scale: float = field(default=1.5, metadata={"help": "Random rescale range, upper bound."})
     hflip: bool = field(default=True, metadata={"help": "Random horizontal flip for training."})
+    cutmix_prob: float = field(
+        default=0.0,
+        metadata={"help": "Probability that a training example gets a box of another example of its batch pasted in "
+                  "(CutMix, image and mask; c2vkd_hf/data/mixing.py). A live teacher sees the mixed images (function "
+                  "matching); incompatible with --teacher_cache. 0 turns it off."},
+    )
     selection_holdout: Optional[str] = field(
         default=None,
         metadata={"help": "Glob on training image file names (e.g. '0006R0_*', one CamVid sequence): the matching "

@@ -17,7 +17,9 @@ One module per job:
 * :mod:`.transforms`: the train/eval :class:`SegmentationTransform` (seeded per example, returning
   its :class:`Geometry` when the teacher cache needs it), :func:`collate_fn`;
 * :mod:`.decoded`: the decoded-dataset cache (each split decoded once into memory maps; imported
-  from ``c2vkd_hf.data.decoded``).
+  from ``c2vkd_hf.data.decoded``);
+* :mod:`.mixing`: CutMix of training batches, applied by the trainer before the live teacher sees them
+  (imported from ``c2vkd_hf.data.mixing``).
 """
 
 from .base import DataValidationError, SegmentationData

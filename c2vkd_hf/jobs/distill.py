@@ -169,6 +169,9 @@ def setup_distillation(dist_args: DistillationArguments, data_args: DataArgument
     ``--teacher_cache``) opens or builds the teacher cache, and returns the trainer, not yet trained.
     ``callbacks``: extra ``TrainerCallback``s; ``phase`` names the progress bar and console lines."""
     validate_distillation_args(dist_args)
+    if data_args.cutmix_prob > 0 and dist_args.teacher_cache:
+        raise UserInputError("--cutmix_prob needs the live teacher, which sees each mixed image; a --teacher_cache "
+                             "holds its outputs on unmixed views. Drop one of the two.")
     output_dir = Path(training_args.output_dir)
     prepare_training_args(training_args)
     data = data if data is not None else load_segmentation_data(data_args)
@@ -250,7 +253,7 @@ def setup_distillation(dist_args: DistillationArguments, data_args: DataArgument
         phase=phase, teacher=teacher, teacher_feature_names=teacher_feature_names,
         student_mean_std=(student_mean, student_std),
         teacher_mean_std=image_mean_std(teacher) if teacher is not None else None, teacher_cache=teacher_cache,
-        teacher_input_scale=dist_args.teacher_input_scale)
+        teacher_input_scale=dist_args.teacher_input_scale, cutmix_prob=data_args.cutmix_prob)
     return DistillationSetup(trainer=trainer, data=data, loss_module=loss_module, teacher=teacher,
                              teacher_name=teacher_name, text_embeddings=text_embeddings, notes=notes,
                              teacher_cache=teacher_cache, text_source=text_source)

@@ -1,0 +1,116 @@
+"""CutMix (c2vkd_hf/data/mixing.py): the masks and the mix, hand-checked; the live teacher and the student see
+the same mixed batch; a resumed run mixes as an uninterrupted one; the flag's checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import TrainingArguments
+
+from c2vkd_hf.config import DataArguments, DistillationArguments
+from c2vkd_hf.data.mixing import apply_cutmix, cutmix_masks, mix_generator
+from c2vkd_hf.jobs.distill import setup_distillation
+from c2vkd_hf.trainer import DistillationTrainer
+from c2vkd_hf.validation import UserInputError, check_ranges
+from tiny import c2vkd_model, make_trainer, tensor_dataset, tiny_student, tiny_teacher
+
+
+def test_apply_cutmix_pastes_the_partners_box_into_images_and_labels():
+    images = torch.stack([torch.zeros(1, 2, 3), torch.ones(1, 2, 3)])
+    labels = torch.tensor([[[0, 0, 0], [0, 0, 0]], [[5, 5, 5], [5, 5, 5]]])
+    masks = torch.tensor([[[False, True, True], [False, False, False]], [[False] * 3, [False] * 3]])
+    partner = torch.tensor([1, 0])
+    mixed = apply_cutmix(images, masks, partner)
+    assert mixed[0, 0].tolist() == [[0, 1, 1], [0, 0, 0]] and mixed[1].eq(1).all()
+    assert apply_cutmix(labels, masks, partner)[0].tolist() == [[0, 5, 5], [0, 0, 0]]
+    assert images[0].eq(0).all(), "the input is not changed in place"
+    with pytest.raises(ValueError, match="does not fit"):
+        apply_cutmix(torch.zeros(2, 3, 4, 4), masks, partner)
+
+
+def test_masks_are_boxes_from_another_example_drawn_with_the_given_probability():
+    generator = torch.Generator().manual_seed(0)
+    mixed, drawn = 0, 0
+    for _ in range(100):
+        masks, partner = cutmix_masks(4, 12, 16, 0.5, generator)
+        assert masks.shape == (4, 12, 16) and masks.dtype == torch.bool
+        assert (partner != torch.arange(4)).all() and sorted(partner.tolist()) == [0, 1, 2, 3]
+        for mask in masks:
+            rows, cols = mask.any(1), mask.any(0)
+            assert torch.equal(mask, rows[:, None] & cols[None, :]), "a mask is one axis-aligned box"
+            if mask.any():  # contiguous rows and columns
+                r, c = rows.nonzero().flatten(), cols.nonzero().flatten()
+                assert r[-1] - r[0] + 1 == len(r) and c[-1] - c[0] + 1 == len(c)
+        mixed += int(masks.flatten(1).any(1).sum())
+        drawn += 4
+    assert 0.4 < mixed / drawn < 0.6
+    assert not cutmix_masks(4, 12, 16, 0.0, generator)[0].any()
+    assert cutmix_masks(1, 12, 16, 1.0, generator)[1].tolist() == [0]  # a batch of one mixes with itself
+    with pytest.raises(ValueError, match="probability"):
+        cutmix_masks(4, 12, 16, 1.5, generator)
+
+
+def test_mix_generator_depends_only_on_seed_step_rank_and_micro_batch():
+    draw = lambda *key: torch.rand(3, generator=mix_generator(*key))  # noqa: E731
+    assert torch.equal(draw(0, 5, 0, 0), draw(0, 5, 0, 0))
+    for other in ((1, 5, 0, 0), (0, 6, 0, 0), (0, 5, 1, 0), (0, 5, 0, 1)):
+        assert not torch.equal(draw(0, 5, 0, 0), draw(*other))
+
+
+def _hook(module, store):
+    def capture(mod, args, kwargs):
+        store.append((kwargs.get("pixel_values") if "pixel_values" in kwargs else args[0]).detach().clone())
+    return module.register_forward_pre_hook(capture, with_kwargs=True)
+
+
+def test_the_live_teacher_the_student_and_the_loss_see_one_mixed_batch(tmp_path):
+    data = tensor_dataset(4, seed=2)
+    teacher = tiny_teacher()
+    model = c2vkd_model(tiny_student(), teacher)
+    seen_teacher, seen_student, seen_labels = [], [], []
+    _hook(teacher, seen_teacher)
+    _hook(model.student, seen_student)
+    model.distill_loss.register_forward_pre_hook(lambda mod, args: seen_labels.append(args[2].clone()))
+    make_trainer(str(tmp_path), model, teacher, data, cutmix_prob=1.0, per_device_train_batch_size=4,
+                 max_steps=1).train()
+    images, labels = seen_student[0], seen_labels[0]
+    torch.testing.assert_close(seen_teacher[0], images, rtol=0, atol=0)
+    originals = torch.stack([d["pixel_values"] for d in data])
+    pasted = 0
+    is_box = lambda m: torch.equal(m, m.any(1)[:, None] & m.any(0)[None, :])  # noqa: E731
+    for image, label in zip(images, labels):
+        same = (image[None] == originals).all(1)  # (4, H, W): where this image equals each original
+        involved = [j for j in range(4) if same[j].any()]
+        assert same[involved].any(0).all(), "every pixel comes from an example of the batch"
+        assert len(involved) <= 2, "one box from one other example"
+        if len(involved) == 2:
+            pasted += 1
+            a, b = involved
+            assert not (same[a] & same[b]).any()
+            assert is_box(same[a]) or is_box(same[b]), "the pasted region is a box"
+        for j in involved:  # the labels follow the pixels
+            assert torch.equal(label[same[j]], data[j]["labels"][same[j]])
+    assert pasted >= 2, "with probability 1 most examples get a box"
+
+
+def test_a_resumed_run_draws_the_same_boxes(tmp_path):
+    batch = {"pixel_values": torch.randn(4, 3, 16, 16), "labels": torch.randint(0, 3, (4, 16, 16))}
+    draws = []
+    for _ in range(2):  # two trainers standing for an uninterrupted and a resumed run, at the same step
+        teacher = tiny_teacher()
+        trainer = make_trainer(str(tmp_path), c2vkd_model(tiny_student(), teacher), teacher, tensor_dataset(4),
+                               cutmix_prob=1.0)
+        trainer.state.global_step = 7
+        draws.append([trainer._cutmix(batch)["labels"] for _ in range(2)])  # two micro-batches of step 7
+    assert torch.equal(draws[0][0], draws[1][0]) and torch.equal(draws[0][1], draws[1][1])
+    assert not torch.equal(draws[0][0], draws[0][1]), "micro-batches of one step mix differently"
+
+
+def test_cutmix_flag_is_range_checked_and_refused_with_a_teacher_cache(tmp_path):
+    with pytest.raises(UserInputError, match="--cutmix_prob must be a probability"):
+        check_ranges({"cutmix_prob": 1.5})
+    with pytest.raises(UserInputError, match="--cutmix_prob needs the live teacher"):
+        setup_distillation(DistillationArguments(method="kd", teacher_cache=str(tmp_path / "cache")),
+                           DataArguments(cutmix_prob=0.5), TrainingArguments(output_dir=str(tmp_path / "out")))
+    with pytest.raises(ValueError, match="live teacher"):
+        DistillationTrainer(None, teacher_cache=object(), cutmix_prob=0.5)
