@@ -82,13 +82,17 @@ def test_ablations_are_paired_with_the_run_they_change(tmp_path):
     _run(tmp_path, "c2vkd", "c2vkd", 0, 0.36, selection=0.20)
     _run(tmp_path, "c2vkd-stage", "c2vkd", 0, 0.35, selection=0.22, text_head=True)
     _run(tmp_path, "none-head", "none", 0, 0.32, selection=0.25)
-    _run(tmp_path, "none-head-x", "none", 0, 0.31, ablates="none")
+    _run(tmp_path, "none-head-x", "none", 0, 0.31, ablates="none", selection=0.24)
+    _run(tmp_path, "c2vkd-x", "c2vkd", 0, 0.33, selection=0.27, text_head=True, control="none-head-x")
     benchmark.main(["--report_only", "--out_dir", str(tmp_path), "--readme", str(tmp_path / "none.md")])
     ablations = (tmp_path / "ABLATIONS.md").read_text()
     # paired with the run it changes, and (teacher-based, with the head) minus none-head of the same seed
-    assert ("| c2vkd-stage | c2vkd | `-` | -1.00 (0/1 seeds above) | +2.00 (1/1 seeds above) | "
+    assert ("| c2vkd-stage | c2vkd | `-` | -1.00 (0/1 seeds above) | +2.00 (1/1 seeds above) | none-head | "
             "+3.00 (1/1 seeds above) | -3.00 (0/1 seeds above) |") in ablations
-    assert "| none-head-x | none | `-` | +1.00 (1/1 seeds above) | - | - | - |" in ablations
+    assert "| none-head-x | none | `-` | +1.00 (1/1 seeds above) | - | - | - | - |" in ablations
+    # or minus the teacher-free control the record names (same data flags, no teacher)
+    assert ("| c2vkd-x | c2vkd | `-` | -3.00 (0/1 seeds above) | +7.00 (1/1 seeds above) | none-head-x | "
+            "+2.00 (1/1 seeds above) | +3.00 (1/1 seeds above) |") in ablations
     assert "c2vkd-stage" not in (tmp_path / "RESULTS.md").read_text()
 
 
