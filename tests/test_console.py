@@ -7,7 +7,7 @@ import re
 import pytest
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from c2vkd_hf.trainer import ConsolePrinterCallback, ConsoleProgressCallback, console_line
+from c2vkd_hf.console import ConsolePrinterCallback, ConsoleProgressCallback, console_line
 from tiny import c2vkd_model, make_trainer, tensor_dataset, tiny_student, tiny_teacher
 
 TRAIN_LOGS = {"loss": 0.734567, "grad_norm": 3.21, "learning_rate": 0.000551234, "epoch": 1.5,
