@@ -76,8 +76,14 @@ class DataArguments:
     cutmix_prob: float = field(
         default=0.0,
         metadata={"help": "Probability that a training example gets a box of another example of its batch pasted in "
-                  "(CutMix, image and mask; c2vkd_hf/data/mixing.py). A live teacher sees the mixed images (function "
+                  "(CutMix, image and mask; c2vkd_hf/data/batch_augment.py). A live teacher sees the mixed images (function "
                   "matching); incompatible with --teacher_cache. 0 turns it off."},
+    )
+    student_jitter: float = field(
+        default=0.0,
+        metadata={"help": "Colour jitter of this strength (brightness, contrast, saturation factors in [1-s, 1+s]) on "
+                  "the student's training view only, after the teacher (live or cached) has seen the clean view "
+                  "(c2vkd_hf/data/batch_augment.py). 0 turns it off."},
     )
     selection_holdout: Optional[str] = field(
         default=None,

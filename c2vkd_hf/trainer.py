@@ -46,7 +46,7 @@ from .runs import MANIFEST_NAME, checkpoint_fit_problem, manifest_problems, writ
 from .validation import UserInputError, save_errors
 from .losses.common import cross_entropy
 from .models import DECODER_FEATURE, classifier_module, forward_features
-from .data.mixing import apply_cutmix, cutmix_masks, mix_generator
+from .data.batch_augment import apply_cutmix, batch_generator, cutmix_masks, jitter_factors, jitter_normalised
 from .teacher import CachedTeacher, LiveTeacher
 from .text_head import TextHead, save_text_head
 
@@ -287,8 +287,11 @@ class DistillationTrainer(SafeCheckpointTrainer):
         teacher_input_scale: the teacher sees each view at this many times the student's resolution
             (online: the batch upsampled bilinearly; cached: the cache was built at that size).
         cutmix_prob: each training example gets a box of another example of its batch pasted in (image and
-            labels) with this probability, before the teacher (run live) sees the batch
-            (:mod:`c2vkd_hf.data.mixing`); needs ``teacher_cache=None``.
+            labels) with this probability, before the teacher (run live) sees the batch; needs
+            ``teacher_cache=None``.
+        student_jitter: colour jitter of this strength on the student's view only, after the teacher (live
+            or cached) has seen the clean one (``student_mean_std`` says how the batch is normalised).
+            Both: :mod:`c2vkd_hf.data.batch_augment`.
         The teacher arguments become one object, ``self.teacher_source`` (:class:`~c2vkd_hf.teacher.LiveTeacher`
         or :class:`~c2vkd_hf.teacher.CachedTeacher`), whose ``outputs(inputs, device)`` the loss reads.
         All other arguments are :class:`transformers.Trainer`'s.
@@ -297,12 +300,15 @@ class DistillationTrainer(SafeCheckpointTrainer):
     def __init__(self, *args, teacher: Optional[nn.Module] = None,
                  teacher_feature_names: Optional[list[str]] = None,
                  student_mean_std: Optional[tuple] = None, teacher_mean_std: Optional[tuple] = None,
-                 teacher_cache=None, teacher_input_scale: float = 1.0, cutmix_prob: float = 0.0, **kwargs):
+                 teacher_cache=None, teacher_input_scale: float = 1.0, cutmix_prob: float = 0.0,
+                 student_jitter: float = 0.0, **kwargs):
         if cutmix_prob > 0 and teacher_cache is not None:
             raise ValueError("CutMix needs the live teacher: a teacher cache holds its outputs on unmixed views")
         super().__init__(*args, **kwargs)
         self.cutmix_prob = float(cutmix_prob)
-        self._mix_position = (-1, 0)  # (global step, micro-batches mixed at it): seeds each batch's draws
+        self.student_jitter = float(student_jitter)
+        self.student_mean_std = student_mean_std or ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+        self._batch_position = (-1, 0)  # (global step, micro-batches seen at it): seeds each batch's draws
         names = list(teacher_feature_names or [])
         #: where the teacher's outputs come from (:mod:`c2vkd_hf.teacher`); ``None`` for --method none
         self.teacher_source = None
@@ -323,27 +329,35 @@ class DistillationTrainer(SafeCheckpointTrainer):
             # Evaluation (or prediction): the student alone, no teacher.
             outputs = model(pixel_values=pixel_values, labels=labels)
             return (outputs.loss, outputs) if return_outputs else outputs.loss
+        key = self._batch_key()
         if self.cutmix_prob > 0:
-            inputs = self._cutmix(inputs)
+            inputs = self._cutmix(inputs, key)
             pixel_values, labels = inputs["pixel_values"], inputs.get("labels")
         teacher_logits, teacher_features = (None, None)
         if self.teacher_source is not None:
             teacher_logits, teacher_features = self.teacher_source.outputs(inputs, pixel_values.device)
+        if self.student_jitter > 0:  # the student's view only: the teacher has seen the clean one
+            factors = jitter_factors(pixel_values.shape[0], self.student_jitter, batch_generator("jitter", *key))
+            pixel_values = jitter_normalised(pixel_values, factors, *self.student_mean_std)
         outputs = model(pixel_values=pixel_values, labels=labels, teacher_logits=teacher_logits,
                         teacher_features=teacher_features, return_terms=True)
         self._check_finite(outputs["terms"])
         self._accumulate_terms(outputs["terms"])
         return (outputs["loss"], outputs) if return_outputs else outputs["loss"]
 
-    def _cutmix(self, inputs: dict) -> dict:
-        """The batch with CutMix applied to its images and labels, drawn from a generator seeded by
-        (seed, global step, rank, micro-batch), so that a resumed run mixes as an uninterrupted one."""
-        step, micro = self._mix_position
+    def _batch_key(self) -> tuple[int, int, int, int]:
+        """``(seed, global step, rank, micro-batch)`` of this training batch: seeds its augmentation draws
+        (:func:`~c2vkd_hf.data.batch_augment.batch_generator`), so a resumed run draws as an uninterrupted one."""
+        step, micro = self._batch_position
         micro = micro + 1 if step == self.state.global_step else 0
-        self._mix_position = (self.state.global_step, micro)
+        self._batch_position = (self.state.global_step, micro)
+        return self.args.seed, self.state.global_step, self.args.process_index, micro
+
+    def _cutmix(self, inputs: dict, key: tuple[int, int, int, int]) -> dict:
+        """The batch with CutMix applied to its images and labels, drawn for batch ``key``."""
         pixel_values = inputs["pixel_values"]
-        generator = mix_generator(self.args.seed, self.state.global_step, self.args.process_index, micro)
-        masks, partner = cutmix_masks(pixel_values.shape[0], *pixel_values.shape[-2:], self.cutmix_prob, generator)
+        masks, partner = cutmix_masks(pixel_values.shape[0], *pixel_values.shape[-2:], self.cutmix_prob,
+                                      batch_generator("cutmix", *key))
         mixed = {**inputs, "pixel_values": apply_cutmix(pixel_values, masks, partner)}
         if inputs.get("labels") is not None:
             mixed["labels"] = apply_cutmix(inputs["labels"], masks, partner)

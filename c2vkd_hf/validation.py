@@ -74,7 +74,8 @@ RANGES: dict[str, Callable[[Any], Optional[str]]] = {
     "adam_epsilon": _above(0), "label_smoothing_factor": _at_least(0, float),
     # DataArguments
     "min_scale": _above(0), "max_scale": _above(0),
-    "cutmix_prob": lambda v: None if 0 <= v <= 1 else "must be a probability in [0, 1]", "resize_height": _at_least(MIN_INPUT_SIDE),
+    "cutmix_prob": lambda v: None if 0 <= v <= 1 else "must be a probability in [0, 1]",
+    "student_jitter": lambda v: None if 0 <= v < 1 else "must be a strength in [0, 1)", "resize_height": _at_least(MIN_INPUT_SIDE),
     "resize_width": _at_least(MIN_INPUT_SIDE), "crop_height": _at_least(MIN_INPUT_SIDE),
     "crop_width": _at_least(MIN_INPUT_SIDE), "max_train_samples": _at_least(1), "max_eval_samples": _at_least(1),
     "synthetic_train_size": _at_least(1), "synthetic_validation_size": _at_least(1),

@@ -231,10 +231,13 @@ def test_distill_with_teacher_cache_trains_without_running_the_teacher(tmp_path,
              "--synthetic_validation_size", "4", "--synthetic_height", "32", "--synthetic_width", "32",
              "--student_config_overrides", TINY_SEGFORMER_JSON, "--default_teacher_steps", "3", "--max_steps", "3",
              "--eval_steps", "3", "--save_steps", "3", "--logging_steps", "1", "--per_device_train_batch_size", "4",
-             "--disable_tqdm", "true", "--train_baseline", "false"]
+             "--disable_tqdm", "true"]
     monkeypatch.setattr(LiveTeacher, "outputs", no_teacher)
-    results = distill.main(flags)
+    results = distill.main(flags)  # the default job: its no-teacher baseline runs without the cache
     assert results["steps"] == 3 and results["config"]["distillation"]["teacher_cache"] == str(cache_dir)
+    baseline = json.loads((out / "baseline" / "results.json").read_text())
+    assert results["baseline_val_mean_iou"] == baseline["val_mean_iou"]
+    assert baseline["config"]["distillation"]["teacher_cache"] is None
     assert results["loss_history"] and "loss/pdd" in results["loss_history"][0]
     meta = json.loads((cache_dir / "cache_meta.json").read_text())
     assert meta["key"]["feature_names"] == ["decoder"] and meta["key"]["dataset"]["num_examples"] == 12

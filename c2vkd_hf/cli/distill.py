@@ -132,7 +132,9 @@ def main(argv: list[str] | None = None) -> dict:
             baseline_args = replace(training_args, output_dir=str(output_dir / "baseline"))
             announce(training_args, f"{number['baseline']}baseline: the student without a teacher (cross-entropy "
                                     f"only), same schedule, in {baseline_args.output_dir}")
-            baseline_results = run_distillation(replace(dist_args, method="none"), data_args, baseline_args,
+            # the same student and schedule with nothing from the teacher: no cache, no stage guidance
+            teacher_free = replace(dist_args, method="none", teacher_cache=None, stage_weight=0.0, stage_pairs=None)
+            baseline_results = run_distillation(teacher_free, data_args, baseline_args,
                                                 data=data, write_card=False, phase="baseline")
             baseline_miou = baseline_results["val_mean_iou"]
             baseline_history = baseline_results.get("eval_history")

@@ -18,8 +18,9 @@ One module per job:
   its :class:`Geometry` when the teacher cache needs it), :func:`collate_fn`;
 * :mod:`.decoded`: the decoded-dataset cache (each split decoded once into memory maps; imported
   from ``c2vkd_hf.data.decoded``);
-* :mod:`.mixing`: CutMix of training batches, applied by the trainer before the live teacher sees them
-  (imported from ``c2vkd_hf.data.mixing``).
+* :mod:`.batch_augment`: augmentations of a whole training batch applied by the trainer around the
+  teacher: CutMix before the live teacher sees it, colour jitter of the student's view after (imported from
+  ``c2vkd_hf.data.batch_augment``).
 """
 
 from .base import DataValidationError, SegmentationData

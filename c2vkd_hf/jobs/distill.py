@@ -253,7 +253,8 @@ def setup_distillation(dist_args: DistillationArguments, data_args: DataArgument
         phase=phase, teacher=teacher, teacher_feature_names=teacher_feature_names,
         student_mean_std=(student_mean, student_std),
         teacher_mean_std=image_mean_std(teacher) if teacher is not None else None, teacher_cache=teacher_cache,
-        teacher_input_scale=dist_args.teacher_input_scale, cutmix_prob=data_args.cutmix_prob)
+        teacher_input_scale=dist_args.teacher_input_scale, cutmix_prob=data_args.cutmix_prob,
+        student_jitter=data_args.student_jitter)
     return DistillationSetup(trainer=trainer, data=data, loss_module=loss_module, teacher=teacher,
                              teacher_name=teacher_name, text_embeddings=text_embeddings, notes=notes,
                              teacher_cache=teacher_cache, text_source=text_source)

@@ -1,5 +1,6 @@
-"""CutMix (c2vkd_hf/data/mixing.py): the masks and the mix, hand-checked; the live teacher and the student see
-the same mixed batch; a resumed run mixes as an uninterrupted one; the flag's checks."""
+"""Batch augmentations (c2vkd_hf/data/batch_augment.py). CutMix: the masks and the mix, hand-checked; the live
+teacher and the student see the same mixed batch; a resumed run mixes as an uninterrupted one; the flag's checks.
+Colour jitter: the formula, hand-checked; the teacher sees the clean view, the student the jittered one."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import torch
 from transformers import TrainingArguments
 
 from c2vkd_hf.config import DataArguments, DistillationArguments
-from c2vkd_hf.data.mixing import apply_cutmix, cutmix_masks, mix_generator
+from c2vkd_hf.data.batch_augment import (apply_cutmix, batch_generator, colour_jitter, cutmix_masks, jitter_factors,
+                                         jitter_normalised)
 from c2vkd_hf.jobs.distill import setup_distillation
 from c2vkd_hf.trainer import DistillationTrainer
 from c2vkd_hf.validation import UserInputError, check_ranges
@@ -50,11 +52,12 @@ def test_masks_are_boxes_from_another_example_drawn_with_the_given_probability()
         cutmix_masks(4, 12, 16, 1.5, generator)
 
 
-def test_mix_generator_depends_only_on_seed_step_rank_and_micro_batch():
-    draw = lambda *key: torch.rand(3, generator=mix_generator(*key))  # noqa: E731
-    assert torch.equal(draw(0, 5, 0, 0), draw(0, 5, 0, 0))
-    for other in ((1, 5, 0, 0), (0, 6, 0, 0), (0, 5, 1, 0), (0, 5, 0, 1)):
-        assert not torch.equal(draw(0, 5, 0, 0), draw(*other))
+def test_batch_generator_depends_only_on_kind_seed_step_rank_and_micro_batch():
+    draw = lambda *key: torch.rand(3, generator=batch_generator(*key))  # noqa: E731
+    assert torch.equal(draw("cutmix", 0, 5, 0, 0), draw("cutmix", 0, 5, 0, 0))
+    for other in (("jitter", 0, 5, 0, 0), ("cutmix", 1, 5, 0, 0), ("cutmix", 0, 6, 0, 0), ("cutmix", 0, 5, 1, 0),
+                  ("cutmix", 0, 5, 0, 1)):
+        assert not torch.equal(draw("cutmix", 0, 5, 0, 0), draw(*other))
 
 
 def _hook(module, store):
@@ -101,7 +104,7 @@ def test_a_resumed_run_draws_the_same_boxes(tmp_path):
         trainer = make_trainer(str(tmp_path), c2vkd_model(tiny_student(), teacher), teacher, tensor_dataset(4),
                                cutmix_prob=1.0)
         trainer.state.global_step = 7
-        draws.append([trainer._cutmix(batch)["labels"] for _ in range(2)])  # two micro-batches of step 7
+        draws.append([trainer._cutmix(batch, trainer._batch_key())["labels"] for _ in range(2)])  # 2 micro-batches
     assert torch.equal(draws[0][0], draws[1][0]) and torch.equal(draws[0][1], draws[1][1])
     assert not torch.equal(draws[0][0], draws[0][1]), "micro-batches of one step mix differently"
 
@@ -114,3 +117,47 @@ def test_cutmix_flag_is_range_checked_and_refused_with_a_teacher_cache(tmp_path)
                            DataArguments(cutmix_prob=0.5), TrainingArguments(output_dir=str(tmp_path / "out")))
     with pytest.raises(ValueError, match="live teacher"):
         DistillationTrainer(None, teacher_cache=object(), cutmix_prob=0.5)
+
+
+def test_colour_jitter_follows_its_formula():
+    image = torch.tensor([[0.2, 0.6], [0.4, 0.8]]).expand(3, 2, 2).clone()
+    image[0] *= 0.5  # a coloured image: R differs from G and B
+    batch = image[None]
+    torch.testing.assert_close(colour_jitter(batch, torch.ones(1, 3)), batch)
+    torch.testing.assert_close(colour_jitter(batch, torch.tensor([[0.5, 1.0, 1.0]])), batch * 0.5)  # brightness
+    flat = colour_jitter(batch, torch.tensor([[1.0, 0.0, 1.0]]))  # contrast 0: every pixel at the mean luma
+    grey_mean = (batch * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1).mean()
+    torch.testing.assert_close(flat, torch.full_like(batch, float(grey_mean)))
+    grey = colour_jitter(batch, torch.tensor([[1.0, 1.0, 0.0]]))  # saturation 0: the luma in every channel
+    torch.testing.assert_close(grey[:, 0], grey[:, 1]) and torch.testing.assert_close(grey[:, 1], grey[:, 2])
+    assert colour_jitter(batch, torch.tensor([[3.0, 1.0, 1.0]])).max() == 1.0  # clipped to [0, 1]
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    normalised = (batch - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    torch.testing.assert_close(jitter_normalised(normalised, torch.ones(1, 3), mean, std), normalised)
+    factors = jitter_factors(1000, 0.3, torch.Generator().manual_seed(0))
+    assert factors.min() >= 0.7 and factors.max() <= 1.3 and abs(float(factors.mean()) - 1.0) < 0.02
+    with pytest.raises(ValueError, match="strength"):
+        jitter_factors(2, 1.0, torch.Generator())
+
+
+def test_the_teacher_sees_the_clean_view_and_the_student_the_jittered_one(tmp_path):
+    data = tensor_dataset(4, seed=3)
+    for item in data:  # images in [0, 1] (the tiny trainer's batch is not normalised)
+        item["pixel_values"] = item["pixel_values"].sigmoid()
+    teacher = tiny_teacher()
+    model = c2vkd_model(tiny_student(), teacher)
+    seen_teacher, seen_student, seen_labels = [], [], []
+    _hook(teacher, seen_teacher)
+    _hook(model.student, seen_student)
+    model.distill_loss.register_forward_pre_hook(lambda mod, args: seen_labels.append(args[2].clone()))
+    make_trainer(str(tmp_path), model, teacher, data, student_jitter=0.4, per_device_train_batch_size=4,
+                 max_steps=1).train()
+    originals = torch.stack([d["pixel_values"] for d in data])
+    clean, jittered = seen_teacher[0], seen_student[0]
+    order = [int((originals == image).flatten(1).all(1).nonzero()) for image in clean]  # the teacher's view is clean
+    factors = jitter_factors(4, 0.4, batch_generator("jitter", 0, 0, 0, 0))
+    torch.testing.assert_close(jittered, colour_jitter(clean, factors))
+    assert not torch.allclose(jittered, clean)
+    assert torch.equal(seen_labels[0], torch.stack([data[i]["labels"] for i in order])), "labels are not jittered"
+    with pytest.raises(UserInputError, match="--student_jitter must be a strength"):
+        check_ranges({"student_jitter": 1.0})
