@@ -60,24 +60,28 @@ def test_batch_generator_depends_only_on_kind_seed_step_rank_and_micro_batch():
         assert not torch.equal(draw("cutmix", 0, 5, 0, 0), draw(*other))
 
 
-def _hook(module, store):
-    def capture(mod, args, kwargs):
-        store.append((kwargs.get("pixel_values") if "pixel_values" in kwargs else args[0]).detach().clone())
-    return module.register_forward_pre_hook(capture, with_kwargs=True)
+def _one_step_seen(tmp_path, data, **augment):
+    """Trains one step on ``data`` (one batch) with ``augment``; returns what the teacher and the student were
+    given as pixel values and the labels the loss got."""
+    teacher = tiny_teacher()
+    model = c2vkd_model(tiny_student(), teacher)
+    seen = {"teacher": [], "student": [], "labels": []}
+
+    def capture(store):
+        return lambda mod, args, kwargs: store.append(kwargs.get("pixel_values", args[0] if args else None).clone())
+
+    teacher.register_forward_pre_hook(capture(seen["teacher"]), with_kwargs=True)
+    model.student.register_forward_pre_hook(capture(seen["student"]), with_kwargs=True)
+    model.distill_loss.register_forward_pre_hook(lambda mod, args: seen["labels"].append(args[2].clone()))
+    make_trainer(str(tmp_path), model, teacher, data, per_device_train_batch_size=len(data), max_steps=1,
+                 **augment).train()
+    return seen["teacher"][0], seen["student"][0], seen["labels"][0]
 
 
 def test_the_live_teacher_the_student_and_the_loss_see_one_mixed_batch(tmp_path):
     data = tensor_dataset(4, seed=2)
-    teacher = tiny_teacher()
-    model = c2vkd_model(tiny_student(), teacher)
-    seen_teacher, seen_student, seen_labels = [], [], []
-    _hook(teacher, seen_teacher)
-    _hook(model.student, seen_student)
-    model.distill_loss.register_forward_pre_hook(lambda mod, args: seen_labels.append(args[2].clone()))
-    make_trainer(str(tmp_path), model, teacher, data, cutmix_prob=1.0, per_device_train_batch_size=4,
-                 max_steps=1).train()
-    images, labels = seen_student[0], seen_labels[0]
-    torch.testing.assert_close(seen_teacher[0], images, rtol=0, atol=0)
+    seen_by_teacher, images, labels = _one_step_seen(tmp_path, data, cutmix_prob=1.0)
+    torch.testing.assert_close(seen_by_teacher, images, rtol=0, atol=0)
     originals = torch.stack([d["pixel_values"] for d in data])
     pasted = 0
     is_box = lambda m: torch.equal(m, m.any(1)[:, None] & m.any(0)[None, :])  # noqa: E731
@@ -144,20 +148,12 @@ def test_the_teacher_sees_the_clean_view_and_the_student_the_jittered_one(tmp_pa
     data = tensor_dataset(4, seed=3)
     for item in data:  # images in [0, 1] (the tiny trainer's batch is not normalised)
         item["pixel_values"] = item["pixel_values"].sigmoid()
-    teacher = tiny_teacher()
-    model = c2vkd_model(tiny_student(), teacher)
-    seen_teacher, seen_student, seen_labels = [], [], []
-    _hook(teacher, seen_teacher)
-    _hook(model.student, seen_student)
-    model.distill_loss.register_forward_pre_hook(lambda mod, args: seen_labels.append(args[2].clone()))
-    make_trainer(str(tmp_path), model, teacher, data, student_jitter=0.4, per_device_train_batch_size=4,
-                 max_steps=1).train()
+    clean, jittered, labels = _one_step_seen(tmp_path, data, student_jitter=0.4)
     originals = torch.stack([d["pixel_values"] for d in data])
-    clean, jittered = seen_teacher[0], seen_student[0]
     order = [int((originals == image).flatten(1).all(1).nonzero()) for image in clean]  # the teacher's view is clean
     factors = jitter_factors(4, 0.4, batch_generator("jitter", 0, 0, 0, 0))
     torch.testing.assert_close(jittered, colour_jitter(clean, factors))
     assert not torch.allclose(jittered, clean)
-    assert torch.equal(seen_labels[0], torch.stack([data[i]["labels"] for i in order])), "labels are not jittered"
+    assert torch.equal(labels, torch.stack([data[i]["labels"] for i in order])), "labels are not jittered"
     with pytest.raises(UserInputError, match="--student_jitter must be a strength"):
         check_ranges({"student_jitter": 1.0})
