@@ -351,6 +351,17 @@ def teacher_head_variants(runs: list[dict]) -> list[str]:
     return sorted({r["name"] for r in runs if r.get("ablation") and r.get("text_head") and r.get("method") != "none"})
 
 
+def controlled_variants(runs: list[dict]) -> dict[str, list[str]]:
+    """``{control: [variants]}`` for the teacher-based head variants whose record names a teacher-free control
+    other than ``none-head`` (``--control``)."""
+    groups: dict[str, list[str]] = {}
+    for name in teacher_head_variants(runs):
+        control = next(r.get("control") for r in runs if r["name"] == name)
+        if control and control != "none-head":
+            groups.setdefault(control, []).append(name)
+    return groups
+
+
 def ablation_section(runs: list[dict]) -> list[str]:
     """Markdown: each ablation paired by seed with the run it changes, on both splits, and (for a teacher-based
     variant with the text head) its teacher-attributable gain: minus its teacher-free control (``none-head``
@@ -471,6 +482,8 @@ def write_report(args) -> Optional[str]:
         if abl:
             ablations += [f"## {protocol.capitalize()} protocol", "", *abl,
                           *per_class_section(runs, base, ["c2vkd", *teacher_head_variants(runs)])]
+            for control, variants in sorted(controlled_variants(runs).items()):  # e.g. the same data flags, no teacher
+                ablations += per_class_section(runs, control, variants)
     lines += ["## Commands", "", "```bash", "python scripts/benchmark.py --protocol long --main_seeds 5 --other_seeds 3",
               "python scripts/benchmark.py --protocol short --main_seeds 5 --other_seeds 3", "```", ""]
     (out_dir / "RESULTS.md").write_text("\n".join(lines) + "\n")

@@ -93,6 +93,7 @@ def test_ablations_are_paired_with_the_run_they_change(tmp_path):
     # or minus the teacher-free control the record names (same data flags, no teacher)
     assert ("| c2vkd-x | c2vkd | `-` | -3.00 (0/1 seeds above) | +7.00 (1/1 seeds above) | none-head-x | "
             "+2.00 (1/1 seeds above) | +3.00 (1/1 seeds above) |") in ablations
+    assert benchmark.controlled_variants(benchmark.load_runs(tmp_path, "long")) == {"none-head-x": ["c2vkd-x"]}
     assert "c2vkd-stage" not in (tmp_path / "RESULTS.md").read_text()
 
 
