@@ -36,9 +36,10 @@ The draws of a micro-batch come from generators seeded by ``(seed, step, rank, m
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
+
+from ..models.normalization import renormalize
+from .transforms import seeded_generator
 
 __all__ = ["batch_generator", "cutmix_masks", "apply_cutmix", "jitter_factors", "colour_jitter",
            "jitter_normalised"]
@@ -46,11 +47,14 @@ __all__ = ["batch_generator", "cutmix_masks", "apply_cutmix", "jitter_factors", 
 #: luma weights of R, G, B (ITU-R BT.601)
 LUMA = (0.299, 0.587, 0.114)
 
+#: the first seed word of each kind of batch draw (so CutMix and jitter draw unrelated streams)
+KINDS = {"cutmix": 1, "jitter": 2}
+
 
 def batch_generator(kind: str, seed: int, step: int, rank: int = 0, micro: int = 0) -> torch.Generator:
-    """A CPU generator whose state depends only on ``(kind, seed, step, rank, micro)``."""
-    digest = hashlib.sha256(f"{kind}:{int(seed)}:{int(step)}:{int(rank)}:{int(micro)}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    """A CPU generator whose state depends only on ``(kind, seed, step, rank, micro)``
+    (:func:`~c2vkd_hf.data.transforms.seeded_generator`, as each example's augmentation)."""
+    return seeded_generator(KINDS[kind], int(seed) & 0xFFFFFFFF, step, rank, micro)
 
 
 def cutmix_masks(batch: int, height: int, width: int, prob: float,
@@ -106,6 +110,5 @@ def colour_jitter(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
 def jitter_normalised(pixel_values: torch.Tensor, factors: torch.Tensor, mean, std) -> torch.Tensor:
     """:func:`colour_jitter` of a batch normalised as ``(x - mean) / std`` (per channel), returned
     normalised the same way."""
-    m = pixel_values.new_tensor(mean).view(1, -1, 1, 1)
-    s = pixel_values.new_tensor(std).view(1, -1, 1, 1)
-    return (colour_jitter(pixel_values * s + m, factors) - m) / s
+    unit = ((0.0,) * len(mean), (1.0,) * len(std))  # pixel values in [0, 1]
+    return renormalize(colour_jitter(renormalize(pixel_values, mean, std, *unit), factors), *unit, mean, std)

@@ -47,11 +47,16 @@ class Geometry:
 INDEX_COLUMN = "example_index"
 
 
-def augmentation_generator(seed: int, epoch: int, index: int) -> torch.Generator:
-    """A ``torch.Generator`` seeded from ``(seed, epoch, index)`` through numpy's ``SeedSequence``
-    (well-mixed, so neighbouring indices and epochs give unrelated streams)."""
-    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch), int(index)]).generate_state(2, np.uint32)
+def seeded_generator(*words: int) -> torch.Generator:
+    """A ``torch.Generator`` seeded from the non-negative integers ``words`` through numpy's ``SeedSequence``
+    (well-mixed, so neighbouring keys give unrelated streams)."""
+    state = np.random.SeedSequence([int(w) for w in words]).generate_state(2, np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def augmentation_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """The generator of one example's augmentation, from ``(seed, epoch, index)`` (:func:`seeded_generator`)."""
+    return seeded_generator(int(seed) & 0xFFFFFFFF, epoch, index)
 
 
 def with_example_index(dataset: datasets.Dataset) -> datasets.Dataset:
