@@ -61,12 +61,25 @@ def test_both_tables_on_both_splits_with_ratios_and_teacher_attributable_gain(tm
     assert "selection: gain ratio (C2VKD's paired gain +3.50) / (best peer kd's +2.00) = **1.75**" in report
     head = report.split("### Every method with the text head")[1].split("## Short")[0]
     assert "val: gain ratio (C2VKD's paired gain +1.00) / (best peer dist-head's +0.50) = **2.00** (target > 1.5)" in head
-    assert "val: teacher-attributable gain (C2VKD minus none-head, paired): **+1.00**, positive on 2/2 seeds" in head
-    assert "selection: teacher-attributable gain (C2VKD minus none-head, paired): **+2.50**" in head
+    assert ("val: teacher-attributable gain (C2VKD minus none-head, paired): **+1.00** ± 0.00 (std of the paired "
+            "gains), positive on 2/2 seeds (s0: +1.00, s1: +1.00)") in head
+    assert "**missed by 0.50** on 2 seeds" in head.split("- val: teacher")[1].split("\n")[0]
+    assert "selection: teacher-attributable gain (C2VKD minus none-head, paired): **+2.50** ± 0.71" in head
+    assert "**met** on 2 seeds" in head.split("- selection: teacher")[1].split("\n")[0]
     text = readme.read_text()
     assert "old" not in text and "### Long protocol" in text and "#### Every method at its defaults" in text
     assert "Short protocol" not in text and text.endswith("tail\n")
     assert (tmp_path / "long_miou.png").is_file() and (tmp_path / "long_curves.png").is_file()
+
+
+def test_teacher_gain_verdict_needs_the_mean_and_four_of_five_seeds():
+    """A mean at the target with only 3/5 seeds positive misses; 4/5 positive and the mean at +1.5 meets it."""
+    three_of_five = [(0, 4.0), (1, -0.5), (2, 3.0), (3, -1.0), (4, 2.0)]
+    assert "**missed: too few seeds positive** on 5 seeds" in benchmark.teacher_gain_line(three_of_five, "none-head")
+    four_of_five = [(0, 4.0), (1, 0.5), (2, 3.0), (3, -1.0), (4, 1.0)]
+    line = benchmark.teacher_gain_line(four_of_five, "none-head")
+    assert "**+1.50** ± 2.00" in line and "positive on 4/5 seeds" in line and "**met** on 5 seeds" in line
+    assert "**missed by 1.00** on 1 seed" in benchmark.teacher_gain_line([(0, 0.5)], "none-head")
 
 
 def test_ratio_undefined_when_no_peer_beats_the_baseline(tmp_path):
