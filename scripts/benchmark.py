@@ -249,20 +249,31 @@ def gain_cell(gains: list[tuple[int, float]]) -> str:
     return f"{statistics.mean(g):+.2f} ({sum(x > 0 for x in g)}/{len(g)} seeds above)"
 
 
-def gain_ratio(runs: list[dict], table: str, split: str) -> tuple[Optional[float], Optional[str], dict]:
-    """(C2VKD's mean paired gain over the table's baseline) / (the best peer's), the best peer, all gains."""
+def gain_ratio(runs: list[dict], table: str, split: str) -> Optional[dict]:
+    """C2VKD's gain over the table's baseline against the best peer's, on the seeds they share.
+
+    With ``g_m(s) = mIoU(m, s) - mIoU(base, s)`` (paired by seed) and ``S_p`` the seeds on which both C2VKD and
+    peer ``p`` have a paired gain, the best peer is ``argmax_p mean_{s in S_p} g_p(s)`` and the ratio is
+    ``mean_{S_best} g_c2vkd / mean_{S_best} g_best`` (``None`` when the best peer's gain is not positive), so a
+    peer run on fewer seeds is compared with C2VKD on those seeds only. Returns ``None`` when C2VKD or every
+    peer lacks paired runs, else ``{"ratio", "best", "c2vkd", "peer", "seeds"}``."""
     base, specs = TABLES[table]
-    gains = {}
+    c2vkd = dict(paired_gains(runs, "c2vkd", base, split))
+    peers = {}
     for spec in specs:
         name = parse_run(spec)[0]
-        items = paired_gains(runs, name, base, split)
-        if items and name != base:
-            gains[name] = statistics.mean(g for _, g in items)
-    peers = {n: g for n, g in gains.items() if n != "c2vkd"}
-    if "c2vkd" not in gains or not peers:
-        return None, None, gains
-    best = max(peers, key=peers.get)
-    return (gains["c2vkd"] / peers[best] if peers[best] > 0 else None), best, gains
+        if name in (base, "c2vkd"):
+            continue
+        shared = {s: g for s, g in paired_gains(runs, name, base, split) if s in c2vkd}
+        if shared:
+            peers[name] = shared
+    if not c2vkd or not peers:
+        return None
+    best = max(peers, key=lambda n: statistics.mean(peers[n].values()))
+    seeds = sorted(peers[best])
+    ours, theirs = statistics.mean(c2vkd[s] for s in seeds), statistics.mean(peers[best].values())
+    return {"ratio": ours / theirs if theirs > 0 else None, "best": best, "c2vkd": ours, "peer": theirs,
+            "seeds": len(seeds)}
 
 
 def teacher_gain_line(gains: list[tuple[int, float]], base: str, target: float = 1.5) -> str:
@@ -300,13 +311,14 @@ def table_section(runs: list[dict], table: str) -> list[str]:
     lines.append("")
     target = {"defaults": 2.0, "head": 1.5}[table]
     for split in SPLITS:
-        ratio, best, gains = gain_ratio(runs, table, split)
-        if best is None:
+        r = gain_ratio(runs, table, split)
+        if r is None:
             continue
-        text = (f"{ratio:.2f}" if ratio is not None else
-                f"undefined (no peer beats {base}: best {best} {gains[best]:+.2f})")
-        lines.append(f"- {split}: gain ratio (C2VKD's paired gain {gains['c2vkd']:+.2f}) / (best peer {best}'s "
-                     f"{gains[best]:+.2f}) = **{text}** (target > {target:g})")
+        text = (f"{r['ratio']:.2f}" if r["ratio"] is not None else
+                f"undefined (no peer beats {base}: best {r['best']} {r['peer']:+.2f})")
+        lines.append(f"- {split}: gain ratio (C2VKD's paired gain {r['c2vkd']:+.2f}) / (best peer {r['best']}'s "
+                     f"{r['peer']:+.2f}), on the {r['seeds']} seed{'s' if r['seeds'] > 1 else ''} both have = "
+                     f"**{text}** (target > {target:g})")
     if table == "head":
         for split in SPLITS:
             gains = paired_gains(runs, "c2vkd", base, split)

@@ -57,10 +57,10 @@ def test_both_tables_on_both_splits_with_ratios_and_teacher_attributable_gain(tm
     report = (tmp_path / "RESULTS.md").read_text()
     assert report.index("## Long protocol") < report.index("## Short protocol")
     assert "| c2vkd | 2 | 34.50 ± 0.71 | +4.00 (2/2 seeds above) | 2 | 23.50 ± 0.71 | +3.50 (2/2 seeds above) |" in report
-    assert "val: gain ratio (C2VKD's paired gain +4.00) / (best peer dist's +1.00) = **4.00** (target > 2)" in report
-    assert "selection: gain ratio (C2VKD's paired gain +3.50) / (best peer kd's +2.00) = **1.75**" in report
+    assert "val: gain ratio (C2VKD's paired gain +4.00) / (best peer dist's +1.00), on the 2 seeds both have = **4.00** (target > 2)" in report
+    assert "selection: gain ratio (C2VKD's paired gain +3.50) / (best peer kd's +2.00), on the 2 seeds both have = **1.75**" in report
     head = report.split("### Every method with the text head")[1].split("## Short")[0]
-    assert "val: gain ratio (C2VKD's paired gain +1.00) / (best peer dist-head's +0.50) = **2.00** (target > 1.5)" in head
+    assert "val: gain ratio (C2VKD's paired gain +1.00) / (best peer dist-head's +0.50), on the 2 seeds both have = **2.00** (target > 1.5)" in head
     assert ("val: teacher-attributable gain (C2VKD minus none-head, paired): **+1.00** ± 0.00 (std of the paired "
             "gains), positive on 2/2 seeds (s0: +1.00, s1: +1.00)") in head
     assert "**missed by 0.50** on 2 seeds" in head.split("- val: teacher")[1].split("\n")[0]
@@ -88,6 +88,18 @@ def test_ratio_undefined_when_no_peer_beats_the_baseline(tmp_path):
     _run(tmp_path, "c2vkd", "c2vkd", 0, 0.31)
     benchmark.main(["--report_only", "--out_dir", str(tmp_path), "--readme", str(tmp_path / "none.md")])
     assert "= **undefined (no peer beats none: best kd -1.00)**" in (tmp_path / "RESULTS.md").read_text()
+
+
+def test_ratio_compares_c2vkd_with_a_peer_on_the_seeds_the_peer_has(tmp_path):
+    """C2VKD gains +1 and +5 on seeds 0-1; a peer run on seed 0 only (+2) is compared with C2VKD's seed-0 gain,
+    not with its two-seed mean (which would give 1.50)."""
+    for seed in range(2):
+        _run(tmp_path, "none", "none", seed, 0.30)
+        _run(tmp_path, "c2vkd", "c2vkd", seed, (0.31, 0.35)[seed])
+    _run(tmp_path, "kd", "kd", 0, 0.32)
+    r = benchmark.gain_ratio(benchmark.load_runs(tmp_path), "defaults", "val")
+    assert r["best"] == "kd" and r["seeds"] == 1
+    assert (r["c2vkd"], r["peer"], r["ratio"]) == pytest.approx((1.0, 2.0, 0.5))
 
 
 def test_ablations_are_paired_with_the_run_they_change(tmp_path):
