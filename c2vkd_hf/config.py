@@ -183,6 +183,11 @@ class DistillationArguments:
                   "stage1:stage1,stage2:stage2,stage3:stage3,stage4:stage4), each with its own 1x1 projector; "
                   "their VLFD global + relation terms form the 'stage' term (needs --stage_weight > 0)."})
     stage_weight: float = field(default=0.0, metadata={"help": "C2VKD: weight of the stage-guidance term."})
+    channel_weight: float = field(
+        default=0.0,
+        metadata={"help": "C2VKD: weight of a channel-wise logit term (CWD's formula, each class map as a "
+                  "distribution over positions) added to PDD; 0: off, the paper's C2VKD."})
+    channel_tau: float = field(default=4.0, metadata={"help": "C2VKD: temperature of the channel-wise term (CWD's 4)."})
     weight_schedules: str = field(
         default="stage:linear:0.5",
         metadata={"help": "Loss-term weight schedules over training, term:kind[:end] comma-separated, kind "

@@ -556,6 +556,26 @@ def test_stage_guidance_term_and_its_decay():
         C2VKDLoss(stage_student_channels=[4], stage_teacher_channels=[3, 2], stage_weight=1)
 
 
+def test_channel_term_is_cwd_on_the_logits_pdd_reads_and_ignores_per_class_offsets():
+    """C2VKD's channel term = CWD's L_cwd(z_s, z_t, tau) added with its weight; it compares each class map's
+    distribution over positions, so adding a constant per class map to the teacher (which changes every pixel's
+    class distribution, hence PDD) leaves it unchanged; off by default."""
+    from c2vkd_hf.losses.cwd import cwd_loss
+
+    torch.manual_seed(0)
+    zs, zt, y = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 2, 2), torch.randint(0, 3, (2, 4, 4))
+    loss = C2VKDLoss(channel_weight=3.0, channel_tau=2.0)
+    out = loss(zs, zt, y)
+    torch.testing.assert_close(out["channel"], cwd_loss(zs, zt, tau=2.0))
+    torch.testing.assert_close(out["loss"], out["ce"] + out["pdd"] + 3.0 * out["channel"])
+    shifted = loss(zs, zt + torch.tensor([5.0, -3.0, 0.0])[None, :, None, None], y)
+    torch.testing.assert_close(shifted["channel"], out["channel"])
+    assert not torch.allclose(shifted["pdd"], out["pdd"])
+    assert "channel" not in C2VKDLoss()(zs, zt, y)
+    with pytest.raises(ValueError, match="channel_tau"):
+        C2VKDLoss(channel_weight=1.0, channel_tau=0.0)
+
+
 def test_class_balanced_weights_give_every_present_class_the_same_total():
     from c2vkd_hf.losses.common import class_balanced_weights
 

@@ -66,11 +66,24 @@ def test_stage_guidance_decays_to_zero_by_the_scheduled_fraction(tmp_path):
     assert all("loss/stage" not in history[step] for step in range(5, 9))
 
 
+def test_channel_term_flag_reaches_the_logged_loss(tmp_path):
+    """--channel_weight 3 adds C2VKD's channel-wise term: logged unweighted and at three times its value."""
+    out = tmp_path / "channel"
+    distill.main(["--output_dir", str(out), *TINY, "--method", "c2vkd", "--max_steps", "2",
+                  "--teacher_name_or_path", _save_tiny(tmp_path / "teacher", 1), "--channel_weight", "3"])
+    first = json.loads((out / "results.json").read_text())["loss_history"][0]
+    assert first["loss/channel"] > 0
+    assert first["loss_weighted/channel"] == pytest.approx(3 * first["loss/channel"], rel=1e-4)
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--stage_weight", "0.5"], "--stage_weight needs --stage_pairs"),
     (["--method", "dist", "--stage_pairs", "stage1:stage1", "--stage_weight", "1"], "C2VKD's stage guidance"),
     (["--weight_schedules", "stage:linear:2"], "end fraction must be in (0, 1]"),
     (["--stage_pairs", "stage9:stage1", "--stage_weight", "1"], "feature pair stage9:stage1"),
+    (["--method", "dist", "--channel_weight", "3"], "--channel_weight adds a channel-wise term to C2VKD"),
+    (["--channel_weight", "-1"], "--channel_weight must be a finite number >= 0"),
+    (["--channel_weight", "1", "--channel_tau", "0"], "--channel_tau must be a finite number > 0"),
 ])
 def test_stage_guidance_flags_are_checked(tmp_path, capsys, flags, message):
     argv = ["--output_dir", str(tmp_path / "x"), *TINY, "--method", "c2vkd", "--max_steps", "1",

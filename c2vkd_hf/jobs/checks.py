@@ -29,11 +29,11 @@ def validate_distillation_args(args: DistillationArguments) -> None:
     if args.method not in METHODS:
         raise UserInputError(f"--method '{args.method}' is unknown; choose one of {', '.join(METHODS)}.")
     for name in ("ce_weight", "pdd_weight", "glob_weight", "rel_weight", "ling_weight", "stage_weight", "kd_weight",
-                 "pdd_alpha", "pdd_beta"):
+                 "channel_weight", "pdd_alpha", "pdd_beta"):
         value = getattr(args, name)
         if value is not None and (not np.isfinite(value) or value < 0):
             raise UserInputError(f"--{name} must be a finite number >= 0, got {value}.")
-    for name in ("pdd_temperature", "glob_tau", "ling_tau", "kd_temperature"):
+    for name in ("pdd_temperature", "glob_tau", "ling_tau", "channel_tau", "kd_temperature"):
         value = getattr(args, name)
         if value is not None and (not np.isfinite(value) or value <= 0):
             raise UserInputError(f"--{name} must be a finite number > 0, got {value}.")
@@ -54,6 +54,9 @@ def validate_distillation_args(args: DistillationArguments) -> None:
     if (args.stage_weight > 0 or stage_pairs) and args.method != "c2vkd":
         raise UserInputError(f"--stage_pairs/--stage_weight are C2VKD's stage guidance; --method {args.method} "
                              "does not use them.")
+    if args.channel_weight > 0 and args.method != "c2vkd":
+        raise UserInputError(f"--channel_weight adds a channel-wise term to C2VKD; --method {args.method} does not "
+                             "use it (--method cwd is channel-wise distillation on its own).")
     student_config_overrides(args)
     check_teacher_name("--teacher_name_or_path", args.teacher_name_or_path)
     check_local_path("--student_name_or_path", args.student_name_or_path)

@@ -3,7 +3,8 @@
 Zheng, Luo, Zhou, Wang, "Distilling Efficient Vision Transformers from CNNs for Semantic
 Segmentation", arXiv 2310.07265. Total loss (formulas in :mod:`.pdd` and :mod:`.vlfd`):
 
-``L = w_ce CE + w_pdd L_pdd + w_glob L_glob + w_rel L_rel + w_ling L_ling + w_stage s(p) L_stage``
+``L = w_ce CE + w_pdd L_pdd + w_glob L_glob + w_rel L_rel + w_ling L_ling + w_stage s(p) L_stage
++ w_channel L_channel``
 
 Stage guidance (our addition, the paper's thesis applied to the CNN's intermediate stages): VLFD's
 visual terms on several student/teacher stage pairs at once, each pair through its own 1x1
@@ -12,6 +13,14 @@ follows a schedule ``s(p)`` over training progress ``p`` (:mod:`.schedule`; the 
 it linearly to 0 at half of training): imitating a CNN's intermediate features speeds up a
 from-scratch ViT early and limits it late (locality guidance, Li et al., ECCV 2022; DearKD, Chen et
 al., CVPR 2022; CSKD, Zhao et al., ICCV 2023). Once its weight has reached 0 the term is not computed.
+
+Channel-wise logit term (our addition, off by default): CWD's formula (Shu et al., "Channel-wise Knowledge
+Distillation for Dense Prediction", ICCV 2021) on the logits PDD reads,
+``L_channel = tau^2 * mean_{b, k} KL(softmax_hw(z_t[b, k] / tau) || softmax_hw(z_s[b, k] / tau))``
+(:func:`~.cwd.cwd_loss`). PDD matches each pixel's distribution over classes, where the frequent classes own
+most pixels; ``L_channel`` matches each class map's distribution over positions, where every class counts
+once. On CamVid's held-out sequence CWD gained more over the plain student than C2VKD did (section 0 of
+``benchmarks/camvid/FINDINGS.md``), which this term tests inside C2VKD.
 
 Which logits CE and PDD read is the trainer's choice: the student's own classifier's, or (the
 default with the ``decoder`` feature pair and text embeddings) the linguistic head's pixel-text
@@ -45,6 +54,7 @@ from torch import nn
 from ..constants import IGNORE_INDEX
 from .base import DistillationLoss
 from .common import check_positive, check_unit_interval, check_weight
+from .cwd import cwd_loss
 from .pdd import pdd_loss, pdd_loss_and_cross_entropy
 from .registry import register_loss
 from .vlfd import (
@@ -110,7 +120,8 @@ class C2VKDLoss(DistillationLoss):
             a new one.
         stage_student_channels, stage_teacher_channels: channel counts of the stage-guidance pairs
             (``L_stage``, after the main pairs in the feature lists); ``None``: no stage term.
-        ce_weight, pdd_weight, glob_weight, rel_weight, ling_weight, stage_weight: term weights (>= 0); a term of
+        ce_weight, pdd_weight, glob_weight, rel_weight, ling_weight, stage_weight, channel_weight: term weights
+            (>= 0; ``channel_weight`` defaults to 0, the paper's C2VKD); a term of
             weight 0 is not computed, not reported, and gets no projector. ``glob_weight`` defaults to
             0.1, not 1: on CamVid (SegFormer-B0 from scratch, UperNet-Lite0 teacher) the global term at
             weight 1 stayed near 2.2 nats per position all run long (three times the cross-entropy),
@@ -118,7 +129,8 @@ class C2VKDLoss(DistillationLoss):
             (``benchmarks/camvid/ABLATIONS.md``, run ``c2vkd-glob1``).
         pdd_alpha, pdd_beta, pdd_temperature, label_weight: PDD constants (``label_weight`` is also
             the linguistic target's label correction g).
-        glob_tau, rel_grid, ling_tau: VLFD constants.
+        glob_tau, rel_grid, ling_tau: VLFD constants. ``channel_tau``: the channel-wise term's temperature
+            (CWD's recipe, 4).
         class_balance: PDD's and the linguistic term's means over pixels become class-balanced (every class
             present in the batch's labels weighs the same, :func:`~.common.class_balanced_weights`); the
             cross-entropy stays the plain mean. Our addition, not the paper's. ``class_balance_power``: the
@@ -128,7 +140,7 @@ class C2VKDLoss(DistillationLoss):
         ignore_index: void label value.
 
     ``forward(student_logits, teacher_logits, labels, student_features, teacher_features)`` returns
-    the unweighted terms among ``ce, pdd, glob, rel, ling, stage`` plus ``loss``. The feature lists
+    the unweighted terms among ``ce, pdd, channel, glob, rel, ling, stage`` plus ``loss``. The feature lists
     hold the main pairs, then the stage pairs. Feature terms average over their pairs. Teacher
     tensors are detached.
     """
@@ -156,6 +168,8 @@ class C2VKDLoss(DistillationLoss):
         glob_tau: float = 1.0,
         rel_grid: int = 16,
         ling_tau: float = 0.03,
+        channel_weight: float = 0.0,
+        channel_tau: float = 4.0,
         class_balance: bool = False,
         class_balance_power: float = 1.0,
         class_balance_terms: Sequence[str] = BALANCEABLE_TERMS,
@@ -167,6 +181,8 @@ class C2VKDLoss(DistillationLoss):
         rel_weight = check_weight("rel_weight", rel_weight)
         ling_weight = check_weight("ling_weight", ling_weight)
         stage_weight = check_weight("stage_weight", stage_weight)
+        channel_weight = check_weight("channel_weight", channel_weight)
+        self.channel_tau = check_positive("channel_tau", channel_tau)
         self.pdd_alpha = check_weight("pdd_alpha", pdd_alpha)
         self.pdd_beta = check_weight("pdd_beta", pdd_beta)
         self.pdd_temperature = check_positive("pdd_temperature", pdd_temperature)
@@ -206,6 +222,8 @@ class C2VKDLoss(DistillationLoss):
 
         if pdd_weight > 0:
             self.weights["pdd"] = pdd_weight
+        if channel_weight > 0:
+            self.weights["channel"] = channel_weight
         self.visual_projectors = None
         if n_pairs and glob_weight > 0:
             self.weights["glob"] = glob_weight
@@ -301,6 +319,8 @@ class C2VKDLoss(DistillationLoss):
                 class_balance=self.balances("pdd"),
                 class_balance_power=self.class_balance_power,
             )
+        if "channel" in self.weights:
+            terms["channel"] = cwd_loss(student_logits, teacher_logits, tau=self.channel_tau)
         if not self.uses_features:
             return terms
         fs, ft = self._check_features(student_features, teacher_features)
