@@ -67,13 +67,17 @@ def test_stage_guidance_decays_to_zero_by_the_scheduled_fraction(tmp_path):
 
 
 def test_channel_term_flag_reaches_the_logged_loss(tmp_path):
-    """--channel_weight 3 adds C2VKD's channel-wise term: logged unweighted and at three times its value."""
+    """--channel_weight 3 adds C2VKD's channel-wise term: logged unweighted and at three times its value; the
+    no-teacher baseline of the same job trains without it (a teacher-free run refuses the flag)."""
     out = tmp_path / "channel"
     distill.main(["--output_dir", str(out), *TINY, "--method", "c2vkd", "--max_steps", "2",
-                  "--teacher_name_or_path", _save_tiny(tmp_path / "teacher", 1), "--channel_weight", "3"])
-    first = json.loads((out / "results.json").read_text())["loss_history"][0]
+                  "--teacher_name_or_path", _save_tiny(tmp_path / "teacher", 1), "--channel_weight", "3",
+                  "--train_baseline", "true"])
+    results = json.loads((out / "results.json").read_text())
+    first = results["loss_history"][0]
     assert first["loss/channel"] > 0
     assert first["loss_weighted/channel"] == pytest.approx(3 * first["loss/channel"], rel=1e-4)
+    assert results["baseline_val_mean_iou"] is not None
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -19,7 +19,7 @@ Distillation for Dense Prediction", ICCV 2021) on the logits PDD reads,
 ``L_channel = tau^2 * mean_{b, k} KL(softmax_hw(z_t[b, k] / tau) || softmax_hw(z_s[b, k] / tau))``
 (:func:`~.cwd.cwd_loss`). PDD matches each pixel's distribution over classes, where the frequent classes own
 most pixels; ``L_channel`` matches each class map's distribution over positions, where every class counts
-once. On CamVid's held-out sequence CWD gained more over the plain student than C2VKD did (section 0 of
+once. On CamVid's held-out sequence CWD gained more over the plain student than C2VKD did (section 0f of
 ``benchmarks/camvid/FINDINGS.md``), which this term tests inside C2VKD.
 
 Which logits CE and PDD read is the trainer's choice: the student's own classifier's, or (the
