@@ -34,6 +34,7 @@ from c2vkd_hf.jobs import (
     quiet_library_output,
     run_distillation,
     run_script,
+    teacher_free_arguments,
     validate_distillation_args,
 )
 from c2vkd_hf.validation import parse_script_arguments
@@ -132,11 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
             baseline_args = replace(training_args, output_dir=str(output_dir / "baseline"))
             announce(training_args, f"{number['baseline']}baseline: the student without a teacher (cross-entropy "
                                     f"only), same schedule, in {baseline_args.output_dir}")
-            # the same student and schedule with nothing from the teacher: no cache, no stage guidance, no
-            # channel-wise term
-            teacher_free = replace(dist_args, method="none", teacher_cache=None, stage_weight=0.0, stage_pairs=None,
-                                   channel_weight=0.0)
-            baseline_results = run_distillation(teacher_free, data_args, baseline_args,
+            baseline_results = run_distillation(teacher_free_arguments(dist_args), data_args, baseline_args,
                                                 data=data, write_card=False, phase="baseline")
             baseline_miou = baseline_results["val_mean_iou"]
             baseline_history = baseline_results.get("eval_history")

@@ -49,6 +49,7 @@ from .distill import (
     previous_distillation,
     run_distillation,
     setup_distillation,
+    teacher_free_arguments,
     teacher_val_miou,
     write_student_card,
 )
@@ -97,6 +98,7 @@ __all__ = [
     "build_loss_module",
     "build_text_head",
     "distillation_run_config",
+    "teacher_free_arguments",
     "distillation_text_embeddings",
     "evaluation_size",
     "is_eval_subset",

@@ -311,6 +311,14 @@ C2VKD_ONLY_FIELDS = frozenset({
     "stage_weight", "channel_weight", "channel_tau"})
 
 
+def teacher_free_arguments(dist_args: DistillationArguments) -> DistillationArguments:
+    """The same run without a teacher (the default job's no-teacher baseline): ``--method none``, no teacher
+    cache, and every flag only C2VKD reads (:data:`C2VKD_ONLY_FIELDS`) at its default, so no flag that needs a
+    teacher (stage guidance, the channel-wise term) reaches it; the student, data and schedule stay."""
+    defaults = {f.name: f.default for f in dataclasses.fields(DistillationArguments) if f.name in C2VKD_ONLY_FIELDS}
+    return dataclasses.replace(dist_args, method="none", teacher_cache=None, **defaults)
+
+
 def distillation_run_config(dist_args: DistillationArguments, data_args: DataArguments,
                             training_args: TrainingArguments) -> dict:
     """The configuration identifying a distillation run (:func:`c2vkd_hf.runs.run_config`), without the
