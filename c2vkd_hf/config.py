@@ -85,6 +85,12 @@ class DataArguments:
                   "the student's training view only, after the teacher (live or cached) has seen the clean view "
                   "(c2vkd_hf/data/batch_augment.py). 0 turns it off."},
     )
+    consistent_jitter: bool = field(
+        default=False,
+        metadata={"help": "With --student_jitter: the live teacher sees the same jittered view as the student "
+                  "(consistent views, function matching) instead of the clean one. Incompatible with "
+                  "--teacher_cache, which holds the teacher's outputs on clean views."},
+    )
     selection_holdout: Optional[str] = field(
         default=None,
         metadata={"help": "Glob on training image file names (e.g. '0006R0_*', one CamVid sequence): the matching "

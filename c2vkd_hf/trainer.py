@@ -291,6 +291,8 @@ class DistillationTrainer(SafeCheckpointTrainer):
             ``teacher_cache=None``.
         student_jitter: colour jitter of this strength on the student's view only, after the teacher (live
             or cached) has seen the clean one (``student_mean_std`` says how the batch is normalised).
+        consistent_jitter: the jitter comes before the teacher instead, which then sees the student's very view
+            (consistent views, Beyer et al. CVPR 2022); needs ``teacher_cache=None``.
             Both: :mod:`c2vkd_hf.data.batch_augment`.
         The teacher arguments become one object, ``self.teacher_source`` (:class:`~c2vkd_hf.teacher.LiveTeacher`
         or :class:`~c2vkd_hf.teacher.CachedTeacher`), whose ``outputs(inputs, device)`` the loss reads.
@@ -301,12 +303,16 @@ class DistillationTrainer(SafeCheckpointTrainer):
                  teacher_feature_names: Optional[list[str]] = None,
                  student_mean_std: Optional[tuple] = None, teacher_mean_std: Optional[tuple] = None,
                  teacher_cache=None, teacher_input_scale: float = 1.0, cutmix_prob: float = 0.0,
-                 student_jitter: float = 0.0, **kwargs):
+                 student_jitter: float = 0.0, consistent_jitter: bool = False, **kwargs):
         if cutmix_prob > 0 and teacher_cache is not None:
             raise ValueError("CutMix needs the live teacher: a teacher cache holds its outputs on unmixed views")
+        if consistent_jitter and (teacher_cache is not None or student_jitter <= 0):
+            raise ValueError("consistent_jitter needs student_jitter > 0 and the live teacher (a teacher cache holds "
+                             "its outputs on clean views)")
         super().__init__(*args, **kwargs)
         self.cutmix_prob = float(cutmix_prob)
         self.student_jitter = float(student_jitter)
+        self.consistent_jitter = bool(consistent_jitter)
         self.student_mean_std = student_mean_std or ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
         self._batch_position = (-1, 0)  # (global step, micro-batches seen at it): seeds each batch's draws
         names = list(teacher_feature_names or [])
@@ -333,12 +339,14 @@ class DistillationTrainer(SafeCheckpointTrainer):
         if self.cutmix_prob > 0:
             inputs = self._cutmix(inputs, key)
             pixel_values, labels = inputs["pixel_values"], inputs.get("labels")
+        if self.consistent_jitter:  # the teacher sees the student's jittered view
+            pixel_values = self._jitter(pixel_values, key)
+            inputs = {**inputs, "pixel_values": pixel_values}
         teacher_logits, teacher_features = (None, None)
         if self.teacher_source is not None:
             teacher_logits, teacher_features = self.teacher_source.outputs(inputs, pixel_values.device)
-        if self.student_jitter > 0:  # the student's view only: the teacher has seen the clean one
-            factors = jitter_factors(pixel_values.shape[0], self.student_jitter, batch_generator("jitter", *key))
-            pixel_values = jitter_normalised(pixel_values, factors, *self.student_mean_std)
+        if self.student_jitter > 0 and not self.consistent_jitter:  # the student's view only: the teacher saw the clean one
+            pixel_values = self._jitter(pixel_values, key)
         outputs = model(pixel_values=pixel_values, labels=labels, teacher_logits=teacher_logits,
                         teacher_features=teacher_features, return_terms=True)
         self._check_finite(outputs["terms"])
@@ -352,6 +360,11 @@ class DistillationTrainer(SafeCheckpointTrainer):
         micro = micro + 1 if step == self.state.global_step else 0
         self._batch_position = (self.state.global_step, micro)
         return self.args.seed, self.state.global_step, self.args.process_index, micro
+
+    def _jitter(self, pixel_values: torch.Tensor, key: tuple[int, int, int, int]) -> torch.Tensor:
+        """The (normalised) batch with colour jitter of strength ``student_jitter``, drawn for batch ``key``."""
+        factors = jitter_factors(pixel_values.shape[0], self.student_jitter, batch_generator("jitter", *key))
+        return jitter_normalised(pixel_values, factors, *self.student_mean_std)
 
     def _cutmix(self, inputs: dict, key: tuple[int, int, int, int]) -> dict:
         """The batch with CutMix applied to its images and labels, drawn for batch ``key``."""

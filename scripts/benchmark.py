@@ -84,9 +84,10 @@ def teacher_cache_dir(args, split: str, method: str, extra: list[str]) -> Option
     """The long protocol replays the teacher from a cache (``--teacher_cache``) so that a teacher run costs
     about what the student alone costs: one cache per split and per set of teacher outputs the run reads
     (method and flags; the cache refuses another key). The short protocol, and any run with CutMix
-    (``--cutmix_prob``, function matching), run the teacher online."""
-    if args.protocol != "long" or method == "none" or any(f.startswith("--cutmix_prob") for f in extra):
-        return None  # CutMix: the teacher must see each mixed image
+    (``--cutmix_prob``) or consistent jitter (``--consistent_jitter``), function matching, run the teacher online."""
+    live = ("--cutmix_prob", "--consistent_jitter")
+    if args.protocol != "long" or method == "none" or any(f.startswith(live) for f in extra):
+        return None  # the teacher must see each mixed or jittered view
     import hashlib
 
     # only the flags that choose which teacher maps are stored (feature and stage pairs, the teacher's input scale)

@@ -1,6 +1,7 @@
 """Batch augmentations (c2vkd_hf/data/batch_augment.py). CutMix: the masks and the mix, hand-checked; the live
 teacher and the student see the same mixed batch; a resumed run mixes as an uninterrupted one; the flag's checks.
-Colour jitter: the formula, hand-checked; the teacher sees the clean view, the student the jittered one."""
+Colour jitter: the formula, hand-checked; the teacher sees the clean view, the student the jittered one, or
+(consistent jitter) both the same jittered view."""
 
 from __future__ import annotations
 
@@ -157,3 +158,27 @@ def test_the_teacher_sees_the_clean_view_and_the_student_the_jittered_one(tmp_pa
     assert torch.equal(labels, torch.stack([data[i]["labels"] for i in order])), "labels are not jittered"
     with pytest.raises(UserInputError, match="--student_jitter must be a strength"):
         check_ranges({"student_jitter": 1.0})
+
+
+def test_with_consistent_jitter_the_teacher_sees_the_students_jittered_view(tmp_path):
+    data = tensor_dataset(4, seed=3)
+    for item in data:
+        item["pixel_values"] = item["pixel_values"].sigmoid()
+    seen_by_teacher, seen_by_student, _ = _one_step_seen(tmp_path, data, student_jitter=0.4, consistent_jitter=True)
+    torch.testing.assert_close(seen_by_teacher, seen_by_student, rtol=0, atol=0)
+    originals = torch.stack([d["pixel_values"] for d in data])
+    clean = torch.stack([originals[int((originals == image).flatten(1).all(1).nonzero())]
+                         for image in _one_step_seen(tmp_path / "clean", data, student_jitter=0.4)[0]])
+    factors = jitter_factors(4, 0.4, batch_generator("jitter", 0, 0, 0, 0))
+    torch.testing.assert_close(seen_by_student, colour_jitter(clean, factors))  # the same draws as student-only jitter
+
+
+def test_consistent_jitter_needs_jitter_and_the_live_teacher(tmp_path):
+    out = TrainingArguments(output_dir=str(tmp_path / "out"))
+    with pytest.raises(UserInputError, match="--consistent_jitter"):
+        setup_distillation(DistillationArguments(method="kd", teacher_cache=str(tmp_path / "cache")),
+                           DataArguments(student_jitter=0.4, consistent_jitter=True), out)
+    with pytest.raises(UserInputError, match="--consistent_jitter"):
+        setup_distillation(DistillationArguments(method="kd"), DataArguments(consistent_jitter=True), out)
+    with pytest.raises(ValueError, match="consistent_jitter"):
+        DistillationTrainer(None, teacher_cache=object(), student_jitter=0.4, consistent_jitter=True)

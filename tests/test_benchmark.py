@@ -165,3 +165,14 @@ def test_per_class_gains_are_paired_by_seed_and_skip_absent_classes(tmp_path):
     assert "| car | 15.00 ± 7.07 | +12.50 |" in lines  # (5 + 20) / 2
     assert "| road | 90.00 | -10.00 |" in lines  # seed 1 has no road IoU for none-head: seed 0 only
     assert not any("dist-head minus" in line for line in lines)
+
+
+def test_long_runs_replay_a_cache_unless_the_teacher_must_see_each_view(tmp_path):
+    args = benchmark.main.__globals__["argparse"].Namespace(protocol="long", work_dir=str(tmp_path))
+    cached = benchmark.teacher_cache_dir(args, "val", "c2vkd", ["--channel_weight", "3"])
+    assert cached and cached == benchmark.teacher_cache_dir(args, "val", "c2vkd", [])  # a loss flag: the same cache
+    assert cached != benchmark.teacher_cache_dir(args, "val", "c2vkd", ["--teacher_input_scale", "1.5"])
+    for live in (["--cutmix_prob", "0.5"], ["--student_jitter", "0.4", "--consistent_jitter", "true"]):
+        assert benchmark.teacher_cache_dir(args, "val", "c2vkd", live) is None
+    assert benchmark.teacher_cache_dir(args, "val", "c2vkd", ["--student_jitter", "0.4"]) == cached
+    assert benchmark.teacher_cache_dir(args, "val", "none", []) is None

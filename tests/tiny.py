@@ -64,7 +64,7 @@ def c2vkd_model(student: nn.Module, teacher: nn.Module, seed: int = 0) -> Distil
 
 
 def make_trainer(output_dir: str, model: DistillationModel, teacher: nn.Module, train, *, eval_dataset=None,
-                 cutmix_prob: float = 0.0, student_jitter: float = 0.0,
+                 cutmix_prob: float = 0.0, student_jitter: float = 0.0, consistent_jitter: bool = False,
                  **training_kwargs) -> DistillationTrainer:
     kwargs = dict(output_dir=output_dir, per_device_train_batch_size=8, max_steps=2, learning_rate=1e-2,
                   report_to="none", save_strategy="no", logging_steps=1, seed=0, remove_unused_columns=False,
@@ -73,7 +73,7 @@ def make_trainer(output_dir: str, model: DistillationModel, teacher: nn.Module, 
     return DistillationTrainer(
         model=model, args=TrainingArguments(**kwargs), train_dataset=train, eval_dataset=eval_dataset,
         data_collator=collate, teacher=teacher, teacher_feature_names=["stage4"], cutmix_prob=cutmix_prob,
-        student_jitter=student_jitter,
+        student_jitter=student_jitter, consistent_jitter=consistent_jitter,
         compute_metrics=make_compute_metrics(len(ID2LABEL), 255, ID2LABEL))
 
 

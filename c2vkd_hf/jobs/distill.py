@@ -173,6 +173,10 @@ def setup_distillation(dist_args: DistillationArguments, data_args: DataArgument
     if data_args.cutmix_prob > 0 and dist_args.teacher_cache:
         raise UserInputError("--cutmix_prob needs the live teacher, which sees each mixed image; a --teacher_cache "
                              "holds its outputs on unmixed views. Drop one of the two.")
+    if data_args.consistent_jitter and (dist_args.teacher_cache or data_args.student_jitter <= 0):
+        raise UserInputError("--consistent_jitter shows the live teacher the student's jittered view: it needs "
+                             "--student_jitter > 0 and no --teacher_cache (a cache holds the teacher's outputs on "
+                             "clean views).")
     output_dir = Path(training_args.output_dir)
     prepare_training_args(training_args)
     data = data if data is not None else load_segmentation_data(data_args)
@@ -255,7 +259,7 @@ def setup_distillation(dist_args: DistillationArguments, data_args: DataArgument
         student_mean_std=(student_mean, student_std),
         teacher_mean_std=image_mean_std(teacher) if teacher is not None else None, teacher_cache=teacher_cache,
         teacher_input_scale=dist_args.teacher_input_scale, cutmix_prob=data_args.cutmix_prob,
-        student_jitter=data_args.student_jitter)
+        student_jitter=data_args.student_jitter, consistent_jitter=data_args.consistent_jitter)
     return DistillationSetup(trainer=trainer, data=data, loss_module=loss_module, teacher=teacher,
                              teacher_name=teacher_name, text_embeddings=text_embeddings, notes=notes,
                              teacher_cache=teacher_cache, text_source=text_source)
