@@ -291,9 +291,9 @@ class DistillationTrainer(SafeCheckpointTrainer):
             ``teacher_cache=None``.
         student_jitter: colour jitter of this strength on the student's view only, after the teacher (live
             or cached) has seen the clean one (``student_mean_std`` says how the batch is normalised).
+            Both: :mod:`c2vkd_hf.data.batch_augment`.
         consistent_jitter: the jitter comes before the teacher instead, which then sees the student's very view
             (consistent views, Beyer et al. CVPR 2022); needs ``teacher_cache=None``.
-            Both: :mod:`c2vkd_hf.data.batch_augment`.
         The teacher arguments become one object, ``self.teacher_source`` (:class:`~c2vkd_hf.teacher.LiveTeacher`
         or :class:`~c2vkd_hf.teacher.CachedTeacher`), whose ``outputs(inputs, device)`` the loss reads.
         All other arguments are :class:`transformers.Trainer`'s.
