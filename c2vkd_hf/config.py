@@ -158,6 +158,11 @@ class DistillationArguments:
     pdd_beta: float = field(default=1.0, metadata={"help": "PDD: weight of the non-target term NC."})
     pdd_temperature: float = field(default=1.0, metadata={"help": "PDD: temperature T."})
     label_weight: float = field(default=0.5, metadata={"help": "PDD/linguistic label correction g in [0, 1]."})
+    pdd_logit_standardization: bool = field(
+        default=False,
+        metadata={"help": "C2VKD: PDD reads z-scored logits (per pixel, (z - mean) / std over classes, student and "
+                  "teacher; logit standardisation, Sun et al. CVPR 2024) at --pdd_temperature; the cross-entropy "
+                  "keeps the raw logits. Off: the paper's PDD."})
     class_balance: bool = field(
         default=True,
         metadata={"help": "C2VKD: class-balanced means in PDD and the linguistic term, class k weighing n_k^(1 - p) "

@@ -705,3 +705,73 @@ def test_c2vkd_from_the_default_flags_uses_half_way_class_balanced_means():
     torch.testing.assert_close(pdd_term([]), half)
     torch.testing.assert_close(pdd_term(["--class_balance", "false"]), per_pixel.mean())
     assert not torch.allclose(half, per_pixel.mean())
+
+
+def test_standardize_logits_has_zero_mean_unit_std_and_ignores_shift_and_scale():
+    from c2vkd_hf.losses.common import standardize_logits
+
+    torch.manual_seed(0)
+    z = torch.randn(2, 5, 3, 4) * 4
+    out = standardize_logits(z)
+    torch.testing.assert_close(out.mean(dim=1), torch.zeros(2, 3, 4), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.std(dim=1, unbiased=False), torch.ones(2, 3, 4), atol=1e-5, rtol=0)
+    shift = torch.randn(2, 1, 3, 4)  # a different shift per pixel
+    torch.testing.assert_close(standardize_logits(2.5 * z + shift), out, atol=1e-5, rtol=1e-5)
+    # two classes: any two distinct logits become (+1, -1)
+    torch.testing.assert_close(standardize_logits(torch.tensor([[5.0, 0.0], [0.1, 0.0]])),
+                               torch.tensor([[1.0, -1.0], [1.0, -1.0]]), atol=1e-5, rtol=0)
+
+
+def test_pdd_with_logit_standardization_matches_a_hand_computed_value_and_keeps_raw_cross_entropy():
+    """Two classes, one pixel labelled 0: the student's (5, 0) and the teacher's (0, 3) standardise to (1, -1)
+    and (-1, 1); at T = 1, g = 0.5 the non-target part is empty and
+    L_pdd = KL(q || b_s), b_t = (s(-2), s(2)), q = 0.5 b_t + 0.5 (1, 0), b_s = (s(2), s(-2)) (s: the sigmoid).
+    The cross-entropy stays on the raw logits; scaling and shifting the student's logits leaves PDD unchanged."""
+    from c2vkd_hf.losses.common import cross_entropy
+
+    def sig(x):
+        return 1 / (1 + np.exp(-x))
+
+    zs = torch.tensor([5.0, 0.0]).view(1, 2, 1, 1)
+    zt = torch.tensor([0.0, 3.0]).view(1, 2, 1, 1)
+    y = torch.zeros(1, 1, 1, dtype=torch.long)
+    q = 0.5 * np.array([sig(-2), sig(2)]) + 0.5 * np.array([1.0, 0.0])
+    expected = np_kl(q, [sig(2), sig(-2)])
+    loss = C2VKDLoss(pdd_logit_standardization=True, class_balance=True)
+    out = loss(zs, zt, y)
+    assert out["pdd"].item() == pytest.approx(expected, rel=1e-5)
+    torch.testing.assert_close(out["ce"], cross_entropy(zs, y))
+    torch.testing.assert_close(out["loss"], out["ce"] + out["pdd"])
+
+    torch.manual_seed(0)
+    zs, zt, y = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3), torch.randint(0, 4, (2, 6, 6))
+    plain, std = C2VKDLoss(), C2VKDLoss(pdd_logit_standardization=True)
+    rescaled = 3.0 * zs + torch.randn(2, 1, 3, 3)
+    torch.testing.assert_close(std(rescaled, zt, y)["pdd"], std(zs, zt, y)["pdd"], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(plain(rescaled, zt, y)["pdd"], plain(zs, zt, y)["pdd"])
+    zs.requires_grad_(True)
+    std(zs, zt, y)["pdd"].backward()
+    assert zs.grad.abs().sum() > 0 and torch.isfinite(zs.grad).all()
+
+
+def test_pdd_logit_standardization_flag_reaches_the_loss_and_is_refused_for_other_methods():
+    from c2vkd_hf.cli.distill import parse_args
+    from c2vkd_hf.jobs import validate_distillation_args
+    from c2vkd_hf.jobs.distill import build_loss_module, teacher_free_arguments
+    from c2vkd_hf.validation import UserInputError
+
+    def args_from(*argv):
+        dist_args = parse_args(["--output_dir", "unused", *argv])[0]
+        validate_distillation_args(dist_args)
+        return dist_args
+
+    def loss_from(*argv):
+        return build_loss_module(args_from(*argv), student_channels=[], teacher_channels=[], text_embeddings=None)
+
+    assert not loss_from("--method", "c2vkd").pdd_logit_standardization
+    on = args_from("--method", "c2vkd", "--pdd_logit_standardization", "true")
+    assert build_loss_module(on, student_channels=[], teacher_channels=[],
+                             text_embeddings=None).pdd_logit_standardization
+    assert not teacher_free_arguments(on).pdd_logit_standardization  # the no-teacher baseline drops it
+    with pytest.raises(UserInputError, match="--pdd_logit_standardization changes C2VKD's PDD"):
+        loss_from("--method", "dkd", "--pdd_logit_standardization", "true")

@@ -57,6 +57,9 @@ def validate_distillation_args(args: DistillationArguments) -> None:
     if args.channel_weight > 0 and args.method != "c2vkd":
         raise UserInputError(f"--channel_weight adds a channel-wise term to C2VKD; --method {args.method} does not "
                              "use it (--method cwd is channel-wise distillation on its own).")
+    if args.pdd_logit_standardization and args.method != "c2vkd":
+        raise UserInputError(f"--pdd_logit_standardization changes C2VKD's PDD term; --method {args.method} has no "
+                             "PDD term.")
     student_config_overrides(args)
     check_teacher_name("--teacher_name_or_path", args.teacher_name_or_path)
     check_local_path("--student_name_or_path", args.student_name_or_path)

@@ -22,6 +22,13 @@ most pixels; ``L_channel`` matches each class map's distribution over positions,
 once. On CamVid's held-out sequence CWD gained more over the plain student than C2VKD did (section 0f of
 ``benchmarks/camvid/FINDINGS.md``), which this term tests inside C2VKD.
 
+Logit standardisation in PDD (our addition, off by default, ``pdd_logit_standardization``): PDD reads the
+z-scored logits ``Z(z) = (z - mean_k z) / std_k z`` of student and teacher, per pixel at the logit grid
+(:func:`~.common.standardize_logits`; Sun et al., "Logit Standardization in Knowledge Distillation", CVPR 2024),
+at its temperature ``T``: ``L_pdd(Z(z_s), Z(z_t))``. The student then matches the shape of the teacher's class
+distribution, not its logit scale, which a text head (cosine scores over a fixed ``tau``) bounds. The
+cross-entropy keeps the raw logits.
+
 Which logits CE and PDD read is the trainer's choice: the student's own classifier's, or (the
 default with the ``decoder`` feature pair and text embeddings) the linguistic head's pixel-text
 logits ``S`` of the student's text head (``--text_head``, :mod:`c2vkd_hf.text_head`), whose projector the
@@ -53,7 +60,7 @@ from torch import nn
 
 from ..constants import IGNORE_INDEX
 from .base import DistillationLoss
-from .common import check_positive, check_unit_interval, check_weight
+from .common import check_positive, check_unit_interval, check_weight, standardize_logits
 from .cwd import cwd_loss
 from .pdd import pdd_loss, pdd_loss_and_cross_entropy
 from .registry import register_loss
@@ -129,6 +136,7 @@ class C2VKDLoss(DistillationLoss):
             (``benchmarks/camvid/ABLATIONS.md``, run ``c2vkd-glob1``).
         pdd_alpha, pdd_beta, pdd_temperature, label_weight: PDD constants (``label_weight`` is also
             the linguistic target's label correction g).
+        pdd_logit_standardization: PDD reads z-scored logits (module docstring); the cross-entropy does not.
         glob_tau, rel_grid, ling_tau: VLFD constants. ``channel_tau``: the channel-wise term's temperature
             (CWD's recipe, 4).
         class_balance: PDD's and the linguistic term's means over pixels become class-balanced (every class
@@ -165,6 +173,7 @@ class C2VKDLoss(DistillationLoss):
         pdd_beta: float = 1.0,
         pdd_temperature: float = 1.0,
         label_weight: float = 0.5,
+        pdd_logit_standardization: bool = False,
         glob_tau: float = 1.0,
         rel_grid: int = 16,
         ling_tau: float = 0.03,
@@ -187,6 +196,7 @@ class C2VKDLoss(DistillationLoss):
         self.pdd_beta = check_weight("pdd_beta", pdd_beta)
         self.pdd_temperature = check_positive("pdd_temperature", pdd_temperature)
         self.label_weight = check_unit_interval("label_weight", label_weight)
+        self.pdd_logit_standardization = bool(pdd_logit_standardization)
         self.glob_tau = check_positive("glob_tau", glob_tau)
         self.ling_tau = check_positive("ling_tau", ling_tau)
         self.class_balance = bool(class_balance)
@@ -293,7 +303,21 @@ class C2VKDLoss(DistillationLoss):
         (the student's text head, whose projector is ``P_l``, computed exactly this ``S`` for its logits:
         :class:`~c2vkd_hf.trainer.DistillationModel` passes them); ``None``: projected here."""
         terms: Dict[str, torch.Tensor] = {}
-        if "pdd" in self.weights and self.pdd_temperature == 1.0:
+        if "pdd" in self.weights and self.pdd_logit_standardization:
+            # PDD on z-scored logits; the cross-entropy (on the raw logits) is then computed by the base class
+            terms["pdd"] = pdd_loss(
+                standardize_logits(student_logits),
+                standardize_logits(teacher_logits.detach()),
+                labels,
+                alpha=self.pdd_alpha,
+                beta=self.pdd_beta,
+                temperature=self.pdd_temperature,
+                label_weight=self.label_weight,
+                ignore_index=self.ignore_index,
+                class_balance=self.balances("pdd"),
+                class_balance_power=self.class_balance_power,
+            )
+        elif "pdd" in self.weights and self.pdd_temperature == 1.0:
             # the cross-entropy is a by-product of PDD's log-probabilities at T = 1 (the same value)
             terms["pdd"], terms["ce"] = pdd_loss_and_cross_entropy(
                 student_logits,

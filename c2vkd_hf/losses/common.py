@@ -31,6 +31,7 @@ __all__ = [
     "mask_target",
     "zero_like_graph",
     "cross_entropy",
+    "standardize_logits",
     "check_weight",
     "check_positive",
     "check_unit_interval",
@@ -156,6 +157,21 @@ def cross_entropy(
     n_valid = (labels != ignore_index).sum().clamp_min(1)  # no host sync; the sum is 0 if all ignored
     total = F.cross_entropy(z, labels, ignore_index=ignore_index, reduction="sum")
     return total / n_valid
+
+
+def standardize_logits(z: torch.Tensor, dim: int = 1, eps: float = 1e-7) -> torch.Tensor:
+    """Z-score logits over the class dimension: ``Z(z) = (z - mean_k z) / (std_k z + eps)`` (population std).
+
+    Logit standardisation (Sun, Ren, Li, Wang, Cao, "Logit Standardization in Knowledge Distillation",
+    CVPR 2024, arXiv 2403.01427): a softmax of ``Z(z) / T`` depends only on the ranking and relative gaps of
+    the logits, not on their shift or scale, so a student is asked to match the shape of the teacher's
+    distribution, not its logit magnitude (a cosine classifier with a fixed temperature cannot reach an
+    arbitrary magnitude). ``Z(a z + b) = Z(z)`` for any ``a > 0`` and any shift ``b`` constant along ``dim``.
+    Differentiable; computed in float32."""
+    z = z.float()
+    mean = z.mean(dim=dim, keepdim=True)
+    std = z.std(dim=dim, keepdim=True, unbiased=False)
+    return (z - mean) / (std + eps)
 
 
 def _is_number(value) -> bool:
