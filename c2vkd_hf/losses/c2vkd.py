@@ -303,46 +303,19 @@ class C2VKDLoss(DistillationLoss):
         (the student's text head, whose projector is ``P_l``, computed exactly this ``S`` for its logits:
         :class:`~c2vkd_hf.trainer.DistillationModel` passes them); ``None``: projected here."""
         terms: Dict[str, torch.Tensor] = {}
-        if "pdd" in self.weights and self.pdd_logit_standardization:
-            # PDD on z-scored logits; the cross-entropy (on the raw logits) is then computed by the base class
-            terms["pdd"] = pdd_loss(
-                standardize_logits(student_logits),
-                standardize_logits(teacher_logits.detach()),
-                labels,
-                alpha=self.pdd_alpha,
-                beta=self.pdd_beta,
-                temperature=self.pdd_temperature,
-                label_weight=self.label_weight,
-                ignore_index=self.ignore_index,
-                class_balance=self.balances("pdd"),
-                class_balance_power=self.class_balance_power,
-            )
-        elif "pdd" in self.weights and self.pdd_temperature == 1.0:
-            # the cross-entropy is a by-product of PDD's log-probabilities at T = 1 (the same value)
-            terms["pdd"], terms["ce"] = pdd_loss_and_cross_entropy(
-                student_logits,
-                teacher_logits,
-                labels,
-                alpha=self.pdd_alpha,
-                beta=self.pdd_beta,
-                label_weight=self.label_weight,
-                ignore_index=self.ignore_index,
-                class_balance=self.balances("pdd"),
-                class_balance_power=self.class_balance_power,
-            )
-        elif "pdd" in self.weights:
-            terms["pdd"] = pdd_loss(
-                student_logits,
-                teacher_logits,
-                labels,
-                alpha=self.pdd_alpha,
-                beta=self.pdd_beta,
-                temperature=self.pdd_temperature,
-                label_weight=self.label_weight,
-                ignore_index=self.ignore_index,
-                class_balance=self.balances("pdd"),
-                class_balance_power=self.class_balance_power,
-            )
+        if "pdd" in self.weights:
+            constants = dict(alpha=self.pdd_alpha, beta=self.pdd_beta, label_weight=self.label_weight,
+                             ignore_index=self.ignore_index, class_balance=self.balances("pdd"),
+                             class_balance_power=self.class_balance_power)
+            if self.pdd_temperature == 1.0 and not self.pdd_logit_standardization:
+                # the cross-entropy is a by-product of PDD's log-probabilities at T = 1 (the same value)
+                terms["pdd"], terms["ce"] = pdd_loss_and_cross_entropy(student_logits, teacher_logits, labels,
+                                                                       **constants)
+            else:
+                zs, zt = student_logits, teacher_logits
+                if self.pdd_logit_standardization:  # PDD on z-scored logits; CE (raw logits) from the base class
+                    zs, zt = standardize_logits(zs), standardize_logits(zt.detach())
+                terms["pdd"] = pdd_loss(zs, zt, labels, temperature=self.pdd_temperature, **constants)
         if "channel" in self.weights:
             terms["channel"] = cwd_loss(student_logits, teacher_logits, tau=self.channel_tau)
         if not self.uses_features:
