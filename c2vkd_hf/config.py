@@ -194,6 +194,12 @@ class DistillationArguments:
                   "stage1:stage1,stage2:stage2,stage3:stage3,stage4:stage4), each with its own 1x1 projector; "
                   "their VLFD global + relation terms form the 'stage' term (needs --stage_weight > 0)."})
     stage_weight: float = field(default=0.0, metadata={"help": "C2VKD: weight of the stage-guidance term."})
+    exit_weight: float = field(
+        default=0.0,
+        metadata={"help": "C2VKD: weight of the stage exits (OFA-KD's exits, Hao et al. NeurIPS 2023): each student "
+                  "stage of --stage_pairs gets a 1x1 exit into the classes, taught the teacher's logits through PDD "
+                  "(term 'exit', scheduled by --weight_schedules exit:...); the exits are not part of the saved "
+                  "student. 0: off."})
     channel_weight: float = field(
         default=0.0,
         metadata={"help": "C2VKD: weight of a channel-wise logit term (CWD's formula, each class map as a "

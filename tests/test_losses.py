@@ -775,3 +775,34 @@ def test_pdd_logit_standardization_flag_reaches_the_loss_and_is_refused_for_othe
     assert not teacher_free_arguments(on).pdd_logit_standardization  # the no-teacher baseline drops it
     with pytest.raises(UserInputError, match="--pdd_logit_standardization changes C2VKD's PDD"):
         loss_from("--method", "dkd", "--pdd_logit_standardization", "true")
+
+
+def test_stage_exits_teach_every_student_stage_the_teacher_logits_through_pdd():
+    """L_exit = mean_i L_pdd(E_i F_s,i, z_t, y) over the stage pairs' student features (the teacher's stage
+    features are not read); the exits get gradients, follow their schedule and need stage pairs and K."""
+    from c2vkd_hf.losses.pdd import pdd_loss
+
+    torch.manual_seed(0)
+    loss = C2VKDLoss(student_channels=[6], teacher_channels=[7], stage_student_channels=[4, 5],
+                     stage_teacher_channels=[3, 2], exit_weight=0.5, num_classes=3, pdd_weight=0, glob_weight=0,
+                     rel_weight=0, class_balance=True, class_balance_power=0.5)
+    assert "stage" not in loss.weights and loss.stage_projectors is None
+    loss.set_schedules({"exit": ("linear", 0.5)})
+    zs, zt, y = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.randint(0, 3, (2, 8, 8))
+    fs = [torch.randn(2, 6, 4, 4), torch.randn(2, 4, 4, 4), torch.randn(2, 5, 2, 2)]
+    ft = [torch.randn(2, 7, 4, 4), torch.randn(2, 3, 4, 4), torch.randn(2, 2, 2, 2)]
+    expected = torch.stack([pdd_loss(e(a), zt, y, class_balance=True, class_balance_power=0.5)
+                            for e, a in zip(loss.exit_heads, fs[1:])]).mean()
+    out = loss(zs, zt, y, fs, ft)
+    torch.testing.assert_close(out["exit"], expected)
+    torch.testing.assert_close(out["loss"], out["ce"] + 0.5 * expected)
+    out["loss"].backward()
+    assert all(e.weight.grad.abs().sum() > 0 for e in loss.exit_heads)
+    other_teacher_stages = [ft[0], torch.randn(2, 3, 4, 4), torch.randn(2, 2, 2, 2)]
+    torch.testing.assert_close(loss(zs, zt, y, fs, other_teacher_stages)["exit"], expected)
+    loss.progress = 0.5
+    assert "exit" not in loss(zs, zt, y, fs, ft)
+    with pytest.raises(ValueError, match="needs stage pairs"):
+        C2VKDLoss(exit_weight=1.0, num_classes=3)
+    with pytest.raises(ValueError, match="needs num_classes"):
+        C2VKDLoss(stage_student_channels=[4], stage_teacher_channels=[3], exit_weight=1.0)

@@ -66,6 +66,25 @@ def test_stage_guidance_decays_to_zero_by_the_scheduled_fraction(tmp_path):
     assert all("loss/stage" not in history[step] for step in range(5, 9))
 
 
+def test_stage_exits_train_with_the_student_and_are_left_out_of_it(tmp_path):
+    """--exit_weight with --stage_pairs and no stage term: the exit term is logged at its scheduled weight, gone
+    from half of training, and the saved student is a plain SegFormer with the same weights as one trained
+    without exits would have (no exit parameter in it)."""
+    out = tmp_path / "exits"
+    distill.main(["--output_dir", str(out), *TINY, "--method", "c2vkd", "--max_steps", "4",
+                  "--teacher_name_or_path", _save_tiny(tmp_path / "teacher", 1),
+                  "--student_name_or_path", _save_tiny(tmp_path / "student", 2),
+                  "--stage_pairs", "stage1:stage1,stage2:stage2", "--exit_weight", "0.5",
+                  "--weight_schedules", "exit:linear:0.5"])
+    history = {e["step"]: e for e in json.loads((out / "results.json").read_text())["loss_history"]}
+    assert history[1]["loss_weighted/exit"] == pytest.approx(0.5 * history[1]["loss/exit"], rel=1e-4)
+    assert "loss/stage" not in history[1]
+    assert all("loss/exit" not in history[step] for step in (3, 4))
+    model = AutoModelForSemanticSegmentation.from_pretrained(out)
+    plain = AutoModelForSemanticSegmentation.from_pretrained(tmp_path / "student")
+    assert set(model.state_dict()) == set(plain.state_dict())
+
+
 def test_channel_term_flag_reaches_the_logged_loss(tmp_path):
     """--channel_weight 3 adds C2VKD's channel-wise term: logged unweighted and at three times its value; the
     no-teacher baseline of the same job trains without it (a teacher-free run refuses the flag)."""
@@ -83,6 +102,9 @@ def test_channel_term_flag_reaches_the_logged_loss(tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--stage_weight", "0.5"], "--stage_weight needs --stage_pairs"),
     (["--method", "dist", "--stage_pairs", "stage1:stage1", "--stage_weight", "1"], "C2VKD's stage guidance"),
+    (["--exit_weight", "1"], "--exit_weight needs --stage_pairs"),
+    (["--method", "dist", "--stage_pairs", "stage1:stage1", "--exit_weight", "1"], "C2VKD's stage guidance"),
+    (["--stage_pairs", "stage1:stage1", "--exit_weight", "-1"], "--exit_weight must be a finite number >= 0"),
     (["--weight_schedules", "stage:linear:2"], "end fraction must be in (0, 1]"),
     (["--stage_pairs", "stage9:stage1", "--stage_weight", "1"], "feature pair stage9:stage1"),
     (["--method", "dist", "--channel_weight", "3"], "--channel_weight adds a channel-wise term to C2VKD"),

@@ -29,7 +29,7 @@ def validate_distillation_args(args: DistillationArguments) -> None:
     if args.method not in METHODS:
         raise UserInputError(f"--method '{args.method}' is unknown; choose one of {', '.join(METHODS)}.")
     for name in ("ce_weight", "pdd_weight", "glob_weight", "rel_weight", "ling_weight", "stage_weight", "kd_weight",
-                 "channel_weight", "pdd_alpha", "pdd_beta"):
+                 "channel_weight", "exit_weight", "pdd_alpha", "pdd_beta"):
         value = getattr(args, name)
         if value is not None and (not np.isfinite(value) or value < 0):
             raise UserInputError(f"--{name} must be a finite number >= 0, got {value}.")
@@ -48,12 +48,13 @@ def validate_distillation_args(args: DistillationArguments) -> None:
         parse_class_balance_terms(args.class_balance_terms)
     except ValueError as error:
         raise UserInputError(f"{error}") from None
-    if args.stage_weight > 0 and not stage_pairs:
-        raise UserInputError("--stage_weight needs --stage_pairs (e.g. stage1:stage1,stage2:stage2,stage3:stage3,"
-                             "stage4:stage4).")
-    if (args.stage_weight > 0 or stage_pairs) and args.method != "c2vkd":
-        raise UserInputError(f"--stage_pairs/--stage_weight are C2VKD's stage guidance; --method {args.method} "
-                             "does not use them.")
+    for name in ("stage_weight", "exit_weight"):
+        if getattr(args, name) > 0 and not stage_pairs:
+            raise UserInputError(f"--{name} needs --stage_pairs (e.g. stage1:stage1,stage2:stage2,stage3:stage3,"
+                                 "stage4:stage4).")
+    if (args.stage_weight > 0 or args.exit_weight > 0 or stage_pairs) and args.method != "c2vkd":
+        raise UserInputError(f"--stage_pairs/--stage_weight/--exit_weight are C2VKD's stage guidance and exits; "
+                             f"--method {args.method} does not use them.")
     if args.channel_weight > 0 and args.method != "c2vkd":
         raise UserInputError(f"--channel_weight adds a channel-wise term to C2VKD; --method {args.method} does not "
                              "use it (--method cwd is channel-wise distillation on its own).")

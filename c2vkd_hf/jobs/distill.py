@@ -55,10 +55,10 @@ logger = logging.getLogger(__name__)
 def build_loss_module(args: DistillationArguments, *, student_channels: list[int], teacher_channels: list[int],
                       text_embeddings: Optional[torch.Tensor],
                       stage_channels: tuple[list[int], list[int]] = ([], []),
-                      ling_projector: Optional[nn.Conv2d] = None) -> nn.Module:
+                      ling_projector: Optional[nn.Conv2d] = None, num_classes: Optional[int] = None) -> nn.Module:
     """The loss module of ``args.method`` with every constant from the flags. C2VKD: ``stage_channels``
     are the (student, teacher) channels of the stage-guidance pairs; ``ling_projector`` the text head's
-    projector, which its linguistic term then trains."""
+    projector, which its linguistic term then trains; ``num_classes`` the class count of the stage exits."""
     common = {"ce_weight": args.ce_weight, "ignore_index": IGNORE_INDEX}
     if args.method == "none":
         return get_loss("none", **common)
@@ -66,7 +66,8 @@ def build_loss_module(args: DistillationArguments, *, student_channels: list[int
         return get_loss(
             "c2vkd", **common, student_channels=student_channels or None, teacher_channels=teacher_channels or None,
             stage_student_channels=stage_channels[0] or None, stage_teacher_channels=stage_channels[1] or None,
-            stage_weight=args.stage_weight, ling_projector=ling_projector,
+            stage_weight=args.stage_weight, exit_weight=args.exit_weight, num_classes=num_classes,
+            ling_projector=ling_projector,
             text_embeddings=text_embeddings, pdd_weight=args.pdd_weight, glob_weight=args.glob_weight,
             rel_weight=args.rel_weight, ling_weight=args.ling_weight, pdd_alpha=args.pdd_alpha,
             pdd_beta=args.pdd_beta, pdd_temperature=args.pdd_temperature, label_weight=args.label_weight,
@@ -220,7 +221,8 @@ def setup_distillation(dist_args: DistillationArguments, data_args: DataArgument
     s_channels, t_channels = feature_channels(student), {}
     if dist_args.method == "c2vkd":
         pairs = parse_feature_pairs(dist_args.feature_pairs) or [default_feature_pair(student, teacher)]
-        stage_pairs = parse_feature_pairs(dist_args.stage_pairs) if dist_args.stage_weight > 0 else []
+        stage_pairs = (parse_feature_pairs(dist_args.stage_pairs)
+                       if dist_args.stage_weight > 0 or dist_args.exit_weight > 0 else [])
         t_channels = feature_channels(teacher)
         for s_name, t_name in pairs + stage_pairs:
             if s_name not in s_channels or t_name not in t_channels:
@@ -231,7 +233,7 @@ def setup_distillation(dist_args: DistillationArguments, data_args: DataArgument
         dist_args, student_channels=[s_channels[s] for s, _ in pairs],
         teacher_channels=[t_channels[t] for _, t in pairs], text_embeddings=text_embeddings,
         stage_channels=([s_channels[s] for s, _ in stage_pairs], [t_channels[t] for _, t in stage_pairs]),
-        ling_projector=text_head.projector if text_head is not None else None)
+        ling_projector=text_head.projector if text_head is not None else None, num_classes=len(id2label))
     loss_module.set_schedules(parse_schedules(dist_args.weight_schedules))
     if dist_args.channels_last:
         student.to(memory_format=torch.channels_last)
@@ -313,7 +315,7 @@ C2VKD_ONLY_FIELDS = frozenset({
     "pdd_weight", "glob_weight", "rel_weight", "ling_weight", "pdd_alpha", "pdd_beta", "pdd_temperature",
     "label_weight", "glob_tau", "rel_grid", "class_balance", "class_balance_power", "class_balance_terms",
     "feature_pairs", "stage_pairs",
-    "stage_weight", "channel_weight", "channel_tau", "pdd_logit_standardization"})
+    "stage_weight", "exit_weight", "channel_weight", "channel_tau", "pdd_logit_standardization"})
 
 
 def teacher_free_arguments(dist_args: DistillationArguments) -> DistillationArguments:

@@ -4,7 +4,7 @@ Zheng, Luo, Zhou, Wang, "Distilling Efficient Vision Transformers from CNNs for 
 Segmentation", arXiv 2310.07265. Total loss (formulas in :mod:`.pdd` and :mod:`.vlfd`):
 
 ``L = w_ce CE + w_pdd L_pdd + w_glob L_glob + w_rel L_rel + w_ling L_ling + w_stage s(p) L_stage
-+ w_channel L_channel``
++ w_channel L_channel + w_exit s(p) L_exit``
 
 Stage guidance (our addition, the paper's thesis applied to the CNN's intermediate stages): VLFD's
 visual terms on several student/teacher stage pairs at once, each pair through its own 1x1
@@ -13,6 +13,15 @@ follows a schedule ``s(p)`` over training progress ``p`` (:mod:`.schedule`; the 
 it linearly to 0 at half of training): imitating a CNN's intermediate features speeds up a
 from-scratch ViT early and limits it late (locality guidance, Li et al., ECCV 2022; DearKD, Chen et
 al., CVPR 2022; CSKD, Zhao et al., ICCV 2023). Once its weight has reached 0 the term is not computed.
+
+Stage exits (our addition, off by default; the exits of OFA-KD: Hao, Guo, Wang, Han, Xu, Tang, Wang, "One-for-All:
+Bridge the Gap Between Heterogeneous Architectures in Knowledge Distillation", NeurIPS 2023): each student stage of
+the stage pairs gets an exit, a 1x1 convolution ``E_i`` into the K classes, and the teacher's logits teach every
+exit through PDD, ``L_exit = mean_i L_pdd(E_i F_s,i, z_t, y)`` (same constants and class balance as ``L_pdd``).
+Intermediate features of a CNN and a ViT live in different spaces, which a feature loss must bridge with a
+projector; logit space is shared, so the exits pass the teacher's class knowledge to each stage without asking
+the ViT to copy the CNN's features. The exits live in this module, never in the student, and follow a weight
+schedule like the stage term. They read the student side of the stage pairs only.
 
 Channel-wise logit term (our addition, off by default): CWD's formula (Shu et al., "Channel-wise Knowledge
 Distillation for Dense Prediction", ICCV 2021) on the logits PDD reads,
@@ -127,6 +136,9 @@ class C2VKDLoss(DistillationLoss):
             a new one.
         stage_student_channels, stage_teacher_channels: channel counts of the stage-guidance pairs
             (``L_stage``, after the main pairs in the feature lists); ``None``: no stage term.
+        exit_weight, num_classes: weight of the stage exits ``L_exit`` (module docstring; 0: off) and the class
+            count ``K`` of their logits (needed when ``exit_weight > 0``); the exits read the stage pairs' student
+            features.
         ce_weight, pdd_weight, glob_weight, rel_weight, ling_weight, stage_weight, channel_weight: term weights
             (>= 0; ``channel_weight`` defaults to 0, the paper's C2VKD); a term of
             weight 0 is not computed, not reported, and gets no projector. ``glob_weight`` defaults to
@@ -148,7 +160,7 @@ class C2VKDLoss(DistillationLoss):
         ignore_index: void label value.
 
     ``forward(student_logits, teacher_logits, labels, student_features, teacher_features)`` returns
-    the unweighted terms among ``ce, pdd, channel, glob, rel, ling, stage`` plus ``loss``. The feature lists
+    the unweighted terms among ``ce, pdd, channel, glob, rel, ling, stage, exit`` plus ``loss``. The feature lists
     hold the main pairs, then the stage pairs. Feature terms average over their pairs. Teacher
     tensors are detached.
     """
@@ -164,6 +176,8 @@ class C2VKDLoss(DistillationLoss):
         stage_student_channels: Optional[Sequence[int]] = None,
         stage_teacher_channels: Optional[Sequence[int]] = None,
         stage_weight: float = 0.0,
+        exit_weight: float = 0.0,
+        num_classes: Optional[int] = None,
         ce_weight: float = 1.0,
         pdd_weight: float = 1.0,
         glob_weight: float = 0.1,
@@ -190,6 +204,7 @@ class C2VKDLoss(DistillationLoss):
         rel_weight = check_weight("rel_weight", rel_weight)
         ling_weight = check_weight("ling_weight", ling_weight)
         stage_weight = check_weight("stage_weight", stage_weight)
+        exit_weight = check_weight("exit_weight", exit_weight)
         channel_weight = check_weight("channel_weight", channel_weight)
         self.channel_tau = check_positive("channel_tau", channel_tau)
         self.pdd_alpha = check_weight("pdd_alpha", pdd_alpha)
@@ -229,6 +244,14 @@ class C2VKDLoss(DistillationLoss):
         if ss_ch and stage_weight > 0:
             self.weights["stage"] = stage_weight
             self.stage_projectors = nn.ModuleList(nn.Conv2d(cs, ct, kernel_size=1) for cs, ct in zip(ss_ch, st_ch))
+        self.exit_heads = None
+        if exit_weight > 0:
+            if not ss_ch:
+                raise ValueError("exit_weight > 0 needs stage pairs (the exits read their student features)")
+            if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+                raise ValueError(f"exit_weight > 0 needs num_classes, a positive int, got {num_classes!r}")
+            self.weights["exit"] = exit_weight
+            self.exit_heads = nn.ModuleList(nn.Conv2d(cs, num_classes, kernel_size=1) for cs in ss_ch)
 
         if pdd_weight > 0:
             self.weights["pdd"] = pdd_weight
@@ -270,7 +293,7 @@ class C2VKDLoss(DistillationLoss):
     @property
     def uses_features(self) -> bool:
         """Whether ``forward`` needs ``student_features`` and ``teacher_features``."""
-        return any(k in self.weights for k in ("glob", "rel", "ling", "stage"))
+        return any(k in self.weights for k in ("glob", "rel", "ling", "stage", "exit"))
 
     def _check_features(self, student_features, teacher_features):
         fs = _as_feature_list("student_features", student_features)
@@ -278,7 +301,7 @@ class C2VKDLoss(DistillationLoss):
         if fs is None or ft is None:
             raise ValueError(
                 "C2VKD with feature terms "
-                f"{[k for k in self.weights if k in ('glob', 'rel', 'ling', 'stage')]} needs student_features and "
+                f"{[k for k in self.weights if k in ('glob', 'rel', 'ling', 'stage', 'exit')]} needs student_features and "
                 "teacher_features"
             )
         s_ch = self.student_channels + self.stage_student_channels
@@ -304,9 +327,7 @@ class C2VKDLoss(DistillationLoss):
         :class:`~c2vkd_hf.trainer.DistillationModel` passes them); ``None``: projected here."""
         terms: Dict[str, torch.Tensor] = {}
         if "pdd" in self.weights:
-            constants = dict(alpha=self.pdd_alpha, beta=self.pdd_beta, label_weight=self.label_weight,
-                             ignore_index=self.ignore_index, class_balance=self.balances("pdd"),
-                             class_balance_power=self.class_balance_power)
+            constants = self._pdd_constants()
             if self.pdd_temperature == 1.0 and not self.pdd_logit_standardization:
                 # the cross-entropy is a by-product of PDD's log-probabilities at T = 1 (the same value)
                 terms["pdd"], terms["ce"] = pdd_loss_and_cross_entropy(student_logits, teacher_logits, labels,
@@ -328,6 +349,11 @@ class C2VKDLoss(DistillationLoss):
                         + vlfd_relation_loss(a, b, grid=self.rel_grid)
                         for q, a, b in zip(self.stage_projectors, stage_s, stage_t)]
             terms["stage"] = torch.stack(per_pair).mean()
+        if "exit" in self.weights and self.effective_weights()["exit"] > 0:
+            per_exit = [pdd_loss(self._project(e, a), teacher_logits, labels, temperature=self.pdd_temperature,
+                                 **self._pdd_constants())
+                        for e, a in zip(self.exit_heads, stage_s)]
+            terms["exit"] = torch.stack(per_exit).mean()
         if "glob" in self.weights:
             per_pair = [vlfd_global_loss(self._project(p, a), b, tau=self.glob_tau)
                         for p, a, b in zip(self.visual_projectors, fs, ft)]
@@ -356,6 +382,12 @@ class C2VKDLoss(DistillationLoss):
                 class_balance_power=self.class_balance_power,
             )
         return terms
+
+    def _pdd_constants(self) -> dict:
+        """PDD's keyword constants (shared by ``L_pdd`` and the stage exits)."""
+        return dict(alpha=self.pdd_alpha, beta=self.pdd_beta, label_weight=self.label_weight,
+                    ignore_index=self.ignore_index, class_balance=self.balances("pdd"),
+                    class_balance_power=self.class_balance_power)
 
     def balances(self, term: str) -> bool:
         """Whether ``term`` (``pdd`` or ``ling``) takes class-balanced means."""
