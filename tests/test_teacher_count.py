@@ -37,6 +37,15 @@ def _save_tiny(folder: Path, seed: int) -> str:
     return str(folder)
 
 
+def _c2vkd_loss_history(out: Path, steps: int, *flags: str) -> dict:
+    """Trains a tiny C2VKD student into ``out`` (tiny teacher and student saved beside it) for ``steps`` steps
+    with ``flags``; returns its logged losses by step."""
+    distill.main(["--output_dir", str(out), *TINY, "--method", "c2vkd", "--max_steps", str(steps),
+                  "--teacher_name_or_path", _save_tiny(out.parent / "teacher", 1),
+                  "--student_name_or_path", _save_tiny(out.parent / "student", 2), *flags])
+    return {e["step"]: e for e in json.loads((out / "results.json").read_text())["loss_history"]}
+
+
 def test_text_head_with_no_teacher_gives_a_plain_student_that_classifies_like_the_head(tmp_path):
     torch.save(torch.randn(len(SYNTHETIC_CLASSES), 16), tmp_path / "emb.pth")
     out = tmp_path / "none-head"
@@ -54,13 +63,9 @@ def test_text_head_with_no_teacher_gives_a_plain_student_that_classifies_like_th
 def test_stage_guidance_decays_to_zero_by_the_scheduled_fraction(tmp_path):
     """Four stage pairs at weight 0.5, linear decay ending at half of training: the logged weighted stage term
     halves by a quarter of the run, and from half of it the term is no longer computed."""
-    out = tmp_path / "stage"
-    distill.main(["--output_dir", str(out), *TINY, "--method", "c2vkd", "--max_steps", "8",
-                  "--teacher_name_or_path", _save_tiny(tmp_path / "teacher", 1),
-                  "--student_name_or_path", _save_tiny(tmp_path / "student", 2),
-                  "--stage_pairs", "stage1:stage1,stage2:stage2,stage3:stage3,stage4:stage4", "--stage_weight", "0.5",
-                  "--weight_schedules", "stage:linear:0.5"])
-    history = {e["step"]: e for e in json.loads((out / "results.json").read_text())["loss_history"]}
+    history = _c2vkd_loss_history(tmp_path / "stage", 8, "--stage_pairs",
+                                  "stage1:stage1,stage2:stage2,stage3:stage3,stage4:stage4", "--stage_weight", "0.5",
+                                  "--weight_schedules", "stage:linear:0.5")
     assert history[1]["loss_weighted/stage"] == pytest.approx(0.5 * history[1]["loss/stage"], rel=1e-4)
     assert history[3]["loss_weighted/stage"] == pytest.approx(0.25 * history[3]["loss/stage"], rel=1e-4)
     assert all("loss/stage" not in history[step] for step in range(5, 9))
@@ -71,12 +76,8 @@ def test_stage_exits_train_with_the_student_and_are_left_out_of_it(tmp_path):
     from half of training, and the saved student is a plain SegFormer with the same weights as one trained
     without exits would have (no exit parameter in it)."""
     out = tmp_path / "exits"
-    distill.main(["--output_dir", str(out), *TINY, "--method", "c2vkd", "--max_steps", "4",
-                  "--teacher_name_or_path", _save_tiny(tmp_path / "teacher", 1),
-                  "--student_name_or_path", _save_tiny(tmp_path / "student", 2),
-                  "--stage_pairs", "stage1:stage1,stage2:stage2", "--exit_weight", "0.5",
-                  "--weight_schedules", "exit:linear:0.5"])
-    history = {e["step"]: e for e in json.loads((out / "results.json").read_text())["loss_history"]}
+    history = _c2vkd_loss_history(out, 4, "--stage_pairs", "stage1:stage1,stage2:stage2", "--exit_weight", "0.5",
+                                  "--weight_schedules", "exit:linear:0.5")
     assert history[1]["loss_weighted/exit"] == pytest.approx(0.5 * history[1]["loss/exit"], rel=1e-4)
     assert "loss/stage" not in history[1]
     assert all("loss/exit" not in history[step] for step in (3, 4))
