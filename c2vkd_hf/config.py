@@ -205,6 +205,10 @@ class DistillationArguments:
         metadata={"help": "C2VKD: weight of a channel-wise logit term (CWD's formula, each class map as a "
                   "distribution over positions) added to PDD; 0: off, the paper's C2VKD."})
     channel_tau: float = field(default=4.0, metadata={"help": "C2VKD: temperature of the channel-wise term (CWD's 4)."})
+    channel_present_only: bool = field(
+        default=False,
+        metadata={"help": "C2VKD: the channel-wise term reads only the class maps of the classes each image's labels "
+                  "contain (an absent class's map is dropped); needs --channel_weight > 0."})
     weight_schedules: str = field(
         default="stage:linear:0.5",
         metadata={"help": "Loss-term weight schedules over training, term:kind[:end] comma-separated, kind "

@@ -107,6 +107,27 @@ def test_cwd_hand_value():
     assert cwd_loss(s[..., :1], torch.zeros(1, 2, 4, 4)).item() == pytest.approx(0.0, abs=1e-7)
 
 
+def test_cwd_channel_weights_keep_the_plain_normalisation():
+    """L = tau^2 / (B K) sum w[b, k] KL_bk: all-ones weights are the plain mean; a weight of 0 on the only
+    differing map (hand value above) leaves 0; weight 1 on it alone keeps its full contribution."""
+    s = torch.tensor([[[[0.0, 0.0]], [[1.0, 2.0]]]])
+    t = torch.tensor([[[[4 * LN3, 0.0]], [[1.0, 2.0]]]])
+    expected = 16 * np_kl([0.75, 0.25], [0.5, 0.5]) / 2
+    assert cwd_loss(s, t, channel_weights=torch.ones(1, 2)).item() == pytest.approx(expected, rel=1e-5)
+    assert cwd_loss(s, t, channel_weights=torch.tensor([[0.0, 1.0]])).item() == pytest.approx(0.0, abs=1e-7)
+    assert cwd_loss(s, t, channel_weights=torch.tensor([[1.0, 0.0]])).item() == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="channel_weights must have shape"):
+        cwd_loss(s, t, channel_weights=torch.ones(2))
+
+
+def test_present_classes_marks_the_classes_each_image_labels():
+    from c2vkd_hf.losses.common import present_classes
+
+    y = torch.tensor([[[0, 0], [2, IGNORE_INDEX]], [[IGNORE_INDEX, IGNORE_INDEX], [IGNORE_INDEX, 1]]])
+    torch.testing.assert_close(present_classes(y, 3), torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]))
+    assert present_classes(torch.full((1, 2, 2), IGNORE_INDEX), 3).sum().item() == 0
+
+
 def test_dist_hand_value():
     s = torch.tensor([[[[1.0, 0.0, 0.5]], [[0.0, 1.0, 0.2]], [[-1.0, 0.5, 0.0]]]])  # (1, 3, 1, 3)
     t = torch.tensor([[[[2.0, -1.0, 9.0]], [[0.5, 0.0, 9.0]], [[0.0, 1.5, 9.0]]]])
@@ -574,6 +595,28 @@ def test_channel_term_is_cwd_on_the_logits_pdd_reads_and_ignores_per_class_offse
     assert "channel" not in C2VKDLoss()(zs, zt, y)
     with pytest.raises(ValueError, match="channel_tau"):
         C2VKDLoss(channel_weight=1.0, channel_tau=0.0)
+
+
+def test_channel_term_present_only_drops_the_maps_of_absent_classes():
+    """With channel_present_only, a class no pixel of an image is labelled with does not enter that image's
+    channel term: changing the teacher's map of that class changes nothing, while the unmasked term moves;
+    a present class's map weighs what it weighs unmasked (the sum is still over B K maps)."""
+    from c2vkd_hf.losses.cwd import cwd_loss
+
+    torch.manual_seed(1)
+    zs, zt = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    y = torch.randint(0, 2, (2, 4, 4))  # class 2 absent from both images
+    y[0] = 0  # image 0 holds class 0 only
+    masked = C2VKDLoss(channel_weight=1.0, channel_present_only=True, pdd_weight=0)
+    plain = C2VKDLoss(channel_weight=1.0, pdd_weight=0)
+    zt2 = zt.clone()
+    zt2[:, 2] = torch.randn(2, 4, 4) * 5  # the absent class's teacher map
+    zt2[0, 1] = torch.randn(4, 4) * 5  # class 1 is absent from image 0
+    torch.testing.assert_close(masked(zs, zt2, y)["channel"], masked(zs, zt, y)["channel"])
+    assert not torch.allclose(plain(zs, zt2, y)["channel"], plain(zs, zt, y)["channel"])
+    w = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
+    torch.testing.assert_close(masked(zs, zt, y)["channel"], cwd_loss(zs, zt, channel_weights=w))
+    assert masked(zs, zt, y)["channel"] < plain(zs, zt, y)["channel"]
 
 
 def test_class_balanced_weights_give_every_present_class_the_same_total():

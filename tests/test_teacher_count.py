@@ -100,6 +100,17 @@ def test_channel_term_flag_reaches_the_logged_loss(tmp_path):
     assert results["baseline_val_mean_iou"] is not None
 
 
+def test_channel_present_only_flag_masks_the_logged_channel_term(tmp_path):
+    """--channel_present_only true drops the absent classes' maps from the channel term: on the same first batch,
+    seed and weights, its logged value is below the unmasked one (a sum over fewer non-negative KLs, same
+    normalisation), and it is refused without the term."""
+    plain = _c2vkd_loss_history(tmp_path / "plain" / "run", 1, "--channel_weight", "3")
+    masked = _c2vkd_loss_history(tmp_path / "masked" / "run", 1, "--channel_weight", "3",
+                                 "--channel_present_only", "true")
+    assert 0 < masked[1]["loss/channel"] < plain[1]["loss/channel"]
+    assert masked[1]["loss/pdd"] == pytest.approx(plain[1]["loss/pdd"], rel=1e-5)
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--stage_weight", "0.5"], "--stage_weight needs --stage_pairs"),
     (["--method", "dist", "--stage_pairs", "stage1:stage1", "--stage_weight", "1"], "C2VKD's stage guidance"),
@@ -111,6 +122,7 @@ def test_channel_term_flag_reaches_the_logged_loss(tmp_path):
     (["--method", "dist", "--channel_weight", "3"], "--channel_weight adds a channel-wise term to C2VKD"),
     (["--channel_weight", "-1"], "--channel_weight must be a finite number >= 0"),
     (["--channel_weight", "1", "--channel_tau", "0"], "--channel_tau must be a finite number > 0"),
+    (["--channel_present_only", "true"], "--channel_present_only masks C2VKD's channel-wise term"),
 ])
 def test_stage_guidance_flags_are_checked(tmp_path, capsys, flags, message):
     argv = ["--output_dir", str(tmp_path / "x"), *TINY, "--method", "c2vkd", "--max_steps", "1",

@@ -58,6 +58,8 @@ def validate_distillation_args(args: DistillationArguments) -> None:
     if args.channel_weight > 0 and args.method != "c2vkd":
         raise UserInputError(f"--channel_weight adds a channel-wise term to C2VKD; --method {args.method} does not "
                              "use it (--method cwd is channel-wise distillation on its own).")
+    if args.channel_present_only and not args.channel_weight > 0:
+        raise UserInputError("--channel_present_only masks C2VKD's channel-wise term; it needs --channel_weight > 0.")
     if args.pdd_logit_standardization and args.method != "c2vkd":
         raise UserInputError(f"--pdd_logit_standardization changes C2VKD's PDD term; --method {args.method} has no "
                              "PDD term.")

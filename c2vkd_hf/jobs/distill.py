@@ -73,7 +73,8 @@ def build_loss_module(args: DistillationArguments, *, student_channels: list[int
             pdd_beta=args.pdd_beta, pdd_temperature=args.pdd_temperature, label_weight=args.label_weight,
             pdd_logit_standardization=args.pdd_logit_standardization,
             glob_tau=args.glob_tau, rel_grid=args.rel_grid, ling_tau=args.ling_tau,
-            channel_weight=args.channel_weight, channel_tau=args.channel_tau, class_balance=args.class_balance,
+            channel_weight=args.channel_weight, channel_tau=args.channel_tau,
+            channel_present_only=args.channel_present_only, class_balance=args.class_balance,
             class_balance_power=args.class_balance_power,
             class_balance_terms=parse_class_balance_terms(args.class_balance_terms))
     peer = dict(common)
@@ -315,7 +316,8 @@ C2VKD_ONLY_FIELDS = frozenset({
     "pdd_weight", "glob_weight", "rel_weight", "ling_weight", "pdd_alpha", "pdd_beta", "pdd_temperature",
     "label_weight", "glob_tau", "rel_grid", "class_balance", "class_balance_power", "class_balance_terms",
     "feature_pairs", "stage_pairs",
-    "stage_weight", "exit_weight", "channel_weight", "channel_tau", "pdd_logit_standardization"})
+    "stage_weight", "exit_weight", "channel_weight", "channel_tau", "channel_present_only",
+    "pdd_logit_standardization"})
 
 
 def teacher_free_arguments(dist_args: DistillationArguments) -> DistillationArguments:

@@ -32,6 +32,7 @@ __all__ = [
     "zero_like_graph",
     "cross_entropy",
     "standardize_logits",
+    "present_classes",
     "check_weight",
     "check_positive",
     "check_unit_interval",
@@ -124,6 +125,18 @@ def class_balanced_weights(labels: torch.Tensor, num_classes: int, ignore_index:
     per_class = torch.where(present, counts.clamp_min(1).pow(-float(power)), torch.zeros_like(counts))
     total = (counts * per_class).sum().clamp_min(1e-12)
     return (per_class / total)[target] * valid.float()
+
+
+def present_classes(labels: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """``(B, K)`` float mask, ``m[b, k] = 1`` when class ``k`` labels at least one pixel of image ``b`` of the
+    ``(B, H, W)`` ``labels``, else 0 (``ignore_index`` and values outside ``[0, K)`` count for no class)."""
+    b = labels.shape[0]
+    flat = labels.reshape(b, -1).long()
+    valid = (flat >= 0) & (flat < num_classes) & (flat != ignore_index)
+    index = torch.where(valid, flat, torch.full_like(flat, num_classes))  # invalid pixels -> a spare column
+    mask = torch.zeros(b, num_classes + 1, device=labels.device)
+    mask.scatter_(1, index, 1.0)
+    return mask[:, :num_classes]
 
 
 def mask_target(z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -7,9 +7,15 @@ Each class channel is turned into a distribution over the ``h * w`` positions:
 ``L_cwd = tau^2 * mean_{b, c} KL(softmax_hw(z_t[b, c] / tau) || softmax_hw(z_s[b, c] / tau))``.
 The teacher is resized to the student's grid; labels are not used (no ignore handling: every
 position of every channel takes part).
+
+Optional per-map weights ``w[b, c] >= 0`` (e.g. :func:`~.common.present_classes`, 1 for the classes an
+image's labels contain): ``L = tau^2 / (B C) * sum_{b, c} w[b, c] KL_{b, c}``, the same normalisation as the
+plain mean, so a map of weight 1 contributes exactly what it does unweighted and a map of weight 0 nothing.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +28,11 @@ __all__ = ["cwd_loss", "CWDLoss"]
 
 
 @float32_compute
-def cwd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tau: float = 4.0) -> torch.Tensor:
-    """Channel-wise distillation on ``(B, K, h, w)`` logits (teacher resized to the student grid)."""
+def cwd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tau: float = 4.0,
+             channel_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Channel-wise distillation on ``(B, K, h, w)`` logits (teacher resized to the student grid):
+    ``tau^2 / (B K) * sum_{b, k} w[b, k] KL(softmax_hw(z_t[b, k] / tau) || softmax_hw(z_s[b, k] / tau))`` with
+    ``w = channel_weights`` (``(B, K)``; all ones when ``None``: the plain mean over maps)."""
     tau = check_positive("tau", tau)
     if student_logits.shape[:2] != teacher_logits.shape[:2]:
         raise ValueError(
@@ -35,8 +44,13 @@ def cwd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tau:
     zt = resize(teacher_logits.detach().float(), student_logits.shape[-2:]).reshape(b * k, -1)
     log_ps = F.log_softmax(zs / tau, dim=1)
     log_pt = F.log_softmax(zt / tau, dim=1)
-    # one row per (image, channel): KL over positions, averaged over rows
-    return tau**2 * F.kl_div(log_ps, log_pt, reduction="batchmean", log_target=True)
+    if channel_weights is None:
+        # one row per (image, channel): KL over positions, averaged over rows
+        return tau**2 * F.kl_div(log_ps, log_pt, reduction="batchmean", log_target=True)
+    if channel_weights.shape != (b, k):
+        raise ValueError(f"channel_weights must have shape {(b, k)}, got {tuple(channel_weights.shape)}")
+    per_map = F.kl_div(log_ps, log_pt, reduction="none", log_target=True).sum(dim=1)  # (B * K,)
+    return tau**2 * (per_map * channel_weights.reshape(-1).to(per_map)).sum() / (b * k)
 
 
 @register_loss("cwd")
