@@ -1,15 +1,19 @@
-"""scripts/benchmark.py's report: both tables, both splits, paired gains, ratios and README from run JSONs."""
+"""The CamVid benchmark (:mod:`c2vkd_hf.benchmark`, ``scripts/benchmark.py``): both tables, both splits, paired
+gains, ratios and README from run JSONs; the run plan."""
 
+import argparse
 import json
 import sys
 from pathlib import Path
 
 import pytest
 
+from c2vkd_hf import benchmark
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-import benchmark  # noqa: E402
+import benchmark as benchmark_cli  # noqa: E402  (scripts/benchmark.py)
 
 
 def _run(out: Path, name: str, method: str, seed: int, val: float, selection=None, protocol="long", **extra):
@@ -53,7 +57,7 @@ def test_both_tables_on_both_splits_with_ratios_and_teacher_attributable_gain(tm
     _run(tmp_path, "none", "none", 0, 0.25, protocol="short")
     readme = tmp_path / "README.md"
     readme.write_text("# x\n\n## Benchmark\n\n<!-- benchmark:start -->\nold\n<!-- benchmark:end -->\ntail\n")
-    benchmark.main(["--report_only", "--out_dir", str(tmp_path), "--readme", str(readme)])
+    benchmark_cli.main(["--report_only", "--out_dir", str(tmp_path), "--readme", str(readme)])
     report = (tmp_path / "RESULTS.md").read_text()
     assert report.index("## Long protocol") < report.index("## Short protocol")
     assert "| c2vkd | 2 | 34.50 ± 0.71 | +4.00 (2/2 seeds above) | 2 | 23.50 ± 0.71 | +3.50 (2/2 seeds above) |" in report
@@ -86,7 +90,7 @@ def test_ratio_undefined_when_no_peer_beats_the_baseline(tmp_path):
     _run(tmp_path, "none", "none", 0, 0.30)
     _run(tmp_path, "kd", "kd", 0, 0.29)
     _run(tmp_path, "c2vkd", "c2vkd", 0, 0.31)
-    benchmark.main(["--report_only", "--out_dir", str(tmp_path), "--readme", str(tmp_path / "none.md")])
+    benchmark_cli.main(["--report_only", "--out_dir", str(tmp_path), "--readme", str(tmp_path / "none.md")])
     assert "= **undefined (no peer beats none: best kd -1.00)**" in (tmp_path / "RESULTS.md").read_text()
 
 
@@ -109,7 +113,7 @@ def test_ablations_are_paired_with_the_run_they_change(tmp_path):
     _run(tmp_path, "none-head", "none", 0, 0.32, selection=0.25)
     _run(tmp_path, "none-head-x", "none", 0, 0.31, ablates="none", selection=0.24)
     _run(tmp_path, "c2vkd-x", "c2vkd", 0, 0.33, selection=0.27, text_head=True, control="none-head-x")
-    benchmark.main(["--report_only", "--out_dir", str(tmp_path), "--readme", str(tmp_path / "none.md")])
+    benchmark_cli.main(["--report_only", "--out_dir", str(tmp_path), "--readme", str(tmp_path / "none.md")])
     ablations = (tmp_path / "ABLATIONS.md").read_text()
     # paired with the run it changes, and (teacher-based, with the head) minus none-head of the same seed
     assert ("| c2vkd-stage | c2vkd | `-` | -1.00 (0/1 seeds above) | +2.00 (1/1 seeds above) | none-head | "
@@ -123,7 +127,7 @@ def test_ablations_are_paired_with_the_run_they_change(tmp_path):
 
 
 def test_selection_runs_hold_out_one_sequence(tmp_path):
-    args = benchmark.main.__globals__["argparse"].Namespace(data_dir=str(tmp_path), protocol="long", teacher="T",
+    args = argparse.Namespace(data_dir=str(tmp_path), protocol="long", teacher="T",
                                                              text_embeddings="E")
     assert benchmark.shared_config(args, "selection")["selection_holdout"] == "0006R0_*"
     assert "selection_holdout" not in benchmark.shared_config(args, "val")
@@ -141,7 +145,7 @@ def test_protocol_line_says_how_the_c2vkd_runs_weigh_pixels(tmp_path):
     run = json.loads(record.read_text())
     run["config"]["distillation"].update(class_balance=True, class_balance_power=0.5)
     record.write_text(json.dumps(run))
-    benchmark.main(["--report_only", "--out_dir", str(tmp_path), "--readme", str(tmp_path / "none.md")])
+    benchmark_cli.main(["--report_only", "--out_dir", str(tmp_path), "--readme", str(tmp_path / "none.md")])
     long, short = (tmp_path / "RESULTS.md").read_text().split("## Short protocol")
     assert "`c2vkd` runs: class-balanced means, power 0.5" in long
     assert "`c2vkd` runs: plain pixel means (`--class_balance false`)" in short
@@ -168,7 +172,7 @@ def test_per_class_gains_are_paired_by_seed_and_skip_absent_classes(tmp_path):
 
 
 def test_long_runs_replay_a_cache_unless_the_teacher_must_see_each_view(tmp_path):
-    args = benchmark.main.__globals__["argparse"].Namespace(protocol="long", work_dir=str(tmp_path))
+    args = argparse.Namespace(protocol="long", work_dir=str(tmp_path))
     cached = benchmark.teacher_cache_dir(args, "val", "c2vkd", ["--channel_weight", "3"])
     assert cached and cached == benchmark.teacher_cache_dir(args, "val", "c2vkd", [])  # a loss flag: the same cache
     assert cached != benchmark.teacher_cache_dir(args, "val", "c2vkd", ["--teacher_input_scale", "1.5"])

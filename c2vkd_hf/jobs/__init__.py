@@ -1,9 +1,9 @@
 """The jobs behind the scripts: train a teacher, distil a student (evaluation: :mod:`c2vkd_hf.inference`).
 
-``scripts/train_teacher.py``, ``scripts/distill.py``, ``scripts/evaluate.py`` and
-``scripts/benchmark.py`` are thin wrappers around these functions (through :mod:`c2vkd_hf.cli`), so
-that the offline default job (which trains its own teacher first, then a no-teacher baseline, then
-the student) and the benchmark share one code path with what users run.
+``scripts/train_teacher.py``, ``scripts/distill.py`` and ``scripts/evaluate.py`` are thin wrappers around these
+functions (through :mod:`c2vkd_hf.cli`), and the benchmark (:mod:`c2vkd_hf.benchmark`) runs every training through
+``c2vkd-distill``, so that the offline default job (which trains its own teacher first, then a no-teacher
+baseline, then the student) and the benchmark share one code path with what users run.
 
 * :mod:`.errors`: how scripts end: user errors, exit codes, the process group shut down
   (:func:`run_script`, :func:`user_errors`, :func:`end_distributed`);

@@ -1,0 +1,87 @@
+"""What the CamVid benchmark runs: protocols, splits, the two tables' run specs, seeds, the shared training
+configuration and which teacher cache a run replays (the package docstring tells the protocol)."""
+
+from __future__ import annotations
+
+import hashlib
+import shlex
+from pathlib import Path
+from typing import Optional
+
+PROTOCOLS = {"short": {"max_steps": 400, "eval_steps": 100}, "long": {"max_steps": 2000, "eval_steps": 250}}
+SPLITS = ("val", "selection")
+SELECTION_HOLDOUT = "0006R0_*"
+PEERS = ("kd", "cwd", "dist", "dkd")
+HEAD = "--text_head true"
+#: the two tables: (teacher-free baseline, run specs name:method[:flags]); C2VKD's default has the head
+TABLES = {
+    "defaults": ("none", ["none:none", *(f"{p}:{p}" for p in PEERS), "c2vkd:c2vkd"]),
+    "head": ("none-head", [f"none-head:none:{HEAD}", *(f"{p}-head:{p}:{HEAD}" for p in PEERS), "c2vkd:c2vkd"]),
+}
+TABLE_TITLES = {"defaults": "Every method at its defaults (what a user gets)",
+                "head": "Every method with the text head (what the teacher adds on top of the head)"}
+MAIN_SEED_NAMES = ("none", "dist", "c2vkd", "none-head", "dist-head")
+
+
+def table_specs() -> list[str]:
+    """Every table run spec once, interleaved so that a partial benchmark covers both tables early."""
+    specs: list[str] = []
+    for pair in zip(TABLES["defaults"][1], TABLES["head"][1]):
+        for spec in pair:
+            if spec not in specs:
+                specs.append(spec)
+    return specs
+
+
+def table_names() -> set[str]:
+    return {parse_run(s)[0] for _, specs in TABLES.values() for s in specs}
+
+
+def teacher_cache_dir(args, split: str, method: str, extra: list[str]) -> Optional[str]:
+    """The long protocol replays the teacher from a cache (``--teacher_cache``) so that a teacher run costs
+    about what the student alone costs: one cache per split and per set of teacher outputs the run reads
+    (method and flags; the cache refuses another key). The short protocol, and any run with CutMix
+    (``--cutmix_prob``) or consistent jitter (``--consistent_jitter``), function matching, run the teacher online."""
+    live = ("--cutmix_prob", "--consistent_jitter")
+    if args.protocol != "long" or method == "none" or any(f.startswith(live) for f in extra):
+        return None  # the teacher must see each mixed or jittered view
+    # only the flags that choose which teacher maps are stored (feature and stage pairs, the teacher's input scale)
+    # make another cache
+    reads = [f"{flag}={extra[i + 1]}" for i, flag in enumerate(extra[:-1]) if flag in ("--feature_pairs", "--stage_pairs", "--teacher_input_scale")]
+    tag = hashlib.sha1(" ".join([method, *reads]).encode()).hexdigest()[:8]
+    return str(Path(args.work_dir) / "teacher-cache" / f"{split}-{method}-{tag}")
+
+
+def shared_config(args, split: str) -> dict:
+    data = Path(args.data_dir)
+    protocol = PROTOCOLS[args.protocol]
+    config = {
+        "train_images": str(data / "train"), "train_labels": str(data / "trainannot"),
+        "validation_images": str(data / "val"), "validation_labels": str(data / "valannot"),
+        "labels_file": str(data / "classes.json"),
+        "resize_height": 120, "resize_width": 160, "min_scale": 0.75, "max_scale": 1.5, "hflip": True,
+        "teacher_name_or_path": args.teacher, "student_name_or_path": "segformer-b0",
+        "text_embeddings": args.text_embeddings,
+        "max_steps": protocol["max_steps"], "per_device_train_batch_size": 8, "per_device_eval_batch_size": 8,
+        "learning_rate": 6e-4, "lr_scheduler_type": "polynomial", "warmup_steps": 30, "weight_decay": 0.01,
+        "eval_strategy": "steps", "eval_steps": protocol["eval_steps"], "save_strategy": "steps",
+        "save_steps": protocol["eval_steps"], "save_total_limit": 1, "logging_steps": 20,
+        "report_to": "none", "disable_tqdm": True, "train_baseline": "false",
+    }
+    if split == "selection":
+        config["selection_holdout"] = SELECTION_HOLDOUT
+    return config
+
+
+def parse_run(spec: str) -> tuple[str, str, list[str]]:
+    """``name:method[:extra flags]``."""
+    parts = spec.split(":", 2)
+    if len(parts) < 2 or not parts[0] or not parts[1]:
+        raise SystemExit(f"--runs entry {spec!r} must be name:method[:extra flags]")
+    return parts[0], parts[1], shlex.split(parts[2]) if len(parts) == 3 else []
+
+
+def seeds_for(name: str, args) -> list[int]:
+    return list(range(args.main_seeds if name in MAIN_SEED_NAMES else args.other_seeds))
+
+
