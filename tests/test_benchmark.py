@@ -180,3 +180,44 @@ def test_long_runs_replay_a_cache_unless_the_teacher_must_see_each_view(tmp_path
         assert benchmark.teacher_cache_dir(args, "val", "c2vkd", live) is None
     assert benchmark.teacher_cache_dir(args, "val", "c2vkd", ["--student_jitter", "0.4"]) == cached
     assert benchmark.teacher_cache_dir(args, "val", "none", []) is None
+
+
+def test_a_run_trains_through_the_distill_command_and_lands_in_its_record(tmp_path):
+    """One short-protocol table run on a CamVid-shaped folder (tiny student, 1 step through the extra flags):
+    ``c2vkd-distill`` runs in a subprocess for each split, the record holds both splits' mIoU and per-class IoU,
+    and a second call finds the run done and trains nothing."""
+    import shlex
+
+    import numpy as np
+    import PIL.Image
+    from tiny import TINY_SEGFORMER_JSON
+
+    data = tmp_path / "camvid"
+    names = {"train": ["0001TP_000.png", "0001TP_001.png", "0006R0_000.png", "0006R0_001.png"],
+             "val": ["0016E5_000.png", "0016E5_001.png"]}
+    for split, files in names.items():
+        for sub in (split, f"{split}annot"):
+            (data / sub).mkdir(parents=True)
+        for i, name in enumerate(files):
+            PIL.Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(data / split / name)
+            label = np.zeros((16, 16), np.uint8)
+            label[8:] = 1
+            PIL.Image.fromarray(label).save(data / f"{split}annot" / name)
+    (data / "classes.json").write_text(json.dumps(["road", "car"]))
+    tiny = (f"--max_steps 1 --eval_steps 1 --save_steps 1 --per_device_train_batch_size 2 "
+            f"--per_device_eval_batch_size 2 --student_config_overrides {shlex.quote(TINY_SEGFORMER_JSON)}")
+    argv = ["--protocol", "short", "--data_dir", str(data), "--out_dir", str(tmp_path / "out"),
+            "--work_dir", str(tmp_path / "work"), "--main_seeds", "1", "--readme", str(tmp_path / "none.md"),
+            "--runs", f"none:none:{tiny}"]
+    benchmark_cli.main(argv)
+    record = json.loads(benchmark.record_path(tmp_path / "out", "short", "none", 0).read_text())
+    assert record["protocol"] == "short" and record["method"] == "none" and record["ablation"] is None
+    assert 0 <= record["val_mean_iou"] <= 1 and 0 <= record["selection_mean_iou"] <= 1
+    assert set(record["runs"]["val"]["per_category_iou"]) == {"road", "car"}
+    assert "c2vkd_hf.cli.distill" in record["runs"]["selection"]["command"]
+    held_out = json.loads((tmp_path / "work" / "short" / "none-seed0-selection" / "benchmark_config.json").read_text())
+    assert held_out["selection_holdout"] == "0006R0_*"
+    mtime = benchmark.record_path(tmp_path / "out", "short", "none", 0).stat().st_mtime
+    benchmark_cli.main(argv)  # both splits done: nothing runs, the record is not rewritten
+    assert benchmark.record_path(tmp_path / "out", "short", "none", 0).stat().st_mtime == mtime
+    assert "| none | 1 |" in (tmp_path / "out" / "RESULTS.md").read_text()
