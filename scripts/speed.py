@@ -399,12 +399,11 @@ def worker_eval(args, name: str) -> dict:
 
 
 def run_benchmark(args, name: str) -> dict:
-    """A whole short benchmark run (scripts/benchmark.py's configuration, seed 0) of ``none`` or of ``c2vkd``
+    """A whole short benchmark run (the CamVid benchmark's configuration, :mod:`c2vkd_hf.benchmark`, seed 0) of ``none`` or of ``c2vkd``
     with the teacher cache: ``distill.py`` in a subprocess; its wall time, evaluation time and mIoU."""
     from types import SimpleNamespace
 
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import benchmark
+    from c2vkd_hf.benchmark import shared_config
 
     height, width = PROTOCOLS[args.protocol]["size"]
     steps = args.benchmark_steps
@@ -417,7 +416,7 @@ def run_benchmark(args, name: str) -> dict:
         shutil.rmtree(work)
     work.mkdir(parents=True)
     eval_steps = max(1, steps // 4)
-    config = {**benchmark.shared_config(protocol, "val"), "method": "none" if name == "none" else "c2vkd", "seed": 0,
+    config = {**shared_config(protocol, "val"), "method": "none" if name == "none" else "c2vkd", "seed": 0,
               "output_dir": str(work), "dataloader_num_workers": workers_for(args),
               "max_steps": steps, "eval_steps": eval_steps, "save_steps": eval_steps,
               "resize_height": height, "resize_width": width,
