@@ -18,7 +18,8 @@ SHARED = ROOT.parent / "shared"
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=benchmark.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=benchmark.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_dir", default=str(SHARED / "data" / "camvid"))
     parser.add_argument("--teacher", default=str(SHARED / "models" / "camvid-upernet-lite0"))
     parser.add_argument("--text_embeddings", default=str(SHARED / "data" / "clip_text" /
@@ -38,10 +39,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     if not splits or set(splits) - set(benchmark.SPLITS):
-        raise SystemExit(f"--splits must name some of {', '.join(benchmark.SPLITS)}, got {args.splits!r}")
+        parser.error(f"--splits must name some of {', '.join(benchmark.SPLITS)}, got {args.splits!r}")
     if not args.report_only:
         specs = args.runs or benchmark.table_specs()
-        plan = [(benchmark.parse_run(s), seed, split) for seed in range(max(args.main_seeds, args.other_seeds))
+        try:
+            parsed = {s: benchmark.parse_run(s) for s in specs}
+        except ValueError as error:
+            parser.error(str(error))
+        plan = [(parsed[s], seed, split) for seed in range(max(args.main_seeds, args.other_seeds))
                 for s in specs for split in splits]
         for (name, method, extra), seed, split in plan:
             if seed in benchmark.seeds_for(name, args):

@@ -221,3 +221,14 @@ def test_a_run_trains_through_the_distill_command_and_lands_in_its_record(tmp_pa
     benchmark_cli.main(argv)  # both splits done: nothing runs, the record is not rewritten
     assert benchmark.record_path(tmp_path / "out", "short", "none", 0).stat().st_mtime == mtime
     assert "| none | 1 |" in (tmp_path / "out" / "RESULTS.md").read_text()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--runs", "c2vkd-x"], "must be name:method[:extra flags]"),
+    (["--splits", "test"], "--splits must name some of val, selection"),
+])
+def test_bad_run_specs_and_splits_are_usage_errors(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as stop:
+        benchmark_cli.main(["--out_dir", str(tmp_path), "--work_dir", str(tmp_path / "w"), *flags])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()  # nothing ran

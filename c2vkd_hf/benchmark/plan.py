@@ -34,6 +34,7 @@ def table_specs() -> list[str]:
 
 
 def table_names() -> set[str]:
+    """The names of the two tables' runs (any other run name is an ablation)."""
     return {parse_run(s)[0] for _, specs in TABLES.values() for s in specs}
 
 
@@ -47,12 +48,16 @@ def teacher_cache_dir(args, split: str, method: str, extra: list[str]) -> Option
         return None  # the teacher must see each mixed or jittered view
     # only the flags that choose which teacher maps are stored (feature and stage pairs, the teacher's input scale)
     # make another cache
-    reads = [f"{flag}={extra[i + 1]}" for i, flag in enumerate(extra[:-1]) if flag in ("--feature_pairs", "--stage_pairs", "--teacher_input_scale")]
+    stored = ("--feature_pairs", "--stage_pairs", "--teacher_input_scale")
+    reads = [f"{flag}={extra[i + 1]}" for i, flag in enumerate(extra[:-1]) if flag in stored]
     tag = hashlib.sha1(" ".join([method, *reads]).encode()).hexdigest()[:8]
     return str(Path(args.work_dir) / "teacher-cache" / f"{split}-{method}-{tag}")
 
 
 def shared_config(args, split: str) -> dict:
+    """``c2vkd-distill``'s configuration shared by every run of ``args.protocol`` on ``split`` (data under
+    ``args.data_dir``, ``args.teacher``, ``args.text_embeddings``); a selection run holds out
+    :data:`SELECTION_HOLDOUT`."""
     data = Path(args.data_dir)
     protocol = PROTOCOLS[args.protocol]
     config = {
@@ -74,14 +79,15 @@ def shared_config(args, split: str) -> dict:
 
 
 def parse_run(spec: str) -> tuple[str, str, list[str]]:
-    """``name:method[:extra flags]``."""
+    """``name:method[:extra flags]`` as ``(name, method, [flags])``; a malformed spec is a ``ValueError``."""
     parts = spec.split(":", 2)
     if len(parts) < 2 or not parts[0] or not parts[1]:
-        raise SystemExit(f"--runs entry {spec!r} must be name:method[:extra flags]")
+        raise ValueError(f"--runs entry {spec!r} must be name:method[:extra flags]")
     return parts[0], parts[1], shlex.split(parts[2]) if len(parts) == 3 else []
 
 
 def seeds_for(name: str, args) -> list[int]:
+    """Seeds ``0 .. n-1`` of run ``name``: ``args.main_seeds`` for :data:`MAIN_SEED_NAMES`, else ``args.other_seeds``."""
     return list(range(args.main_seeds if name in MAIN_SEED_NAMES else args.other_seeds))
 
 

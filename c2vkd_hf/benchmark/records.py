@@ -7,19 +7,22 @@ import json
 from pathlib import Path
 from typing import Optional
 
+
 def record_path(out_dir: Path, protocol: str, name: str, seed: int) -> Path:
+    """Where run ``name`` with ``seed`` of ``protocol`` keeps its record."""
     return out_dir / "runs" / protocol / f"{name}-seed{seed}.json"
 
 
 def write_json(path: Path, payload: dict) -> None:
+    """Writes ``payload`` to ``path`` through a temporary file, so an interrupted write leaves the old record."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(payload, indent=1))
     tmp.replace(path)
 
 
-
 def load_runs(out_dir: Path, protocol: Optional[str] = None) -> list[dict]:
+    """Every run record of ``protocol`` (all protocols when ``None``) under ``out_dir``."""
     folders = [out_dir / "runs" / protocol] if protocol else sorted((out_dir / "runs").glob("*/"))
     return [json.loads(p.read_text()) for folder in folders for p in sorted(folder.glob("*.json"))]
 
