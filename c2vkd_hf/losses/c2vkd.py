@@ -35,7 +35,9 @@ With ``channel_present_only`` the term keeps only the maps of the classes an ima
 image b (:func:`~.common.present_classes`): where a class is absent, the teacher's map of it says where its
 logits are least low, which is no knowledge of that class. The normalisation stays ``B K``, so a present map
 weighs what it weighs unmasked. On CamVid val the unmasked term cost the rare moving classes (Bicyclist -13,
-Pedestrian -6 IoU against C2VKD, both seeds), which are absent from most images (FINDINGS section 0h).
+Pedestrian -6 IoU against C2VKD, both seeds), which are absent from most images (FINDINGS section 0h). The
+mask did not give that back (seed 0: val -0.44 against the unmasked term, Bicyclist +4.6 but Fence -7.5; FINDINGS
+section 0i), so it stays off by default.
 
 Logit standardisation in PDD (our addition, off by default, ``pdd_logit_standardization``): PDD reads the
 z-scored logits ``Z(z) = (z - mean_k z) / std_k z`` of student and teacher, per pixel at the logit grid
