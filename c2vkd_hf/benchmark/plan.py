@@ -89,5 +89,3 @@ def parse_run(spec: str) -> tuple[str, str, list[str]]:
 def seeds_for(name: str, args) -> list[int]:
     """Seeds ``0 .. n-1`` of run ``name``: ``args.main_seeds`` for :data:`MAIN_SEED_NAMES`, else ``args.other_seeds``."""
     return list(range(args.main_seeds if name in MAIN_SEED_NAMES else args.other_seeds))
-
-

@@ -48,5 +48,3 @@ def class_values(runs: list[dict], name: str, split: str) -> dict[int, dict[str,
         if per:
             out[r["seed"]] = {k: v * 100 for k, v in per.items() if v is not None}
     return out
-
-

@@ -15,6 +15,7 @@ from pathlib import Path
 from .plan import PROTOCOLS, shared_config, table_names, teacher_cache_dir
 from .records import record_path, write_json
 
+
 def claim(lock: Path) -> bool:
     """Takes the run's lock file unless a live process holds it (a lock left by a killed process is taken over)."""
     if lock.is_file():
@@ -25,7 +26,6 @@ def claim(lock: Path) -> bool:
             pass
     lock.write_text(str(os.getpid()))
     return True
-
 
 
 def run_one(name: str, method: str, extra: list[str], seed: int, split: str, args) -> None:
@@ -92,5 +92,3 @@ def run_one(name: str, method: str, extra: list[str], seed: int, split: str, arg
     write_json(path, record)
     print(f"[done] {args.protocol} {name} seed {seed} {split}: mIoU {results['val_mean_iou'] * 100:.2f}% in "
           f"{results['wall_time_s'] / 60:.1f} min", flush=True)
-
-
