@@ -399,8 +399,9 @@ def worker_eval(args, name: str) -> dict:
 
 
 def run_benchmark(args, name: str) -> dict:
-    """A whole short benchmark run (the CamVid benchmark's configuration, :mod:`c2vkd_hf.benchmark`, seed 0) of ``none`` or of ``c2vkd``
-    with the teacher cache: ``distill.py`` in a subprocess; its wall time, evaluation time and mIoU."""
+    """A whole short benchmark run (the CamVid benchmark's configuration, :mod:`c2vkd_hf.benchmark`, seed 0) of
+    ``none`` or of ``c2vkd`` with the teacher cache: ``distill.py`` in a subprocess; its wall time, evaluation time
+    and mIoU."""
     from types import SimpleNamespace
 
     from c2vkd_hf.benchmark import shared_config

@@ -127,8 +127,7 @@ def test_ablations_are_paired_with_the_run_they_change(tmp_path):
 
 
 def test_selection_runs_hold_out_one_sequence(tmp_path):
-    args = argparse.Namespace(data_dir=str(tmp_path), protocol="long", teacher="T",
-                                                             text_embeddings="E")
+    args = argparse.Namespace(data_dir=str(tmp_path), protocol="long", teacher="T", text_embeddings="E")
     assert benchmark.shared_config(args, "selection")["selection_holdout"] == "0006R0_*"
     assert "selection_holdout" not in benchmark.shared_config(args, "val")
     assert benchmark.shared_config(args, "val")["max_steps"] == benchmark.PROTOCOLS["long"]["max_steps"]
