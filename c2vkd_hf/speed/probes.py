@@ -1,0 +1,308 @@
+"""The timed measurements, each run in a fresh subprocess (``python -m c2vkd_hf.speed.probes ARGS.json KIND NAME
+OUT.json``): the bare student step, real Trainer steps of one pipeline configuration, and the evaluation metric's
+throughput. Timestamps are taken after ``torch.cuda.synchronize()`` on CUDA."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+from .plan import CONFIGS, METRICS, PROTOCOLS, VARIANTS, device_name, train_config
+
+
+def _sync(device: str) -> None:
+    """Waits for queued CUDA work, so a timestamp taken next covers it."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _vm_hwm_mb() -> float | None:
+    """The process's peak resident set since the last :func:`_reset_hwm` (Linux ``VmHWM``), in MiB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+def _reset_hwm() -> bool:
+    """Resets ``VmHWM`` to the current resident set (``/proc/self/clear_refs``); False where that is refused."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mb() -> float:
+    """The process's peak resident set over its whole life (``ru_maxrss``), in MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _gpu_peak_mb(device: str) -> float | None:
+    """Peak GPU memory allocated by torch, in MiB (None off CUDA)."""
+    if device != "cuda":
+        return None
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+def set_threads(args) -> int:
+    """Applies ``args.threads`` (when given) and returns torch's thread count."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return torch.get_num_threads()
+
+
+def load_average() -> list[float]:
+    """The 1, 5 and 15-minute load averages."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def bare_step(args, name: str) -> dict:
+    """(a0): the student's own step on one batch already in memory, three variants interleaved."""
+    import copy
+
+    import torch
+
+    from c2vkd_hf.losses.common import cross_entropy
+    from c2vkd_hf.models import load_student
+
+    threads = set_threads(args)
+    device = device_name(args)
+    protocol = PROTOCOLS[args.protocol]
+    height, width = protocol["size"]
+    torch.manual_seed(0)
+    base = load_student("segformer-b0", {i: f"class{i}" for i in range(11)}).to(device)
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randn(protocol["batch"], 3, height, width, generator=generator).to(device)
+    labels = torch.randint(0, 11, (protocol["batch"], height, width), generator=generator).to(device)
+    variants = {"channels_last": (True, False), "contiguous": (False, False), "channels_last_clip": (True, True)}
+    state = {}
+    for variant, (channels_last, _) in variants.items():
+        model = copy.deepcopy(base).train()
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        state[variant] = (model, torch.optim.AdamW(model.parameters(), lr=6e-4, weight_decay=0.01))
+    autocast = (torch.autocast(device, dtype=torch.bfloat16) if args.precision == "bf16"
+                else torch.autocast(device, enabled=False))
+
+    def step(variant: str) -> float:
+        model, optimizer = state[variant]
+        _sync(device)
+        start = time.perf_counter()
+        with autocast:
+            logits = model(pixel_values=pixels).logits
+        loss = cross_entropy(logits.float(), labels)
+        loss.backward()
+        if variants[variant][1]:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _sync(device)
+        return time.perf_counter() - start
+
+    for _ in range(args.warmup):
+        for variant in variants:
+            step(variant)
+    load_start = load_average()
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for _ in range(args.steps):
+        for variant in variants:
+            times[variant].append(step(variant))
+    result = {
+        "config": name, "description": CONFIGS[name], "steps_timed": args.steps, "threads": threads,
+        "load_start": load_start, "load_end": load_average(),
+        "step_s_median": statistics.median(times["channels_last"]),
+        "variants_s_median": {v: statistics.median(t) for v, t in times.items()},
+        "variants_s_all": {v: [round(x, 4) for x in t] for v, t in times.items()},
+        "step_s_all": [round(s, 4) for s in times["channels_last"]],
+        "peak_rss_mb": _peak_rss_mb(), "train_peak_rss_mb": None, "gpu_peak_mb": _gpu_peak_mb(device),
+    }
+    return result
+
+
+def pipeline_steps(args, name: str) -> dict:
+    """One pipeline configuration: ``warmup + steps`` real Trainer steps; timings and memory."""
+    import torch
+    from transformers import HfArgumentParser, TrainerCallback, TrainingArguments
+
+    from c2vkd_hf.config import DataArguments, DistillationArguments
+    from c2vkd_hf.jobs import prepare_training_args, setup_distillation
+
+    threads = set_threads(args)
+    device = device_name(args)
+
+    class StepTimes(TrainerCallback):
+        def __init__(self):
+            self.ends: list[float] = []
+            self.load: list[list[float]] = []
+
+        def on_train_begin(self, *a, **k):
+            _sync(device)
+            self.ends.append(time.perf_counter())
+
+        def on_step_end(self, *a, **k):
+            _sync(device)
+            self.ends.append(time.perf_counter())
+            if len(self.ends) - 1 == args.warmup:
+                self.load.append(load_average())
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = train_config(args, name, tmp)
+        dist_args, data_args, training_args = HfArgumentParser(
+            (DistillationArguments, DataArguments, TrainingArguments)).parse_dict(config)
+        prepare_training_args(training_args)
+        timer = StepTimes()
+        setup = setup_distillation(dist_args, data_args, training_args, callbacks=[timer])
+        trainer = setup.trainer
+        spent: dict[str, list[float]] = {"teacher": [], "loss_forward": []}
+
+        def timed(fn, key):
+            def wrapper(*a, **k):
+                _sync(device)
+                start = time.perf_counter()
+                result = fn(*a, **k)
+                _sync(device)
+                spent[key].append(time.perf_counter() - start)
+                return result
+            return wrapper
+
+        if trainer.teacher_source is not None:
+            trainer.teacher_source.outputs = timed(trainer.teacher_source.outputs, "teacher")
+        loss_module = trainer.model.distill_loss
+        loss_module.forward = timed(loss_module.forward, "loss_forward")
+        setup_peak = _peak_rss_mb()
+        reset = _reset_hwm()
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        trainer.train()
+        load_end = load_average()
+        train_peak = _vm_hwm_mb() if reset else None
+        gpu_peak = _gpu_peak_mb(device)
+        eval_s = None
+        if name == "student_only":  # one whole evaluation, as the benchmark runs it
+            _sync(device)
+            start = time.perf_counter()
+            trainer.evaluate()
+            _sync(device)
+            eval_s = time.perf_counter() - start
+        decoded = type(trainer.train_dataset).__name__ == "DecodedDataset"
+        decoded_mb = None
+        if decoded:
+            decoded_mb = (trainer.train_dataset.split.nbytes + trainer.eval_dataset.split.nbytes) / 2**20
+    steps = [b - a for a, b in zip(timer.ends, timer.ends[1:])][args.warmup:]
+
+    def median(xs):
+        return statistics.median(xs[args.warmup:]) if len(xs) > args.warmup else None
+
+    return {
+        "config": name, "description": {**CONFIGS, **VARIANTS}[name], "steps_timed": len(steps),
+        "threads": threads, "workers": training_args.dataloader_num_workers, "load_start": timer.load[0] if timer.load
+        else None, "load_end": load_end,
+        "step_s_median": statistics.median(steps), "step_s_all": [round(s, 4) for s in steps],
+        "teacher_or_cache_s_median": median(spent["teacher"]),
+        "loss_forward_s_median": median(spent["loss_forward"]),
+        "eval_s": eval_s, "decoded_cache": decoded, "decoded_cache_mb": decoded_mb,
+        "peak_rss_mb": _peak_rss_mb(), "setup_peak_rss_mb": setup_peak, "train_peak_rss_mb": train_peak,
+        "gpu_peak_mb": gpu_peak,
+    }
+
+
+def camvid_val_labels(data_dir: Path):
+    import numpy as np
+    import PIL.Image
+
+    void = json.loads((data_dir / "classes.json").read_text()).get("ignore_index", 11)
+    labels = []
+    for path in sorted((data_dir / "valannot").glob("*.png")):
+        label = np.asarray(PIL.Image.open(path), dtype=np.int64)
+        labels.append(np.where(label == void, 255, label))
+    return labels
+
+
+def keep_all_mean_iou(predictions, references, num_labels: int, ignore_index: int = 255):
+    """What ``evaluate``'s ``mean_iou`` computes, the way it does: per-image histograms of intersection,
+    union, prediction and label areas over all kept maps, summed, then IoU per class and the mean."""
+    import numpy as np
+
+    total_i = np.zeros(num_labels)
+    total_u = np.zeros(num_labels)
+    for pred, label in zip(predictions, references):
+        mask = label != ignore_index
+        pred, label = pred[mask], label[mask]
+        inter = pred[pred == label]
+        area_i = np.histogram(inter, bins=num_labels, range=(0, num_labels - 1))[0]
+        area_p = np.histogram(pred, bins=num_labels, range=(0, num_labels - 1))[0]
+        area_l = np.histogram(label, bins=num_labels, range=(0, num_labels - 1))[0]
+        total_i += area_i
+        total_u += area_p + area_l - area_i
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = total_i / total_u
+    return float(np.nanmean(iou))
+
+
+def metric_throughput(args, name: str) -> dict:
+    """One metric: stream or keep every (prediction, label) pair of ``eval_repeats`` passes over the
+    CamVid validation labels, in batches of 8."""
+    import numpy as np
+    import torch
+
+    from c2vkd_hf.metrics import StreamingMeanIoU
+
+    labels = camvid_val_labels(Path(args.data_dir))
+    num_labels = 11
+    pairs = [(np.where(np.roll(lab, 7, axis=1) == 255, 0, np.roll(lab, 7, axis=1)), lab)
+             for lab in labels]
+    base_peak = _peak_rss_mb()  # inputs loaded: what follows is the metric's own memory
+    count = len(pairs) * args.eval_repeats
+    start = time.perf_counter()
+    if name == "streaming":
+        metric = StreamingMeanIoU(num_labels)
+        for _ in range(args.eval_repeats):
+            for first in range(0, len(pairs), 8):
+                chunk = pairs[first:first + 8]
+                metric.update(torch.from_numpy(np.stack([p for p, _ in chunk])),
+                              torch.from_numpy(np.stack([l for _, l in chunk])))
+        miou = metric.compute()["mean_iou"]
+    else:
+        kept_preds, kept_labels = [], []
+        for _ in range(args.eval_repeats):
+            for first in range(0, len(pairs), 8):
+                chunk = pairs[first:first + 8]
+                kept_preds.extend(p.copy() for p, _ in chunk)  # a Trainer hands over fresh arrays each batch
+                kept_labels.extend(l.copy() for _, l in chunk)
+        miou = keep_all_mean_iou(kept_preds, kept_labels, num_labels)
+    seconds = time.perf_counter() - start
+    return {"metric": name, "description": METRICS[name], "images": count, "seconds": seconds,
+            "images_per_s": count / seconds, "mean_iou": miou, "peak_rss_mb": _peak_rss_mb(),
+            "peak_rss_above_inputs_mb": _peak_rss_mb() - base_peak}
+
+
+PROBES = {"train": pipeline_steps, "bare": bare_step, "eval": metric_throughput}
+
+
+def main(argv: list[str]) -> None:
+    """Subprocess entry: ``ARGS.json KIND NAME OUT.json`` runs probe ``KIND`` for row ``NAME`` with the options in
+    ``ARGS.json`` and writes its result to ``OUT.json``."""
+    args_path, kind, name, out = argv
+    args = SimpleNamespace(**json.loads(Path(args_path).read_text()))
+    Path(out).write_text(json.dumps(PROBES[kind](args, name)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

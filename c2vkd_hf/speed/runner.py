@@ -1,0 +1,178 @@
+"""Runs the measurements: each probe in a fresh subprocess, rounds pooled, whole benchmark runs, the teacher cache
+they need; :func:`measure` puts it all into one results dict."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .plan import BENCHMARK_RUNS, CONFIGS, METRICS, PROTOCOLS, VARIANTS, device_name, machine, train_config, workers_for
+from .probes import load_average
+from .report import summarise
+
+
+def run_probe(args, kind: str, name: str) -> dict:
+    """One probe (``kind``: ``bare``, ``train`` or ``eval``) for row ``name`` in a fresh Python process, so that no
+    configuration inherits another's allocations, threads or caches; its result plus the subprocess wall time."""
+    with tempfile.TemporaryDirectory() as tmp:
+        options, out = Path(tmp) / "args.json", Path(tmp) / "result.json"
+        options.write_text(json.dumps(vars(args)))
+        print(f"[speed] {kind} {name} ...", flush=True)
+        start = time.time()
+        proc = subprocess.run([sys.executable, "-m", "c2vkd_hf.speed.probes", str(options), kind, name, str(out)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.stderr.write(proc.stderr[-4000:])
+            raise SystemExit(f"speed probe {kind} {name} failed")
+        result = json.loads(out.read_text())
+    result["subprocess_wall_s"] = round(time.time() - start, 1)
+    print(f"[speed]   {json.dumps({k: v for k, v in result.items() if k != 'step_s_all'})}", flush=True)
+    return result
+
+
+def run_benchmark(args, name: str) -> dict:
+    """A whole short benchmark run (the CamVid benchmark's configuration, :mod:`c2vkd_hf.benchmark`, seed 0) of
+    ``none`` or of ``c2vkd`` with the teacher cache: ``distill.py`` in a subprocess; its wall time, evaluation time
+    and mIoU."""
+    from types import SimpleNamespace
+
+    from ..benchmark import shared_config
+
+    height, width = PROTOCOLS[args.protocol]["size"]
+    steps = args.benchmark_steps
+    protocol = SimpleNamespace(data_dir=args.data_dir, teacher=args.teacher, text_embeddings=args.text_embeddings,
+                               protocol="short")
+    work = Path(args.benchmark_work_dir) / name
+    if work.exists():
+        import shutil
+
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    eval_steps = max(1, steps // 4)
+    config = {**shared_config(protocol, "val"), "method": "none" if name == "none" else "c2vkd", "seed": 0,
+              "output_dir": str(work), "dataloader_num_workers": workers_for(args),
+              "max_steps": steps, "eval_steps": eval_steps, "save_steps": eval_steps,
+              "resize_height": height, "resize_width": width,
+              "per_device_train_batch_size": PROTOCOLS[args.protocol]["batch"],
+              "use_cpu": device_name(args) == "cpu", "bf16": args.precision == "bf16"}
+    if args.decoded_cache_dir:
+        config["decoded_cache_dir"] = args.decoded_cache_dir
+    if name == "c2vkd_cached":
+        config["teacher_cache"] = args.cache
+    (work / "benchmark_config.json").write_text(json.dumps(config, indent=2))
+    command = [sys.executable, "-m", "c2vkd_hf.cli.distill", str(work / "benchmark_config.json")]
+    env = dict(os.environ)
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    print(f"[speed] benchmark run {name}, {steps} steps ...", flush=True)
+    load_start, start = load_average(), time.time()
+    with open(work / "log.txt", "w") as log:
+        proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    wall = time.time() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"benchmark run {name} failed, see {work / 'log.txt'}")
+    results = json.loads((work / "results.json").read_text())
+    evals = []
+    for state in glob.glob(str(work / "checkpoint-*" / "trainer_state.json")):
+        evals = [e["eval_runtime"] for e in json.loads(Path(state).read_text())["log_history"] if "eval_runtime" in e]
+    result = {"run": name, "description": BENCHMARK_RUNS[name], "steps": results["steps"],
+              "eval_steps": config["eval_steps"], "wall_time_s": results["wall_time_s"], "process_wall_s": wall,
+              "eval_runtime_s_during_training": evals, "val_mean_iou": results["val_mean_iou"],
+              "peak_rss_mb": results["peak_rss_mb"], "workers": config["dataloader_num_workers"],
+              "threads": args.threads or os.cpu_count(), "load_start": load_start, "load_end": load_average()}
+    print(f"[speed]   {json.dumps(result)}", flush=True)
+    return result
+
+
+def pool_rounds(results: list[dict]) -> dict:
+    """One configuration's results over ``--rounds`` rounds (each round runs every configuration once, in
+    turn, so slow load changes spread over all of them): step times pooled, medians over the pool."""
+    if len(results) == 1:
+        return results[0]
+    pooled = dict(results[0])
+    pooled["step_s_all"] = [x for r in results for x in r["step_s_all"]]
+    pooled["step_s_median"] = statistics.median(pooled["step_s_all"])
+    pooled["round_medians_s"] = [r["step_s_median"] for r in results]
+    pooled["steps_timed"] = len(pooled["step_s_all"])
+    pooled["load_end"] = results[-1]["load_end"]
+    for key in ("peak_rss_mb", "train_peak_rss_mb", "gpu_peak_mb", "setup_peak_rss_mb"):
+        values = [r[key] for r in results if r.get(key) is not None]
+        pooled[key] = max(values) if values else None
+    if "variants_s_all" in pooled:
+        pooled["variants_s_all"] = {v: [x for r in results for x in r["variants_s_all"][v]]
+                                    for v in pooled["variants_s_all"]}
+        pooled["variants_s_median"] = {v: statistics.median(t) for v, t in pooled["variants_s_all"].items()}
+    for key in ("teacher_or_cache_s_median", "loss_forward_s_median", "eval_s"):
+        values = [r[key] for r in results if r.get(key) is not None]
+        pooled[key] = statistics.median(values) if values else None
+    return pooled
+
+
+def ensure_cache(args) -> None:
+    """Builds the teacher cache for row (c) (outside the timed subprocesses) when it is missing or incomplete:
+    setting up that row's training opens the cache and builds what it lacks."""
+    from transformers import HfArgumentParser, TrainingArguments
+
+    from ..cache import cache_status
+    from ..config import DataArguments, DistillationArguments
+    from ..jobs import prepare_training_args, setup_distillation
+
+    if cache_status(args.cache).complete:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        parsed = HfArgumentParser((DistillationArguments, DataArguments, TrainingArguments)).parse_dict(
+            train_config(args, "c2vkd_cached", tmp))
+        prepare_training_args(parsed[2])
+        print(f"[speed] building the teacher cache {args.cache} ...", flush=True)
+        setup_distillation(*parsed)
+
+
+def measure(args, command: str) -> dict:
+    """Every row of the speed report, measured side by side: ``args.rounds`` rounds of the training rows (each round
+    runs every row once, in turn), the metric rows (CamVid protocol only) and the whole benchmark runs
+    (``args.benchmark_steps`` > 0); the ratios, the verdict and ``fidelity.json`` from ``args.out_dir`` when
+    present. ``command`` is recorded as the command that reproduces it."""
+    start = time.time()
+    info = machine(args)
+    ensure_cache(args)
+    names = list(CONFIGS) + (list(VARIANTS) if args.variants == "true" else [])
+    rounds = [[run_probe(args, "bare" if name == "bare" else "train", name) for name in names]
+              for _ in range(args.rounds)]
+    training = [pool_rounds([r[i] for r in rounds]) for i in range(len(names))]
+    evaluation = [run_probe(args, "eval", name) for name in METRICS] if args.protocol == "camvid" else []
+    runs = [run_benchmark(args, name) for name in BENCHMARK_RUNS] if args.benchmark_steps > 0 else []
+    ratios, verdict = summarise(training)
+    t = {r["config"]: r for r in training}
+    a0, a, b, c = t["bare"], t["student_only"], t["c2vkd_online"], t["c2vkd_cached"]
+    fidelity_path = Path(args.out_dir) / "fidelity.json"
+    results = {
+        "command": command, "machine": info, "teacher": args.teacher, "steps": args.steps, "warmup": args.warmup,
+        "rounds": args.rounds, "eval_repeats": args.eval_repeats,
+        "bare_step_s": a0["step_s_median"],
+        "student_only_step_s": a["step_s_median"], "c2vkd_online_step_s": b["step_s_median"],
+        "c2vkd_cached_step_s": c["step_s_median"],
+        "student_only_peak_rss_mb": a["peak_rss_mb"], "c2vkd_online_peak_rss_mb": b["peak_rss_mb"],
+        "c2vkd_cached_peak_rss_mb": c["peak_rss_mb"],
+        "student_only_train_peak_rss_mb": a["train_peak_rss_mb"],
+        "c2vkd_online_train_peak_rss_mb": b["train_peak_rss_mb"],
+        "c2vkd_cached_train_peak_rss_mb": c["train_peak_rss_mb"],
+        "decoded_cache_mb": a.get("decoded_cache_mb"), "eval_s": a.get("eval_s"),
+        "ratios": ratios, "verdict": verdict, "training": training, "evaluation": evaluation,
+        "benchmark_runs": runs,
+        "fidelity": json.loads(fidelity_path.read_text()) if fidelity_path.is_file() else None,
+        "wall_time_s": round(time.time() - start, 1),
+    }
+    if evaluation:
+        results.update({
+            "eval_streaming_images_per_s": evaluation[0]["images_per_s"],
+            "eval_keep_all_images_per_s": evaluation[1]["images_per_s"],
+            "eval_streaming_peak_rss_mb": evaluation[0]["peak_rss_mb"],
+            "eval_keep_all_peak_rss_mb": evaluation[1]["peak_rss_mb"]})
+    return results
