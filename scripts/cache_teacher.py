@@ -26,11 +26,11 @@ from transformers import HfArgumentParser
 from c2vkd_hf.cache import TeacherCache, TeacherCacheError, build_teacher_cache, cache_status
 from c2vkd_hf.config import DataArguments, DistillationArguments
 from c2vkd_hf.data import load_segmentation_data
-from c2vkd_hf.models import default_feature_pair, feature_channels, image_mean_std, load_student, load_teacher
+from c2vkd_hf.models import (default_feature_pair, feature_channels, image_mean_std, load_student, load_teacher,
+                             parse_feature_pairs)
 from c2vkd_hf.jobs import (UserInputError, config_file_arguments, check_class_agreement, run_script,
                            student_config_overrides, user_errors, validate_distillation_args)
 from c2vkd_hf.jobs.distill import teacher_reference_size
-from c2vkd_hf.trainer import parse_feature_pairs
 from c2vkd_hf.validation import check_output_dir, check_ranges, parse_script_arguments
 
 logger = logging.getLogger("c2vkd_hf")

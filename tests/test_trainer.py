@@ -8,7 +8,8 @@ import torch
 from transformers import AutoModelForSemanticSegmentation, TrainerCallback
 
 from c2vkd_hf.losses import get_loss
-from c2vkd_hf.trainer import DISTILLATION_MODULES_NAME, NonFiniteLossError, parse_feature_pairs
+from c2vkd_hf.models import parse_feature_pairs
+from c2vkd_hf.trainer import DISTILLATION_MODULES_NAME, NonFiniteLossError
 from tiny import c2vkd_model, make_trainer, tensor_dataset, tiny_student, tiny_teacher
 
 

@@ -16,8 +16,7 @@ from transformers import AutoConfig
 from ..config import METHODS, DistillationArguments
 from ..losses.c2vkd import parse_class_balance_terms
 from ..losses.schedule import parse_schedules
-from ..models import SEGFORMER_SIZES, TORCHVISION_ARCHS, parse_torchvision_name
-from ..trainer import parse_feature_pairs
+from ..models import SEGFORMER_SIZES, TORCHVISION_ARCHS, parse_feature_pairs, parse_torchvision_name
 from ..validation import UserInputError
 
 logger = logging.getLogger(__name__)

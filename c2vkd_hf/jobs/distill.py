@@ -29,6 +29,7 @@ from ..models import (
     image_mean_std,
     load_student,
     load_teacher,
+    parse_feature_pairs,
     parse_torchvision_name,
     student_image_processor,
 )
@@ -40,7 +41,6 @@ from ..trainer import (
     FoldTextHeadCallback,
     LossScheduleCallback,
     TextHeadFoldError,
-    parse_feature_pairs,
 )
 from ..validation import UserInputError, check_input_sizes, save_errors
 from .checks import check_class_agreement, student_config_overrides, student_head_note, validate_distillation_args
@@ -366,7 +366,7 @@ def run_distillation(dist_args: DistillationArguments, data_args: DataArguments,
     config = distillation_run_config(dist_args, data_args, training_args)
     setup = setup_distillation(dist_args, data_args, training_args, data=data, phase=phase)
     trainer, data, loss_module, teacher = setup.trainer, setup.data, setup.loss_module, setup.teacher
-    teacher_name, text_embeddings, notes = setup.teacher_name, setup.text_embeddings, setup.notes
+    teacher_name, notes = setup.teacher_name, setup.notes
     id2label = data.id2label
     output_dir = Path(training_args.output_dir)
     metrics = train_evaluate_save(trainer, training_args, output_dir, config)

@@ -41,6 +41,7 @@ from .features import (
     feature_channels,
     feature_family,
     forward_features,
+    parse_feature_pairs,
 )
 from .hooks import FeatureHooks, Tap
 from .normalization import IMAGENET_MEAN, IMAGENET_STD, image_mean_std, renormalize
@@ -65,6 +66,7 @@ __all__ = [
     "build_teacher",
     "default_feature_pair",
     "deepest_feature",
+    "parse_feature_pairs",
     "TORCHVISION_ARCHS",
     "TorchvisionForSemanticSegmentation",
     "TorchvisionSegmentationConfig",

@@ -346,3 +346,16 @@ def default_feature_pair(student: nn.Module, teacher: nn.Module) -> tuple[str, s
     if DECODER_FEATURE in feature_channels(student) and DECODER_FEATURE in feature_channels(teacher):
         return DECODER_FEATURE, DECODER_FEATURE
     return deepest_feature(student), deepest_feature(teacher)
+
+
+def parse_feature_pairs(spec: Optional[str]) -> list[tuple[str, str]]:
+    """``"stage4:stage4,stage3:stage3"`` -> ``[("stage4", "stage4"), ("stage3", "stage3")]``."""
+    if not spec:
+        return []
+    pairs = []
+    for item in spec.split(","):
+        if item.count(":") != 1 or not all(part.strip() for part in item.split(":")):
+            raise ValueError(f"--feature_pairs entry '{item}' must look like student_name:teacher_name.")
+        student_name, teacher_name = (part.strip() for part in item.split(":"))
+        pairs.append((student_name, teacher_name))
+    return pairs
