@@ -236,7 +236,7 @@ class DistillationArguments:
     # peers (None: the published recipe)
     kd_temperature: Optional[float] = field(default=None, metadata={"help": "KD/CWD/DIST/DKD temperature."})
 
-    # teacher-output cache (c2vkd_hf/cache.py)
+    # teacher-output cache (c2vkd_hf/cache/)
     teacher_cache: Optional[str] = field(
         default=None,
         metadata={"help": "Folder of a teacher-output cache: the teacher runs once over the training set (built "

@@ -1,0 +1,198 @@
+"""Building the cache: the teacher run once over the training set at the reference geometry, rows sharded over
+processes, every row committed by its marker so an interrupted build resumes."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data import SegmentationTransform, collate_fn
+from .files import (DONE_NAME, LOGITS_NAME, META_NAME, TOPK_INDICES_NAME, TOPK_VALUES_NAME, load_npy, open_array,
+                    read_meta, write_json_atomic)
+from .key import (REBUILD_HINT, TeacherCacheError, cache_key, check_key, dataset_fingerprint,
+                  key_differences, teacher_weights_hash)
+from .replay import topk_compress
+
+logger = logging.getLogger(__name__)
+
+_FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+def _distributed() -> tuple[int, int, Callable[[], None]]:
+    """``(rank, world_size, barrier)`` of an initialised ``torch.distributed`` group, else (0, 1, no-op)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), dist.barrier
+    return 0, 1, lambda: None
+
+
+@torch.no_grad()
+def _teacher_maps(teacher: nn.Module, pixel_values: torch.Tensor,
+                  feature_names: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    from ..models import forward_features
+
+    if feature_names:
+        logits, features = forward_features(teacher, pixel_values)
+        missing = [n for n in feature_names if n not in features]
+        if missing:
+            raise TeacherCacheError(f"the teacher has no feature map {missing[0]!r}; it has {sorted(features)}")
+        return logits, {n: features[n] for n in feature_names}
+    return teacher(pixel_values=pixel_values).logits, {}
+
+
+def _to_float16(x: torch.Tensor) -> np.ndarray:
+    return x.float().clamp(-_FLOAT16_MAX, _FLOAT16_MAX).cpu().numpy().astype(np.float16)
+
+
+def build_teacher_cache(
+    directory: os.PathLike | str,
+    teacher: nn.Module,
+    dataset,
+    *,
+    reference_size: Optional[Sequence[int]],
+    teacher_mean_std: tuple,
+    feature_names: Sequence[str] = (),
+    top_k: Optional[int] = None,
+    batch_size: int = 8,
+    overwrite: bool = False,
+    progress: bool = True,
+    rank: Optional[int] = None,
+    world_size: Optional[int] = None,
+    barrier: Optional[Callable[[], None]] = None,
+    image_column: str = "image",
+    max_rows: Optional[int] = None,
+) -> dict[str, Any]:
+    """Runs ``teacher`` over ``dataset`` (a ``datasets.Dataset`` with an ``image`` column, row order =
+    ``example_index``) at the reference geometry and stores its logits and ``feature_names`` maps in
+    ``directory``; returns the cache key. Resumes a partial build with the same key; a folder with
+    another key raises :class:`TeacherCacheError` unless ``overwrite``.
+
+    ``reference_size``: (h, w) the images are resized to (None: every image must already have one
+    common size). ``teacher_mean_std``: the teacher's input normalisation. ``rank``/``world_size``/
+    ``barrier``: default from ``torch.distributed`` when initialised; each rank computes the missing
+    rows ``rank::world_size``. ``max_rows``: stop after this many rows of this rank (for tests of an
+    interrupted build).
+    """
+    directory = Path(directory)
+    dist_rank, dist_world, dist_barrier = _distributed()
+    rank = dist_rank if rank is None else rank
+    world_size = dist_world if world_size is None else world_size
+    barrier = dist_barrier if barrier is None else barrier
+    teacher.eval()
+    device = next(teacher.parameters()).device
+    images = dataset.select_columns([image_column])
+    if image_column != "image":
+        images = images.rename_column(image_column, "image")
+    if reference_size is None:
+        width, height = images[0]["image"].size
+        reference_size = (height, width)
+    reference_size = tuple(int(v) for v in reference_size)
+    mean, std = teacher_mean_std
+    key = cache_key(teacher_hash=teacher_weights_hash(teacher), dataset=dataset_fingerprint(dataset, image_column),
+                    reference_size=reference_size, teacher_mean_std=(mean, std), feature_names=feature_names,
+                    top_k=top_k)
+    num_rows = len(dataset)
+    if num_rows == 0:
+        raise TeacherCacheError("the training set is empty: nothing to cache")
+
+    meta = read_meta(directory)
+    stale = meta is not None and bool(key_differences(meta["key"], key))
+    if stale and not overwrite:
+        check_key(directory, meta["key"], key, REBUILD_HINT)  # every rank refuses: none waits at the barrier
+    if rank == 0 and (meta is None or stale):
+        if stale:
+            logger.warning("Overwriting the stale teacher cache %s.", directory)
+        _create_files(directory, teacher, key, num_rows, reference_size, device)
+    barrier()
+    meta = read_meta(directory)
+    if meta is None or key_differences(meta["key"], key):
+        raise TeacherCacheError(f"{directory}: the cache metadata changed while building (another build?)")
+    arrays = {name: open_array(directory, entry, "r+") for name, entry in meta["arrays"].items()}
+    done = load_npy(directory / DONE_NAME, "r+")
+    todo = [i for i in range(rank, num_rows, world_size) if not done[i]]
+    if max_rows is not None:
+        todo = todo[:max_rows]
+    if todo:
+        _fill_rows(arrays, done, todo, teacher, images, reference_size, (mean, std), feature_names, top_k,
+                   batch_size, device, progress and rank == 0)
+    del arrays, done
+    barrier()
+    return key
+
+
+def _create_files(directory: Path, teacher: nn.Module, key: dict, num_rows: int,
+                  reference_size: tuple[int, int], device) -> None:
+    """Allocates every array (shapes from one forward pass on a blank image) and the row markers,
+    then writes the metadata last, atomically."""
+    directory.mkdir(parents=True, exist_ok=True)
+    meta_path = directory / META_NAME
+    if meta_path.exists():
+        meta_path.unlink()  # until the new metadata is written, this folder is not a cache
+    logits, features = _teacher_maps(teacher, torch.zeros(1, 3, *reference_size, device=device),
+                                     key["feature_names"])
+    num_classes = int(logits.shape[1])
+    entries: dict[str, dict[str, Any]] = {}
+
+    def allocate(name: str, dtype, shape) -> None:
+        file = f"{name}.npy"
+        array = np.lib.format.open_memmap(directory / file, mode="w+", dtype=dtype, shape=(num_rows, *shape))
+        array.flush()
+        del array
+        entries[name] = {"file": file, "dtype": np.dtype(dtype).name, "shape": [num_rows, *shape]}
+
+    top_k = key["top_k"]
+    if top_k is None:
+        allocate(LOGITS_NAME, np.float16, logits.shape[1:])
+    else:
+        if not 1 <= top_k < num_classes:
+            raise TeacherCacheError(f"--teacher_cache_top_k must be in [1, {num_classes - 1}] for a teacher with "
+                                    f"{num_classes} classes, got {top_k}")
+        allocate(TOPK_VALUES_NAME, np.float16, (top_k + 1, *logits.shape[2:]))
+        allocate(TOPK_INDICES_NAME, np.uint8 if num_classes <= 256 else np.int16, (top_k, *logits.shape[2:]))
+    for name, feature in features.items():
+        allocate(f"feature_{name}", np.float16, feature.shape[1:])
+    done = np.lib.format.open_memmap(directory / DONE_NAME, mode="w+", dtype=np.uint8, shape=(num_rows,))
+    done.flush()
+    del done
+    write_json_atomic(meta_path, {"key": key, "num_classes": num_classes, "arrays": entries,
+                                  "features": {name: f"feature_{name}" for name in features}})
+
+
+def _fill_rows(arrays, done, todo, teacher, images, reference_size, mean_std, feature_names, top_k,
+               batch_size, device, progress) -> None:
+    from torch.utils.data import DataLoader, Subset
+    from tqdm.auto import tqdm
+
+    transform = SegmentationTransform(image_mean=mean_std[0], image_std=mean_std[1], train=False,
+                                      resize=reference_size)
+    loader = DataLoader(Subset(images.with_transform(transform), todo), batch_size=batch_size, collate_fn=collate_fn)
+    position = 0
+    with tqdm(total=len(todo), desc="caching teacher outputs", disable=not progress, unit="img") as bar:
+        for batch in loader:
+            rows = todo[position:position + len(batch["pixel_values"])]
+            position += len(rows)
+            pixel_values = batch["pixel_values"].to(device)
+            if tuple(pixel_values.shape[-2:]) != tuple(reference_size):
+                raise TeacherCacheError(f"an image is {tuple(pixel_values.shape[-2:])} but the reference size is "
+                                        f"{tuple(reference_size)}: set --resize_height/--resize_width")
+            logits, features = _teacher_maps(teacher, pixel_values, feature_names)
+            if top_k is None:
+                arrays[LOGITS_NAME][rows] = _to_float16(logits)
+            else:
+                values, indices = topk_compress(logits, top_k)
+                arrays[TOPK_VALUES_NAME][rows] = _to_float16(values)
+                arrays[TOPK_INDICES_NAME][rows] = indices.cpu().numpy().astype(arrays[TOPK_INDICES_NAME].dtype)
+            for name, feature in features.items():
+                arrays[f"feature_{name}"][rows] = _to_float16(feature)
+            for array in arrays.values():
+                array.flush()  # the rows' data reach the file before their markers are set
+            done[rows] = 1
+            done.flush()
+            bar.update(len(rows))
