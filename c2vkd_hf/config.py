@@ -190,9 +190,11 @@ class DistillationArguments:
     ling_tau: float = field(default=0.03, metadata={"help": "VLFD linguistic term: pixel-text temperature."})
     stage_pairs: Optional[str] = field(
         default=None,
-        metadata={"help": "C2VKD stage guidance: comma-separated student:teacher stage pairs (e.g. "
-                  "stage1:stage1,stage2:stage2,stage3:stage3,stage4:stage4), each with its own 1x1 projector; "
-                  "their VLFD global + relation terms form the 'stage' term (needs --stage_weight > 0)."})
+        metadata={"help": "C2VKD stage guidance and exits: comma-separated student:teacher stage pairs (e.g. "
+                  "stage1:stage1,stage2:stage2,stage3:stage3,stage4:stage4), each with its own 1x1 projector, or "
+                  "'auto' (the two models' stages paired from the deepest down, as many as the model with fewer "
+                  "has); their VLFD global + relation terms form the 'stage' term (--stage_weight > 0), their "
+                  "exits the 'exit' term (--exit_weight > 0)."})
     stage_weight: float = field(default=0.0, metadata={"help": "C2VKD: weight of the stage-guidance term."})
     exit_weight: float = field(
         default=0.0,

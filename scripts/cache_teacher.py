@@ -6,10 +6,11 @@
     torchrun --nproc_per_node 2 scripts/cache_teacher.py config.json  # each process builds its share
 
 Takes the same flags (or config file) as ``scripts/distill.py``: the teacher, the data, the resize,
-the method and ``--feature_pairs`` decide what is stored (logits; plus, for C2VKD, the teacher feature
-maps of the feature pairs); training flags are ignored. ``--teacher_cache_top_k K`` stores only the K
+the method, ``--feature_pairs`` and, with ``--stage_weight`` or ``--exit_weight``, ``--stage_pairs`` decide what
+is stored (logits; plus, for C2VKD, the teacher feature maps of the feature and stage pairs, resolved as
+``distill.py`` resolves them); training flags are ignored. ``--teacher_cache_top_k K`` stores only the K
 largest logits per pixel. An interrupted build resumes where it stopped; a folder holding a cache for
-another teacher, dataset or preprocessing is refused unless ``--overwrite``. See ``c2vkd_hf/cache.py``
+another teacher, dataset or preprocessing is refused unless ``--overwrite``. See ``c2vkd_hf/cache/``
 for the format and the key.
 """
 
@@ -26,11 +27,10 @@ from transformers import HfArgumentParser
 from c2vkd_hf.cache import TeacherCache, TeacherCacheError, build_teacher_cache, cache_status
 from c2vkd_hf.config import DataArguments, DistillationArguments
 from c2vkd_hf.data import load_segmentation_data
-from c2vkd_hf.models import (default_feature_pair, feature_channels, image_mean_std, load_student, load_teacher,
-                             parse_feature_pairs)
+from c2vkd_hf.models import image_mean_std, load_student, load_teacher
 from c2vkd_hf.jobs import (UserInputError, config_file_arguments, check_class_agreement, run_script,
                            student_config_overrides, user_errors, validate_distillation_args)
-from c2vkd_hf.jobs.distill import teacher_reference_size
+from c2vkd_hf.jobs.distill import c2vkd_feature_pairs, teacher_reference_size
 from c2vkd_hf.validation import check_output_dir, check_ranges, parse_script_arguments
 
 logger = logging.getLogger("c2vkd_hf")
@@ -70,21 +70,15 @@ def _foreign_flags(argv: list[str], known: set[str]) -> list[str]:
 
 
 def teacher_feature_names(dist_args: DistillationArguments, teacher) -> list[str]:
-    """The teacher feature maps the method reads: C2VKD's feature pairs (default: `default_feature_pair`),
-    none for the logit methods."""
+    """The teacher feature maps the method reads, as ``distill.py`` resolves them for the same flags
+    (:func:`~c2vkd_hf.jobs.distill.c2vkd_feature_pairs`: C2VKD's feature pairs and, with stage guidance or exits,
+    its stage pairs); none for the logit methods."""
     if dist_args.method != "c2vkd":
         return []
-    pairs = parse_feature_pairs(dist_args.feature_pairs)
-    if not pairs:
-        student = load_student(dist_args.student_name_or_path, {i: str(i) for i in range(teacher.config.num_labels)},
-                               config_overrides=student_config_overrides(dist_args))
-        pairs = [default_feature_pair(student, teacher)]
-    names = [t for _, t in pairs]
-    available = feature_channels(teacher)
-    for name in names:
-        if name not in available:
-            raise UserInputError(f"--feature_pairs: the teacher has no feature {name!r} (it has {sorted(available)}).")
-    return names
+    student = load_student(dist_args.student_name_or_path, {i: str(i) for i in range(teacher.config.num_labels)},
+                           config_overrides=student_config_overrides(dist_args))
+    pairs, stage_pairs = c2vkd_feature_pairs(dist_args, student, teacher)
+    return [t for _, t in pairs + stage_pairs]
 
 
 def main(argv: list[str] | None = None) -> dict:

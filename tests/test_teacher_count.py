@@ -23,6 +23,7 @@ from tiny import TINY_SEGFORMER, TINY_SEGFORMER_JSON
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
+import cache_teacher  # noqa: E402
 import distill  # noqa: E402
 
 TINY = ["--synthetic_train_size", "8", "--synthetic_validation_size", "2", "--synthetic_height", "32",
@@ -84,6 +85,34 @@ def test_stage_exits_train_with_the_student_and_are_left_out_of_it(tmp_path):
     model = AutoModelForSemanticSegmentation.from_pretrained(out)
     plain = AutoModelForSemanticSegmentation.from_pretrained(tmp_path / "student")
     assert set(model.state_dict()) == set(plain.state_dict())
+
+
+def test_auto_stage_pairs_pair_the_deepest_stages():
+    from c2vkd_hf.models import pair_stages
+
+    four = [f"stage{i}" for i in range(1, 5)]
+    assert pair_stages(four, four) == [(s, s) for s in four]
+    assert pair_stages(four, [f"stage{i}" for i in range(1, 6)]) == [("stage1", "stage2"), ("stage2", "stage3"),
+                                                                     ("stage3", "stage4"), ("stage4", "stage5")]
+    assert pair_stages(["stage1", "stage2"], four) == [("stage1", "stage3"), ("stage2", "stage4")]
+    assert pair_stages([], four) == []
+
+
+def test_auto_stage_pairs_and_the_cache_script_store_what_distill_reads(tmp_path):
+    """``--stage_pairs auto --exit_weight 0.5``: ``scripts/cache_teacher.py`` given distill's flags stores the
+    teacher's decoder map and its four stages (auto pairs the tiny SegFormers' four stages each), and distill
+    with the same flags replays that cache (it refused it when the script ignored the stage pairs) and trains its
+    exits."""
+    flags = [*TINY, "--method", "c2vkd", "--teacher_name_or_path", _save_tiny(tmp_path / "teacher", 1),
+             "--student_name_or_path", _save_tiny(tmp_path / "student", 2), "--stage_pairs", "auto",
+             "--exit_weight", "0.5", "--teacher_cache", str(tmp_path / "cache")]
+    summary = cache_teacher.main(flags)
+    assert sorted(summary["features"]) == ["decoder", "stage1", "stage2", "stage3", "stage4"]
+    meta = (tmp_path / "cache" / "cache_meta.json").stat().st_mtime
+    distill.main(["--output_dir", str(tmp_path / "out"), "--max_steps", "2", *flags])
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["loss_history"][0]["loss/exit"] > 0
+    assert (tmp_path / "cache" / "cache_meta.json").stat().st_mtime == meta  # replayed, not rebuilt
 
 
 def test_channel_term_flag_reaches_the_logged_loss(tmp_path):

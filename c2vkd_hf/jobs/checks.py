@@ -16,7 +16,7 @@ from transformers import AutoConfig
 from ..config import METHODS, DistillationArguments
 from ..losses.c2vkd import parse_class_balance_terms
 from ..losses.schedule import parse_schedules
-from ..models import SEGFORMER_SIZES, TORCHVISION_ARCHS, parse_feature_pairs, parse_torchvision_name
+from ..models import AUTO_STAGE_PAIRS, SEGFORMER_SIZES, TORCHVISION_ARCHS, parse_feature_pairs, parse_torchvision_name
 from ..validation import UserInputError
 
 logger = logging.getLogger(__name__)
@@ -42,15 +42,15 @@ def validate_distillation_args(args: DistillationArguments) -> None:
         raise UserInputError(f"--rel_grid must be >= 1, got {args.rel_grid}.")
     try:
         parse_feature_pairs(args.feature_pairs)
-        stage_pairs = parse_feature_pairs(args.stage_pairs)
+        stage_pairs = args.stage_pairs == AUTO_STAGE_PAIRS or parse_feature_pairs(args.stage_pairs)
         parse_schedules(args.weight_schedules)
         parse_class_balance_terms(args.class_balance_terms)
     except ValueError as error:
         raise UserInputError(f"{error}") from None
     for name in ("stage_weight", "exit_weight"):
         if getattr(args, name) > 0 and not stage_pairs:
-            raise UserInputError(f"--{name} needs --stage_pairs (e.g. stage1:stage1,stage2:stage2,stage3:stage3,"
-                                 "stage4:stage4).")
+            raise UserInputError(f"--{name} needs --stage_pairs ({AUTO_STAGE_PAIRS}, or named pairs such as "
+                                 "stage1:stage1,stage2:stage2,stage3:stage3,stage4:stage4).")
     if (args.stage_weight > 0 or args.exit_weight > 0 or stage_pairs) and args.method != "c2vkd":
         raise UserInputError(f"--stage_pairs/--stage_weight/--exit_weight are C2VKD's stage guidance and exits; "
                              f"--method {args.method} does not use them.")

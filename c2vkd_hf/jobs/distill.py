@@ -23,8 +23,10 @@ from ..losses.c2vkd import parse_class_balance_terms
 from ..losses.schedule import parse_schedules
 from ..metrics import make_compute_metrics
 from ..models import (
+    AUTO_STAGE_PAIRS,
     DECODER_FEATURE,
     default_feature_pair,
+    default_stage_pairs,
     feature_channels,
     image_mean_std,
     load_student,
@@ -217,18 +219,9 @@ def setup_distillation(dist_args: DistillationArguments, data_args: DataArgument
     processor = student_image_processor(student, size=processor_size(data_args, data))
     student_mean, student_std = image_mean_std(student)
 
-    pairs: list[tuple[str, str]] = []
-    stage_pairs: list[tuple[str, str]] = []
-    s_channels, t_channels = feature_channels(student), {}
-    if dist_args.method == "c2vkd":
-        pairs = parse_feature_pairs(dist_args.feature_pairs) or [default_feature_pair(student, teacher)]
-        stage_pairs = (parse_feature_pairs(dist_args.stage_pairs)
-                       if dist_args.stage_weight > 0 or dist_args.exit_weight > 0 else [])
-        t_channels = feature_channels(teacher)
-        for s_name, t_name in pairs + stage_pairs:
-            if s_name not in s_channels or t_name not in t_channels:
-                raise UserInputError(f"feature pair {s_name}:{t_name}: the student has features "
-                                     f"{sorted(s_channels)}, the teacher {sorted(t_channels)}.")
+    pairs, stage_pairs = c2vkd_feature_pairs(dist_args, student, teacher)
+    s_channels = feature_channels(student)
+    t_channels = feature_channels(teacher) if pairs else {}
     text_head = build_text_head(dist_args, s_channels, text_embeddings, pairs, id2label)
     loss_module = build_loss_module(
         dist_args, student_channels=[s_channels[s] for s, _ in pairs],
@@ -280,6 +273,33 @@ def teacher_reference_size(dist_args: DistillationArguments, data_args: DataArgu
         raise UserInputError("--teacher_input_scale with --teacher_cache needs --resize_height/--resize_width "
                              "(the reference size the teacher's view is scaled from).")
     return tuple(int(round(v * scale)) for v in reference)
+
+
+def c2vkd_feature_pairs(dist_args: DistillationArguments, student: nn.Module, teacher: Optional[nn.Module]
+                        ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """``(feature pairs, stage pairs)``, each a list of ``(student feature, teacher feature)``: what C2VKD reads from
+    the two models (the teacher cache stores the teacher's side of both). Feature pairs: ``--feature_pairs``, else
+    :func:`~c2vkd_hf.models.default_feature_pair`; stage pairs, when ``--stage_weight`` or ``--exit_weight`` is on:
+    ``--stage_pairs``, or for ``auto`` :func:`~c2vkd_hf.models.default_stage_pairs`. Both empty for the other
+    methods. A pair naming a feature a model lacks is a :class:`UserInputError` listing what each model has."""
+    if dist_args.method != "c2vkd":
+        return [], []
+    pairs = parse_feature_pairs(dist_args.feature_pairs) or [default_feature_pair(student, teacher)]
+    stage_pairs = []
+    if dist_args.stage_weight > 0 or dist_args.exit_weight > 0:
+        if dist_args.stage_pairs == AUTO_STAGE_PAIRS:
+            stage_pairs = default_stage_pairs(student, teacher)
+        else:
+            stage_pairs = parse_feature_pairs(dist_args.stage_pairs)
+    s_channels, t_channels = feature_channels(student), feature_channels(teacher)
+    if not stage_pairs and (dist_args.stage_weight > 0 or dist_args.exit_weight > 0):
+        raise UserInputError(f"--stage_pairs {AUTO_STAGE_PAIRS}: no stages to pair (the student has features "
+                             f"{sorted(s_channels)}, the teacher {sorted(t_channels)}); name the pairs instead.")
+    for s_name, t_name in pairs + stage_pairs:
+        if s_name not in s_channels or t_name not in t_channels:
+            raise UserInputError(f"feature pair {s_name}:{t_name}: the student has features "
+                                 f"{sorted(s_channels)}, the teacher {sorted(t_channels)}.")
+    return pairs, stage_pairs
 
 
 def open_teacher_cache(dist_args: DistillationArguments, data_args: DataArguments,

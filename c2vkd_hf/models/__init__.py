@@ -34,14 +34,18 @@ from .backbone_weights import (BackboneLoadReport, _read_state_dict, efficientne
 from .deeplabv3plus import TimmDeepLabV3PlusConfig, TimmDeepLabV3PlusForSemanticSegmentation
 from .dpt_grid import fix_patch_grid
 from .features import (
+    AUTO_STAGE_PAIRS,
     DECODER_FEATURE,
     classifier_module,
     deepest_feature,
     default_feature_pair,
+    default_stage_pairs,
     feature_channels,
     feature_family,
     forward_features,
+    pair_stages,
     parse_feature_pairs,
+    stage_names,
 )
 from .hooks import FeatureHooks, Tap
 from .normalization import IMAGENET_MEAN, IMAGENET_STD, image_mean_std, renormalize
@@ -66,6 +70,10 @@ __all__ = [
     "build_teacher",
     "default_feature_pair",
     "deepest_feature",
+    "AUTO_STAGE_PAIRS",
+    "default_stage_pairs",
+    "pair_stages",
+    "stage_names",
     "parse_feature_pairs",
     "TORCHVISION_ARCHS",
     "TorchvisionForSemanticSegmentation",

@@ -359,3 +359,30 @@ def parse_feature_pairs(spec: Optional[str]) -> list[tuple[str, str]]:
         student_name, teacher_name = (part.strip() for part in item.split(":"))
         pairs.append((student_name, teacher_name))
     return pairs
+
+
+#: ``--stage_pairs`` value that pairs the two models' stages by :func:`default_stage_pairs`.
+AUTO_STAGE_PAIRS = "auto"
+
+
+def pair_stages(student_stages: Sequence[str], teacher_stages: Sequence[str]) -> list[tuple[str, str]]:
+    """Stages paired from the deepest down, as many as the model with fewer stages has: with ``N_s`` student and
+    ``N_t`` teacher stages (each list shallow to deep) and ``k = min(N_s, N_t)``, the pairs are
+    ``(s[N_s - k + i], t[N_t - k + i])`` for ``i = 0 .. k-1``, shallow to deep. Equal counts pair stage ``i`` with
+    stage ``i``; a teacher with one stage more loses its shallowest (its stem-level map has no student peer)."""
+    k = min(len(student_stages), len(teacher_stages))
+    return list(zip(list(student_stages)[len(student_stages) - k:], list(teacher_stages)[len(teacher_stages) - k:]))
+
+
+def stage_names(model: nn.Module) -> list[str]:
+    """The ``stage1..N`` feature names of ``model`` (:func:`forward_features`), shallow to deep."""
+    names = [name for name in feature_channels(model) if name.startswith("stage") and name[5:].isdigit()]
+    return sorted(names, key=lambda name: int(name[5:]))
+
+
+def default_stage_pairs(student: nn.Module, teacher: nn.Module) -> list[tuple[str, str]]:
+    """``--stage_pairs auto``: the student's and the teacher's backbone stages paired by :func:`pair_stages`.
+    SegFormer's four MiT stages against a four-stage CNN backbone (the reference UperNet + EfficientNet-Lite0)
+    give ``stage1:stage1, ..., stage4:stage4``, the pairs of C2VKD's stage exits in
+    benchmarks/camvid/FINDINGS.md (section 0i)."""
+    return pair_stages(stage_names(student), stage_names(teacher))
