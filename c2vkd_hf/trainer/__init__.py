@@ -21,6 +21,10 @@ each forced by how ``Trainer`` works (see docs/DESIGN.md, "Trainer facts"):
 * Checkpoints survive a kill at any moment and a NaN/inf loss stops training
   (:class:`SafeCheckpointTrainer`, the base class it shares with the teacher's ``TeacherTrainer``).
 * Evaluation skips the teacher: the student's logits and cross-entropy only.
+
+Modules: :mod:`.model` (:class:`DistillationModel` and where its text head may fold), :mod:`.base`
+(:class:`SafeCheckpointTrainer`, :class:`TeacherTrainer`), :mod:`.checkpoints` (what a complete checkpoint is),
+:mod:`.distillation` (:class:`DistillationTrainer`), :mod:`.callbacks` (the text head's fold, the loss schedules).
 """
 
 from .base import NonFiniteLossError, SafeCheckpointTrainer, TeacherTrainer
