@@ -189,7 +189,7 @@ class DistillationArguments:
     rel_grid: int = field(default=16, metadata={"help": "VLFD relation term: pooled grid size G."})
     ling_tau: float = field(default=0.03, metadata={"help": "VLFD linguistic term: pixel-text temperature."})
     stage_pairs: Optional[str] = field(
-        default=None,
+        default="auto",
         metadata={"help": "C2VKD stage guidance and exits: comma-separated student:teacher stage pairs (e.g. "
                   "stage1:stage1,stage2:stage2,stage3:stage3,stage4:stage4), each with its own 1x1 projector, or "
                   "'auto' (the two models' stages paired from the deepest down, as many as the model with fewer "
@@ -197,11 +197,11 @@ class DistillationArguments:
                   "exits the 'exit' term (--exit_weight > 0)."})
     stage_weight: float = field(default=0.0, metadata={"help": "C2VKD: weight of the stage-guidance term."})
     exit_weight: float = field(
-        default=0.0,
+        default=0.5,
         metadata={"help": "C2VKD: weight of the stage exits (OFA-KD's exits, Hao et al. NeurIPS 2023): each student "
                   "stage of --stage_pairs gets a 1x1 exit into the classes, taught the teacher's logits through PDD "
-                  "(term 'exit', scheduled by --weight_schedules exit:...); the exits are not part of the saved "
-                  "student. 0: off."})
+                  "(term 'exit', scheduled by --weight_schedules exit:..., by default decaying to 0 at half of "
+                  "training); the exits are not part of the saved student. 0: off (the paper's C2VKD)."})
     channel_weight: float = field(
         default=0.0,
         metadata={"help": "C2VKD: weight of a channel-wise logit term (CWD's formula, each class map as a "
@@ -212,7 +212,7 @@ class DistillationArguments:
         metadata={"help": "C2VKD: the channel-wise term reads only the class maps of the classes each image's labels "
                   "contain (an absent class's map is dropped); needs --channel_weight > 0."})
     weight_schedules: str = field(
-        default="stage:linear:0.5",
+        default="stage:linear:0.5,exit:linear:0.5",
         metadata={"help": "Loss-term weight schedules over training, term:kind[:end] comma-separated, kind "
                   "constant|linear|cosine, end = fraction of training where the weight reaches 0 (e.g. "
                   "'stage:linear:0.5,pdd:cosine:1'). Terms a method lacks are ignored."})

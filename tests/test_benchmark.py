@@ -179,6 +179,11 @@ def test_long_runs_replay_a_cache_unless_the_teacher_must_see_each_view(tmp_path
         assert benchmark.teacher_cache_dir(args, "val", "c2vkd", live) is None
     assert benchmark.teacher_cache_dir(args, "val", "c2vkd", ["--student_jitter", "0.4"]) == cached
     assert benchmark.teacher_cache_dir(args, "val", "none", []) is None
+    # the stage maps are stored only while stage guidance or exits read them, with the pairs in force
+    no_stages = benchmark.teacher_cache_dir(args, "val", "c2vkd", ["--exit_weight", "0"])
+    assert no_stages != cached
+    assert no_stages == benchmark.teacher_cache_dir(args, "val", "c2vkd", ["--exit_weight=0", "--stage_pairs", "x:y"])
+    assert cached != benchmark.teacher_cache_dir(args, "val", "c2vkd", ["--stage_pairs", "stage4:stage4"])
 
 
 def test_a_run_trains_through_the_distill_command_and_lands_in_its_record(tmp_path):

@@ -115,6 +115,19 @@ def test_auto_stage_pairs_and_the_cache_script_store_what_distill_reads(tmp_path
     assert (tmp_path / "cache" / "cache_meta.json").stat().st_mtime == meta  # replayed, not rebuilt
 
 
+def test_c2vkd_default_has_stage_exits_on_auto_pairs_and_other_methods_ignore_them(tmp_path):
+    """At its defaults C2VKD trains exits on the auto-paired stages at weight 0.5, decaying to 0 at half of
+    training; ``--method kd`` at the same defaults trains without them (no error, no exit term)."""
+    history = _c2vkd_loss_history(tmp_path / "c2vkd", 4)
+    assert history[1]["loss_weighted/exit"] == pytest.approx(0.5 * history[1]["loss/exit"], rel=1e-4)
+    assert all("loss/exit" not in history[step] for step in (3, 4)) and "loss/stage" not in history[1]
+    distill.main(["--output_dir", str(tmp_path / "kd"), *TINY, "--method", "kd", "--max_steps", "1",
+                  "--teacher_name_or_path", str(tmp_path / "teacher"),
+                  "--student_name_or_path", str(tmp_path / "student")])
+    kd = json.loads((tmp_path / "kd" / "results.json").read_text())["loss_history"][0]
+    assert "loss/kd" in kd and not any("exit" in key for key in kd)
+
+
 def test_channel_term_flag_reaches_the_logged_loss(tmp_path):
     """--channel_weight 3 adds C2VKD's channel-wise term: logged unweighted and at three times its value; the
     no-teacher baseline of the same job trains without it (a teacher-free run refuses the flag)."""
@@ -141,9 +154,10 @@ def test_channel_present_only_flag_masks_the_logged_channel_term(tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--stage_weight", "0.5"], "--stage_weight needs --stage_pairs"),
+    (["--stage_pairs", "", "--stage_weight", "0.5"], "--stage_weight needs --stage_pairs"),
     (["--method", "dist", "--stage_pairs", "stage1:stage1", "--stage_weight", "1"], "C2VKD's stage guidance"),
-    (["--exit_weight", "1"], "--exit_weight needs --stage_pairs"),
+    (["--stage_pairs", "", "--exit_weight", "1"], "--exit_weight needs --stage_pairs"),
+    (["--method", "kd", "--exit_weight", "0"], "--exit_weight: C2VKD's stage guidance"),
     (["--method", "dist", "--stage_pairs", "stage1:stage1", "--exit_weight", "1"], "C2VKD's stage guidance"),
     (["--stage_pairs", "stage1:stage1", "--exit_weight", "-1"], "--exit_weight must be a finite number >= 0"),
     (["--weight_schedules", "stage:linear:2"], "end fraction must be in (0, 1]"),

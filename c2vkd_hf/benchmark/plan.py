@@ -3,6 +3,7 @@ configuration and which teacher cache a run replays (the package docstring tells
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import shlex
 from pathlib import Path
@@ -46,12 +47,28 @@ def teacher_cache_dir(args, split: str, method: str, extra: list[str]) -> Option
     live = ("--cutmix_prob", "--consistent_jitter")
     if args.protocol != "long" or method == "none" or any(f.startswith(live) for f in extra):
         return None  # the teacher must see each mixed or jittered view
-    # only the flags that choose which teacher maps are stored (feature and stage pairs, the teacher's input scale)
-    # make another cache
-    stored = ("--feature_pairs", "--stage_pairs", "--teacher_input_scale")
-    reads = [f"{flag}={extra[i + 1]}" for i, flag in enumerate(extra[:-1]) if flag in stored]
-    tag = hashlib.sha1(" ".join([method, *reads]).encode()).hexdigest()[:8]
+    tag = hashlib.sha1(" ".join([method, *stored_maps(method, extra)]).encode()).hexdigest()[:8]
     return str(Path(args.work_dir) / "teacher-cache" / f"{split}-{method}-{tag}")
+
+
+def stored_maps(method: str, extra: list[str]) -> list[str]:
+    """What decides which teacher maps a run's cache holds, as ``flag=value`` with the flags' values in force (given
+    in ``extra``, else their defaults): C2VKD's feature pairs, its stage pairs when stage guidance or exits are on,
+    and the teacher's input scale. Runs that agree on these share a cache; a changed default makes another one."""
+    from ..config import DistillationArguments
+
+    values = {f.name: f.default for f in dataclasses.fields(DistillationArguments)}
+    for i, item in enumerate(extra):
+        if item.startswith("--"):
+            name, _, value = item[2:].partition("=")
+            if name in values:
+                values[name] = value if value else (extra[i + 1] if i + 1 < len(extra) else "")
+    kept = ["teacher_input_scale"]
+    if method == "c2vkd":
+        kept.append("feature_pairs")
+        if float(values["stage_weight"]) > 0 or float(values["exit_weight"]) > 0:
+            kept.append("stage_pairs")
+    return [f"--{name}={values[name]}" for name in kept]
 
 
 def shared_config(args, split: str) -> dict:

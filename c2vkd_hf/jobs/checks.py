@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -51,9 +52,11 @@ def validate_distillation_args(args: DistillationArguments) -> None:
         if getattr(args, name) > 0 and not stage_pairs:
             raise UserInputError(f"--{name} needs --stage_pairs ({AUTO_STAGE_PAIRS}, or named pairs such as "
                                  "stage1:stage1,stage2:stage2,stage3:stage3,stage4:stage4).")
-    if (args.stage_weight > 0 or args.exit_weight > 0 or stage_pairs) and args.method != "c2vkd":
-        raise UserInputError(f"--stage_pairs/--stage_weight/--exit_weight are C2VKD's stage guidance and exits; "
-                             f"--method {args.method} does not use them.")
+    defaults = {f.name: f.default for f in dataclasses.fields(DistillationArguments)}
+    changed = [name for name in ("stage_pairs", "stage_weight", "exit_weight") if getattr(args, name) != defaults[name]]
+    if changed and args.method != "c2vkd":  # at their defaults they are simply not read
+        raise UserInputError(f"--{'/--'.join(changed)}: C2VKD's stage guidance and exits; --method {args.method} does "
+                             "not use them.")
     if args.channel_weight > 0 and args.method != "c2vkd":
         raise UserInputError(f"--channel_weight adds a channel-wise term to C2VKD; --method {args.method} does not "
                              "use it (--method cwd is channel-wise distillation on its own).")

@@ -68,7 +68,8 @@ def build_loss_module(args: DistillationArguments, *, student_channels: list[int
         return get_loss(
             "c2vkd", **common, student_channels=student_channels or None, teacher_channels=teacher_channels or None,
             stage_student_channels=stage_channels[0] or None, stage_teacher_channels=stage_channels[1] or None,
-            stage_weight=args.stage_weight, exit_weight=args.exit_weight, num_classes=num_classes,
+            stage_weight=args.stage_weight if stage_channels[0] else 0.0,
+            exit_weight=args.exit_weight if stage_channels[0] else 0.0, num_classes=num_classes,
             ling_projector=ling_projector,
             text_embeddings=text_embeddings, pdd_weight=args.pdd_weight, glob_weight=args.glob_weight,
             rel_weight=args.rel_weight, ling_weight=args.ling_weight, pdd_alpha=args.pdd_alpha,
@@ -293,8 +294,9 @@ def c2vkd_feature_pairs(dist_args: DistillationArguments, student: nn.Module, te
             stage_pairs = parse_feature_pairs(dist_args.stage_pairs)
     s_channels, t_channels = feature_channels(student), feature_channels(teacher)
     if not stage_pairs and (dist_args.stage_weight > 0 or dist_args.exit_weight > 0):
-        raise UserInputError(f"--stage_pairs {AUTO_STAGE_PAIRS}: no stages to pair (the student has features "
-                             f"{sorted(s_channels)}, the teacher {sorted(t_channels)}); name the pairs instead.")
+        logger.warning("--stage_pairs %s: the student (features %s) and the teacher (%s) have no stages to pair, so "
+                       "C2VKD runs without stage guidance and exits; name the pairs to have them.", AUTO_STAGE_PAIRS,
+                       sorted(s_channels), sorted(t_channels))
     for s_name, t_name in pairs + stage_pairs:
         if s_name not in s_channels or t_name not in t_channels:
             raise UserInputError(f"feature pair {s_name}:{t_name}: the student has features "
