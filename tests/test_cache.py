@@ -240,7 +240,9 @@ def test_distill_with_teacher_cache_trains_without_running_the_teacher(tmp_path,
     assert baseline["config"]["distillation"]["teacher_cache"] is None
     assert results["loss_history"] and "loss/pdd" in results["loss_history"][0]
     meta = json.loads((cache_dir / "cache_meta.json").read_text())
-    assert meta["key"]["feature_names"] == ["decoder"] and meta["key"]["dataset"]["num_examples"] == 12
+    # the decoder pair and, for the default stage exits, the teacher's four stages (auto-paired with the student's)
+    assert meta["key"]["feature_names"] == ["decoder", "stage1", "stage2", "stage3", "stage4"]
+    assert meta["key"]["dataset"]["num_examples"] == 12
     model = AutoModelForSemanticSegmentation.from_pretrained(out)
     assert model.config.num_labels == 6
     # the same cache under other preprocessing is refused before training, naming the difference
