@@ -183,12 +183,13 @@ def protocol_lines(runs: list[dict], protocol: str) -> list[str]:
 
 
 def c2vkd_balance(runs: list[dict]) -> str:
-    """How the table's ``c2vkd`` runs weigh pixels (class balance became C2VKD's default after the short
-    protocol's runs were made; each run's configuration says which it used)."""
+    """How the table's ``c2vkd`` runs weigh pixels and whether they have stage exits (class balance, then the exits,
+    became C2VKD's defaults after earlier runs were made; each run's configuration says which it used)."""
     cfgs = [r["config"]["distillation"] for r in runs if r["name"] == "c2vkd" and r.get("config")]
-    kinds = sorted({(c.get("class_balance", False), c.get("class_balance_power", 1.0)) for c in cfgs})
-    text = ", ".join(f"class-balanced means, power {p:g}" if on else "plain pixel means (`--class_balance false`)"
-                     for on, p in kinds)
+    kinds = sorted({(c.get("class_balance", False), c.get("class_balance_power", 1.0), c.get("exit_weight") or 0.0)
+                    for c in cfgs})
+    text = "; ".join((f"class-balanced means, power {p:g}" if on else "plain pixel means (`--class_balance false`)")
+                     + (f", stage exits at {e:g}" if e else "") for on, p, e in kinds)
     return f"; `c2vkd` runs: {text}" if text else ""
 
 
