@@ -15,45 +15,41 @@ import json
 import sys
 from pathlib import Path
 
-repo, work, seeds = Path(sys.argv[1]), Path(sys.argv[2]) / "long", [int(s) for s in sys.argv[3].split(",")]
+repo, work, seeds = Path(sys.argv[1]), Path(sys.argv[2]) / "long", [int(s) for s in sys.argv[3].split(",") if s]
 runs = repo / "benchmarks" / "camvid" / "runs" / "long"
-NEW_ABLATIONS = {"c2vkd-exit-cwd-decay"}  # made on the new default (exits + a decaying channel term)
+NEW_ABLATIONS = {"c2vkd-noexit", "c2vkd-exit-cwd-decay"}  # made or named on the new default
+DROP = object()
 
 
-def dump(path, record):
-    path.write_text(json.dumps(record, indent=2) + "\n")
+def move(old: str, new: str, seed: int, **changes) -> None:
+    """Record ``old``-seed -> ``new``-seed with ``changes`` (:data:`DROP` removes a key), and its work folders."""
+    path = runs / f"{old}-seed{seed}.json"
+    record = json.loads(path.read_text())
+    record.update({k: v for k, v in changes.items() if v is not DROP})
+    for key in [k for k, v in changes.items() if v is DROP]:
+        record.pop(key, None)
+    (runs / f"{new}-seed{seed}.json").write_text(json.dumps(record, indent=2) + "\n")
+    path.unlink()
+    for suffix in ("", "-selection"):
+        if (work / f"{old}-seed{seed}{suffix}").is_dir():
+            (work / f"{old}-seed{seed}{suffix}").rename(work / f"{new}-seed{seed}{suffix}")
 
 
-# 1. ablations made on the old default now ablate c2vkd-noexit
+# 1. ablations made on the old default now ablate c2vkd-noexit (idempotent: only those still pointing at c2vkd)
 for path in sorted(runs.glob("*.json")):
     record = json.loads(path.read_text())
     if record.get("ablation") and record["name"] not in NEW_ABLATIONS and record.get("ablates", "c2vkd") == "c2vkd":
         record["ablates"] = "c2vkd-noexit"
-        dump(path, record)
-# 2. the old default's records and folders become c2vkd-noexit
+        path.write_text(json.dumps(record, indent=2) + "\n")
+# 2. the old default's records (no exits in their configuration) and folders become c2vkd-noexit
 for path in sorted(runs.glob("c2vkd-seed*.json")):
-    seed = int(path.stem.rsplit("seed", 1)[1])
-    record = json.loads(path.read_text())
-    record.update(name="c2vkd-noexit", extra_flags=["--exit_weight", "0"], ablation="c2vkd-noexit", ablates="c2vkd",
-                  relabelled_from="c2vkd (the default before stage exits)")
-    dump(runs / f"c2vkd-noexit-seed{seed}.json", record)
-    path.unlink()
-    for suffix in ("", "-selection"):
-        folder = work / f"c2vkd-seed{seed}{suffix}"
-        if folder.is_dir():
-            folder.rename(work / f"c2vkd-noexit-seed{seed}{suffix}")
+    if not json.loads(path.read_text())["config"]["distillation"].get("exit_weight"):
+        move("c2vkd", "c2vkd-noexit", int(path.stem.rsplit("seed", 1)[1]), name="c2vkd-noexit",
+             extra_flags=["--exit_weight", "0"], ablation="c2vkd-noexit", ablates="c2vkd",
+             relabelled_from="c2vkd (the default before stage exits)")
 # 3. finished c2vkd-exit seeds become the table's c2vkd
 for seed in seeds:
-    path = runs / f"c2vkd-exit-seed{seed}.json"
-    record = json.loads(path.read_text())
-    assert record.get("val_mean_iou") is not None and record.get("selection_mean_iou") is not None, path
-    record.update(name="c2vkd", extra_flags=[], ablation=None,
-                  relabelled_from="c2vkd-exit (the same training as the new default)")
-    record.pop("ablates", None)
-    record.pop("control", None)
-    dump(runs / f"c2vkd-seed{seed}.json", record)
-    path.unlink()
-    for suffix in ("", "-selection"):
-        folder = work / f"c2vkd-exit-seed{seed}{suffix}"
-        if folder.is_dir():
-            folder.rename(work / f"c2vkd-seed{seed}{suffix}")
+    record = json.loads((runs / f"c2vkd-exit-seed{seed}.json").read_text())
+    assert record.get("val_mean_iou") is not None and record.get("selection_mean_iou") is not None, seed
+    move("c2vkd-exit", "c2vkd", seed, name="c2vkd", extra_flags=[], ablation=None, ablates=DROP, control=DROP,
+         relabelled_from="c2vkd-exit (the same training as the new default)")
