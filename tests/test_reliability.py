@@ -463,3 +463,11 @@ def test_flags_a_method_does_not_read_do_not_identify_its_run(tmp_path):
     assert identity(method="kd", kd_temperature=2.0) != identity(method="kd")  # what kd reads still counts
     assert config_differences(identity(method="c2vkd", class_balance=False), identity(method="c2vkd")) == [
         "distillation.class_balance: False -> True"]
+    # the schedules of C2VKD's terms neither (the default gained "exit:linear:0.5" with the stage exits) ...
+    saved_by_an_earlier_version["distillation"]["weight_schedules"] = "stage:linear:0.5"
+    assert config_differences(saved_by_an_earlier_version, identity(method="kd")) == []
+    # ... but a schedule of the method's own term does
+    assert config_differences(identity(method="kd"), identity(method="kd", weight_schedules="kd:linear:0.5")) == [
+        "distillation.own_weight_schedules: '' -> 'kd:linear:0.5'"]
+    assert identity(method="kd", weight_schedules="stage:linear:0.5,kd:linear:0.5") == identity(
+        method="kd", weight_schedules="kd:linear:0.5")

@@ -340,6 +340,8 @@ C2VKD_ONLY_FIELDS = frozenset({
     "feature_pairs", "stage_pairs",
     "stage_weight", "exit_weight", "channel_weight", "channel_tau", "channel_present_only",
     "pdd_logit_standardization"})
+#: Loss terms only C2VKD has: their ``--weight_schedules`` entries do not identify a run of another method either.
+C2VKD_ONLY_TERMS = frozenset({"pdd", "glob", "rel", "ling", "stage", "exit", "channel"})
 
 
 def teacher_free_arguments(dist_args: DistillationArguments) -> DistillationArguments:
@@ -353,12 +355,17 @@ def teacher_free_arguments(dist_args: DistillationArguments) -> DistillationArgu
 def distillation_run_config(dist_args: DistillationArguments, data_args: DataArguments,
                             training_args: TrainingArguments) -> dict:
     """The configuration identifying a distillation run (:func:`c2vkd_hf.runs.run_config`), without the
-    flags its method does not read (:data:`C2VKD_ONLY_FIELDS`; a saved configuration that has them still
-    matches, since fields only one side knows are not compared)."""
+    flags its method does not read (:data:`C2VKD_ONLY_FIELDS`, and the schedules of :data:`C2VKD_ONLY_TERMS`; a
+    saved configuration that has them still matches, since fields only one side knows are not compared)."""
     prepare_training_args(training_args)
     distillation = dataclasses.asdict(dist_args)
     if dist_args.method != "c2vkd":
         distillation = {k: v for k, v in distillation.items() if k not in C2VKD_ONLY_FIELDS}
+        # nor do the schedules of C2VKD's terms: the method's own schedules are kept under another name, so a run
+        # saved under another default of --weight_schedules (before "exit:linear:0.5" was added) still matches
+        distillation["own_weight_schedules"] = ",".join(
+            entry.strip() for entry in (distillation.pop("weight_schedules") or "").split(",")
+            if entry.strip() and entry.split(":")[0].strip() not in C2VKD_ONLY_TERMS)
     return run_config({"distillation": distillation, "data": dataclasses.asdict(data_args),
                        "training": training_args.to_dict()})
 
