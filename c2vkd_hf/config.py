@@ -12,7 +12,7 @@ project's defaults (see the module docstrings of ``c2vkd_hf.losses`` for the for
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 from .constants import IGNORE_INDEX  # noqa: F401  (defined in constants; kept importable from here)
@@ -279,3 +279,8 @@ class DistillationArguments:
         metadata={"help": "Keep the student's weights in the channels_last memory format (its convolutions run "
                   "faster; SegFormer-B0 step on a CPU 0.295 s vs 0.324 s, benchmarks/speed/RESULTS.md). Numerics "
                   "differ from the contiguous format only by rounding."})
+
+
+def distillation_defaults() -> dict:
+    """``{flag: default}`` of every :class:`DistillationArguments` field."""
+    return {f.name: f.default for f in fields(DistillationArguments)}

@@ -3,7 +3,6 @@ configuration and which teacher cache a run replays (the package docstring tells
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import shlex
 from pathlib import Path
@@ -55,9 +54,9 @@ def stored_maps(method: str, extra: list[str]) -> list[str]:
     """What decides which teacher maps a run's cache holds, as ``flag=value`` with the flags' values in force (given
     in ``extra``, else their defaults): C2VKD's feature pairs, its stage pairs when stage guidance or exits are on,
     and the teacher's input scale. Runs that agree on these share a cache; a changed default makes another one."""
-    from ..config import DistillationArguments
+    from ..config import distillation_defaults
 
-    values = {f.name: f.default for f in dataclasses.fields(DistillationArguments)}
+    values = distillation_defaults()
     for i, item in enumerate(extra):
         if item.startswith("--"):
             name, _, value = item[2:].partition("=")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -14,7 +13,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig
 
-from ..config import METHODS, DistillationArguments
+from ..config import METHODS, DistillationArguments, distillation_defaults
 from ..losses.c2vkd import parse_class_balance_terms
 from ..losses.schedule import parse_schedules
 from ..models import AUTO_STAGE_PAIRS, SEGFORMER_SIZES, TORCHVISION_ARCHS, parse_feature_pairs, parse_torchvision_name
@@ -52,7 +51,7 @@ def validate_distillation_args(args: DistillationArguments) -> None:
         if getattr(args, name) > 0 and not stage_pairs:
             raise UserInputError(f"--{name} needs --stage_pairs ({AUTO_STAGE_PAIRS}, or named pairs such as "
                                  "stage1:stage1,stage2:stage2,stage3:stage3,stage4:stage4).")
-    defaults = {f.name: f.default for f in dataclasses.fields(DistillationArguments)}
+    defaults = distillation_defaults()
     changed = [name for name in ("stage_pairs", "stage_weight", "exit_weight") if getattr(args, name) != defaults[name]]
     if changed and args.method != "c2vkd":  # at their defaults they are simply not read
         raise UserInputError(f"--{'/--'.join(changed)}: C2VKD's stage guidance and exits; --method {args.method} does "

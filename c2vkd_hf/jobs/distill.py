@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import TrainingArguments, set_seed
 
-from ..config import IGNORE_INDEX, DataArguments, DistillationArguments
+from ..config import IGNORE_INDEX, DataArguments, DistillationArguments, distillation_defaults
 from ..data import SegmentationData, build_transform, collate_fn, default_palette, load_segmentation_data
 from ..inference import evaluate_model
 from ..losses import get_loss
@@ -220,9 +220,9 @@ def setup_distillation(dist_args: DistillationArguments, data_args: DataArgument
     processor = student_image_processor(student, size=processor_size(data_args, data))
     student_mean, student_std = image_mean_std(student)
 
-    pairs, stage_pairs = c2vkd_feature_pairs(dist_args, student, teacher)
     s_channels = feature_channels(student)
-    t_channels = feature_channels(teacher) if pairs else {}
+    t_channels = feature_channels(teacher) if dist_args.method == "c2vkd" else {}
+    pairs, stage_pairs = c2vkd_feature_pairs(dist_args, student, teacher, channels=(s_channels, t_channels))
     text_head = build_text_head(dist_args, s_channels, text_embeddings, pairs, id2label)
     loss_module = build_loss_module(
         dist_args, student_channels=[s_channels[s] for s, _ in pairs],
@@ -276,13 +276,15 @@ def teacher_reference_size(dist_args: DistillationArguments, data_args: DataArgu
     return tuple(int(round(v * scale)) for v in reference)
 
 
-def c2vkd_feature_pairs(dist_args: DistillationArguments, student: nn.Module, teacher: Optional[nn.Module]
+def c2vkd_feature_pairs(dist_args: DistillationArguments, student: nn.Module, teacher: Optional[nn.Module], *,
+                        channels: Optional[tuple[dict[str, int], dict[str, int]]] = None
                         ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """``(feature pairs, stage pairs)``, each a list of ``(student feature, teacher feature)``: what C2VKD reads from
     the two models (the teacher cache stores the teacher's side of both). Feature pairs: ``--feature_pairs``, else
     :func:`~c2vkd_hf.models.default_feature_pair`; stage pairs, when ``--stage_weight`` or ``--exit_weight`` is on:
     ``--stage_pairs``, or for ``auto`` :func:`~c2vkd_hf.models.default_stage_pairs`. Both empty for the other
-    methods. A pair naming a feature a model lacks is a :class:`UserInputError` listing what each model has."""
+    methods. A pair naming a feature a model lacks is a :class:`UserInputError` listing what each model has.
+    ``channels``: the two models' :func:`~c2vkd_hf.models.feature_channels` when the caller has them already."""
     if dist_args.method != "c2vkd":
         return [], []
     pairs = parse_feature_pairs(dist_args.feature_pairs) or [default_feature_pair(student, teacher)]
@@ -292,7 +294,7 @@ def c2vkd_feature_pairs(dist_args: DistillationArguments, student: nn.Module, te
             stage_pairs = default_stage_pairs(student, teacher)
         else:
             stage_pairs = parse_feature_pairs(dist_args.stage_pairs)
-    s_channels, t_channels = feature_channels(student), feature_channels(teacher)
+    s_channels, t_channels = channels or (feature_channels(student), feature_channels(teacher))
     if not stage_pairs and (dist_args.stage_weight > 0 or dist_args.exit_weight > 0):
         logger.warning("--stage_pairs %s: the student (features %s) and the teacher (%s) have no stages to pair, so "
                        "C2VKD runs without stage guidance and exits; name the pairs to have them.", AUTO_STAGE_PAIRS,
@@ -348,7 +350,7 @@ def teacher_free_arguments(dist_args: DistillationArguments) -> DistillationArgu
     """The same run without a teacher (the default job's no-teacher baseline): ``--method none``, no teacher
     cache, and every flag only C2VKD reads (:data:`C2VKD_ONLY_FIELDS`) at its default, so no flag that needs a
     teacher (stage guidance, the channel-wise term) reaches it; the student, data and schedule stay."""
-    defaults = {f.name: f.default for f in dataclasses.fields(DistillationArguments) if f.name in C2VKD_ONLY_FIELDS}
+    defaults = {name: value for name, value in distillation_defaults().items() if name in C2VKD_ONLY_FIELDS}
     return dataclasses.replace(dist_args, method="none", teacher_cache=None, **defaults)
 
 
