@@ -76,6 +76,48 @@ def test_both_tables_on_both_splits_with_ratios_and_teacher_attributable_gain(tm
     assert (tmp_path / "long_miou.png").is_file() and (tmp_path / "long_curves.png").is_file()
 
 
+def test_missing_lists_the_table_trainings_still_to_make(tmp_path, capsys):
+    """Per table run and split, the seeds below the table's count without a result on that split; ablations and
+    finished runs are not listed. RESULTS.md says so (the README does not) and ``--missing`` prints lines the
+    command accepts back."""
+    for seed in range(5):
+        _run(tmp_path, "none", "none", seed, 0.30, selection=0.20 if seed < 3 else None)
+        _run(tmp_path, "c2vkd", "c2vkd", seed, 0.34, selection=0.23)
+    _run(tmp_path, "kd", "kd", 0, 0.31, selection=0.21)
+    _run(tmp_path, "c2vkd-x", "c2vkd", 0, 0.35)  # an ablation: never "missing"
+    runs = benchmark.load_runs(tmp_path, "long")
+    missing = {(spec, split): seeds for spec, split, seeds in benchmark.missing_runs(runs)}
+    assert missing[("none:none", "selection")] == [3, 4] and ("none:none", "val") not in missing
+    assert missing[("kd:kd", "val")] == [1, 2] and missing[("kd:kd", "selection")] == [1, 2]
+    assert missing[("dist:dist", "val")] == [0, 1, 2, 3, 4]
+    assert missing[("cwd-head:cwd:--text_head true", "val")] == [0, 1, 2]
+    assert not any(spec.startswith(("c2vkd", "c2vkd-x")) for spec, _ in missing)
+    # none; none-head, dist, dist-head; kd; kd-head, cwd, cwd-head, dkd, dkd-head
+    assert sum(map(len, missing.values())) == 2 + 3 * 10 + 4 + 5 * 6
+    assert benchmark.missing_runs(runs, main_seeds=1, other_seeds=1, splits=("val",)) == [
+        ("none-head:none:--text_head true", "val", [0]), ("kd-head:kd:--text_head true", "val", [0]),
+        ("cwd:cwd", "val", [0]), ("cwd-head:cwd:--text_head true", "val", [0]),
+        ("dist:dist", "val", [0]), ("dist-head:dist:--text_head true", "val", [0]), ("dkd:dkd", "val", [0]),
+        ("dkd-head:dkd:--text_head true", "val", [0])]
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- benchmark:start -->\n<!-- benchmark:end -->\n")
+    benchmark_cli.main(["--report_only", "--out_dir", str(tmp_path), "--readme", str(readme)])
+    still = (tmp_path / "RESULTS.md").read_text().split("### Still to run")[1].split("###")[0]
+    assert "66 trainings are missing" in still
+    assert "- `none`: selection seeds 3, 4\n" in still and "- `kd`: val seeds 1, 2; selection seeds 1, 2\n" in still
+    assert "`c2vkd`:" not in still and "Still to run" not in readme.read_text()
+    capsys.readouterr()
+    benchmark_cli.main(["--missing", "--out_dir", str(tmp_path), "--splits", "selection"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == ("--protocol long --main_seeds 5 --other_seeds 3 --splits selection --runs none:none"
+                        "  # seeds 3, 4")
+    assert "--runs 'kd-head:kd:--text_head true'  # seeds 0, 1, 2" in lines[3] and len(lines) == 10
+    parsed = benchmark_cli.argparse.ArgumentParser()
+    parsed.add_argument("--runs", nargs="*")
+    known, _ = parsed.parse_known_args(benchmark_cli.shlex.split(lines[3], comments=True))
+    assert known.runs == ["kd-head:kd:--text_head true"]
+
+
 def test_teacher_gain_verdict_needs_the_mean_and_four_of_five_seeds():
     """A mean at the target with only 3/5 seeds positive misses; 4/5 positive and the mean at +1.5 meets it."""
     three_of_five = [(0, 4.0), (1, -0.5), (2, 3.0), (3, -1.0), (4, 2.0)]

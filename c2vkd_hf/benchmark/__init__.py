@@ -2,6 +2,7 @@
 
     python scripts/benchmark.py --protocol long                 # run what is missing, then write the reports
     python scripts/benchmark.py --report_only                   # only regenerate RESULTS.md, ABLATIONS.md, plots
+    python scripts/benchmark.py --missing                       # the table trainings still to make, one line each
     python scripts/benchmark.py --protocol short --runs "c2vkd-stage:c2vkd:--stage_weight 0.1 --stage_pairs ..."
 
 **Protocols.** ``short``: 400 steps, evaluated every 100 (about 9 epochs); ``long``: 2000 steps (5x, about 44 epochs), every 250.
@@ -19,6 +20,8 @@ C2VKD's default includes the text head), and every method with the text head (``
 what the teacher adds on top of the head). Gains are paired by seed against the table's teacher-free
 run (``none`` / ``none-head``): a seed fixes the initial weights, the data order and every
 augmentation draw for all methods. The gain ratio is C2VKD's mean paired gain over the best peer's.
+The tables ask for 5 seeds of ``none``, ``dist``, ``c2vkd`` and the head variants of the first two, 3 of
+the others; the long protocol's section lists the trainings still missing (``--missing``: one command line each).
 A run not in the tables is an ablation (ABLATIONS.md), paired against the run it changes
 (``--ablates``, default ``c2vkd``); a teacher-based ablation with the text head is also paired against its
 teacher-free control (``--control``, default ``none-head``; e.g. the same data flags without a teacher).
@@ -39,16 +42,18 @@ Modules: :mod:`.plan` (what runs: protocols, tables, seeds, the shared configura
 :mod:`.report` (RESULTS.md, ABLATIONS.md, plots and the README section). ``scripts/benchmark.py`` is the command.
 """
 
-from .plan import (HEAD, MAIN_SEED_NAMES, PEERS, PROTOCOLS, SELECTION_HOLDOUT, SPLITS, TABLE_TITLES, TABLES,
-                   parse_run, seeds_for, shared_config, table_names, table_specs, teacher_cache_dir)
+from .plan import (HEAD, MAIN_SEED_NAMES, MAIN_SEEDS, OTHER_SEEDS, PEERS, PROTOCOLS, SELECTION_HOLDOUT, SPLITS,
+                   TABLE_TITLES, TABLES, missing_runs, parse_run, seeds_for, shared_config, table_names, table_specs,
+                   teacher_cache_dir)
 from .records import class_values, load_runs, paired_gains, record_path, values, write_json
 from .report import (ablation_section, controlled_variants, gain_ratio, per_class_section, protocol_lines,
                      table_section, teacher_gain_line, update_readme, write_report)
 from .runner import claim, run_one
 
 __all__ = [
-    "HEAD", "MAIN_SEED_NAMES", "PEERS", "PROTOCOLS", "SELECTION_HOLDOUT", "SPLITS", "TABLE_TITLES", "TABLES",
-    "parse_run", "seeds_for", "shared_config", "table_names", "table_specs", "teacher_cache_dir",
+    "HEAD", "MAIN_SEED_NAMES", "MAIN_SEEDS", "OTHER_SEEDS", "PEERS", "PROTOCOLS", "SELECTION_HOLDOUT", "SPLITS",
+    "TABLE_TITLES", "TABLES", "missing_runs", "parse_run", "seeds_for", "shared_config", "table_names", "table_specs",
+    "teacher_cache_dir",
     "class_values", "load_runs", "paired_gains", "record_path", "values", "write_json",
     "ablation_section", "controlled_variants", "gain_ratio", "per_class_section", "protocol_lines",
     "table_section", "teacher_gain_line", "update_readme", "write_report", "claim", "run_one",

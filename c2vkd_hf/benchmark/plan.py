@@ -3,6 +3,7 @@ configuration and which teacher cache a run replays (the package docstring tells
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import shlex
 from pathlib import Path
@@ -21,6 +22,8 @@ TABLES = {
 TABLE_TITLES = {"defaults": "Every method at its defaults (what a user gets)",
                 "head": "Every method with the text head (what the teacher adds on top of the head)"}
 MAIN_SEED_NAMES = ("none", "dist", "c2vkd", "none-head", "dist-head")
+#: the seed counts the tables ask for: ``MAIN_SEEDS`` for :data:`MAIN_SEED_NAMES`, ``OTHER_SEEDS`` for the other runs
+MAIN_SEEDS, OTHER_SEEDS = 5, 3
 
 
 def table_specs() -> list[str]:
@@ -100,6 +103,24 @@ def parse_run(spec: str) -> tuple[str, str, list[str]]:
     if len(parts) < 2 or not parts[0] or not parts[1]:
         raise ValueError(f"--runs entry {spec!r} must be name:method[:extra flags]")
     return parts[0], parts[1], shlex.split(parts[2]) if len(parts) == 3 else []
+
+
+def missing_runs(runs: list[dict], main_seeds: int = MAIN_SEEDS, other_seeds: int = OTHER_SEEDS,
+                 splits: tuple[str, ...] = SPLITS) -> list[tuple[str, str, list[int]]]:
+    """The table trainings ``runs`` (one protocol's records) still lack: ``(spec, split, seeds)`` for each table run
+    spec and split with a seed in ``0 .. n-1`` (``n`` as in :func:`seeds_for`) that has no mIoU on that split."""
+    from .records import values
+
+    counts = argparse.Namespace(main_seeds=main_seeds, other_seeds=other_seeds)
+    out = []
+    for spec in table_specs():
+        name = parse_run(spec)[0]
+        for split in splits:
+            done = values(runs, name, split)
+            seeds = [seed for seed in seeds_for(name, counts) if seed not in done]
+            if seeds:
+                out.append((spec, split, seeds))
+    return out
 
 
 def seeds_for(name: str, args) -> list[int]:

@@ -8,7 +8,7 @@ import statistics
 from pathlib import Path
 from typing import Optional
 
-from .plan import SPLITS, TABLE_TITLES, TABLES, parse_run
+from .plan import MAIN_SEED_NAMES, MAIN_SEEDS, OTHER_SEEDS, SPLITS, TABLE_TITLES, TABLES, missing_runs, parse_run
 from .records import class_values, load_runs, paired_gains, values
 
 
@@ -182,6 +182,24 @@ def protocol_lines(runs: list[dict], protocol: str) -> list[str]:
             + (f" ({teacher * 100:.2f}% val mIoU at this resolution)" if teacher else "") + c2vkd_balance(runs)]
 
 
+def missing_section(runs: list[dict]) -> list[str]:
+    """The table trainings still to make for the seed counts the tables ask for (:func:`.plan.missing_runs`), one line
+    per run, and the command that makes them; empty when none is missing."""
+    missing = missing_runs(runs)
+    if not missing:
+        return []
+    by_name: dict[str, list[str]] = {}
+    for spec, split, seeds in missing:
+        by_name.setdefault(parse_run(spec)[0], []).append(f"{split} seed{'s' * (len(seeds) > 1)} "
+                                                          + ", ".join(map(str, seeds)))
+    total = sum(len(seeds) for _, _, seeds in missing)
+    return ["### Still to run", "",
+            f"{total} trainings are missing from the seed counts the tables ask for ({MAIN_SEEDS} seeds for "
+            f"{', '.join(f'`{n}`' for n in MAIN_SEED_NAMES)}, {OTHER_SEEDS} for the others); "
+            "`python scripts/benchmark.py --missing` prints one command line for each:", "",
+            *(f"- `{name}`: {'; '.join(parts)}" for name, parts in by_name.items()), ""]
+
+
 def c2vkd_balance(runs: list[dict]) -> str:
     """How the table's ``c2vkd`` runs weigh pixels and whether they have stage exits (class balance, then the exits,
     became C2VKD's defaults after earlier runs were made; each run's configuration says which it used)."""
@@ -263,12 +281,13 @@ def write_report(out_dir: Path, readme: Optional[Path] = None) -> Optional[str]:
         section = [f"## {protocol.capitalize()} protocol", "", *protocol_lines(runs, protocol), ""]
         for table in TABLES:
             section += table_section(runs, table)
-        files = make_plots(runs, out_dir, protocol)
-        section += [f"![{f}]({f})" for f in files] + [""]
+        if not readme_lines:
+            readme_lines = list(section)
+        section += [f"![{f}]({f})" for f in make_plots(runs, out_dir, protocol)] + [""]
+        if protocol == "long":  # the protocol whose seed counts the tables are held to
+            section += missing_section(runs)
         base, specs = TABLES["head"]
         lines += section + per_class_section(runs, base, [parse_run(s)[0] for s in specs])
-        if not readme_lines:
-            readme_lines = section[:-len(files) - 1]
         abl = ablation_section(runs)
         if abl:
             ablations += [f"## {protocol.capitalize()} protocol", "", *abl,
