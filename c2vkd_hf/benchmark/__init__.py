@@ -13,7 +13,8 @@ Batch 8 at 120x160, SegFormer-B0 from random init, the reference UperNet + Effic
 frames (``selection``: ``--selection_holdout 0006R0_*``). All 101 val frames come from sequence
 0016E5, which also supplies 204 of the 367 training frames, so val rewards fitting one sequence;
 0006R0 is a sequence the selection runs never train on, which is what CamVid's test split asks of a
-model. Defaults are chosen on the selection split (and must not lose on val).
+model. Defaults are chosen on the selection split and must not lose on val, on five paired seeds: the
+selection gain's mean above 0 with at least 4/5 seeds above, and the val gain's mean not below 0.
 
 **Tables** (RESULTS.md, per protocol, both splits): every method at its defaults (what a user gets;
 C2VKD's default includes the text head), and every method with the text head (``--text_head true``,
