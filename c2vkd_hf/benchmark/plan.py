@@ -9,6 +9,8 @@ import shlex
 from pathlib import Path
 from typing import Optional
 
+from . import records
+
 PROTOCOLS = {"short": {"max_steps": 400, "eval_steps": 100}, "long": {"max_steps": 2000, "eval_steps": 250}}
 SPLITS = ("val", "selection")
 SELECTION_HOLDOUT = "0006R0_*"
@@ -109,14 +111,12 @@ def missing_runs(runs: list[dict], main_seeds: int = MAIN_SEEDS, other_seeds: in
                  splits: tuple[str, ...] = SPLITS) -> list[tuple[str, str, list[int]]]:
     """The table trainings ``runs`` (one protocol's records) still lack: ``(spec, split, seeds)`` for each table run
     spec and split with a seed in ``0 .. n-1`` (``n`` as in :func:`seeds_for`) that has no mIoU on that split."""
-    from .records import values
-
     counts = argparse.Namespace(main_seeds=main_seeds, other_seeds=other_seeds)
     out = []
     for spec in table_specs():
         name = parse_run(spec)[0]
         for split in splits:
-            done = values(runs, name, split)
+            done = records.values(runs, name, split)
             seeds = [seed for seed in seeds_for(name, counts) if seed not in done]
             if seeds:
                 out.append((spec, split, seeds))
