@@ -3,6 +3,7 @@ gains, ratios and README from run JSONs; the run plan."""
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -278,3 +279,53 @@ def test_bad_run_specs_and_splits_are_usage_errors(tmp_path, capsys, flags, mess
         benchmark_cli.main(["--out_dir", str(tmp_path), "--work_dir", str(tmp_path / "w"), *flags])
     assert stop.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "w").exists()  # nothing ran
+
+
+def test_changing_a_default_relabels_records_and_folders_and_retargets_ablations(tmp_path):
+    work = tmp_path / "work"
+    for seed in (0, 1):
+        _run(tmp_path, "c2vkd", "c2vkd", seed, 0.40 + seed / 100, selection=0.20)
+        _run(tmp_path, "c2vkd-new", "c2vkd", seed, 0.45, selection=0.25 + seed / 100, control="none-head")
+        (work / "long" / f"c2vkd-seed{seed}-selection").mkdir(parents=True)
+        (work / "long" / f"c2vkd-new-seed{seed}").mkdir(parents=True)
+    _run(tmp_path, "c2vkd-new", "c2vkd", 2, 0.46)  # a promoted seed without the other default's run
+    _run(tmp_path, "c2vkd-x", "c2vkd", 0, 0.41)  # made on the old default
+    _run(tmp_path, "c2vkd-y", "c2vkd", 0, 0.47, ablates="c2vkd-new")  # made on the new one
+    _run(tmp_path, "none-head-x", "none", 0, 0.30, ablates="none-head")  # another table row's ablation
+    done = benchmark.change_default(tmp_path, work, "long", "c2vkd", promote="c2vkd-new", demote_as="c2vkd-old",
+                                    demote_flags=["--new_weight", "0"])
+    assert done == {"demoted": [0, 1], "promoted": [0, 1, 2], "retargeted": ["c2vkd-x", "c2vkd-y"]}
+    runs = {(r["name"], r["seed"]): r for r in benchmark.load_runs(tmp_path, "long")}
+    assert sorted(runs) == [("c2vkd", 0), ("c2vkd", 1), ("c2vkd", 2), ("c2vkd-old", 0), ("c2vkd-old", 1),
+                            ("c2vkd-x", 0), ("c2vkd-y", 0), ("none-head-x", 0)]
+    assert runs["c2vkd", 1]["val_mean_iou"] == 0.45 and runs["c2vkd", 1]["selection_mean_iou"] == 0.26
+    assert runs["c2vkd", 0]["ablation"] is None and runs["c2vkd", 0]["extra_flags"] == []
+    assert "control" not in runs["c2vkd", 0] and "ablates" not in runs["c2vkd", 0]
+    assert runs["c2vkd", 0]["relabelled_from"] == "c2vkd-new (the same training as the new default)"
+    old = runs["c2vkd-old", 1]
+    assert (old["selection_mean_iou"], old["ablation"], old["ablates"], old["extra_flags"]) == (
+        0.20, "c2vkd-old", "c2vkd", ["--new_weight", "0"])
+    assert old["relabelled_from"] == "c2vkd (the default before c2vkd-new replaced it)"
+    assert runs["c2vkd-x", 0]["ablates"] == "c2vkd-old" and runs["c2vkd-y", 0]["ablates"] == "c2vkd"
+    assert runs["none-head-x", 0]["ablates"] == "none-head"
+    assert sorted(p.name for p in (work / "long").iterdir()) == [
+        "c2vkd-old-seed0-selection", "c2vkd-old-seed1-selection", "c2vkd-seed0", "c2vkd-seed1"]
+    # the reports read the relabelled records: the promoted runs are the table's c2vkd row
+    benchmark_cli.main(["--report_only", "--out_dir", str(tmp_path), "--readme", str(tmp_path / "none.md")])
+    assert "| c2vkd-old | c2vkd | `--new_weight 0` | -4.50 (0/2 seeds above) |" in (
+        tmp_path / "ABLATIONS.md").read_text()
+    # a second change on top keeps the history; nothing moves while a live benchmark process holds a folder
+    _run(tmp_path, "c2vkd-z", "c2vkd", 0, 0.50)
+    (work / "long" / "c2vkd-z-seed0").mkdir()
+    (work / "long" / "c2vkd-z-seed0" / "RUNNING").write_text(str(os.getpid()))
+    with pytest.raises(RuntimeError, match="c2vkd-z-seed0"):
+        benchmark.change_default(tmp_path, work, "long", "c2vkd", "c2vkd-z", "c2vkd-mid", [])
+    (work / "long" / "c2vkd-z-seed0" / "RUNNING").write_text("999999999")  # left by a killed process
+    with pytest.raises(ValueError, match="already has records"):
+        benchmark.change_default(tmp_path, work, "long", "c2vkd", "c2vkd-z", "c2vkd-old", [])
+    with pytest.raises(ValueError, match="no long records"):
+        benchmark.change_default(tmp_path, work, "long", "c2vkd", "c2vkd-none", "c2vkd-mid", [])
+    benchmark.change_default(tmp_path, work, "long", "c2vkd", "c2vkd-z", "c2vkd-mid", [])
+    mid = json.loads(benchmark.record_path(tmp_path, "long", "c2vkd-mid", 1).read_text())
+    assert mid["relabelled_from"] == ("c2vkd (the default before c2vkd-z replaced it); before that c2vkd-new (the "
+                                      "same training as the new default)")

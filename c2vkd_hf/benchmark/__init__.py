@@ -40,12 +40,14 @@ benchmark spread over several sittings loses nothing; several driver processes c
 
 Modules: :mod:`.plan` (what runs: protocols, tables, seeds, the shared configuration, teacher caches),
 :mod:`.runner` (one training, its record), :mod:`.records` (record files and the per-seed figures),
-:mod:`.report` (RESULTS.md, ABLATIONS.md, plots and the README section). ``scripts/benchmark.py`` is the command.
+:mod:`.report` (RESULTS.md, ABLATIONS.md, plots and the README section), :mod:`.migrate` (relabelling the
+records when a default changes). ``scripts/benchmark.py`` is the command.
 """
 
 from .plan import (HEAD, MAIN_SEED_NAMES, MAIN_SEEDS, OTHER_SEEDS, PEERS, PROTOCOLS, SELECTION_HOLDOUT, SPLITS,
                    TABLE_TITLES, TABLES, missing_runs, parse_run, seeds_for, shared_config, table_names, table_specs,
                    teacher_cache_dir)
+from .migrate import change_default
 from .records import class_values, load_runs, paired_gains, record_path, values, write_json
 from .report import (ablation_section, controlled_variants, gain_ratio, per_class_section, protocol_lines,
                      table_section, teacher_gain_line, update_readme, write_report)
@@ -55,7 +57,7 @@ __all__ = [
     "HEAD", "MAIN_SEED_NAMES", "MAIN_SEEDS", "OTHER_SEEDS", "PEERS", "PROTOCOLS", "SELECTION_HOLDOUT", "SPLITS",
     "TABLE_TITLES", "TABLES", "missing_runs", "parse_run", "seeds_for", "shared_config", "table_names", "table_specs",
     "teacher_cache_dir",
-    "class_values", "load_runs", "paired_gains", "record_path", "values", "write_json",
+    "change_default", "class_values", "load_runs", "paired_gains", "record_path", "values", "write_json",
     "ablation_section", "controlled_variants", "gain_ratio", "per_class_section", "protocol_lines",
     "table_section", "teacher_gain_line", "update_readme", "write_report", "claim", "run_one",
 ]

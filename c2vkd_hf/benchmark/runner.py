@@ -16,14 +16,19 @@ from .plan import PROTOCOLS, shared_config, table_names, teacher_cache_dir
 from .records import record_path, write_json
 
 
+def held(lock: Path) -> bool:
+    """Whether a live process holds the run's lock file (one left by a killed process holds nothing)."""
+    try:
+        os.kill(int(lock.read_text()), 0)
+        return True
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        return False
+
+
 def claim(lock: Path) -> bool:
     """Takes the run's lock file unless a live process holds it (a lock left by a killed process is taken over)."""
-    if lock.is_file():
-        try:
-            os.kill(int(lock.read_text()), 0)
-            return False
-        except (ValueError, ProcessLookupError):
-            pass
+    if held(lock):
+        return False
     lock.write_text(str(os.getpid()))
     return True
 
