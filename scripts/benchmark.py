@@ -61,7 +61,7 @@ def main(argv=None):
         plan = [(parsed[s], seed, split) for seed in range(max(args.main_seeds, args.other_seeds))
                 for s in specs for split in splits]
         for (name, method, extra), seed, split in plan:
-            if seed in benchmark.seeds_for(name, args):
+            if seed in benchmark.seeds_for(name, args.main_seeds, args.other_seeds):
                 benchmark.run_one(name, method, extra, seed, split, args)
                 benchmark.write_report(args.out_dir, args.readme)
     benchmark.write_report(args.out_dir, args.readme)

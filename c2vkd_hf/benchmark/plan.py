@@ -3,7 +3,6 @@ configuration and which teacher cache a run replays (the package docstring tells
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import shlex
 from pathlib import Path
@@ -111,18 +110,17 @@ def missing_runs(runs: list[dict], main_seeds: int = MAIN_SEEDS, other_seeds: in
                  splits: tuple[str, ...] = SPLITS) -> list[tuple[str, str, list[int]]]:
     """The table trainings ``runs`` (one protocol's records) still lack: ``(spec, split, seeds)`` for each table run
     spec and split with a seed in ``0 .. n-1`` (``n`` as in :func:`seeds_for`) that has no mIoU on that split."""
-    counts = argparse.Namespace(main_seeds=main_seeds, other_seeds=other_seeds)
     out = []
     for spec in table_specs():
         name = parse_run(spec)[0]
         for split in splits:
             done = records.values(runs, name, split)
-            seeds = [seed for seed in seeds_for(name, counts) if seed not in done]
+            seeds = [seed for seed in seeds_for(name, main_seeds, other_seeds) if seed not in done]
             if seeds:
                 out.append((spec, split, seeds))
     return out
 
 
-def seeds_for(name: str, args) -> list[int]:
-    """Seeds ``0 .. n-1`` of run ``name``: ``args.main_seeds`` for :data:`MAIN_SEED_NAMES`, else ``args.other_seeds``."""
-    return list(range(args.main_seeds if name in MAIN_SEED_NAMES else args.other_seeds))
+def seeds_for(name: str, main_seeds: int, other_seeds: int) -> list[int]:
+    """Seeds ``0 .. n-1`` of run ``name``: ``n = main_seeds`` for :data:`MAIN_SEED_NAMES`, else ``other_seeds``."""
+    return list(range(main_seeds if name in MAIN_SEED_NAMES else other_seeds))
