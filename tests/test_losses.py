@@ -593,6 +593,9 @@ def test_channel_term_is_cwd_on_the_logits_pdd_reads_and_ignores_per_class_offse
     torch.testing.assert_close(shifted["channel"], out["channel"])
     assert not torch.allclose(shifted["pdd"], out["pdd"])
     assert "channel" not in C2VKDLoss()(zs, zt, y)
+    loss.set_schedules({"channel": ("linear", 0.5)})  # decayed to 0: not computed, not reported
+    loss.progress = 0.5
+    assert "channel" not in loss(zs, zt, y)
     with pytest.raises(ValueError, match="channel_tau"):
         C2VKDLoss(channel_weight=1.0, channel_tau=0.0)
 

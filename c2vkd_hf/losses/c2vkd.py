@@ -348,7 +348,7 @@ class C2VKDLoss(DistillationLoss):
                 if self.pdd_logit_standardization:  # PDD on z-scored logits; CE (raw logits) from the base class
                     zs, zt = standardize_logits(zs), standardize_logits(zt.detach())
                 terms["pdd"] = pdd_loss(zs, zt, labels, temperature=self.pdd_temperature, **constants)
-        if "channel" in self.weights:
+        if "channel" in self.weights and self.effective_weights()["channel"] > 0:
             present = (present_classes(labels, student_logits.shape[1], self.ignore_index)
                        if self.channel_present_only else None)
             terms["channel"] = cwd_loss(student_logits, teacher_logits, tau=self.channel_tau, channel_weights=present)
