@@ -203,16 +203,17 @@ class DistillationArguments:
                   "(term 'exit', scheduled by --weight_schedules exit:..., by default decaying to 0 at half of "
                   "training); the exits are not part of the saved student. 0: off (the paper's C2VKD)."})
     channel_weight: float = field(
-        default=0.0,
+        default=3.0,
         metadata={"help": "C2VKD: weight of a channel-wise logit term (CWD's formula, each class map as a "
-                  "distribution over positions) added to PDD; 0: off, the paper's C2VKD."})
+                  "distribution over positions) added to PDD (term 'channel', scheduled by --weight_schedules "
+                  "channel:..., by default decaying to 0 at half of training); 0: off, the paper's C2VKD."})
     channel_tau: float = field(default=4.0, metadata={"help": "C2VKD: temperature of the channel-wise term (CWD's 4)."})
     channel_present_only: bool = field(
         default=False,
         metadata={"help": "C2VKD: the channel-wise term reads only the class maps of the classes each image's labels "
                   "contain (an absent class's map is dropped); needs --channel_weight > 0."})
     weight_schedules: str = field(
-        default="stage:linear:0.5,exit:linear:0.5",
+        default="stage:linear:0.5,exit:linear:0.5,channel:linear:0.5",
         metadata={"help": "Loss-term weight schedules over training, term:kind[:end] comma-separated, kind "
                   "constant|linear|cosine, end = fraction of training where the weight reaches 0 (e.g. "
                   "'stage:linear:0.5,pdd:cosine:1'). Terms a method lacks are ignored."})

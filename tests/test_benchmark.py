@@ -185,11 +185,12 @@ def test_protocol_line_says_how_the_c2vkd_runs_weigh_pixels(tmp_path):
     _run(tmp_path, "c2vkd", "c2vkd", 0, 0.31, protocol="short")
     record = benchmark.record_path(tmp_path, "long", "c2vkd", 0)
     run = json.loads(record.read_text())
-    run["config"]["distillation"].update(class_balance=True, class_balance_power=0.5, exit_weight=0.5)
+    run["config"]["distillation"].update(class_balance=True, class_balance_power=0.5, exit_weight=0.5,
+                                         channel_weight=3.0)
     record.write_text(json.dumps(run))
     benchmark_cli.main(["--report_only", "--out_dir", str(tmp_path), "--readme", str(tmp_path / "none.md")])
     long, short = (tmp_path / "RESULTS.md").read_text().split("## Short protocol")
-    assert "`c2vkd` runs: class-balanced means, power 0.5, stage exits at 0.5" in long
+    assert "`c2vkd` runs: class-balanced means, power 0.5, stage exits at 0.5, channel-wise term at 3" in long
     assert "`c2vkd` runs: plain pixel means (`--class_balance false`)" in short
 
 

@@ -128,17 +128,18 @@ def test_c2vkd_default_has_stage_exits_on_auto_pairs_and_other_methods_ignore_th
     assert "loss/kd" in kd and not any("exit" in key for key in kd)
 
 
-def test_channel_term_flag_reaches_the_logged_loss(tmp_path):
-    """--channel_weight 3 adds C2VKD's channel-wise term: logged unweighted and at three times its value; the
-    no-teacher baseline of the same job trains without it (a teacher-free run refuses the flag)."""
+def test_channel_term_is_on_by_default_and_decays(tmp_path):
+    """C2VKD's channel-wise term is on by default (weight 3, decaying linearly to 0 at half of training): logged
+    unweighted and at three times its value on the first step, gone from the second half; the no-teacher baseline
+    of the same job trains without it (a teacher-free run refuses the flag)."""
     out = tmp_path / "channel"
-    distill.main(["--output_dir", str(out), *TINY, "--method", "c2vkd", "--max_steps", "2",
-                  "--teacher_name_or_path", _save_tiny(tmp_path / "teacher", 1), "--channel_weight", "3",
-                  "--train_baseline", "true"])
+    distill.main(["--output_dir", str(out), *TINY, "--method", "c2vkd", "--max_steps", "4",
+                  "--teacher_name_or_path", _save_tiny(tmp_path / "teacher", 1), "--train_baseline", "true"])
     results = json.loads((out / "results.json").read_text())
-    first = results["loss_history"][0]
+    first, last = results["loss_history"][0], results["loss_history"][-1]
     assert first["loss/channel"] > 0
     assert first["loss_weighted/channel"] == pytest.approx(3 * first["loss/channel"], rel=1e-4)
+    assert "loss/channel" not in last
     assert results["baseline_val_mean_iou"] is not None
 
 
@@ -162,10 +163,11 @@ def test_channel_present_only_flag_masks_the_logged_channel_term(tmp_path):
     (["--stage_pairs", "stage1:stage1", "--exit_weight", "-1"], "--exit_weight must be a finite number >= 0"),
     (["--weight_schedules", "stage:linear:2"], "end fraction must be in (0, 1]"),
     (["--stage_pairs", "stage9:stage1", "--stage_weight", "1"], "feature pair stage9:stage1"),
-    (["--method", "dist", "--channel_weight", "3"], "--channel_weight adds a channel-wise term to C2VKD"),
+    (["--method", "dist", "--channel_weight", "1"], "--channel_weight adds a channel-wise term to C2VKD"),
+    (["--method", "kd", "--channel_weight", "0"], "--channel_weight adds a channel-wise term to C2VKD"),
     (["--channel_weight", "-1"], "--channel_weight must be a finite number >= 0"),
     (["--channel_weight", "1", "--channel_tau", "0"], "--channel_tau must be a finite number > 0"),
-    (["--channel_present_only", "true"], "--channel_present_only masks C2VKD's channel-wise term"),
+    (["--channel_weight", "0", "--channel_present_only", "true"], "--channel_present_only masks C2VKD's channel-wise"),
 ])
 def test_stage_guidance_flags_are_checked(tmp_path, capsys, flags, message):
     argv = ["--output_dir", str(tmp_path / "x"), *TINY, "--method", "c2vkd", "--max_steps", "1",

@@ -179,7 +179,7 @@ def protocol_lines(runs: list[dict], protocol: str) -> list[str]:
             f"{cfg['data']['resize_height']}x{cfg['data']['resize_width']}, scale {cfg['data']['min_scale']}-"
             f"{cfg['data']['max_scale']}, crop, flip; SegFormer-B0 from random init; teacher "
             f"`{Path(cfg['distillation']['teacher_name_or_path']).name}`"
-            + (f" ({teacher * 100:.2f}% val mIoU at this resolution)" if teacher else "") + c2vkd_balance(runs)]
+            + (f" ({teacher * 100:.2f}% val mIoU at this resolution)" if teacher else "") + c2vkd_settings(runs)]
 
 
 def missing_section(runs: list[dict]) -> list[str]:
@@ -200,14 +200,16 @@ def missing_section(runs: list[dict]) -> list[str]:
             *(f"- `{name}`: {'; '.join(parts)}" for name, parts in by_name.items()), ""]
 
 
-def c2vkd_balance(runs: list[dict]) -> str:
-    """How the table's ``c2vkd`` runs weigh pixels and whether they have stage exits (class balance, then the exits,
-    became C2VKD's defaults after earlier runs were made; each run's configuration says which it used)."""
+def c2vkd_settings(runs: list[dict]) -> str:
+    """How the table's ``c2vkd`` runs weigh pixels and whether they have stage exits and the channel-wise term (class
+    balance, the exits, then the channel-wise term became C2VKD's defaults after earlier runs were made; each run's
+    configuration says which it used)."""
     cfgs = [r["config"]["distillation"] for r in runs if r["name"] == "c2vkd" and r.get("config")]
-    kinds = sorted({(c.get("class_balance", False), c.get("class_balance_power", 1.0), c.get("exit_weight") or 0.0)
-                    for c in cfgs})
+    kinds = sorted({(c.get("class_balance", False), c.get("class_balance_power", 1.0), c.get("exit_weight") or 0.0,
+                     c.get("channel_weight") or 0.0) for c in cfgs})
     text = "; ".join((f"class-balanced means, power {p:g}" if on else "plain pixel means (`--class_balance false`)")
-                     + (f", stage exits at {e:g}" if e else "") for on, p, e in kinds)
+                     + (f", stage exits at {e:g}" if e else "") + (f", channel-wise term at {k:g}" if k else "")
+                     for on, p, e, k in kinds)
     return f"; `c2vkd` runs: {text}" if text else ""
 
 

@@ -56,7 +56,7 @@ def validate_distillation_args(args: DistillationArguments) -> None:
     if changed and args.method != "c2vkd":  # at their defaults they are simply not read
         raise UserInputError(f"--{'/--'.join(changed)}: C2VKD's stage guidance and exits; --method {args.method} does "
                              "not use them.")
-    if args.channel_weight > 0 and args.method != "c2vkd":
+    if args.channel_weight != defaults["channel_weight"] and args.method != "c2vkd":  # at its default not read
         raise UserInputError(f"--channel_weight adds a channel-wise term to C2VKD; --method {args.method} does not "
                              "use it (--method cwd is channel-wise distillation on its own).")
     if args.channel_present_only and not args.channel_weight > 0:
