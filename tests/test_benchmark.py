@@ -324,6 +324,10 @@ def test_changing_a_default_relabels_records_and_folders_and_retargets_ablations
     (work / "long" / "c2vkd-z-seed0" / "RUNNING").write_text("999999999")  # left by a killed process
     with pytest.raises(ValueError, match="already has records"):
         benchmark.change_default(tmp_path, work, "long", "c2vkd", "c2vkd-z", "c2vkd-old", [])
+    _run(tmp_path, "c2vkd-w", "c2vkd", 7, 0.50)
+    (work / "long" / "c2vkd-seed7").mkdir()  # an interrupted table run that left no record
+    with pytest.raises(ValueError, match="c2vkd-seed7 belong to no 'c2vkd' record"):
+        benchmark.change_default(tmp_path, work, "long", "c2vkd", "c2vkd-w", "c2vkd-mid", [])
     with pytest.raises(ValueError, match="no long records"):
         benchmark.change_default(tmp_path, work, "long", "c2vkd", "c2vkd-none", "c2vkd-mid", [])
     benchmark.change_default(tmp_path, work, "long", "c2vkd", "c2vkd-z", "c2vkd-mid", [])

@@ -44,14 +44,18 @@ def change_default(out_dir: Path, work_dir: Path, protocol: str, table_name: str
     ``demote_as`` (module docstring).
 
     Returns ``{"demoted": seeds, "promoted": seeds, "retargeted": names}``. Raises ``ValueError`` when ``promote``
-    has no records, when ``demote_as`` already has records or its folders exist, and ``RuntimeError`` when a live
-    benchmark process holds one of the involved work folders."""
+    has no records, when ``demote_as`` already has records or its folders exist, or when a promoted seed would land
+    on a table-row folder no record owns, and ``RuntimeError`` when a live benchmark process holds one of the involved
+    work folders; nothing is changed then."""
     runs, work = Path(out_dir) / "runs" / protocol, Path(work_dir) / protocol
     old, new = _records(runs, table_name), _records(runs, promote)
     if not new:
         raise ValueError(f"{promote!r} has no {protocol} records under {runs}; nothing to promote")
     if _records(runs, demote_as) or any(f.exists() for s in old for f in _folders(work, demote_as, s)):
         raise ValueError(f"{demote_as!r} already has records or work folders; choose another name for the old default")
+    stale = [str(f) for s in new if s not in old for f in _folders(work, table_name, s) if f.exists()]
+    if stale:
+        raise ValueError(f"{', '.join(stale)} belong to no {table_name!r} record; move them away first")
     busy = [f for name, seeds in ((table_name, old), (promote, new)) for s in seeds for f in _folders(work, name, s)
             if held(f / "RUNNING")]
     if busy:
