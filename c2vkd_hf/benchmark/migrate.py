@@ -22,20 +22,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .records import write_json
-from .runner import held
-
-SPLIT_SUFFIXES = ("", "-selection")  # work folder suffix per split (val, selection); see runner.run_one
+from .plan import SPLITS
+from .records import record_path, write_json
+from .runner import held, work_folder
 
 
 def _records(runs: Path, name: str) -> dict[int, Path]:
     """``{seed: record path}`` of run ``name`` in the protocol folder ``runs``."""
     return {int(p.stem.rsplit("-seed", 1)[1]): p for p in runs.glob(f"{name}-seed*.json")
             if p.stem.rsplit("-seed", 1)[0] == name}
-
-
-def _folders(work: Path, name: str, seed: int) -> list[Path]:
-    return [work / f"{name}-seed{seed}{suffix}" for suffix in SPLIT_SUFFIXES]
 
 
 def change_default(out_dir: Path, work_dir: Path, protocol: str, table_name: str, promote: str, demote_as: str,
@@ -47,32 +42,37 @@ def change_default(out_dir: Path, work_dir: Path, protocol: str, table_name: str
     has no records, when ``demote_as`` already has records or its folders exist, or when a promoted seed would land
     on a table-row folder no record owns, and ``RuntimeError`` when a live benchmark process holds one of the involved
     work folders; nothing is changed then."""
-    runs, work = Path(out_dir) / "runs" / protocol, Path(work_dir) / protocol
+    out_dir, work_dir = Path(out_dir), Path(work_dir)
+    runs = out_dir / "runs" / protocol  # the record_path layout, as records.load_runs reads it
+
+    def folders(name: str, seed: int) -> list[Path]:
+        return [work_folder(work_dir, protocol, name, seed, split) for split in SPLITS]
+
     old, new = _records(runs, table_name), _records(runs, promote)
     if not new:
         raise ValueError(f"{promote!r} has no {protocol} records under {runs}; nothing to promote")
-    if _records(runs, demote_as) or any(f.exists() for s in old for f in _folders(work, demote_as, s)):
+    if _records(runs, demote_as) or any(f.exists() for s in old for f in folders(demote_as, s)):
         raise ValueError(f"{demote_as!r} already has records or work folders; choose another name for the old default")
-    stale = [str(f) for s in new if s not in old for f in _folders(work, table_name, s) if f.exists()]
+    stale = [str(f) for s in new if s not in old for f in folders(table_name, s) if f.exists()]
     if stale:
         raise ValueError(f"{', '.join(stale)} belong to no {table_name!r} record; move them away first")
-    busy = [f for name, seeds in ((table_name, old), (promote, new)) for s in seeds for f in _folders(work, name, s)
+    busy = [f for name, seeds in ((table_name, old), (promote, new)) for s in seeds for f in folders(name, s)
             if held(f / "RUNNING")]
     if busy:
         raise RuntimeError(f"a benchmark process is running {', '.join(map(str, busy))}; stop it first")
 
     def move(source: str, name: str, seed: int, why: str, changes: dict, drop: tuple = ()) -> None:
         """Record and work folders of ``source``-seed become ``name``-seed, with ``changes`` and without ``drop``."""
-        path = runs / f"{source}-seed{seed}.json"
+        path = record_path(out_dir, protocol, source, seed)
         record = json.loads(path.read_text())
         before = record.get("relabelled_from")
         record.update(changes, name=name,
                       relabelled_from=f"{source} ({why})" + (f"; before that {before}" if before else ""))
         for key in drop:
             record.pop(key, None)
-        write_json(runs / f"{name}-seed{seed}.json", record)
+        write_json(record_path(out_dir, protocol, name, seed), record)
         path.unlink()
-        for src, dst in zip(_folders(work, source, seed), _folders(work, name, seed)):
+        for src, dst in zip(folders(source, seed), folders(name, seed)):
             if src.is_dir():
                 src.rename(dst)
 

@@ -16,6 +16,11 @@ from .plan import PROTOCOLS, shared_config, table_names, teacher_cache_dir
 from .records import record_path, write_json
 
 
+def work_folder(work_dir: Path, protocol: str, name: str, seed: int, split: str) -> Path:
+    """The folder where run ``name`` with ``seed`` of ``protocol`` trains on ``split``'s training set."""
+    return Path(work_dir) / protocol / (f"{name}-seed{seed}" + ("-selection" if split == "selection" else ""))
+
+
 def held(lock: Path) -> bool:
     """Whether a live process holds the run's lock file (one left by a killed process holds nothing)."""
     try:
@@ -40,7 +45,7 @@ def run_one(name: str, method: str, extra: list[str], seed: int, split: str, arg
     record = json.loads(path.read_text()) if path.is_file() else {}
     if record.get(f"{split}_mean_iou") is not None:
         return
-    work = Path(args.work_dir) / args.protocol / (f"{name}-seed{seed}" + ("-selection" if split == "selection" else ""))
+    work = work_folder(Path(args.work_dir), args.protocol, name, seed, split)
     work.mkdir(parents=True, exist_ok=True)
     if not claim(work / "RUNNING"):
         print(f"[skip] {name} seed {seed} {split}: another benchmark process is running it", flush=True)

@@ -337,6 +337,7 @@ class C2VKDLoss(DistillationLoss):
         (the student's text head, whose projector is ``P_l``, computed exactly this ``S`` for its logits:
         :class:`~c2vkd_hf.trainer.DistillationModel` passes them); ``None``: projected here."""
         terms: Dict[str, torch.Tensor] = {}
+        weights = self.effective_weights()  # a scheduled term whose weight has reached 0 is not computed
         if "pdd" in self.weights:
             constants = self._pdd_constants()
             if self.pdd_temperature == 1.0 and not self.pdd_logit_standardization:
@@ -348,7 +349,7 @@ class C2VKDLoss(DistillationLoss):
                 if self.pdd_logit_standardization:  # PDD on z-scored logits; CE (raw logits) from the base class
                     zs, zt = standardize_logits(zs), standardize_logits(zt.detach())
                 terms["pdd"] = pdd_loss(zs, zt, labels, temperature=self.pdd_temperature, **constants)
-        if "channel" in self.weights and self.effective_weights()["channel"] > 0:
+        if weights.get("channel", 0) > 0:
             present = (present_classes(labels, student_logits.shape[1], self.ignore_index)
                        if self.channel_present_only else None)
             terms["channel"] = cwd_loss(student_logits, teacher_logits, tau=self.channel_tau, channel_weights=present)
@@ -357,12 +358,12 @@ class C2VKDLoss(DistillationLoss):
         fs, ft = self._check_features(student_features, teacher_features)
         n = len(self.student_channels)
         fs, ft, stage_s, stage_t = fs[:n], ft[:n], fs[n:], ft[n:]
-        if "stage" in self.weights and self.effective_weights()["stage"] > 0:
+        if weights.get("stage", 0) > 0:
             per_pair = [vlfd_global_loss(self._project(q, a), b, tau=self.glob_tau)
                         + vlfd_relation_loss(a, b, grid=self.rel_grid)
                         for q, a, b in zip(self.stage_projectors, stage_s, stage_t)]
             terms["stage"] = torch.stack(per_pair).mean()
-        if "exit" in self.weights and self.effective_weights()["exit"] > 0:
+        if weights.get("exit", 0) > 0:
             per_exit = [pdd_loss(self._project(e, a), teacher_logits, labels, temperature=self.pdd_temperature,
                                  **self._pdd_constants())
                         for e, a in zip(self.exit_heads, stage_s)]
