@@ -30,7 +30,7 @@ from c2vkd_hf.data import load_segmentation_data
 from c2vkd_hf.models import image_mean_std, load_student, load_teacher
 from c2vkd_hf.jobs import (UserInputError, config_file_arguments, check_class_agreement, run_script,
                            student_config_overrides, user_errors, validate_distillation_args)
-from c2vkd_hf.jobs.distill import c2vkd_feature_pairs, teacher_reference_size
+from c2vkd_hf.jobs.setup import c2vkd_feature_pairs, teacher_reference_size
 from c2vkd_hf.validation import check_output_dir, check_ranges, parse_script_arguments
 
 logger = logging.getLogger("c2vkd_hf")
@@ -71,7 +71,7 @@ def _foreign_flags(argv: list[str], known: set[str]) -> list[str]:
 
 def teacher_feature_names(dist_args: DistillationArguments, teacher) -> list[str]:
     """The teacher feature maps the method reads, as ``distill.py`` resolves them for the same flags
-    (:func:`~c2vkd_hf.jobs.distill.c2vkd_feature_pairs`: C2VKD's feature pairs and, with stage guidance or exits,
+    (:func:`~c2vkd_hf.jobs.setup.c2vkd_feature_pairs`: C2VKD's feature pairs and, with stage guidance or exits,
     its stage pairs); none for the logit methods."""
     if dist_args.method != "c2vkd":
         return []

@@ -12,7 +12,7 @@ from transformers import TrainingArguments
 from c2vkd_hf.config import DataArguments, DistillationArguments
 from c2vkd_hf.data.batch_augment import (apply_cutmix, batch_generator, colour_jitter, cutmix_masks, jitter_factors,
                                          jitter_normalised)
-from c2vkd_hf.jobs.distill import setup_distillation
+from c2vkd_hf.jobs.setup import setup_distillation
 from c2vkd_hf.trainer import DistillationTrainer
 from c2vkd_hf.validation import UserInputError, check_ranges
 from tiny import c2vkd_model, make_trainer, tensor_dataset, tiny_student, tiny_teacher

@@ -709,7 +709,7 @@ def test_class_balance_terms_balance_only_the_terms_named(balanced):
 def test_class_balance_terms_flag_is_checked_and_reaches_the_loss():
     from c2vkd_hf.cli.distill import parse_args
     from c2vkd_hf.jobs import validate_distillation_args
-    from c2vkd_hf.jobs.distill import build_loss_module
+    from c2vkd_hf.jobs.setup import build_loss_module
     from c2vkd_hf.validation import UserInputError
 
     def loss_from(*argv):
@@ -731,7 +731,7 @@ def test_c2vkd_from_the_default_flags_uses_half_way_class_balanced_means():
     """The product's C2VKD (flags at their defaults) weighs class k by n_k^(1 - 0.5) in PDD; --class_balance
     false gives the paper's plain pixel mean. Checked on the loss value of a batch with a rare class."""
     from c2vkd_hf.cli.distill import parse_args
-    from c2vkd_hf.jobs.distill import build_loss_module
+    from c2vkd_hf.jobs.setup import build_loss_module
     from c2vkd_hf.losses.common import class_balanced_weights
     from c2vkd_hf.losses.pdd import pdd_loss
 
@@ -803,7 +803,7 @@ def test_pdd_with_logit_standardization_matches_a_hand_computed_value_and_keeps_
 def test_pdd_logit_standardization_flag_reaches_the_loss_and_is_refused_for_other_methods():
     from c2vkd_hf.cli.distill import parse_args
     from c2vkd_hf.jobs import validate_distillation_args
-    from c2vkd_hf.jobs.distill import build_loss_module, teacher_free_arguments
+    from c2vkd_hf.jobs import build_loss_module, teacher_free_arguments
     from c2vkd_hf.validation import UserInputError
 
     def args_from(*argv):

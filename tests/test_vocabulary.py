@@ -82,12 +82,12 @@ def test_explicit_embeddings_win_and_get_text_embeddings_keeps_its_default(tmp_p
 def test_distillation_logs_the_match_or_the_fallback(tmp_path, caplog):
     args = DistillationArguments()
     notes: list[str] = []
-    with caplog.at_level(logging.INFO, logger="c2vkd_hf.jobs.distill"):
+    with caplog.at_level(logging.INFO, logger="c2vkd_hf.jobs.setup"):
         emb, source = distillation_text_embeddings(args, dict(enumerate(CAMVID_CLASSES)), tmp_path, notes)
     assert emb.shape == (11, 512) and "Bicyclist=mean(rider, bicycle)" in source and not notes
     assert source in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="c2vkd_hf.jobs.distill"):
+    with caplog.at_level(logging.WARNING, logger="c2vkd_hf.jobs.setup"):
         emb, source = distillation_text_embeddings(args, {0: "sky", 1: "unicorn"}, tmp_path, notes)
     assert emb is None and source is None and "linguistic term is OFF" in caplog.text and "lacks unicorn" in caplog.text
     assert any("linguistic" in n for n in notes)

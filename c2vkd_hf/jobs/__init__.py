@@ -11,7 +11,9 @@ baseline, then the student) and the benchmark share one code path with what user
 * :mod:`.common`: what the jobs share (results files, script arguments, datasets and training
   arguments, resuming, finished runs, train-evaluate-save);
 * :mod:`.teacher`: :func:`train_teacher` and the offline default job's teacher;
-* :mod:`.distill`: :func:`setup_distillation`, :func:`run_distillation`, the student's model card;
+* :mod:`.setup`: :func:`setup_distillation`, which builds teacher, student, loss, text head, teacher cache and trainer
+  from the flags;
+* :mod:`.distill`: :func:`run_distillation` (what identifies a run, its results) and the student's model card;
 * :mod:`.publish`: :func:`push_student_to_hub`.
 """
 
@@ -38,23 +40,27 @@ from .common import (
     train_evaluate_save,
 )
 from .distill import (
-    DistillationSetup,
-    build_loss_module,
-    build_text_head,
     distillation_run_config,
-    distillation_text_embeddings,
     evaluation_size,
     is_eval_subset,
-    open_teacher_cache,
     previous_distillation,
     run_distillation,
-    setup_distillation,
     teacher_free_arguments,
     teacher_val_miou,
     write_student_card,
 )
 from .errors import EXIT_NON_FINITE_LOSS, EXIT_USER_ERROR, end_distributed, run_script, user_errors
 from .publish import PUSH_IGNORE_PATTERNS, manual_upload_instructions, push_student_to_hub
+from .setup import (
+    DistillationSetup,
+    build_loss_module,
+    build_text_head,
+    c2vkd_feature_pairs,
+    distillation_text_embeddings,
+    open_teacher_cache,
+    setup_distillation,
+    teacher_reference_size,
+)
 from .teacher import (
     DEFAULT_TEACHER_LR,
     check_pyramid_backbone,
@@ -97,6 +103,8 @@ __all__ = [
     "DistillationSetup",
     "build_loss_module",
     "build_text_head",
+    "c2vkd_feature_pairs",
+    "teacher_reference_size",
     "distillation_run_config",
     "teacher_free_arguments",
     "distillation_text_embeddings",

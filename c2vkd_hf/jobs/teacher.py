@@ -66,11 +66,11 @@ def train_teacher(data: SegmentationData, data_args: DataArguments, training_arg
         [{"params": backbone_params, "lr": training_args.learning_rate},
          {"params": head_params, "lr": training_args.learning_rate * head_lr_multiplier}],
         weight_decay=training_args.weight_decay)
-    trainer = TeacherTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=validation,
-                      data_collator=collate_fn, compute_metrics=make_compute_metrics(len(data.id2label), IGNORE_INDEX,
-                                                                                   data.id2label),
-                      processing_class=student_image_processor(model, size=processor_size(data_args, data)),
-                      optimizers=(optimizer, None), callbacks=callbacks, phase=phase)
+    trainer = TeacherTrainer(
+        model=model, args=training_args, train_dataset=train, eval_dataset=validation, data_collator=collate_fn,
+        compute_metrics=make_compute_metrics(len(data.id2label), IGNORE_INDEX, data.id2label),
+        processing_class=student_image_processor(model, size=processor_size(data_args, data)),
+        optimizers=(optimizer, None), callbacks=callbacks, phase=phase)
     metrics = train_evaluate_save(trainer, training_args, output_dir, config)
     results = {
         "val_mean_iou": metrics["eval_mean_iou"],
