@@ -28,6 +28,7 @@ __all__ = [
     "resize",
     "resize_labels",
     "flatten_valid",
+    "valid_pixel_logits",
     "mask_target",
     "zero_like_graph",
     "cross_entropy",
@@ -106,6 +107,19 @@ def flatten_valid(
     flat = labels.reshape(-1).long()
     valid = flat != ignore_index
     return flat[valid], tuple(r[valid] for r in rows)
+
+
+def valid_pixel_logits(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: Optional[torch.Tensor], ignore_index: int
+) -> Tuple[Optional[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]:
+    """The per-pixel logit rows a pixel-wise logit loss compares: ``(targets, (z_s, z_t))``, each ``z`` of shape
+    ``(N, K)`` in float32. With ``labels`` both logits are resized bilinearly to the label grid and only the
+    valid pixels are kept (``targets``: their labels); with ``labels=None`` the teacher is resized to the
+    student's grid, every pixel is kept and ``targets`` is ``None``. The teacher is detached."""
+    size = labels.shape[-2:] if labels is not None else student_logits.shape[-2:]
+    zs = resize(student_logits.float(), size)
+    zt = resize(teacher_logits.detach().float(), size)
+    return flatten_valid(labels, ignore_index, zs, zt)
 
 
 def class_balanced_weights(labels: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX,

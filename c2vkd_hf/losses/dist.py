@@ -21,7 +21,7 @@ import torch
 
 from ..constants import IGNORE_INDEX
 from .base import LogitDistillationLoss
-from .common import check_positive, check_weight, flatten_valid, float32_compute, resize, zero_like_graph
+from .common import check_positive, check_weight, float32_compute, valid_pixel_logits, zero_like_graph
 from .registry import register_loss
 
 __all__ = ["dist_loss", "pearson", "DISTLoss"]
@@ -54,10 +54,7 @@ def dist_loss(
     beta = check_weight("beta", beta)
     gamma = check_weight("gamma", gamma)
     tau = check_positive("tau", tau)
-    size = labels.shape[-2:] if labels is not None else student_logits.shape[-2:]
-    zs = resize(student_logits.float(), size)
-    zt = resize(teacher_logits.detach().float(), size)
-    _, (zs, zt) = flatten_valid(labels, ignore_index, zs, zt)
+    _, (zs, zt) = valid_pixel_logits(student_logits, teacher_logits, labels, ignore_index)
     if zs.shape[0] == 0:
         return zero_like_graph(student_logits)
     ys = torch.softmax(zs / tau, dim=1)
@@ -75,4 +72,5 @@ class DISTLoss(LogitDistillationLoss):
     loss_fn = staticmethod(dist_loss)
 
     def __init__(self, *, beta: float = 1.0, gamma: float = 1.0, **kwargs) -> None:
-        super().__init__(constants={"beta": check_weight("beta", beta), "gamma": check_weight("gamma", gamma)}, **kwargs)
+        super().__init__(constants={"beta": check_weight("beta", beta), "gamma": check_weight("gamma", gamma)},
+                         **kwargs)

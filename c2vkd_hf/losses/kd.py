@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..constants import IGNORE_INDEX
 from .base import LogitDistillationLoss
-from .common import check_positive, flatten_valid, float32_compute, resize, zero_like_graph
+from .common import check_positive, float32_compute, valid_pixel_logits, zero_like_graph
 from .registry import register_loss
 
 __all__ = ["kd_loss", "KDLoss"]
@@ -34,10 +34,7 @@ def kd_loss(
     """Pixel KD. With ``labels``, both logits go to the label grid and ignored pixels are dropped;
     with ``labels=None`` the teacher is resized to the student grid and every pixel counts."""
     temperature = check_positive("temperature", temperature)
-    size = labels.shape[-2:] if labels is not None else student_logits.shape[-2:]
-    zs = resize(student_logits.float(), size)
-    zt = resize(teacher_logits.detach().float(), size)
-    target, (zs, zt) = flatten_valid(labels, ignore_index, zs, zt)
+    _, (zs, zt) = valid_pixel_logits(student_logits, teacher_logits, labels, ignore_index)
     if zs.shape[0] == 0:
         return zero_like_graph(student_logits)
     log_ps = F.log_softmax(zs / temperature, dim=1)

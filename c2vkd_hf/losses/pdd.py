@@ -82,7 +82,6 @@ def decoupled_kl(
         lq_t = torch.logaddexp(lt_t + log_1mg, torch.full_like(lt_t, log_g))
         lq_nt = lt_nt + log_1mg
         q_t, q_nt = lq_t.exp(), lq_nt.exp()
-        p_hat_t = lt_hat.exp()  # exactly 0 at the target class
     # TC: KL between two-way distributions. The probability-target form of kl_div computes q * log q
     # with xlogy, so 0 * log 0 = 0 (q_nt is exactly 0 when g == 1, where log q_nt is -inf).
     tc = F.kl_div(torch.stack((ls_t, ls_nt), dim=1), torch.stack((q_t, q_nt), dim=1), reduction="none").sum(dim=1)
