@@ -10,7 +10,7 @@ from torch import nn
 
 from .config import IGNORE_INDEX
 from .data import collate_fn, default_palette
-from .metrics import StreamingMeanIoU
+from .metrics import StreamingMeanIoU, class_map
 
 
 def _window_starts(length: int, window: int, stride: int) -> list[int]:
@@ -152,7 +152,7 @@ def evaluate_model(model: nn.Module, dataset, num_labels: int, *, batch_size: in
         labels = batch["labels"].to(device)
         scores = segmentation_scores(model, pixel_values, output_size=labels.shape[-2:], scales=scales, flip=flip,
                                      window=window, stride=stride, max_batch=batch_size)
-        preds = scores.argmax(1).cpu()
+        preds = class_map(scores).cpu()
         metric.update(preds, labels.cpu())
         if predictions_dir is not None:
             for pred in preds:

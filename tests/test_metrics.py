@@ -232,3 +232,19 @@ def test_matches_evaluate_mean_iou_when_it_can_be_loaded():
     for key in ("mean_iou", "mean_accuracy", "overall_accuracy"):
         assert ours[key] == pytest.approx(theirs[key], abs=1e-12), key
     np.testing.assert_allclose(ours["per_category_iou"], theirs["per_category_iou"], atol=1e-12, equal_nan=True)
+
+
+def test_class_map_is_argmax_with_its_tie_and_nan_rules():
+    """The fast prediction path picks the same class as ``argmax``: the first of tied scores, NaN as highest."""
+    from c2vkd_hf.metrics import class_map
+
+    torch.manual_seed(0)
+    scores = torch.randint(0, 3, (3, 7, 9, 11)).float()  # many ties
+    scores[0, 4, 2, 2] = float("nan")
+    scores[1, :, 0, 0] = float("nan")
+    scores[2, 5, 1, 1] = float("inf")
+    assert torch.equal(class_map(scores), scores.argmax(1))
+    assert class_map(torch.tensor([[[[1.0]], [[2.0]], [[2.0]]]])).item() == 1  # first of the tied maxima
+    assert class_map(scores[0], 0).shape == (9, 11)
+    assert torch.equal(class_map(scores[0], 0), scores[0].argmax(0))
+    assert torch.equal(class_map(scores.bfloat16()), scores.bfloat16().argmax(1))

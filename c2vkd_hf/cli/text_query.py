@@ -52,7 +52,7 @@ from transformers import AutoModelForSemanticSegmentation, HfArgumentParser
 
 from c2vkd_hf.config import IGNORE_INDEX, DataArguments
 from c2vkd_hf.data import build_transform, collate_fn, colorize, default_palette, load_segmentation_data
-from c2vkd_hf.metrics import StreamingMeanIoU
+from c2vkd_hf.metrics import StreamingMeanIoU, class_map
 from c2vkd_hf.models import fix_patch_grid, image_mean_std
 from c2vkd_hf.inference import evaluate_model, segmentation_scores
 from c2vkd_hf.jobs import UserInputError, run_script, saved_data_arguments, user_errors
@@ -171,7 +171,7 @@ def _query_confusion(model: nn.Module, dataset, num_names: int, num_labels: int,
     batches = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn)
     for batch in tqdm(batches, desc=f"text query, {num_names} other names", leave=False):
         labels = batch["labels"]
-        best = segmentation_scores(model, batch["pixel_values"], output_size=labels.shape[-2:]).argmax(1)
+        best = class_map(segmentation_scores(model, batch["pixel_values"], output_size=labels.shape[-2:]))
         metric.update(lookup[best], labels)
         valid = labels != IGNORE_INDEX
         counts += torch.bincount(best[valid] * num_labels + labels[valid], minlength=num_names * num_labels
@@ -246,11 +246,11 @@ def _figure_rows(student: nn.Module, query: nn.Module, data, transform, count: i
         example = transform({"image": [raw["image"]], "label": [raw["label"]]})
         pixel_values, label = example["pixel_values"][0][None], np.asarray(example["labels"][0])
         with torch.inference_mode():
-            pred = segmentation_scores(student, pixel_values, output_size=label.shape).argmax(1)[0]
+            pred = class_map(segmentation_scores(student, pixel_values, output_size=label.shape))[0]
             scores = segmentation_scores(query, pixel_values, output_size=label.shape)[0]
         probs = scores.softmax(0)
         rows.append({"image": np.asarray(raw["image"].convert("RGB").resize(label.shape[::-1])), "label": label,
-                     "pred": pred.numpy(), "query_pred": scores.argmax(0).numpy(),
+                     "pred": pred.numpy(), "query_pred": class_map(scores, 0).numpy(),
                      "heat": [scores[i].numpy() for i in picks],  # cosine / tau
                      "max_prob": [float(probs[i].max()) for i in picks]})
     return rows
