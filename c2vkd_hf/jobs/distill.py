@@ -18,7 +18,7 @@ from transformers import TrainingArguments
 from ..config import DataArguments, DistillationArguments, distillation_defaults
 from ..data import SegmentationData, build_transform, default_palette
 from ..inference import evaluate_model
-from ..metrics import class_map
+from ..metrics import logits_to_predictions
 from ..models import image_mean_std
 from ..runs import run_config
 from ..trainer import DistillationTrainer
@@ -190,8 +190,7 @@ def write_student_card(output_dir: Path, trainer: DistillationTrainer, results: 
         label = np.asarray(example["labels"][0])
         with torch.no_grad():
             logits = student(pixel_values=pixel_values).logits
-        logits = nn.functional.interpolate(logits.float(), size=label.shape, mode="bilinear", align_corners=False)
-        preds.append(class_map(logits)[0].cpu().numpy())
+        preds.append(logits_to_predictions(logits, label.shape)[0].cpu().numpy())
         labels.append(label)
         images.append(np.asarray(raw["image"].convert("RGB").resize(label.shape[::-1])))
     palette = data.palette or default_palette(len(data.id2label))
