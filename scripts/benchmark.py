@@ -4,6 +4,7 @@
     python scripts/benchmark.py --protocol long                 # run what is missing, then write the reports
     python scripts/benchmark.py --report_only                   # only regenerate RESULTS.md, ABLATIONS.md, plots
     python scripts/benchmark.py --missing                       # the table trainings still to make, one line each
+    python scripts/benchmark.py --threads 1 & python scripts/benchmark.py --threads 1   # two processes, 2 cores
     python scripts/benchmark.py --protocol short --runs "c2vkd-stage:c2vkd:--stage_weight 0.1 --stage_pairs ..."
 """
 
@@ -24,8 +25,8 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_dir", default=str(SHARED / "data" / "camvid"))
     parser.add_argument("--teacher", default=str(SHARED / "models" / "camvid-upernet-lite0"))
-    parser.add_argument("--text_embeddings", default=str(SHARED / "data" / "clip_text" /
-                                                           "camvid11_from_city_ViT16_clip_text.pth"))
+    parser.add_argument("--text_embeddings",
+                        default=str(SHARED / "data" / "clip_text" / "camvid11_from_city_ViT16_clip_text.pth"))
     parser.add_argument("--out_dir", default=str(ROOT / "benchmarks" / "camvid"))
     parser.add_argument("--work_dir", default=str(ROOT / "outputs" / "benchmark-camvid"))
     parser.add_argument("--protocol", choices=sorted(benchmark.PROTOCOLS), default="long")
@@ -36,7 +37,11 @@ def main(argv=None):
     parser.add_argument("--runs", nargs="*", default=None, help="name:method[:extra flags] (default: both tables)")
     parser.add_argument("--ablates", default=None, help="the run the --runs variants change (default c2vkd)")
     parser.add_argument("--control", default=None,
-                        help="the teacher-free run the --runs variants' teacher gain is measured against (default none-head)")
+                        help="the teacher-free run the --runs variants' teacher gain is measured against "
+                             "(default none-head)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads of each training (OMP_NUM_THREADS); when several benchmark processes share "
+                             "a machine, give each cores/processes (oversubscribed threads trained 4x slower here)")
     parser.add_argument("--report_only", action="store_true")
     parser.add_argument("--missing", action="store_true",
                         help="print, one line per table run and split, the arguments that make the --protocol's "
@@ -46,6 +51,8 @@ def main(argv=None):
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     if not splits or set(splits) - set(benchmark.SPLITS):
         parser.error(f"--splits must name some of {', '.join(benchmark.SPLITS)}, got {args.splits!r}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
     if args.missing:
         runs = benchmark.load_runs(Path(args.out_dir), args.protocol)
         for spec, split, seeds in benchmark.missing_runs(runs, args.main_seeds, args.other_seeds, tuple(splits)):

@@ -256,6 +256,7 @@ def test_a_run_trains_through_the_distill_command_and_lands_in_its_record(tmp_pa
             f"--per_device_eval_batch_size 2 --student_config_overrides {shlex.quote(TINY_SEGFORMER_JSON)}")
     argv = ["--protocol", "short", "--data_dir", str(data), "--out_dir", str(tmp_path / "out"),
             "--work_dir", str(tmp_path / "work"), "--main_seeds", "1", "--readme", str(tmp_path / "none.md"),
+            "--threads", "1",
             "--runs", f"none:none:{tiny}"]
     benchmark_cli.main(argv)
     record = json.loads(benchmark.record_path(tmp_path / "out", "short", "none", 0).read_text())
@@ -263,6 +264,7 @@ def test_a_run_trains_through_the_distill_command_and_lands_in_its_record(tmp_pa
     assert 0 <= record["val_mean_iou"] <= 1 and 0 <= record["selection_mean_iou"] <= 1
     assert set(record["runs"]["val"]["per_category_iou"]) == {"road", "car"}
     assert "c2vkd_hf.cli.distill" in record["runs"]["selection"]["command"]
+    assert record["runs"]["val"]["torch_threads"] == 1  # --threads reached the training subprocess
     held_out = json.loads((tmp_path / "work" / "short" / "none-seed0-selection" / "benchmark_config.json").read_text())
     assert held_out["selection_holdout"] == "0006R0_*"
     mtime = benchmark.record_path(tmp_path / "out", "short", "none", 0).stat().st_mtime
@@ -274,6 +276,7 @@ def test_a_run_trains_through_the_distill_command_and_lands_in_its_record(tmp_pa
 @pytest.mark.parametrize("flags, message", [
     (["--runs", "c2vkd-x"], "must be name:method[:extra flags]"),
     (["--splits", "test"], "--splits must name some of val, selection"),
+    (["--threads", "0"], "--threads must be at least 1"),
 ])
 def test_bad_run_specs_and_splits_are_usage_errors(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as stop:

@@ -3,9 +3,11 @@
     python scripts/benchmark.py --protocol long                 # run what is missing, then write the reports
     python scripts/benchmark.py --report_only                   # only regenerate RESULTS.md, ABLATIONS.md, plots
     python scripts/benchmark.py --missing                       # the table trainings still to make, one line each
+    python scripts/benchmark.py --threads 1 & python scripts/benchmark.py --threads 1   # two processes, 2 cores
     python scripts/benchmark.py --protocol short --runs "c2vkd-stage:c2vkd:--stage_weight 0.1 --stage_pairs ..."
 
-**Protocols.** ``short``: 400 steps, evaluated every 100 (about 9 epochs); ``long``: 2000 steps (5x, about 44 epochs), every 250.
+**Protocols.** ``short``: 400 steps, evaluated every 100 (about 9 epochs); ``long``: 2000 steps (5x, about 44
+epochs), every 250.
 Batch 8 at 120x160, SegFormer-B0 from random init, the reference UperNet + EfficientNet-Lite0 teacher.
 
 **Splits.** Each configuration and seed is trained twice: on the full train split, evaluated on val
@@ -30,13 +32,14 @@ teacher-free control (``--control``, default ``none-head``; e.g. the same data f
 **Teacher.** The short protocol runs the teacher online each step; the long one replays it from a
 teacher cache (one per split and set of teacher outputs, built by the first run that needs it).
 
-**Runs.** Each is ``c2vkd-distill`` (``python -m c2vkd_hf.cli.distill``) in a subprocess (own folder under ``--work_dir``, resumed
-from its last checkpoint when interrupted). ``runs/<protocol>/<name>-seed<k>.json`` holds
+**Runs.** Each is ``c2vkd-distill`` (``python -m c2vkd_hf.cli.distill``) in a subprocess (own folder under
+``--work_dir``, resumed from its last checkpoint when interrupted). ``runs/<protocol>/<name>-seed<k>.json`` holds
 ``protocol``, ``name``, ``method``, ``text_head``, ``seed``, ``val_mean_iou``, ``selection_mean_iou``
 (``null`` until that run is made), ``ablation`` (``null`` for table runs), ``config`` and per split the
 per-class IoU, histories, wall time and the command. Records are updated as each run lands, so a
 benchmark spread over several sittings loses nothing; several driver processes can share the work
-(a lock per run).
+(a lock per run; give each ``--threads`` = cores / processes: two 2-thread trainings on 2 cores spent half
+their CPU time in the kernel and trained about 4x slower than two 1-thread ones: 14 vs 60 steps/min).
 
 Modules: :mod:`.plan` (what runs: protocols, tables, seeds, the shared configuration, teacher caches),
 :mod:`.runner` (one training, its record), :mod:`.records` (record files and the per-seed figures),

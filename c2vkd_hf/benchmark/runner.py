@@ -58,13 +58,15 @@ def run_one(name: str, method: str, extra: list[str], seed: int, split: str, arg
     config_file.write_text(json.dumps(config, indent=2))
     cmd = [sys.executable, "-m", "c2vkd_hf.cli.distill"]
     cmd += ([f"--{k}={v}" for k, v in config.items()] + extra) if extra else [str(config_file)]
+    env = None if not getattr(args, "threads", None) else {
+        **os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     start = time.time()
     finished = work / "results.json"
     steps = PROTOCOLS[args.protocol]["max_steps"]
     if not (finished.is_file() and json.loads(finished.read_text()).get("steps") == steps):
         print(f"[run] {args.protocol} {name} seed {seed} {split}: {' '.join(extra) or '(defaults)'}", flush=True)
         with open(work / "log.txt", "a") as log:
-            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         if proc.returncode != 0:
             (work / "RUNNING").unlink(missing_ok=True)
             print(f"[fail] {name} seed {seed} {split}: exit {proc.returncode}, see {work / 'log.txt'}", flush=True)
@@ -92,6 +94,7 @@ def run_one(name: str, method: str, extra: list[str], seed: int, split: str, arg
         "mean_iou": results["val_mean_iou"],
         "per_category_iou": {id2label[str(i)]: v for i, v in enumerate(results["per_category_iou"])},
         "steps": results["steps"], "wall_time_s": results["wall_time_s"], "peak_rss_mb": results["peak_rss_mb"],
+        "torch_threads": results.get("torch_threads"),
         "eval_history": results["eval_history"], "loss_history": results["loss_history"],
         "loss_weights": results["loss_weights"], "command": " ".join(shlex.quote(c) for c in cmd),
         "teacher_mean_iou": results.get("teacher_val_mean_iou"),

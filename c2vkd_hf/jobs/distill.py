@@ -105,6 +105,7 @@ def run_distillation(dist_args: DistillationArguments, data_args: DataArguments,
         "steps": trainer.state.global_step,
         "wall_time_s": time.time() - start,
         "peak_rss_mb": peak_rss_mb(),
+        "torch_threads": torch.get_num_threads(),  # what the wall time was measured with
         "teacher": teacher_name,
         "student": dist_args.student_name_or_path,
         "dataset": data.name,
