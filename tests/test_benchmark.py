@@ -273,6 +273,15 @@ def test_a_run_trains_through_the_distill_command_and_lands_in_its_record(tmp_pa
     assert "| none | 1 |" in (tmp_path / "out" / "RESULTS.md").read_text()
 
 
+def test_thread_env_limits_both_thread_pools_and_keeps_the_rest_of_the_environment():
+    from c2vkd_hf.benchmark.runner import thread_env
+
+    assert thread_env(None) is None and thread_env(0) is None  # not given: the subprocess inherits ours
+    env = thread_env(3)
+    assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "3"
+    assert env["PATH"] == os.environ["PATH"]
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--runs", "c2vkd-x"], "must be name:method[:extra flags]"),
     (["--splits", "test"], "--splits must name some of val, selection"),

@@ -21,6 +21,15 @@ def work_folder(work_dir: Path, protocol: str, name: str, seed: int, split: str)
     return Path(work_dir) / protocol / (f"{name}-seed{seed}" + ("-selection" if split == "selection" else ""))
 
 
+def thread_env(threads: int | None) -> dict | None:
+    """The environment for a training subprocess limited to ``threads`` CPU threads (``OMP_NUM_THREADS`` and
+    ``MKL_NUM_THREADS``; torch reads them when it starts), or ``None`` (inherit this process's) when not given.
+    Two 2-thread trainings on 2 cores spin against each other; two 1-thread ones make about 4x the steps."""
+    if not threads:
+        return None
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+
 def held(lock: Path) -> bool:
     """Whether a live process holds the run's lock file (one left by a killed process holds nothing)."""
     try:
@@ -58,8 +67,7 @@ def run_one(name: str, method: str, extra: list[str], seed: int, split: str, arg
     config_file.write_text(json.dumps(config, indent=2))
     cmd = [sys.executable, "-m", "c2vkd_hf.cli.distill"]
     cmd += ([f"--{k}={v}" for k, v in config.items()] + extra) if extra else [str(config_file)]
-    env = None if not getattr(args, "threads", None) else {
-        **os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    env = thread_env(getattr(args, "threads", None))
     start = time.time()
     finished = work / "results.json"
     steps = PROTOCOLS[args.protocol]["max_steps"]

@@ -44,6 +44,7 @@ def run_benchmark(args, name: str) -> dict:
     from types import SimpleNamespace
 
     from ..benchmark import shared_config
+    from ..benchmark.runner import thread_env
 
     height, width = PROTOCOLS[args.protocol]["size"]
     steps = args.benchmark_steps
@@ -68,9 +69,7 @@ def run_benchmark(args, name: str) -> dict:
         config["teacher_cache"] = args.cache
     (work / "benchmark_config.json").write_text(json.dumps(config, indent=2))
     command = [sys.executable, "-m", "c2vkd_hf.cli.distill", str(work / "benchmark_config.json")]
-    env = dict(os.environ)
-    if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)
+    env = thread_env(args.threads)
     print(f"[speed] benchmark run {name}, {steps} steps ...", flush=True)
     load_start, start = load_average(), time.time()
     with open(work / "log.txt", "w") as log:
