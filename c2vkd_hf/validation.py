@@ -252,7 +252,7 @@ def check_label_set(id2label: dict[int, str], void: Optional[int], reduce_labels
         raise UserInputError(
             f"{where}: the ignore value {void} is the label value of class {class_id} ({id2label[class_id]!r})"
             + (" after --reduce_labels" if reduce_labels else "") + "; its pixels would be dropped from training and "
-            f"evaluation. Use the dataset's real void value (--dataset_ignore_index), or fix the labels file.")
+            "evaluation. Use the dataset's real void value (--dataset_ignore_index), or fix the labels file.")
 
 
 def _mask_has_valid_pixel(cell: dict, ignore_index: int) -> bool:
