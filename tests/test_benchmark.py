@@ -149,6 +149,21 @@ def test_ratio_compares_c2vkd_with_a_peer_on_the_seeds_the_peer_has(tmp_path):
     assert (r["c2vkd"], r["peer"], r["ratio"]) == pytest.approx((1.0, 2.0, 0.5))
 
 
+def test_results_pair_c2vkd_directly_with_the_best_peer(tmp_path):
+    """C2VKD minus the best peer, seed by seed: seed 0 -1, seed 1 +3 (mean +1, std 2.83); seed 2 has no peer run."""
+    for seed in range(3):
+        _run(tmp_path, "none", "none", seed, 0.30)
+        _run(tmp_path, "c2vkd", "c2vkd", seed, (0.31, 0.36, 0.40)[seed])
+    _run(tmp_path, "cwd", "cwd", 0, 0.32)
+    _run(tmp_path, "cwd", "cwd", 1, 0.33)
+    _run(tmp_path, "kd", "kd", 0, 0.30)
+    benchmark_cli.main(["--report_only", "--out_dir", str(tmp_path), "--readme", str(tmp_path / "none.md")])
+    assert ("- val: C2VKD minus best peer cwd, paired by seed: **+1.00** ± 2.83 (std over seeds), C2VKD above on 1/2 "
+            "seeds (s0: -1.00, s1: +3.00)") in (tmp_path / "RESULTS.md").read_text()
+    assert benchmark.head_to_head_line([(4, 0.5)], "dist") == (
+        "C2VKD minus best peer dist, paired by seed: **+0.50**, C2VKD above on 1/1 seeds (s4: +0.50)")
+
+
 def test_ablations_are_paired_with_the_run_they_change(tmp_path):
     _run(tmp_path, "none", "none", 0, 0.30)
     _run(tmp_path, "c2vkd", "c2vkd", 0, 0.36, selection=0.20)

@@ -52,8 +52,8 @@ from .plan import (HEAD, MAIN_SEED_NAMES, MAIN_SEEDS, OTHER_SEEDS, PEERS, PROTOC
                    teacher_cache_dir)
 from .migrate import change_default
 from .records import class_values, load_runs, paired_gains, record_path, values, write_json
-from .report import (ablation_section, controlled_variants, gain_ratio, per_class_section, protocol_lines,
-                     table_section, teacher_gain_line, update_readme, write_report)
+from .report import (ablation_section, controlled_variants, gain_ratio, head_to_head_line, per_class_section,
+                     protocol_lines, table_section, teacher_gain_line, update_readme, write_report)
 from .runner import claim, run_one
 
 __all__ = [
@@ -61,6 +61,6 @@ __all__ = [
     "TABLE_TITLES", "TABLES", "missing_runs", "parse_run", "seeds_for", "shared_config", "table_names", "table_specs",
     "teacher_cache_dir",
     "change_default", "class_values", "load_runs", "paired_gains", "record_path", "values", "write_json",
-    "ablation_section", "controlled_variants", "gain_ratio", "per_class_section", "protocol_lines",
+    "ablation_section", "controlled_variants", "gain_ratio", "head_to_head_line", "per_class_section", "protocol_lines",
     "table_section", "teacher_gain_line", "update_readme", "write_report", "claim", "run_one",
 ]
