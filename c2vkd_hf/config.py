@@ -68,6 +68,18 @@ class DataArguments:
         default=None, metadata={"help": "Images (train and eval) are first resized to this height (default: keep)."}
     )
     resize_width: Optional[int] = field(default=None, metadata={"help": "Resize width (with resize_height)."})
+    resize_shortest_edge: Optional[int] = field(
+        default=None,
+        metadata={"help": "Aspect-preserving resize (instead of --resize_height/--resize_width): each image is scaled "
+                  "so that its shorter side has this length (portrait images stay portrait), as image processors' "
+                  "shortest_edge and mmseg's keep_ratio do. Evaluation batches images of different sizes by "
+                  "padding them."},
+    )
+    resize_longest_edge: Optional[int] = field(
+        default=None,
+        metadata={"help": "Aspect-preserving resize: the longer side is at most this length (alone, or as a cap on "
+                  "--resize_shortest_edge)."},
+    )
     crop_height: Optional[int] = field(default=None, metadata={"help": "Training crop height (default: resized height)."})
     crop_width: Optional[int] = field(default=None, metadata={"help": "Training crop width (default: resized width)."})
     min_scale: float = field(default=0.75, metadata={"help": "Random rescale range, lower bound."})

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .config import IGNORE_INDEX
-from .data import collate_fn, default_palette
+from .data import VALID_SIZES, collate_fn, default_palette, unpad_to_labels
 from .metrics import StreamingMeanIoU, class_map
 
 
@@ -59,9 +59,14 @@ def sliding_window_logits(model: nn.Module, pixel_values: torch.Tensor, window: 
 @torch.no_grad()
 def segmentation_scores(model: nn.Module, pixel_values: torch.Tensor, *, output_size: Optional[tuple] = None,
                         scales: tuple = (1.0,), flip: bool = False, window: Optional[tuple[int, int]] = None,
-                        stride: Optional[tuple[int, int]] = None, max_batch: int = 8) -> torch.Tensor:
+                        stride: Optional[tuple[int, int]] = None, max_batch: int = 8,
+                        valid_sizes: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(B, K, H', W') class scores of ``model`` on normalised images, resized (bilinear) to
     ``output_size`` (default: the image size); their argmax is the prediction.
+
+    ``valid_sizes``: a padded batch of images of different sizes (:data:`~c2vkd_hf.data.VALID_SIZES`);
+    each image's scores are then resampled from its own part onto its own label inside ``output_size``
+    (:func:`~c2vkd_hf.data.unpad_to_labels`) instead of the whole padded map being resized.
 
     * one view (``scales == (1.0,)``, no ``flip``): the logits, from the whole image or from
       :func:`sliding_window_logits` when ``window`` is set; without a window this is exactly the plain
@@ -77,18 +82,30 @@ def segmentation_scores(model: nn.Module, pixel_values: torch.Tensor, *, output_
     height, width = pixel_values.shape[-2:]
     size = tuple(int(v) for v in (output_size or (height, width)))
 
-    def view(images: torch.Tensor) -> torch.Tensor:
+    def to_output(maps: torch.Tensor) -> torch.Tensor:
+        if valid_sizes is not None:
+            return unpad_to_labels(maps, valid_sizes, (height, width), size)
+        if tuple(maps.shape[-2:]) != size:
+            maps = nn.functional.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+        return maps
+
+    def view(images: torch.Tensor, single: bool = False) -> torch.Tensor:
         if window is not None:
             logits = sliding_window_logits(model, images, window, stride, max_batch=max_batch)
         else:
             logits = model(pixel_values=images).logits
         logits = logits.float()
-        if tuple(logits.shape[-2:]) != size:
-            logits = nn.functional.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        if single:
+            return to_output(logits)
+        # one view of several, onto the grid where the views are averaged: the output (the padded input's
+        # grid when the images are padded, mapped onto each label at the end)
+        grid = size if valid_sizes is None else (height, width)
+        if tuple(logits.shape[-2:]) != grid:
+            logits = nn.functional.interpolate(logits, size=grid, mode="bilinear", align_corners=False)
         return logits
 
     if scales == (1.0,) and not flip:
-        return view(pixel_values)
+        return view(pixel_values, single=True)
     probs = None
     for scale in scales:
         scaled = pixel_values
@@ -101,7 +118,8 @@ def segmentation_scores(model: nn.Module, pixel_values: torch.Tensor, *, output_
                 logits = logits.flip(-1)
             p = logits.softmax(dim=1)
             probs = p if probs is None else probs + p
-    return probs / (len(scales) * (2 if flip else 1))
+    probs = probs / (len(scales) * (2 if flip else 1))
+    return probs if valid_sizes is None else to_output(probs)
 
 
 @torch.no_grad()
@@ -151,7 +169,8 @@ def evaluate_model(model: nn.Module, dataset, num_labels: int, *, batch_size: in
             pixel_values = renormalize(pixel_values, *data_mean_std, *model_mean_std)
         labels = batch["labels"].to(device)
         scores = segmentation_scores(model, pixel_values, output_size=labels.shape[-2:], scales=scales, flip=flip,
-                                     window=window, stride=stride, max_batch=batch_size)
+                                     window=window, stride=stride, max_batch=batch_size,
+                                     valid_sizes=batch.get(VALID_SIZES))
         preds = class_map(scores).cpu()
         metric.update(preds, labels.cpu())
         if predictions_dir is not None:

@@ -77,7 +77,8 @@ RANGES: dict[str, Callable[[Any], Optional[str]]] = {
     "cutmix_prob": lambda v: None if 0 <= v <= 1 else "must be a probability in [0, 1]",
     "student_jitter": lambda v: None if 0 <= v < 1 else "must be a strength in [0, 1)", "resize_height": _at_least(MIN_INPUT_SIDE),
     "resize_width": _at_least(MIN_INPUT_SIDE), "crop_height": _at_least(MIN_INPUT_SIDE),
-    "crop_width": _at_least(MIN_INPUT_SIDE), "max_train_samples": _at_least(1), "max_eval_samples": _at_least(1),
+    "crop_width": _at_least(MIN_INPUT_SIDE), "resize_shortest_edge": _at_least(MIN_INPUT_SIDE),
+    "resize_longest_edge": _at_least(MIN_INPUT_SIDE), "max_train_samples": _at_least(1), "max_eval_samples": _at_least(1),
     "synthetic_train_size": _at_least(1), "synthetic_validation_size": _at_least(1),
     "synthetic_height": _at_least(MIN_INPUT_SIDE), "synthetic_width": _at_least(MIN_INPUT_SIDE),
     "dataset_ignore_index": lambda v: None if 0 <= v <= 255 else "must be a label value in 0..255",
@@ -105,6 +106,10 @@ def check_ranges(values: dict[str, Any]) -> None:
         if (values.get(first) is None) != (values.get(second) is None) and first in values:
             raise UserInputError(f"--{first} and --{second} must be given together (got only "
                                  f"--{first if values.get(first) is not None else second}).")
+    keep_ratio = [f"--{name}" for name in ("resize_shortest_edge", "resize_longest_edge") if values.get(name) is not None]
+    if keep_ratio and values.get("resize_height") is not None:
+        raise UserInputError(f"{' and '.join(keep_ratio)} (aspect-preserving resize) and --resize_height/--resize_width "
+                             "(a fixed size) are two ways to resize: give one.")
     if values.get("min_scale") is not None and values.get("max_scale") is not None \
             and values["min_scale"] > values["max_scale"]:
         raise UserInputError(f"--min_scale must be <= --max_scale, got {values['min_scale']} > {values['max_scale']}.")
@@ -317,18 +322,19 @@ def _size_problem(sizes: list[tuple[tuple[int, int], str]], batch_size: int, spl
 
 
 def check_input_sizes(data, data_args, train_batch_size: Optional[int], eval_batch_size: int) -> None:
-    """The images as the models will see them: none smaller than :data:`MIN_INPUT_SIDE`, and the same
-    size within a batch. Training sees the crop (else the resize, else the image); evaluation the resize
-    (else the image), with labels at the image's own size under ``--eval_full_resolution``.
-    ``train_batch_size`` ``None``: evaluation only."""
-    resize = data_args.resize_height is not None
+    """The images as the models will see them: none smaller than :data:`MIN_INPUT_SIDE`, and, for
+    training, the same size within a batch (training sees the crop, else the fixed resize, else the
+    image). Evaluation batches of different sizes are padded by :func:`~c2vkd_hf.data.collate_fn` and
+    scored at each image's own size, so only their minimum side is checked (when nothing resizes them).
+    ``train_batch_size`` ``None``: evaluation only; ``eval_batch_size`` is accepted for symmetry."""
+    fixed = data_args.resize_height is not None
+    resized = fixed or data_args.resize_shortest_edge is not None or data_args.resize_longest_edge is not None
     problem = None
-    if train_batch_size is not None and data_args.crop_height is None and not resize:
-        problem = _size_problem(image_sizes(data.train), train_batch_size, "train", "set --resize_height/"
-                                "--resize_width (or a crop size), or --per_device_train_batch_size 1.")
-    if problem is None and (not resize or data_args.eval_full_resolution):
-        fix = ("--eval_full_resolution false" if resize else "--resize_height/--resize_width")
-        problem = _size_problem(image_sizes(data.validation), eval_batch_size, "validation",
-                                f"set {fix}, or an evaluation batch size of 1.", check_minimum=not resize)
+    if train_batch_size is not None and data_args.crop_height is None and not fixed:
+        problem = _size_problem(image_sizes(data.train), train_batch_size, "train", "set a crop size "
+                                "(--crop_height/--crop_width) or --resize_height/--resize_width, or "
+                                "--per_device_train_batch_size 1.", check_minimum=not resized)
+    if problem is None and not resized:
+        problem = _size_problem(image_sizes(data.validation), 1, "validation", "")
     if problem:
         raise UserInputError(problem)

@@ -30,7 +30,7 @@ from c2vkd_hf.data import load_segmentation_data
 from c2vkd_hf.models import image_mean_std, load_student, load_teacher
 from c2vkd_hf.jobs import (UserInputError, config_file_arguments, check_class_agreement, run_script,
                            student_config_overrides, user_errors, validate_distillation_args)
-from c2vkd_hf.jobs.setup import c2vkd_feature_pairs, teacher_reference_size
+from c2vkd_hf.jobs.setup import c2vkd_feature_pairs, keep_ratio, teacher_reference_size
 from c2vkd_hf.validation import check_output_dir, check_ranges, parse_script_arguments
 
 logger = logging.getLogger("c2vkd_hf")
@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
         before = cache_status(directory)
         with torch.no_grad():
             key = build_teacher_cache(directory, teacher.to(device), data.train, reference_size=reference,
+                                      keep_ratio=keep_ratio(data_args),
                                       teacher_mean_std=image_mean_std(teacher), feature_names=names,
                                       top_k=dist_args.teacher_cache_top_k, batch_size=own.batch_size,
                                       overwrite=own.overwrite)

@@ -1,32 +1,59 @@
-"""The CamVid benchmark (:mod:`c2vkd_hf.benchmark`, ``scripts/benchmark.py``): both tables, both splits, paired
-gains, ratios and README from run JSONs; the run plan."""
+"""The benchmark (:mod:`c2vkd_hf.benchmark`, ``c2vkd-benchmark``): both tables, the splits a dataset spec names,
+paired gains, ratios and README from run JSONs; the run plan; dataset specs; stale records."""
 
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 from c2vkd_hf import benchmark
+from c2vkd_hf.cli.benchmark import main as cli_main
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
+SPEC = {
+    "title": "Tiny", "data": {"train_images": "t", "train_labels": "ta", "validation_images": "v",
+                              "validation_labels": "va", "labels_file": "c.json", "resize_height": 12,
+                              "resize_width": 16, "min_scale": 0.75, "max_scale": 1.5, "hflip": True},
+    "teacher": "T", "splits": ["val", "selection"], "selection_holdout": "0006R0_*",
+    "protocols": {"short": {"max_steps": 10, "eval_steps": 5}, "long": {"max_steps": 10, "eval_steps": 5}},
+    "cached_protocols": ["long"],
+}
 
-import benchmark as benchmark_cli  # noqa: E402  (scripts/benchmark.py)
+
+def spec_file(folder: Path, **changes) -> Path:
+    """A dataset spec in ``folder`` (the records and reports of these tests live beside it)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "dataset.json"
+    path.write_text(json.dumps({**SPEC, **changes}))
+    return path
+
+
+def make_report(out: Path, *flags: str) -> None:
+    """``c2vkd-benchmark --report_only`` on the records in ``out`` (its spec written there when missing)."""
+    spec = out / "dataset.json"
+    if not spec.is_file():
+        spec_file(out)
+    cli_main(["--dataset", str(spec), "--root", str(out), "--report_only", "--out_dir", str(out),
+              "--readme", str(out / "none.md"), *flags])
+
+
+def _config(method: str, extra=()) -> dict:
+    """A record's configuration as today's code gives the run (so the record is current, not stale)."""
+    return {"data": {"resize_height": 12, "resize_width": 16, "min_scale": 0.75, "max_scale": 1.5},
+            "distillation": {**benchmark.method_flags(method, list(extra)), "teacher_name_or_path": "T"},
+            "training": {"max_steps": 10, "per_device_train_batch_size": 8, "learning_rate": 6e-4, "warmup_steps": 30}}
 
 
 def _run(out: Path, name: str, method: str, seed: int, val: float, selection=None, protocol="long", **extra):
     history = {"eval_history": [{"step": 10, "val_mean_iou": val}], "loss_history": [{"step": 5, "loss": 1.0}]}
+    flags = benchmark.parse_run(next((s for s in benchmark.table_specs() if benchmark.parse_run(s)[0] == name),
+                                     f"{name}:{method}"))[2]
     record = {
         "protocol": protocol, "name": name, "method": method, "seed": seed, "text_head": name.endswith("head"),
-        "extra_flags": [], "ablation": None if name in benchmark.table_names() else name,
+        "extra_flags": flags, "ablation": None if name in benchmark.table_names() else name,
         "val_mean_iou": val, "selection_mean_iou": selection, "teacher_val_mean_iou": 0.6,
-        "config": {"data": {"resize_height": 12, "resize_width": 16, "min_scale": 0.75, "max_scale": 1.5},
-                   "distillation": {"teacher_name_or_path": "T"},
-                   "training": {"max_steps": 10, "per_device_train_batch_size": 8, "learning_rate": 1e-3,
-                                "warmup_steps": 1}},
+        "config": _config(method, flags),
         "runs": {"val": {"mean_iou": val, **history}}, **extra,
     }
     benchmark.write_json(benchmark.record_path(out, protocol, name, seed), record)
@@ -57,8 +84,9 @@ def test_both_tables_on_both_splits_with_ratios_and_teacher_attributable_gain(tm
         _run(tmp_path, "dist-head", "dist", seed, 0.335 + seed / 100)
     _run(tmp_path, "none", "none", 0, 0.25, protocol="short")
     readme = tmp_path / "README.md"
-    readme.write_text("# x\n\n## Benchmark\n\n<!-- benchmark:start -->\nold\n<!-- benchmark:end -->\ntail\n")
-    benchmark_cli.main(["--report_only", "--out_dir", str(tmp_path), "--readme", str(readme)])
+    readme.write_text("# x\n\n## Benchmark\n\n<!-- benchmark:tiny:start -->\nold\n<!-- benchmark:tiny:end -->\ntail\n")
+    spec_file(tmp_path, name="tiny")
+    make_report(tmp_path, "--readme", str(readme))
     report = (tmp_path / "RESULTS.md").read_text()
     assert report.index("## Long protocol") < report.index("## Short protocol")
     assert "| c2vkd | 2 | 34.50 ± 0.71 | +4.00 (2/2 seeds above) | 2 | 23.50 ± 0.71 | +3.50 (2/2 seeds above) |" in report
@@ -92,30 +120,33 @@ def test_missing_lists_the_table_trainings_still_to_make(tmp_path, capsys):
     assert missing[("kd:kd", "val")] == [1, 2] and missing[("kd:kd", "selection")] == [1, 2]
     assert missing[("dist:dist", "val")] == [0, 1, 2, 3, 4]
     assert missing[("cwd-head:cwd:--text_head true", "val")] == [0, 1, 2]
-    assert not any(spec.startswith(("c2vkd", "c2vkd-x")) for spec, _ in missing)
-    # none; none-head, dist, dist-head; kd; kd-head, cwd, cwd-head, dkd, dkd-head
-    assert sum(map(len, missing.values())) == 2 + 3 * 10 + 4 + 5 * 6
+    assert not any(spec.startswith(("c2vkd:", "c2vkd-x")) for spec, _ in missing)
+    # none; none-head, dist, dist-head; kd; kd-head, cwd, cwd-head, dkd, dkd-head, c2vkd-paper
+    assert sum(map(len, missing.values())) == 2 + 3 * 10 + 4 + 6 * 6
     assert benchmark.missing_runs(runs, main_seeds=1, other_seeds=1, splits=("val",)) == [
         ("none-head:none:--text_head true", "val", [0]), ("kd-head:kd:--text_head true", "val", [0]),
         ("cwd:cwd", "val", [0]), ("cwd-head:cwd:--text_head true", "val", [0]),
         ("dist:dist", "val", [0]), ("dist-head:dist:--text_head true", "val", [0]), ("dkd:dkd", "val", [0]),
-        ("dkd-head:dkd:--text_head true", "val", [0])]
+        ("dkd-head:dkd:--text_head true", "val", [0]), (benchmark.PAPER, "val", [0])]
     readme = tmp_path / "README.md"
-    readme.write_text("<!-- benchmark:start -->\n<!-- benchmark:end -->\n")
-    benchmark_cli.main(["--report_only", "--out_dir", str(tmp_path), "--readme", str(readme)])
+    readme.write_text("<!-- benchmark:tiny:start -->\n<!-- benchmark:tiny:end -->\n")
+    spec_file(tmp_path, name="tiny")
+    make_report(tmp_path, "--readme", str(readme))
     still = (tmp_path / "RESULTS.md").read_text().split("### Still to run")[1].split("###")[0]
-    assert "66 trainings are missing" in still
+    assert "72 trainings are missing" in still
     assert "- `none`: selection seeds 3, 4\n" in still and "- `kd`: val seeds 1, 2; selection seeds 1, 2\n" in still
     assert "`c2vkd`:" not in still and "Still to run" not in readme.read_text()
     capsys.readouterr()
-    benchmark_cli.main(["--missing", "--out_dir", str(tmp_path), "--splits", "selection"])
+    cli_main(["--dataset", str(tmp_path / "dataset.json"), "--missing", "--out_dir", str(tmp_path),
+              "--splits", "selection"])
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == ("--protocol long --main_seeds 5 --other_seeds 3 --splits selection --runs none:none"
-                        "  # seeds 3, 4")
-    assert "--runs 'kd-head:kd:--text_head true'  # seeds 0, 1, 2" in lines[3] and len(lines) == 10
-    parsed = benchmark_cli.argparse.ArgumentParser()
+    assert lines[0] == (f"--dataset {tmp_path / 'dataset.json'} --protocol long --main_seeds 5 --other_seeds 3 "
+                        "--splits selection --runs none:none  # seeds 3, 4")
+    assert "--runs 'kd-head:kd:--text_head true'  # seeds 0, 1, 2" in lines[3] and len(lines) == 11
+    import shlex
+    parsed = argparse.ArgumentParser()
     parsed.add_argument("--runs", nargs="*")
-    known, _ = parsed.parse_known_args(benchmark_cli.shlex.split(lines[3], comments=True))
+    known, _ = parsed.parse_known_args(shlex.split(lines[3], comments=True))
     assert known.runs == ["kd-head:kd:--text_head true"]
 
 
@@ -133,7 +164,7 @@ def test_ratio_undefined_when_no_peer_beats_the_baseline(tmp_path):
     _run(tmp_path, "none", "none", 0, 0.30)
     _run(tmp_path, "kd", "kd", 0, 0.29)
     _run(tmp_path, "c2vkd", "c2vkd", 0, 0.31)
-    benchmark_cli.main(["--report_only", "--out_dir", str(tmp_path), "--readme", str(tmp_path / "none.md")])
+    make_report(tmp_path)
     assert "= **undefined (no peer beats none: best kd -1.00)**" in (tmp_path / "RESULTS.md").read_text()
 
 
@@ -157,7 +188,7 @@ def test_results_pair_c2vkd_directly_with_the_best_peer(tmp_path):
     _run(tmp_path, "cwd", "cwd", 0, 0.32)
     _run(tmp_path, "cwd", "cwd", 1, 0.33)
     _run(tmp_path, "kd", "kd", 0, 0.30)
-    benchmark_cli.main(["--report_only", "--out_dir", str(tmp_path), "--readme", str(tmp_path / "none.md")])
+    make_report(tmp_path)
     assert ("- val: C2VKD minus best peer cwd, paired by seed: **+1.00** ± 2.83 (std over seeds), C2VKD above on 1/2 "
             "seeds (s0: -1.00, s1: +3.00)") in (tmp_path / "RESULTS.md").read_text()
     assert benchmark.head_to_head_line([(4, 0.5)], "dist") == (
@@ -171,7 +202,7 @@ def test_ablations_are_paired_with_the_run_they_change(tmp_path):
     _run(tmp_path, "none-head", "none", 0, 0.32, selection=0.25)
     _run(tmp_path, "none-head-x", "none", 0, 0.31, ablates="none", selection=0.24)
     _run(tmp_path, "c2vkd-x", "c2vkd", 0, 0.33, selection=0.27, text_head=True, control="none-head-x")
-    benchmark_cli.main(["--report_only", "--out_dir", str(tmp_path), "--readme", str(tmp_path / "none.md")])
+    make_report(tmp_path)
     ablations = (tmp_path / "ABLATIONS.md").read_text()
     # paired with the run it changes, and (teacher-based, with the head) minus none-head of the same seed
     assert ("| c2vkd-stage | c2vkd | `-` | -1.00 (0/1 seeds above) | +2.00 (1/1 seeds above) | none-head | "
@@ -184,29 +215,93 @@ def test_ablations_are_paired_with_the_run_they_change(tmp_path):
     assert "c2vkd-stage" not in (tmp_path / "RESULTS.md").read_text()
 
 
-def test_selection_runs_hold_out_one_sequence(tmp_path):
-    args = argparse.Namespace(data_dir=str(tmp_path), protocol="long", teacher="T", text_embeddings="E")
+def test_a_spec_gives_the_shared_configuration_of_each_split(tmp_path):
+    spec = benchmark.load_spec(str(spec_file(tmp_path)))
+    args = argparse.Namespace(spec=spec, protocol="long")
     assert benchmark.shared_config(args, "selection")["selection_holdout"] == "0006R0_*"
     assert "selection_holdout" not in benchmark.shared_config(args, "val")
-    assert benchmark.shared_config(args, "val")["max_steps"] == benchmark.PROTOCOLS["long"]["max_steps"]
+    assert benchmark.shared_config(args, "val")["max_steps"] == 10
+    assert benchmark.shared_config(args, "val")["train_images"] == str((tmp_path / "t").resolve())  # beside the spec
     specs = benchmark.table_specs()
-    assert len(specs) == len(set(specs)) == 11 and specs.count("c2vkd:c2vkd") == 1
+    assert len(specs) == len(set(specs)) == 12 and specs.count("c2vkd:c2vkd") == 1
+    assert specs.count(benchmark.PAPER) == 1
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"splits": ["val", "selection"], "selection_holdout": None}, "needs 'selection_holdout'"),
+    ({"protocols": {"long": {"max_steps": 5}}}, "'protocols' must map names"),
+    ({"colour": "blue"}, "unknown key(s) colour"),
+    ({"cached_protocols": ["huge"]}, "unknown protocols"),
+])
+def test_bad_specs_name_the_key(tmp_path, changes, message):
+    with pytest.raises(benchmark.SpecError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        benchmark.load_spec(str(spec_file(tmp_path, **changes)))
+
+
+def test_builtin_specs_load_and_keep_camvid_configuration():
+    """The three built-in datasets load; CamVid's runs get the configuration its records were made with."""
+    root = Path(__file__).resolve().parents[1]
+    specs = {name: benchmark.load_spec(name, root) for name in ("camvid", "stanford_background", "msrc21")}
+    camvid = specs["camvid"].shared_config("long", "selection")
+    assert (camvid["resize_height"], camvid["resize_width"], camvid["max_steps"], camvid["learning_rate"]) == (
+        120, 160, 2000, 6e-4)
+    assert camvid["selection_holdout"] == "0006R0_*" and camvid["teacher_name_or_path"].endswith("camvid-upernet-lite0")
+    for name in ("stanford_background", "msrc21"):
+        config = specs[name].shared_config("long", "val")
+        assert config["resize_shortest_edge"] == 120 and "resize_height" not in config
+        assert specs[name].splits == ("val",)
+
+
+def test_a_record_of_another_configuration_is_stale_and_left_out(tmp_path):
+    """A record whose configuration is not what today's defaults give its run is stale: out of the tables, listed as
+    missing with why, while a peer record is not made stale by a C2VKD-only flag."""
+    _run(tmp_path, "none", "none", 0, 0.30)
+    _run(tmp_path, "kd", "kd", 0, 0.32)
+    _run(tmp_path, "c2vkd", "c2vkd", 0, 0.40)
+    path = benchmark.record_path(tmp_path, "long", "c2vkd", 0)
+    record = json.loads(path.read_text())
+    record["config"]["distillation"]["channel_weight"] = 0.0  # made before the channel-wise term was the default
+    benchmark.write_json(path, record)
+    kd = benchmark.record_path(tmp_path, "long", "kd", 0)
+    record = json.loads(kd.read_text())
+    record["config"]["distillation"]["exit_weight"] = 0.0  # a C2VKD flag: KD does not read it
+    benchmark.write_json(kd, record)
+    spec = benchmark.load_spec(str(spec_file(tmp_path)))
+    runs = benchmark.mark_stale(benchmark.load_runs(tmp_path, "long"), spec, "long")
+    stale = {r["name"]: r["stale"] for r in runs}
+    assert stale["none"] == [] and stale["kd"] == []
+    assert stale["c2vkd"] == ["channel_weight: record has 0.0, today 3.0"]
+    assert benchmark.values(runs, "c2vkd", "val") == {}
+    assert any(spec_ == "c2vkd:c2vkd" and seeds == [0, 1, 2, 3, 4]
+               for spec_, split, seeds in benchmark.missing_runs(runs, splits=("val",)))
+    make_report(tmp_path)
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "| c2vkd seed 0 | channel_weight: record has 0.0, today 3.0 |" in text
+    assert "| c2vkd | 1 |" not in text
+
+
+def test_paper_recipe_flags_are_the_papers():
+    flags = benchmark.effective_flags("c2vkd", ["--recipe", "paper"])
+    assert (flags["class_balance"], flags["exit_weight"], flags["channel_weight"], flags["text_head"]) == (
+        False, 0.0, 0.0, False)
+    assert (flags["pdd_alpha"], flags["pdd_beta"], flags["glob_weight"], flags["rel_weight"], flags["ling_weight"]) == (
+        0.5, 0.5, 0.1, 0.1, 0.5)
+    assert benchmark.effective_flags("c2vkd", ["--recipe", "paper", "--ce_weight", "0"])["ce_weight"] == 0.0
 
 
 def test_protocol_line_says_how_the_c2vkd_runs_weigh_pixels(tmp_path):
     _run(tmp_path, "none", "none", 0, 0.30)
-    _run(tmp_path, "c2vkd", "c2vkd", 0, 0.31)  # made before class balance was the default: no key in its config
+    _run(tmp_path, "c2vkd", "c2vkd", 0, 0.31)
     _run(tmp_path, "none", "none", 0, 0.30, protocol="short")
     _run(tmp_path, "c2vkd", "c2vkd", 0, 0.31, protocol="short")
-    record = benchmark.record_path(tmp_path, "long", "c2vkd", 0)
+    record = benchmark.record_path(tmp_path, "short", "c2vkd", 0)
     run = json.loads(record.read_text())
-    run["config"]["distillation"].update(class_balance=True, class_balance_power=0.5, exit_weight=0.5,
-                                         channel_weight=3.0)
+    run["config"]["distillation"].update(class_balance=False)  # another configuration: stale, not described
     record.write_text(json.dumps(run))
-    benchmark_cli.main(["--report_only", "--out_dir", str(tmp_path), "--readme", str(tmp_path / "none.md")])
+    make_report(tmp_path)
     long, short = (tmp_path / "RESULTS.md").read_text().split("## Short protocol")
     assert "`c2vkd` runs: class-balanced means, power 0.5, stage exits at 0.5, channel-wise term at 3" in long
-    assert "`c2vkd` runs: plain pixel means (`--class_balance false`)" in short
+    assert "plain pixel means" not in short and "| c2vkd seed 0 | class_balance: record has False" in short
 
 
 def test_per_class_gains_are_paired_by_seed_and_skip_absent_classes(tmp_path):
@@ -230,7 +325,8 @@ def test_per_class_gains_are_paired_by_seed_and_skip_absent_classes(tmp_path):
 
 
 def test_long_runs_replay_a_cache_unless_the_teacher_must_see_each_view(tmp_path):
-    args = argparse.Namespace(protocol="long", work_dir=str(tmp_path))
+    args = argparse.Namespace(protocol="long", work_dir=str(tmp_path),
+                              spec=benchmark.load_spec(str(spec_file(tmp_path))))
     cached = benchmark.teacher_cache_dir(args, "val", "c2vkd", ["--channel_weight", "3"])
     assert cached and cached == benchmark.teacher_cache_dir(args, "val", "c2vkd", [])  # a loss flag: the same cache
     assert cached != benchmark.teacher_cache_dir(args, "val", "c2vkd", ["--teacher_input_scale", "1.5"])
@@ -262,18 +358,26 @@ def test_a_run_trains_through_the_distill_command_and_lands_in_its_record(tmp_pa
         for sub in (split, f"{split}annot"):
             (data / sub).mkdir(parents=True)
         for i, name in enumerate(files):
-            PIL.Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(data / split / name)
-            label = np.zeros((16, 16), np.uint8)
-            label[8:] = 1
+            PIL.Image.fromarray(np.full((32, 32, 3), 40 * i, np.uint8)).save(data / split / name)
+            label = np.zeros((32, 32), np.uint8)
+            label[16:] = 1
             PIL.Image.fromarray(label).save(data / f"{split}annot" / name)
     (data / "classes.json").write_text(json.dumps(["road", "car"]))
-    tiny = (f"--max_steps 1 --eval_steps 1 --save_steps 1 --per_device_train_batch_size 2 "
+    tiny = (f"--per_device_train_batch_size 2 "
             f"--per_device_eval_batch_size 2 --student_config_overrides {shlex.quote(TINY_SEGFORMER_JSON)}")
-    argv = ["--protocol", "short", "--data_dir", str(data), "--out_dir", str(tmp_path / "out"),
+    spec = spec_file(tmp_path / "out", data={**SPEC["data"], "resize_height": 32, "resize_width": 32,
+                                             "train_images": str(data / "train"),
+                                             "train_labels": str(data / "trainannot"),
+                                             "validation_images": str(data / "val"),
+                                             "validation_labels": str(data / "valannot"),
+                                             "labels_file": str(data / "classes.json")},
+                     protocols={"short": {"max_steps": 1, "eval_steps": 1}}, cached_protocols=[],
+                     training={"warmup_steps": 0})
+    argv = ["--dataset", str(spec), "--protocol", "short", "--out_dir", str(tmp_path / "out"),
             "--work_dir", str(tmp_path / "work"), "--main_seeds", "1", "--readme", str(tmp_path / "none.md"),
             "--threads", "1",
             "--runs", f"none:none:{tiny}"]
-    benchmark_cli.main(argv)
+    cli_main(argv)
     record = json.loads(benchmark.record_path(tmp_path / "out", "short", "none", 0).read_text())
     assert record["protocol"] == "short" and record["method"] == "none" and record["ablation"] is None
     assert 0 <= record["val_mean_iou"] <= 1 and 0 <= record["selection_mean_iou"] <= 1
@@ -283,7 +387,7 @@ def test_a_run_trains_through_the_distill_command_and_lands_in_its_record(tmp_pa
     held_out = json.loads((tmp_path / "work" / "short" / "none-seed0-selection" / "benchmark_config.json").read_text())
     assert held_out["selection_holdout"] == "0006R0_*"
     mtime = benchmark.record_path(tmp_path / "out", "short", "none", 0).stat().st_mtime
-    benchmark_cli.main(argv)  # both splits done: nothing runs, the record is not rewritten
+    cli_main(argv)  # both splits done: nothing runs, the record is not rewritten
     assert benchmark.record_path(tmp_path / "out", "short", "none", 0).stat().st_mtime == mtime
     assert "| none | 1 |" in (tmp_path / "out" / "RESULTS.md").read_text()
 
@@ -304,60 +408,7 @@ def test_thread_env_limits_both_thread_pools_and_keeps_the_rest_of_the_environme
 ])
 def test_bad_run_specs_and_splits_are_usage_errors(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as stop:
-        benchmark_cli.main(["--out_dir", str(tmp_path), "--work_dir", str(tmp_path / "w"), *flags])
+        cli_main(["--dataset", str(spec_file(tmp_path)), "--out_dir", str(tmp_path), "--work_dir",
+                  str(tmp_path / "w"), *flags])
     assert stop.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "w").exists()  # nothing ran
-
-
-def test_changing_a_default_relabels_records_and_folders_and_retargets_ablations(tmp_path):
-    work = tmp_path / "work"
-    for seed in (0, 1):
-        _run(tmp_path, "c2vkd", "c2vkd", seed, 0.40 + seed / 100, selection=0.20)
-        _run(tmp_path, "c2vkd-new", "c2vkd", seed, 0.45, selection=0.25 + seed / 100, control="none-head")
-        (work / "long" / f"c2vkd-seed{seed}-selection").mkdir(parents=True)
-        (work / "long" / f"c2vkd-new-seed{seed}").mkdir(parents=True)
-    _run(tmp_path, "c2vkd-new", "c2vkd", 2, 0.46)  # a promoted seed without the other default's run
-    _run(tmp_path, "c2vkd-x", "c2vkd", 0, 0.41)  # made on the old default
-    _run(tmp_path, "c2vkd-y", "c2vkd", 0, 0.47, ablates="c2vkd-new")  # made on the new one
-    _run(tmp_path, "none-head-x", "none", 0, 0.30, ablates="none-head")  # another table row's ablation
-    done = benchmark.change_default(tmp_path, work, "long", "c2vkd", promote="c2vkd-new", demote_as="c2vkd-old",
-                                    demote_flags=["--new_weight", "0"])
-    assert done == {"demoted": [0, 1], "promoted": [0, 1, 2], "retargeted": ["c2vkd-x", "c2vkd-y"]}
-    runs = {(r["name"], r["seed"]): r for r in benchmark.load_runs(tmp_path, "long")}
-    assert sorted(runs) == [("c2vkd", 0), ("c2vkd", 1), ("c2vkd", 2), ("c2vkd-old", 0), ("c2vkd-old", 1),
-                            ("c2vkd-x", 0), ("c2vkd-y", 0), ("none-head-x", 0)]
-    assert runs["c2vkd", 1]["val_mean_iou"] == 0.45 and runs["c2vkd", 1]["selection_mean_iou"] == 0.26
-    assert runs["c2vkd", 0]["ablation"] is None and runs["c2vkd", 0]["extra_flags"] == []
-    assert "control" not in runs["c2vkd", 0] and "ablates" not in runs["c2vkd", 0]
-    assert runs["c2vkd", 0]["relabelled_from"] == "c2vkd-new (the same training as the new default)"
-    old = runs["c2vkd-old", 1]
-    assert (old["selection_mean_iou"], old["ablation"], old["ablates"], old["extra_flags"]) == (
-        0.20, "c2vkd-old", "c2vkd", ["--new_weight", "0"])
-    assert old["relabelled_from"] == "c2vkd (the default before c2vkd-new replaced it)"
-    assert runs["c2vkd-x", 0]["ablates"] == "c2vkd-old" and runs["c2vkd-y", 0]["ablates"] == "c2vkd"
-    assert runs["none-head-x", 0]["ablates"] == "none-head"
-    assert sorted(p.name for p in (work / "long").iterdir()) == [
-        "c2vkd-old-seed0-selection", "c2vkd-old-seed1-selection", "c2vkd-seed0", "c2vkd-seed1"]
-    # the reports read the relabelled records: the promoted runs are the table's c2vkd row
-    benchmark_cli.main(["--report_only", "--out_dir", str(tmp_path), "--readme", str(tmp_path / "none.md")])
-    assert "| c2vkd-old | c2vkd | `--new_weight 0` | -4.50 (0/2 seeds above) |" in (
-        tmp_path / "ABLATIONS.md").read_text()
-    # a second change on top keeps the history; nothing moves while a live benchmark process holds a folder
-    _run(tmp_path, "c2vkd-z", "c2vkd", 0, 0.50)
-    (work / "long" / "c2vkd-z-seed0").mkdir()
-    (work / "long" / "c2vkd-z-seed0" / "RUNNING").write_text(str(os.getpid()))
-    with pytest.raises(RuntimeError, match="c2vkd-z-seed0"):
-        benchmark.change_default(tmp_path, work, "long", "c2vkd", "c2vkd-z", "c2vkd-mid", [])
-    (work / "long" / "c2vkd-z-seed0" / "RUNNING").write_text("999999999")  # left by a killed process
-    with pytest.raises(ValueError, match="already has records"):
-        benchmark.change_default(tmp_path, work, "long", "c2vkd", "c2vkd-z", "c2vkd-old", [])
-    _run(tmp_path, "c2vkd-w", "c2vkd", 7, 0.50)
-    (work / "long" / "c2vkd-seed7").mkdir()  # an interrupted table run that left no record
-    with pytest.raises(ValueError, match="c2vkd-seed7 belong to no 'c2vkd' record"):
-        benchmark.change_default(tmp_path, work, "long", "c2vkd", "c2vkd-w", "c2vkd-mid", [])
-    with pytest.raises(ValueError, match="no long records"):
-        benchmark.change_default(tmp_path, work, "long", "c2vkd", "c2vkd-none", "c2vkd-mid", [])
-    benchmark.change_default(tmp_path, work, "long", "c2vkd", "c2vkd-z", "c2vkd-mid", [])
-    mid = json.loads(benchmark.record_path(tmp_path, "long", "c2vkd-mid", 1).read_text())
-    assert mid["relabelled_from"] == ("c2vkd (the default before c2vkd-z replaced it); before that c2vkd-new (the "
-                                      "same training as the new default)")

@@ -1,66 +1,67 @@
-"""CamVid benchmark: every distillation method x seeds x splits under one shared protocol.
+"""The benchmark: every distillation method x seeds x splits under one shared protocol, on any dataset the loaders
+read ("which method, for my data?").
 
-    python scripts/benchmark.py --protocol long                 # run what is missing, then write the reports
-    python scripts/benchmark.py --report_only                   # only regenerate RESULTS.md, ABLATIONS.md, plots
-    python scripts/benchmark.py --missing                       # the table trainings still to make, one line each
-    python scripts/benchmark.py --threads 1 & python scripts/benchmark.py --threads 1   # two processes, 2 cores
-    python scripts/benchmark.py --protocol short --runs "c2vkd-stage:c2vkd:--stage_weight 0.1 --stage_pairs ..."
+    c2vkd-benchmark --dataset camvid --protocol long          # run what is missing, then write the reports
+    c2vkd-benchmark --dataset my_data.yaml                    # a user's own folders (a dataset spec: .spec)
+    c2vkd-benchmark --dataset msrc21 --report_only            # only regenerate RESULTS.md, ABLATIONS.md, plots
+    c2vkd-benchmark --dataset camvid --missing                # the table trainings still to make, one line each
+    c2vkd-benchmark --threads 1 & c2vkd-benchmark --threads 1 # two driver processes on 2 cores
+    c2vkd-benchmark --dataset camvid --protocol long --runs "c2vkd-x:c2vkd:--exit_weight 0"   # an ablation
 
-**Protocols.** ``short``: 400 steps, evaluated every 100 (about 9 epochs); ``long``: 2000 steps (5x, about 44
-epochs), every 250.
-Batch 8 at 120x160, SegFormer-B0 from random init, the reference UperNet + EfficientNet-Lite0 teacher.
+**Dataset.** A spec file (:mod:`.spec`: data flags, resize, splits, teacher, protocols); the built-in ones are
+``benchmarks/<name>/dataset.yaml`` (camvid, stanford_background, msrc21) and results go to ``benchmarks/<name>/``.
 
-**Splits.** Each configuration and seed is trained twice: on the full train split, evaluated on val
-(``val``: the official table), and on train without sequence 0006R0, evaluated on those 101 held-out
-frames (``selection``: ``--selection_holdout 0006R0_*``). All 101 val frames come from sequence
-0016E5, which also supplies 204 of the 367 training frames, so val rewards fitting one sequence;
-0006R0 is a sequence the selection runs never train on, which is what CamVid's test split asks of a
-model. Defaults are chosen on the selection split and must not lose on val, on five paired seeds: the
-selection gain's mean above 0 with at least 4/5 seeds above, and the val gain's mean not below 0.
+**Splits.** Each configuration and seed is trained on the train split and evaluated on val (``val``); a spec with a
+``selection_holdout`` also trains without the matching training images and evaluates on them (``selection``: CamVid
+holds out sequence 0006R0, a sequence never trained on). Defaults are chosen on CamVid's selection split and must not
+lose on val, on five paired seeds: the selection gain's mean above 0 with at least 4/5 seeds above, and the val gain's
+mean not below 0. The other datasets confirm; they are never tuned on.
 
-**Tables** (RESULTS.md, per protocol, both splits): every method at its defaults (what a user gets;
-C2VKD's default includes the text head), and every method with the text head (``--text_head true``,
-what the teacher adds on top of the head). Gains are paired by seed against the table's teacher-free
-run (``none`` / ``none-head``): a seed fixes the initial weights, the data order and every
-augmentation draw for all methods. The gain ratio is C2VKD's mean paired gain over the best peer's.
-The tables ask for 5 seeds of ``none``, ``dist``, ``c2vkd`` and the head variants of the first two, 3 of
-the others; the long protocol's section lists the trainings still missing (``--missing``: one command line each).
-A run not in the tables is an ablation (ABLATIONS.md), paired against the run it changes
-(``--ablates``, default ``c2vkd``); a teacher-based ablation with the text head is also paired against its
-teacher-free control (``--control``, default ``none-head``; e.g. the same data flags without a teacher).
+**Tables** (RESULTS.md, per protocol and split): every method at its defaults (what a user gets; C2VKD's default
+includes the text head), and every method with the text head (``--text_head true``, what the teacher adds on top of
+the head); both have C2VKD as the paper describes it (``c2vkd-paper``: ``--recipe paper``). Gains are paired by seed
+against the table's teacher-free run (``none`` / ``none-head``): a seed fixes the initial weights, the data order and
+every augmentation draw for all methods. The gain ratio is C2VKD's mean paired gain over the best peer's. The tables
+ask for 5 seeds of ``none``, ``dist``, ``c2vkd`` and the head variants of the first two, 3 of the others
+(``--missing``: one command line each). A run not in the tables is an ablation (ABLATIONS.md), paired against the
+run it changes (``--ablates``, default ``c2vkd``) and, with the text head, against its teacher-free control
+(``--control``, default ``none-head``).
 
-**Teacher.** The short protocol runs the teacher online each step; the long one replays it from a
-teacher cache (one per split and set of teacher outputs, built by the first run that needs it).
+**Records.** ``runs/<protocol>/<name>-seed<k>.json``: ``protocol``, ``name``, ``method``, ``text_head``, ``seed``,
+``val_mean_iou``, ``selection_mean_iou`` (``null`` until that run is made), ``ablation`` (``null`` for table runs),
+``config`` and per split the per-class IoU, histories, wall time and the command. A record whose configuration is not
+what today's code and defaults give its run (:func:`.plan.mark_stale`) is stale: left out of the tables, listed as
+missing, and trained again (its old record replaced) when the benchmark runs.
 
-**Runs.** Each is ``c2vkd-distill`` (``python -m c2vkd_hf.cli.distill``) in a subprocess (own folder under
-``--work_dir``, resumed from its last checkpoint when interrupted). ``runs/<protocol>/<name>-seed<k>.json`` holds
-``protocol``, ``name``, ``method``, ``text_head``, ``seed``, ``val_mean_iou``, ``selection_mean_iou``
-(``null`` until that run is made), ``ablation`` (``null`` for table runs), ``config`` and per split the
-per-class IoU, histories, wall time and the command. Records are updated as each run lands, so a
-benchmark spread over several sittings loses nothing; several driver processes can share the work
-(a lock per run; give each ``--threads`` = cores / processes: two 2-thread trainings on 2 cores spent half
-their CPU time in the kernel and trained about 4x slower than two 1-thread ones: 14 vs 60 steps/min).
+**Teacher.** The spec's ``cached_protocols`` replay the teacher from a teacher cache (one per split and set of teacher
+outputs, built by the first run that needs it); the others run it online.
 
-Modules: :mod:`.plan` (what runs: protocols, tables, seeds, the shared configuration, teacher caches),
-:mod:`.runner` (one training, its record), :mod:`.records` (record files and the per-seed figures),
-:mod:`.report` (RESULTS.md, ABLATIONS.md, plots and the README section), :mod:`.migrate` (relabelling the
-records when a default changes). ``scripts/benchmark.py`` is the command.
+**Runs.** Each is ``c2vkd-distill`` in a subprocess (own folder under ``--work_dir``, resumed from its last
+checkpoint when interrupted, a lock per run so several driver processes share the work; give each ``--threads`` =
+cores / processes: two 2-thread trainings on 2 cores trained about 4x slower than two 1-thread ones).
+
+Modules: :mod:`.spec` (the dataset spec), :mod:`.plan` (what runs: tables, seeds, configurations, teacher caches,
+staleness), :mod:`.runner` (one training, its record), :mod:`.records` (record files and the per-seed figures),
+:mod:`.report` (RESULTS.md, ABLATIONS.md, plots, the README section and the cross-dataset summary).
+``c2vkd-benchmark`` (:mod:`c2vkd_hf.cli.benchmark`, ``scripts/benchmark.py``) is the command.
 """
 
-from .plan import (HEAD, MAIN_SEED_NAMES, MAIN_SEEDS, OTHER_SEEDS, PEERS, PROTOCOLS, SELECTION_HOLDOUT, SPLITS,
-                   TABLE_TITLES, TABLES, missing_runs, parse_run, seeds_for, shared_config, table_names, table_specs,
-                   teacher_cache_dir)
-from .migrate import change_default
-from .records import class_values, load_runs, paired_gains, record_path, values, write_json
+from .plan import (HEAD, MAIN_SEED_NAMES, MAIN_SEEDS, OTHER_SEEDS, PAPER, PEERS, SPLITS, TABLE_TITLES, TABLES,
+                   effective_flags, mark_stale, method_flags, missing_runs, parse_run, seeds_for, shared_config,
+                   table_names, table_specs, teacher_cache_dir)
+from .records import class_values, load_runs, paired_gains, record_path, stale_fields, values, write_json
 from .report import (ablation_section, controlled_variants, gain_ratio, head_to_head_line, per_class_section,
-                     protocol_lines, table_section, teacher_gain_line, update_readme, write_report)
+                     protocol_lines, summary_section, table_section, teacher_gain_line, update_readme, write_report,
+                     write_summary)
 from .runner import claim, run_one
+from .spec import DatasetSpec, SpecError, load_spec
 
 __all__ = [
-    "HEAD", "MAIN_SEED_NAMES", "MAIN_SEEDS", "OTHER_SEEDS", "PEERS", "PROTOCOLS", "SELECTION_HOLDOUT", "SPLITS",
-    "TABLE_TITLES", "TABLES", "missing_runs", "parse_run", "seeds_for", "shared_config", "table_names", "table_specs",
-    "teacher_cache_dir",
-    "change_default", "class_values", "load_runs", "paired_gains", "record_path", "values", "write_json",
+    "HEAD", "MAIN_SEED_NAMES", "MAIN_SEEDS", "OTHER_SEEDS", "PAPER", "PEERS", "SPLITS", "TABLE_TITLES", "TABLES",
+    "effective_flags", "mark_stale", "method_flags", "missing_runs", "parse_run", "seeds_for", "shared_config",
+    "table_names", "table_specs", "teacher_cache_dir",
+    "class_values", "load_runs", "paired_gains", "record_path", "stale_fields", "values", "write_json",
     "ablation_section", "controlled_variants", "gain_ratio", "head_to_head_line", "per_class_section", "protocol_lines",
-    "table_section", "teacher_gain_line", "update_readme", "write_report", "claim", "run_one",
+    "summary_section", "table_section", "teacher_gain_line", "update_readme", "write_report", "write_summary",
+    "claim", "run_one", "DatasetSpec", "SpecError", "load_spec",
 ]

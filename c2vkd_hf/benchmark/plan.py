@@ -1,5 +1,5 @@
-"""What the CamVid benchmark runs: protocols, splits, the two tables' run specs, seeds, the shared training
-configuration and which teacher cache a run replays (the package docstring tells the protocol)."""
+"""What a benchmark runs: the two tables' run specs, seeds, each run's configuration (from the dataset spec,
+:mod:`.spec`) and which teacher cache a run replays (the package docstring tells the protocol)."""
 
 from __future__ import annotations
 
@@ -10,18 +10,20 @@ from typing import Optional
 
 from . import records
 
-PROTOCOLS = {"short": {"max_steps": 400, "eval_steps": 100}, "long": {"max_steps": 2000, "eval_steps": 250}}
 SPLITS = ("val", "selection")
-SELECTION_HOLDOUT = "0006R0_*"
 PEERS = ("kd", "cwd", "dist", "dkd")
 HEAD = "--text_head true"
-#: the two tables: (teacher-free baseline, run specs name:method[:flags]); C2VKD's default has the head
+PAPER = "c2vkd-paper:c2vkd:--recipe paper"
+#: the two tables: (teacher-free baseline, run specs name:method[:flags]); C2VKD's default has the head, and
+#: C2VKD as the paper describes it (``--recipe paper``) is a row of both
 TABLES = {
-    "defaults": ("none", ["none:none", *(f"{p}:{p}" for p in PEERS), "c2vkd:c2vkd"]),
-    "head": ("none-head", [f"none-head:none:{HEAD}", *(f"{p}-head:{p}:{HEAD}" for p in PEERS), "c2vkd:c2vkd"]),
+    "defaults": ("none", ["none:none", *(f"{p}:{p}" for p in PEERS), "c2vkd:c2vkd", PAPER]),
+    "head": ("none-head", [f"none-head:none:{HEAD}", *(f"{p}-head:{p}:{HEAD}" for p in PEERS), "c2vkd:c2vkd", PAPER]),
 }
 TABLE_TITLES = {"defaults": "Every method at its defaults (what a user gets)",
                 "head": "Every method with the text head (what the teacher adds on top of the head)"}
+#: rows that are not peers: C2VKD's own (ours and the paper's) and the baselines
+OURS, PAPER_NAME = "c2vkd", "c2vkd-paper"
 MAIN_SEED_NAMES = ("none", "dist", "c2vkd", "none-head", "dist-head")
 #: the seed counts the tables ask for: ``MAIN_SEEDS`` for :data:`MAIN_SEED_NAMES`, ``OTHER_SEEDS`` for the other runs
 MAIN_SEEDS, OTHER_SEEDS = 5, 3
@@ -43,29 +45,98 @@ def table_names() -> set[str]:
 
 
 def teacher_cache_dir(args, split: str, method: str, extra: list[str]) -> Optional[str]:
-    """The long protocol replays the teacher from a cache (``--teacher_cache``) so that a teacher run costs
-    about what the student alone costs: one cache per split and per set of teacher outputs the run reads
-    (method and flags; the cache refuses another key). The short protocol, and any run with CutMix
+    """The spec's cached protocols (CamVid's long one) replay the teacher from a cache (``--teacher_cache``) so that
+    a teacher run costs about what the student alone costs: one cache per split and per set of teacher outputs the
+    run reads (method and flags; the cache refuses another key). The other protocols, and any run with CutMix
     (``--cutmix_prob``) or consistent jitter (``--consistent_jitter``), function matching, run the teacher online."""
     live = ("--cutmix_prob", "--consistent_jitter")
-    if args.protocol != "long" or method == "none" or any(f.startswith(live) for f in extra):
+    if args.protocol not in args.spec.cached_protocols or method == "none" or any(f.startswith(live) for f in extra):
         return None  # the teacher must see each mixed or jittered view
     tag = hashlib.sha1(" ".join([method, *stored_maps(method, extra)]).encode()).hexdigest()[:8]
     return str(Path(args.work_dir) / "teacher-cache" / f"{split}-{method}-{tag}")
 
 
-def stored_maps(method: str, extra: list[str]) -> list[str]:
-    """What decides which teacher maps a run's cache holds, as ``flag=value`` with the flags' values in force (given
-    in ``extra``, else their defaults): C2VKD's feature pairs, its stage pairs when stage guidance or exits are on,
-    and the teacher's input scale. Runs that agree on these share a cache; a changed default makes another one."""
-    from ..config import distillation_defaults
-
-    values = distillation_defaults()
+def given_flags(extra: list[str]) -> dict[str, str]:
+    """``{flag: value as written}`` of a run's extra flags (``--name value`` or ``--name=value``)."""
+    given: dict[str, str] = {}
     for i, item in enumerate(extra):
         if item.startswith("--"):
-            name, _, value = item[2:].partition("=")
-            if name in values:
-                values[name] = value if value else (extra[i + 1] if i + 1 < len(extra) else "")
+            name, sep, value = item[2:].partition("=")
+            given[name] = value if sep else (extra[i + 1] if i + 1 < len(extra) else "")
+    return given
+
+
+def effective_flags(method: str, extra: list[str]) -> dict:
+    """Every ``DistillationArguments`` value a run of ``method`` with ``extra`` flags trains with: the dataclass
+    defaults, then the values of its ``--recipe`` (if any), then ``extra``'s own (as the command line reads them:
+    strings, converted to the defaults' types)."""
+    from ..config import distillation_defaults
+    from ..jobs import recipe_values
+
+    values = distillation_defaults()
+    given = given_flags(extra)
+    if given.get("recipe"):
+        values.update(recipe_values(given.pop("recipe")))
+    values["method"] = method
+    for name, value in given.items():
+        if name in values:
+            values[name] = _typed(value, values[name])
+    return values
+
+
+def _typed(text: str, like):
+    if isinstance(like, bool) or text.lower() in ("true", "false"):
+        return text.lower() in ("true", "1", "yes")
+    for kind in (int, float):
+        if isinstance(like, kind):
+            try:
+                return kind(text)
+            except ValueError:
+                return text
+    try:
+        return float(text) if any(c in text for c in ".e") else int(text)
+    except ValueError:
+        return text
+
+
+#: ``DistillationArguments`` fields only C2VKD reads, and those only the peers read (``method`` none reads neither)
+C2VKD_FIELDS = ("pdd_", "label_weight", "class_balance", "feature_pairs", "glob_", "rel_", "ling_", "stage_",
+                "exit_weight", "channel_", "weight_schedules")
+PEER_FIELDS = ("kd_weight", "kd_temperature")
+
+
+def method_flags(method: str, extra: list[str]) -> dict:
+    """:func:`effective_flags` without the fields ``method`` does not read (a changed C2VKD default does not make
+    a KD record stale)."""
+    values = effective_flags(method, extra)
+    drop = (() if method == "c2vkd" else C2VKD_FIELDS) + (() if method in PEERS else PEER_FIELDS)
+    return {k: v for k, v in values.items() if not k.startswith(drop)}
+
+
+def mark_stale(runs: list[dict], spec, protocol: str) -> list[dict]:
+    """Sets each record's ``stale``: the list of :func:`.records.stale_fields` against today's configuration of its
+    run (empty: a run of today's code and defaults). Stale records are left out of the tables and listed as missing,
+    so a changed default reruns the records it affects instead of relabelling them."""
+    base = spec.shared_config(protocol, "val") if protocol in spec.protocols else {}
+    for record in runs:
+        extra = record.get("extra_flags") or []
+        try:
+            expected = method_flags(record["method"], extra)
+        except Exception as error:  # e.g. a recipe that no longer exists
+            record["stale"] = [f"its flags no longer parse ({error})"]
+            continue
+        shared = {**base, **{k: _typed(v, base[k]) for k, v in given_flags(extra).items() if k in base}}
+        record["stale"] = records.stale_fields(record, expected, shared,
+                                               loss_fields=C2VKD_FIELDS + PEER_FIELDS + ("ce_weight", "text_head"))
+    return runs
+
+
+def stored_maps(method: str, extra: list[str]) -> list[str]:
+    """What decides which teacher maps a run's cache holds, as ``flag=value`` with the flags' values in force
+    (:func:`effective_flags`): C2VKD's feature pairs, its stage pairs when stage guidance or exits are on,
+    and the teacher's input scale. Runs that agree on these share a cache; a changed default makes another one."""
+    values = {k: str(v) if not isinstance(v, str) and v is not None else v for k, v in
+              effective_flags(method, extra).items()}
     kept = ["teacher_input_scale"]
     if method == "c2vkd":
         kept.append("feature_pairs")
@@ -75,27 +146,9 @@ def stored_maps(method: str, extra: list[str]) -> list[str]:
 
 
 def shared_config(args, split: str) -> dict:
-    """``c2vkd-distill``'s configuration shared by every run of ``args.protocol`` on ``split`` (data under
-    ``args.data_dir``, ``args.teacher``, ``args.text_embeddings``); a selection run holds out
-    :data:`SELECTION_HOLDOUT`."""
-    data = Path(args.data_dir)
-    protocol = PROTOCOLS[args.protocol]
-    config = {
-        "train_images": str(data / "train"), "train_labels": str(data / "trainannot"),
-        "validation_images": str(data / "val"), "validation_labels": str(data / "valannot"),
-        "labels_file": str(data / "classes.json"),
-        "resize_height": 120, "resize_width": 160, "min_scale": 0.75, "max_scale": 1.5, "hflip": True,
-        "teacher_name_or_path": args.teacher, "student_name_or_path": "segformer-b0",
-        "text_embeddings": args.text_embeddings,
-        "max_steps": protocol["max_steps"], "per_device_train_batch_size": 8, "per_device_eval_batch_size": 8,
-        "learning_rate": 6e-4, "lr_scheduler_type": "polynomial", "warmup_steps": 30, "weight_decay": 0.01,
-        "eval_strategy": "steps", "eval_steps": protocol["eval_steps"], "save_strategy": "steps",
-        "save_steps": protocol["eval_steps"], "save_total_limit": 1, "logging_steps": 20,
-        "report_to": "none", "disable_tqdm": True, "train_baseline": "false",
-    }
-    if split == "selection":
-        config["selection_holdout"] = SELECTION_HOLDOUT
-    return config
+    """``c2vkd-distill``'s configuration shared by every run of ``args.protocol`` on ``split``, from the dataset spec
+    ``args.spec`` (:meth:`~.spec.DatasetSpec.shared_config`)."""
+    return args.spec.shared_config(args.protocol, split)
 
 
 def parse_run(spec: str) -> tuple[str, str, list[str]]:

@@ -8,7 +8,8 @@ import statistics
 from pathlib import Path
 from typing import Optional
 
-from .plan import MAIN_SEED_NAMES, MAIN_SEEDS, OTHER_SEEDS, SPLITS, TABLE_TITLES, TABLES, missing_runs, parse_run
+from .plan import (MAIN_SEED_NAMES, MAIN_SEEDS, OTHER_SEEDS, PAPER_NAME, SPLITS, TABLE_TITLES, TABLES, mark_stale,
+                   missing_runs, parse_run)
 from .records import class_values, load_runs, paired_gains, values
 
 
@@ -38,7 +39,7 @@ def gain_ratio(runs: list[dict], table: str, split: str) -> Optional[dict]:
     peers = {}
     for spec in specs:
         name = parse_run(spec)[0]
-        if name in (base, "c2vkd"):
+        if name in (base, "c2vkd", PAPER_NAME):  # C2VKD's own rows are not peers
             continue
         shared = {s: g for s, g in paired_gains(runs, name, base, split) if s in c2vkd}
         if shared:
@@ -67,37 +68,39 @@ def teacher_gain_line(gains: list[tuple[int, float]], base: str, target: float =
             f"**{verdict}** on {len(g)} seed{'s' if len(g) > 1 else ''}")
 
 
-def head_to_head_line(gains: list[tuple[int, float]], peer: str) -> str:
+def head_to_head_line(gains: list[tuple[int, float]], peer: str, what: Optional[str] = None) -> str:
     """C2VKD against ``peer`` directly: ``d(s) = mIoU(c2vkd, s) - mIoU(peer, s)`` paired by seed, its mean, the
     standard deviation of ``d`` over seeds, the seeds with ``d > 0`` and each seed's ``d``. The ratio of mean gains
     says how much larger C2VKD's gain is; this says whether the difference is larger than a seed moves it."""
     d = [x for _, x in gains]
     spread = f" ± {statistics.stdev(d):.2f} (std over seeds)" if len(d) > 1 else ""
     per_seed = ", ".join(f"s{s}: {x:+.2f}" for s, x in gains)
-    return (f"C2VKD minus best peer {peer}, paired by seed: **{statistics.mean(d):+.2f}**{spread}, C2VKD above on "
+    return (f"{what or f'C2VKD minus best peer {peer}'}, paired by seed: **{statistics.mean(d):+.2f}**{spread}, "
+            f"C2VKD above on "
             f"{sum(x > 0 for x in d)}/{len(d)} seeds ({per_seed})")
 
 
-def table_section(runs: list[dict], table: str) -> list[str]:
-    """Markdown: one table's runs on both splits, paired gains, the gain ratio and the targets."""
+def table_section(runs: list[dict], table: str, splits: tuple[str, ...] = SPLITS) -> list[str]:
+    """Markdown: one table's runs on ``splits``, paired gains, the gain ratio, C2VKD against the best peer and
+    against the paper's recipe, and the targets."""
     base, specs = TABLES[table]
     names = [parse_run(s)[0] for s in specs]
-    present = [n for n in names if any(values(runs, n, split) for split in SPLITS)]
+    present = [n for n in names if any(values(runs, n, split) for split in splits)]
     if not present:
         return []
+    header = " | ".join(f"{sp} seeds | {sp} mIoU | {sp} gain over {base}" for sp in splits)
     lines = [f"### {TABLE_TITLES[table]}", "",
              f"mIoU in points (mean ± seed std); gain = paired by seed over `{base}`.", "",
-             "| run | val seeds | val mIoU | val gain over " + base + " | selection seeds | selection mIoU | "
-             "selection gain over " + base + " |", "|---|---|---|---|---|---|---|"]
+             f"| run | {header} |", "|---|" + "---|---|---|" * len(splits)]
     for name in present:
         cells = []
-        for split in SPLITS:
+        for split in splits:
             v = list(values(runs, name, split).values())
             cells += [str(len(v)), mean_std(v), "+0.00" if name == base and v else gain_cell(paired_gains(runs, name, base, split))]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("")
     target = {"defaults": 2.0, "head": 1.5}[table]
-    for split in SPLITS:
+    for split in splits:
         r = gain_ratio(runs, table, split)
         if r is None:
             continue
@@ -107,20 +110,24 @@ def table_section(runs: list[dict], table: str) -> list[str]:
                      f"{r['peer']:+.2f}), on the {r['seeds']} seed{'s' if r['seeds'] > 1 else ''} both have = "
                      f"**{text}** (target > {target:g})")
         lines.append(f"- {split}: " + head_to_head_line(paired_gains(runs, "c2vkd", r["best"], split), r["best"]))
+    for split in splits:
+        paper = paired_gains(runs, "c2vkd", PAPER_NAME, split)
+        if paper and table == "defaults":
+            lines.append(f"- {split}: " + head_to_head_line(paper, PAPER_NAME, what="C2VKD (ours) minus C2VKD (paper)"))
     if table == "head":
-        for split in SPLITS:
+        for split in splits:
             gains = paired_gains(runs, "c2vkd", base, split)
             if gains:
                 lines.append(f"- {split}: " + teacher_gain_line(gains, base))
     return lines + [""]
 
 
-def per_class_section(runs: list[dict], base: str, candidates: list[str]) -> list[str]:
+def per_class_section(runs: list[dict], base: str, candidates: list[str], splits: tuple[str, ...] = SPLITS) -> list[str]:
     """Markdown: where each run's gain lands, per class and split: ``base``'s IoU (seed mean) and each of
     ``candidates``' IoU minus the baseline's, paired by seed and averaged over the seeds both have,
     ``mean_s [IoU_k(run, s) - IoU_k(base, s)]``."""
     lines = []
-    for split in SPLITS:
+    for split in splits:
         ref = class_values(runs, base, split)
         others = {n: class_values(runs, n, split) for n in candidates if n != base}
         others = {n: v for n, v in others.items() if set(v) & set(ref)}
@@ -162,42 +169,53 @@ def controlled_variants(runs: list[dict]) -> dict[str, list[str]]:
     return groups
 
 
-def ablation_section(runs: list[dict]) -> list[str]:
-    """Markdown: each ablation paired by seed with the run it changes, on both splits, and (for a teacher-based
+def ablation_section(runs: list[dict], splits: tuple[str, ...] = SPLITS) -> list[str]:
+    """Markdown: each ablation paired by seed with the run it changes, on ``splits``, and (for a teacher-based
     variant with the text head) its teacher-attributable gain: minus its teacher-free control (``none-head``
     unless the record names another), paired by seed."""
-    variants = sorted({r["name"] for r in runs if r.get("ablation")})
+    variants = sorted({r["name"] for r in runs if r.get("ablation") and not r.get("stale")})
     if not variants:
         return []
     with_head = set(teacher_head_variants(runs))
-    lines = ["| variant | compared with | flags | val: paired gain | selection: paired gain | "
-             "teacher-free control | val: minus control | selection: minus control |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | compared with | flags | " + " | ".join(f"{sp}: paired gain" for sp in splits)
+             + " | teacher-free control | " + " | ".join(f"{sp}: minus control" for sp in splits) + " |",
+             "|---|---|---|" + "---|" * (2 * len(splits) + 1)]
     for name in variants:
         run = next(r for r in runs if r["name"] == name)
         ref = run.get("ablates") or "c2vkd"
         control = (run.get("control") or "none-head") if name in with_head else None
         flags = " ".join(run.get("extra_flags") or []) or "-"
-        cells = [gain_cell(paired_gains(runs, name, ref, split)) for split in SPLITS] + [control or "-"]
-        cells += [gain_cell(paired_gains(runs, name, control, split)) if control else "-" for split in SPLITS]
+        cells = [gain_cell(paired_gains(runs, name, ref, split)) for split in splits] + [control or "-"]
+        cells += [gain_cell(paired_gains(runs, name, control, split)) if control else "-" for split in splits]
         lines.append(f"| {name} | {ref} | `{flags}` | " + " | ".join(cells) + " |")
     return lines + [""]
 
 
+def _resize_text(data: dict) -> str:
+    if data.get("resize_height"):
+        return f"{data['resize_height']}x{data['resize_width']}"
+    if data.get("resize_shortest_edge"):
+        crop = f", crops {data['crop_height']}x{data['crop_width']}" if data.get("crop_height") else ""
+        return f"shorter side {data['resize_shortest_edge']} (aspect kept){crop}"
+    return "at their own size"
+
+
 def protocol_lines(runs: list[dict], protocol: str) -> list[str]:
-    cfg = next(r["config"] for r in runs if r.get("config"))
+    current = [r for r in runs if r.get("config") and not r.get("stale")] or [r for r in runs if r.get("config")]
+    cfg = current[0]["config"]
     teacher = next((r["teacher_val_mean_iou"] for r in runs if r.get("teacher_val_mean_iou")), None)
     return [f"- {protocol}: {cfg['training']['max_steps']} steps, batch {cfg['training']['per_device_train_batch_size']}, "
             f"AdamW lr {cfg['training']['learning_rate']} polynomial, warm-up {cfg['training']['warmup_steps']}; images "
-            f"{cfg['data']['resize_height']}x{cfg['data']['resize_width']}, scale {cfg['data']['min_scale']}-"
+            f"{_resize_text(cfg['data'])}, scale {cfg['data']['min_scale']}-"
             f"{cfg['data']['max_scale']}, crop, flip; SegFormer-B0 from random init; teacher "
             f"`{Path(cfg['distillation']['teacher_name_or_path']).name}`"
-            + (f" ({teacher * 100:.2f}% val mIoU at this resolution)" if teacher else "") + c2vkd_settings(runs)]
+            + (f" ({teacher * 100:.2f}% val mIoU at this resolution)" if teacher else "") + c2vkd_settings(current)]
 
 
-def missing_section(runs: list[dict]) -> list[str]:
+def missing_section(runs: list[dict], dataset: str, splits: tuple[str, ...] = SPLITS) -> list[str]:
     """The table trainings still to make for the seed counts the tables ask for (:func:`.plan.missing_runs`), one line
     per run, and the command that makes them; empty when none is missing."""
-    missing = missing_runs(runs)
+    missing = missing_runs(runs, splits=splits)
     if not missing:
         return []
     by_name: dict[str, list[str]] = {}
@@ -207,15 +225,26 @@ def missing_section(runs: list[dict]) -> list[str]:
     total = sum(len(seeds) for _, _, seeds in missing)
     return ["### Still to run", "",
             f"{total} trainings are missing from the seed counts the tables ask for ({MAIN_SEEDS} seeds for "
-            f"{', '.join(f'`{n}`' for n in MAIN_SEED_NAMES)}, {OTHER_SEEDS} for the others); "
-            "`python scripts/benchmark.py --missing` prints one command line for each:", "",
+            f"{', '.join(f'`{n}`' for n in MAIN_SEED_NAMES)}, {OTHER_SEEDS} for the others; stale records count as "
+            f"missing); `c2vkd-benchmark --dataset {dataset} --missing` prints one command line for each:", "",
             *(f"- `{name}`: {'; '.join(parts)}" for name, parts in by_name.items()), ""]
 
 
+def stale_section(runs: list[dict]) -> list[str]:
+    """The records that are not runs of today's configuration (left out of every table), with why."""
+    stale = [r for r in runs if r.get("stale")]
+    if not stale:
+        return []
+    lines = ["### Stale records (left out of the tables; trained again when the benchmark runs)", "",
+             "| record | why (first differences) |", "|---|---|"]
+    for r in sorted(stale, key=lambda r: (r["name"], r["seed"])):
+        lines.append(f"| {r['name']} seed {r['seed']} | {'; '.join(r['stale'][:3])} |")
+    return lines + [""]
+
+
 def c2vkd_settings(runs: list[dict]) -> str:
-    """How the table's ``c2vkd`` runs weigh pixels and whether they have stage exits and the channel-wise term (class
-    balance, the exits, then the channel-wise term became C2VKD's defaults after earlier runs were made; each run's
-    configuration says which it used)."""
+    """How the table's ``c2vkd`` runs weigh pixels and whether they have stage exits and the channel-wise term (each
+    run's configuration says which it used)."""
     cfgs = [r["config"]["distillation"] for r in runs if r["name"] == "c2vkd" and r.get("config")]
     kinds = sorted({(c.get("class_balance", False), c.get("class_balance_power", 1.0), c.get("exit_weight") or 0.0,
                      c.get("channel_weight") or 0.0) for c in cfgs})
@@ -225,22 +254,26 @@ def c2vkd_settings(runs: list[dict]) -> str:
     return f"; `c2vkd` runs: {text}" if text else ""
 
 
-def make_plots(runs: list[dict], out_dir: Path, protocol: str) -> list[str]:
-    """Per protocol: val (and selection) mIoU per run of both tables, and val mIoU over training."""
+def make_plots(runs: list[dict], out_dir: Path, protocol: str, title: str = "",
+               splits: tuple[str, ...] = SPLITS) -> list[str]:
+    """Per protocol: mIoU per run of both tables on ``splits``, and val mIoU over training."""
     from matplotlib.figure import Figure
 
     files = []
     fig = Figure(figsize=(13, 4.2))
     axes = fig.subplots(1, 2, sharey=True)
+    colours = {"val": "tab:blue", "selection": "tab:green"}
+    width = 0.76 / len(splits)
     for ax, table in zip(axes, TABLES):
         base, specs = TABLES[table]
-        names = [n for n in (parse_run(s)[0] for s in specs) if values(runs, n, "val") or values(runs, n, "selection")]
+        names = [n for n in (parse_run(s)[0] for s in specs) if any(values(runs, n, sp) for sp in splits)]
         for i, name in enumerate(names):
-            for offset, split, colour in ((-0.2, "val", "tab:blue"), (0.2, "selection", "tab:green")):
+            for k, split in enumerate(splits):
+                offset = (k - (len(splits) - 1) / 2) * width
                 v = list(values(runs, name, split).values())
                 if v:
-                    ax.bar(i + offset, statistics.mean(v), 0.38, color=colour, alpha=0.6,
-                           label=split if i == 0 or not ax.get_legend_handles_labels()[0] else None)
+                    ax.bar(i + offset, statistics.mean(v), width * 0.95, color=colours[split], alpha=0.6,
+                           label=split)
                     ax.scatter([i + offset] * len(v), v, color="black", s=10, zorder=3)
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
         ax.set_title(TABLE_TITLES[table], fontsize=9)
@@ -248,15 +281,16 @@ def make_plots(runs: list[dict], out_dir: Path, protocol: str) -> list[str]:
         if handles:
             ax.legend(dict(zip(labels, handles)).values(), dict(zip(labels, handles)).keys(), fontsize=8)
     axes[0].set_ylabel("mIoU (%)  (bars: seed mean, dots: seeds)")
-    fig.suptitle(f"CamVid, {protocol} protocol: val and selection-split mIoU")
+    fig.suptitle(f"{title}, {protocol} protocol: " + " and ".join(splits) + " mIoU")
     fig.tight_layout()
     files.append(f"{protocol}_miou.png")
     fig.savefig(out_dir / files[-1], dpi=90)
 
     fig = Figure(figsize=(7, 4.2))
     ax = fig.subplots()
-    for k, name in enumerate(sorted({r["name"] for r in runs if not r.get("ablation")})):
-        histories = [r["runs"]["val"]["eval_history"] for r in runs if r["name"] == name and "val" in r.get("runs", {})]
+    for k, name in enumerate(sorted({r["name"] for r in runs if not r.get("ablation") and not r.get("stale")})):
+        histories = [r["runs"]["val"]["eval_history"] for r in runs if r["name"] == name and not r.get("stale")
+                     and "val" in r.get("runs", {})]
         if not histories:
             continue
         steps = sorted({h["step"] for hist in histories for h in hist})
@@ -265,7 +299,7 @@ def make_plots(runs: list[dict], out_dir: Path, protocol: str) -> list[str]:
         ax.plot(steps, mean, marker="o", ms=3, color=f"C{k % 10}", ls="--" if name.endswith("-head") else "-",
                 label=f"{name} ({len(histories)} seeds)")
     ax.set_xlabel("step"), ax.set_ylabel("val mIoU (%), seed mean")
-    ax.set_title(f"Val mIoU over training ({protocol} protocol)")
+    ax.set_title(f"{title}: val mIoU over training ({protocol} protocol)")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     files.append(f"{protocol}_curves.png")
@@ -273,65 +307,144 @@ def make_plots(runs: list[dict], out_dir: Path, protocol: str) -> list[str]:
     return files
 
 
-def write_report(out_dir: Path, readme: Optional[Path] = None) -> Optional[str]:
-    """Writes RESULTS.md, ABLATIONS.md and the plots into ``out_dir`` from its run records, and the long (else
-    short) protocol's tables into ``readme``'s benchmark section; returns RESULTS.md's path (``None`` without
-    records)."""
+def write_report(out_dir: Path, readme: Optional[Path] = None, spec=None) -> Optional[str]:
+    """Writes RESULTS.md, ABLATIONS.md and the plots into ``out_dir`` from its run records (stale ones marked against
+    ``spec``, the dataset spec), and the long (else first) protocol's tables into ``readme``'s benchmark section;
+    returns RESULTS.md's path (``None`` without records)."""
     out_dir = Path(out_dir)
-    by_protocol = {p: runs for p in ("long", "short") if (runs := load_runs(out_dir, p))}
+    order = list(spec.protocols)[::-1] if spec is not None else ["long", "short"]
+    by_protocol = {p: runs for p in order if (runs := load_runs(out_dir, p))}
     if not by_protocol:
         return None
-    lines = ["# CamVid distillation benchmark", "",
-             "Generated by `scripts/benchmark.py` from `runs/<protocol>/*.json` (do not edit by hand). Protocol, "
-             "splits and pairing: `python scripts/benchmark.py --help` (`c2vkd_hf/benchmark/__init__.py`). `val`: "
-             "trained on the full train split, evaluated on the val split (sequence 0016E5, also in training). `selection`: trained without sequence 0006R0, evaluated "
-             "on its 101 frames (a sequence never trained on). Ablations: [ABLATIONS.md](ABLATIONS.md).", ""]
+    title = spec.title if spec is not None else out_dir.name
+    splits = spec.splits if spec is not None else SPLITS
+    name = spec.name if spec is not None else out_dir.name
+    notes = "; ".join(f"`{sp}`: {spec.split_notes[sp]}" for sp in splits if spec is not None and sp in spec.split_notes)
+    lines = [f"# {title} distillation benchmark", "",
+             f"Generated by `c2vkd-benchmark --dataset {name}` from `runs/<protocol>/*.json` (do not edit by hand). "
+             "Protocol, splits and pairing: `c2vkd-benchmark --help` (`c2vkd_hf/benchmark/__init__.py`)"
+             + (f". {notes}" if notes else "") + ". Ablations: [ABLATIONS.md](ABLATIONS.md).", ""]
     readme_lines: list[str] = []
-    ablations = ["# CamVid benchmark: ablations", "",
-                 "Generated by `scripts/benchmark.py`. Each variant paired by seed with the run it changes; a teacher-based "
+    ablations = [f"# {title} benchmark: ablations", "",
+                 "Generated by `c2vkd-benchmark`. Each variant paired by seed with the run it changes; a teacher-based "
                  "variant with the text head also minus its teacher-free control (`none-head`, or the same data flags "
                  "without a teacher; what the teacher adds), paired by seed.", ""]
     for protocol, runs in by_protocol.items():
+        if spec is not None and protocol in spec.protocols:
+            mark_stale(runs, spec, protocol)
         section = [f"## {protocol.capitalize()} protocol", "", *protocol_lines(runs, protocol), ""]
         for table in TABLES:
-            section += table_section(runs, table)
+            section += table_section(runs, table, splits)
         if not readme_lines:
             readme_lines = list(section)
-        section += [f"![{f}]({f})" for f in make_plots(runs, out_dir, protocol)] + [""]
+        section += [f"![{f}]({f})" for f in make_plots(runs, out_dir, protocol, title, splits)] + [""]
         if protocol == "long":  # the protocol whose seed counts the tables are held to
-            section += missing_section(runs)
+            section += missing_section(runs, name, splits)
+        section += stale_section(runs)
         base, specs = TABLES["head"]
-        lines += section + per_class_section(runs, base, [parse_run(s)[0] for s in specs])
-        abl = ablation_section(runs)
+        lines += section + per_class_section(runs, base, [parse_run(s)[0] for s in specs], splits)
+        abl = ablation_section(runs, splits)
         if abl:
             ablations += [f"## {protocol.capitalize()} protocol", "", *abl,
-                          *per_class_section(runs, base, ["c2vkd", *teacher_head_variants(runs)])]
+                          *per_class_section(runs, base, ["c2vkd", *teacher_head_variants(runs)], splits)]
             for control, variants in sorted(controlled_variants(runs).items()):  # e.g. the same data flags, no teacher
-                ablations += per_class_section(runs, control, variants)
-    lines += ["## Commands", "", "```bash", "python scripts/benchmark.py --protocol long --main_seeds 5 --other_seeds 3",
-              "python scripts/benchmark.py --protocol short --main_seeds 5 --other_seeds 3", "```", ""]
+                ablations += per_class_section(runs, control, variants, splits)
+    lines += ["## Commands", "", "```bash",
+              *(f"c2vkd-benchmark --dataset {name} --protocol {p} --main_seeds 5 --other_seeds 3" for p in order),
+              "```", ""]
     (out_dir / "RESULTS.md").write_text("\n".join(lines) + "\n")
     (out_dir / "ABLATIONS.md").write_text("\n".join(ablations) + "\n")
     if readme is not None:
-        update_readme(Path(readme), readme_lines, out_dir / "RESULTS.md")
+        update_readme(Path(readme), readme_lines, out_dir / "RESULTS.md", key=name)
     print(f"wrote {out_dir / 'RESULTS.md'} and ABLATIONS.md")
     return str(out_dir / "RESULTS.md")
 
 
-README_START, README_END = "<!-- benchmark:start -->", "<!-- benchmark:end -->"
+def summary_rows(runs: list[dict], split: str) -> dict[str, Optional[dict]]:
+    """Per table, the figures of the cross-dataset summary on ``split`` (``None`` where a table has no ratio yet)."""
+    out = {}
+    for table in TABLES:
+        base = TABLES[table][0]
+        r = gain_ratio(runs, table, split)
+        if r is None:
+            out[table] = None
+            continue
+        d = [x for _, x in paired_gains(runs, "c2vkd", r["best"], split)]
+        out[table] = {**r, "base": base, "minus_best": statistics.mean(d), "minus_best_std":
+                      statistics.stdev(d) if len(d) > 1 else None, "above": sum(x > 0 for x in d), "n": len(d)}
+    return out
 
 
-def update_readme(readme: Path, table_lines: list[str], report: Path) -> None:
-    """Replaces the text between the benchmark markers of ``readme`` (when both are there)."""
+def summary_section(datasets: list[tuple[object, list[dict]]], protocol: str = "long") -> list[str]:
+    """Markdown: the cross-dataset summary, one row per dataset and split: the teacher, the plain student, the best
+    peer, C2VKD (ours) and C2VKD (paper), mIoU as seed means, then per table the gain ratio (C2VKD's paired gain over
+    the best peer's) and C2VKD minus the best peer paired by seed (mean ± std over seeds, seeds above)."""
+    lines = [f"mIoU in points ({protocol} protocol; seed means, seeds in brackets); ratio = C2VKD's paired gain over "
+             "the table's teacher-free run / the best peer's; minus best = C2VKD minus that peer, paired by seed, "
+             "± std over seeds.", "",
+             "| dataset | split | teacher | plain student | best peer | C2VKD (ours) | C2VKD (paper) | ratio, defaults | "
+             "minus best, defaults | ratio, with head | minus best, with head |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def cell(name: str, runs: list[dict], split: str) -> str:
+        v = list(values(runs, name, split).values())
+        return f"{statistics.mean(v):.2f} ({len(v)})" if v else "-"
+
+    for spec, runs in datasets:
+        teacher = next((r["teacher_val_mean_iou"] for r in runs if r.get("teacher_val_mean_iou")), None)
+        for split in spec.splits:
+            rows = summary_rows(runs, split)
+            best = rows["defaults"]["best"] if rows.get("defaults") else None
+            cells = [spec.title, split, f"{teacher * 100:.2f}" if teacher and split == "val" else "-",
+                     cell("none", runs, split), f"{best}: {cell(best, runs, split)}" if best else "-",
+                     cell("c2vkd", runs, split), cell(PAPER_NAME, runs, split)]
+            for table in TABLES:
+                r = rows.get(table)
+                if r is None:
+                    cells += ["-", "-"]
+                    continue
+                ratio = f"{r['ratio']:.2f}" if r["ratio"] is not None else "undefined"
+                spread = f" ± {r['minus_best_std']:.2f}" if r["minus_best_std"] is not None else ""
+                cells += [f"{ratio} (vs {r['best']})", f"{r['minus_best']:+.2f}{spread} ({r['above']}/{r['n']})"]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def write_summary(specs: list, benchmarks_dir: Path, readme: Optional[Path] = None, protocol: str = "long") -> str:
+    """``benchmarks/RESULTS.md``: the cross-dataset summary (:func:`summary_section`) of every dataset in ``specs``
+    with records, also written into ``readme``'s summary section; returns its path."""
+    datasets = []
+    for spec in specs:
+        runs = load_runs(Path(benchmarks_dir) / spec.name, protocol)
+        if runs:
+            datasets.append((spec, mark_stale(runs, spec, protocol)))
+    body = summary_section(datasets, protocol)
+    lines = ["# Distillation benchmarks: every dataset", "",
+             "Generated by `c2vkd-benchmark` from each dataset's run records (do not edit by hand); the tables per "
+             "dataset: " + ", ".join(f"[{s.title}]({s.name}/RESULTS.md)" for s, _ in datasets) + ".", "", *body]
+    path = Path(benchmarks_dir) / "RESULTS.md"
+    path.write_text("\n".join(lines) + "\n")
+    if readme is not None:
+        update_readme(Path(readme), body, path, key="summary")
+    return str(path)
+
+
+def readme_markers(key: str) -> tuple[str, str]:
+    """The markers around a generated section of the README (``key``: a dataset's name, or ``summary``)."""
+    return f"<!-- benchmark:{key}:start -->", f"<!-- benchmark:{key}:end -->"
+
+
+def update_readme(readme: Path, table_lines: list[str], report: Path, key: str = "camvid") -> None:
+    """Replaces the text between the ``key`` markers of ``readme`` (when both are there)."""
     if not readme.is_file():
         return
     text = readme.read_text()
-    if README_START not in text or README_END not in text:
+    start, end = readme_markers(key)
+    if start not in text or end not in text:
         return
-    head, rest = text.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
     body = "\n".join(f"#{line}" if line.startswith("## ") or line.startswith("### ") else line
                      for line in table_lines).strip()
     link = report.relative_to(readme.parent) if report.is_relative_to(readme.parent) else report
-    readme.write_text(f"{head}{README_START}\n{body}\n\nAll tables, plots and the short protocol: [{link}]({link}).\n"
-                      f"{README_END}{tail}")
+    readme.write_text(f"{head}{start}\n{body}\n\nAll tables and plots: [{link}]({link}).\n{end}{tail}")

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from .plan import PROTOCOLS, shared_config, table_names, teacher_cache_dir
+from .plan import mark_stale, shared_config, table_names, teacher_cache_dir
 from .records import record_path, write_json
 
 
@@ -52,13 +52,23 @@ def run_one(name: str, method: str, extra: list[str], seed: int, split: str, arg
     result to the run's record."""
     path = record_path(Path(args.out_dir), args.protocol, name, seed)
     record = json.loads(path.read_text()) if path.is_file() else {}
-    if record.get(f"{split}_mean_iou") is not None:
+    stale = bool(record) and bool(mark_stale([dict(record)], args.spec, args.protocol)[0]["stale"])
+    if record.get(f"{split}_mean_iou") is not None and not stale:
         return
     work = work_folder(Path(args.work_dir), args.protocol, name, seed, split)
     work.mkdir(parents=True, exist_ok=True)
     if not claim(work / "RUNNING"):
         print(f"[skip] {name} seed {seed} {split}: another benchmark process is running it", flush=True)
         return
+    if stale:  # a run of another configuration: trained again from scratch, its record replaced (git keeps the old)
+        print(f"[stale] {name} seed {seed}: its record is not today's configuration; training it again", flush=True)
+        path.unlink()
+    if (work / "results.json").is_file():
+        old = {"method": method, "extra_flags": extra, "config": json.loads((work / "results.json").read_text())["config"]}
+        if mark_stale([old], args.spec, args.protocol)[0]["stale"]:  # the folder holds another configuration's run
+            work.rename(work.with_name(work.name + f"-stale-{int(time.time())}"))
+            work.mkdir(parents=True)
+            claim(work / "RUNNING")
     config = {**shared_config(args, split), "method": method, "seed": seed, "output_dir": str(work)}
     cache = teacher_cache_dir(args, split, method, extra)
     if cache:
@@ -70,7 +80,7 @@ def run_one(name: str, method: str, extra: list[str], seed: int, split: str, arg
     env = thread_env(getattr(args, "threads", None))
     start = time.time()
     finished = work / "results.json"
-    steps = PROTOCOLS[args.protocol]["max_steps"]
+    steps = args.spec.protocols[args.protocol]["max_steps"]
     if not (finished.is_file() and json.loads(finished.read_text()).get("steps") == steps):
         print(f"[run] {args.protocol} {name} seed {seed} {split}: {' '.join(extra) or '(defaults)'}", flush=True)
         with open(work / "log.txt", "a") as log:
@@ -83,6 +93,7 @@ def run_one(name: str, method: str, extra: list[str], seed: int, split: str, arg
     results = json.loads(finished.read_text())
     id2label = json.loads((work / "config.json").read_text())["id2label"]
     record = json.loads(path.read_text()) if path.is_file() else {}  # another process may have added a split
+    record.pop("relabelled_from", None)
     record.update({
         "protocol": args.protocol, "name": name, "method": method, "seed": seed,
         "text_head": bool(results.get("text_head")), "extra_flags": extra,

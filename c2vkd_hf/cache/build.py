@@ -12,7 +12,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data import SegmentationTransform, collate_fn
+from collections import Counter
+
+import torch.nn.functional as F
+
+from ..data import VALID_SIZES, SegmentationTransform, collate_fn, keep_ratio_size
 from .files import (DONE_NAME, LOGITS_NAME, META_NAME, TOPK_INDICES_NAME, TOPK_VALUES_NAME, load_npy, open_array,
                     read_meta, write_json_atomic)
 from .key import (REBUILD_HINT, TeacherCacheError, cache_key, check_key, dataset_fingerprint,
@@ -68,6 +72,7 @@ def build_teacher_cache(
     barrier: Optional[Callable[[], None]] = None,
     image_column: str = "image",
     max_rows: Optional[int] = None,
+    keep_ratio: Optional[tuple[Optional[int], Optional[int]]] = None,
 ) -> dict[str, Any]:
     """Runs ``teacher`` over ``dataset`` (a ``datasets.Dataset`` with an ``image`` column, row order =
     ``example_index``) at the reference geometry and stores its logits and ``feature_names`` maps in
@@ -79,6 +84,13 @@ def build_teacher_cache(
     ``barrier``: default from ``torch.distributed`` when initialised; each rank computes the missing
     rows ``rank::world_size``. ``max_rows``: stop after this many rows of this rank (for tests of an
     interrupted build).
+
+    ``keep_ratio``: ``(shortest_edge, longest_edge)`` of an aspect-preserving resize
+    (:func:`~c2vkd_hf.data.keep_ratio_size`). The teacher then sees each image at its own resized size
+    (portrait stays portrait) and its maps are stored resampled (bilinear) onto the maps of the
+    ``reference_size`` canvas (default: the most common resized size), which holds the whole image as
+    every stored row does; replay samples fractions of the image, so it is unchanged. Rows of the
+    canvas's size are stored exactly; others lose what the resampling loses.
     """
     directory = Path(directory)
     dist_rank, dist_world, dist_barrier = _distributed()
@@ -90,6 +102,9 @@ def build_teacher_cache(
     images = dataset.select_columns([image_column])
     if image_column != "image":
         images = images.rename_column(image_column, "image")
+    if reference_size is None and keep_ratio is not None:
+        sizes = Counter(keep_ratio_size(image.size[::-1], *keep_ratio) for image in images["image"])
+        reference_size = max(sizes, key=lambda size: (sizes[size], size[0] * size[1]))
     if reference_size is None:
         width, height = images[0]["image"].size
         reference_size = (height, width)
@@ -98,6 +113,8 @@ def build_teacher_cache(
     key = cache_key(teacher_hash=teacher_weights_hash(teacher), dataset=dataset_fingerprint(dataset, image_column),
                     reference_size=reference_size, teacher_mean_std=(mean, std), feature_names=feature_names,
                     top_k=top_k)
+    if keep_ratio is not None:
+        key["keep_ratio"] = [None if v is None else int(v) for v in keep_ratio]
     num_rows = len(dataset)
     if num_rows == 0:
         raise TeacherCacheError("the training set is empty: nothing to cache")
@@ -121,7 +138,7 @@ def build_teacher_cache(
         todo = todo[:max_rows]
     if todo:
         _fill_rows(arrays, done, todo, teacher, images, reference_size, (mean, std), feature_names, top_k,
-                   batch_size, device, progress and rank == 0)
+                   batch_size, device, progress and rank == 0, keep_ratio)
     del arrays, done
     barrier()
     return key
@@ -165,13 +182,37 @@ def _create_files(directory: Path, teacher: nn.Module, key: dict, num_rows: int,
                                   "features": {name: f"feature_{name}" for name in features}})
 
 
+def _canvas_maps(teacher, batch, reference_size, feature_names, map_sizes):
+    """The teacher's logits and features of a padded batch of images of different sizes, each run at its
+    own size and resampled onto the canvas maps ``map_sizes`` (``{"logits" or name: (h, w)}``)."""
+    logits_rows, feature_rows = [], {name: [] for name in feature_names}
+
+    def fit(x: torch.Tensor, size) -> torch.Tensor:
+        if tuple(x.shape[-2:]) == tuple(size):
+            return x
+        return F.interpolate(x.float(), size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
+
+    for image, (h, w, _, _) in zip(batch["pixel_values"], batch[VALID_SIZES].tolist()):
+        logits, features = _teacher_maps(teacher, image[None, :, :h, :w], feature_names)
+        logits_rows.append(fit(logits, map_sizes["logits"]))
+        for name in feature_names:
+            feature_rows[name].append(fit(features[name], map_sizes[name]))
+    return torch.cat(logits_rows), {name: torch.cat(rows) for name, rows in feature_rows.items()}
+
+
 def _fill_rows(arrays, done, todo, teacher, images, reference_size, mean_std, feature_names, top_k,
-               batch_size, device, progress) -> None:
+               batch_size, device, progress, keep_ratio=None) -> None:
     from torch.utils.data import DataLoader, Subset
     from tqdm.auto import tqdm
 
-    transform = SegmentationTransform(image_mean=mean_std[0], image_std=mean_std[1], train=False,
-                                      resize=reference_size)
+    if keep_ratio is None:
+        transform = SegmentationTransform(image_mean=mean_std[0], image_std=mean_std[1], train=False,
+                                          resize=reference_size)
+    else:
+        transform = SegmentationTransform(image_mean=mean_std[0], image_std=mean_std[1], train=False,
+                                          shortest_edge=keep_ratio[0], longest_edge=keep_ratio[1])
+        first = arrays[LOGITS_NAME] if LOGITS_NAME in arrays else arrays[TOPK_VALUES_NAME]
+        map_sizes = {"logits": first.shape[2:], **{n: arrays[f"feature_{n}"].shape[2:] for n in feature_names}}
     loader = DataLoader(Subset(images.with_transform(transform), todo), batch_size=batch_size, collate_fn=collate_fn)
     position = 0
     with tqdm(total=len(todo), desc="caching teacher outputs", disable=not progress, unit="img") as bar:
@@ -179,10 +220,16 @@ def _fill_rows(arrays, done, todo, teacher, images, reference_size, mean_std, fe
             rows = todo[position:position + len(batch["pixel_values"])]
             position += len(rows)
             pixel_values = batch["pixel_values"].to(device)
-            if tuple(pixel_values.shape[-2:]) != tuple(reference_size):
+            if keep_ratio is not None and (VALID_SIZES in batch or tuple(pixel_values.shape[-2:]) != reference_size):
+                if VALID_SIZES not in batch:  # one size in this batch, not the canvas's
+                    batch[VALID_SIZES] = torch.tensor([[*pixel_values.shape[-2:]] * 2] * len(pixel_values))
+                batch = {**batch, "pixel_values": pixel_values}
+                logits, features = _canvas_maps(teacher, batch, reference_size, feature_names, map_sizes)
+            elif tuple(pixel_values.shape[-2:]) != tuple(reference_size):
                 raise TeacherCacheError(f"an image is {tuple(pixel_values.shape[-2:])} but the reference size is "
                                         f"{tuple(reference_size)}: set --resize_height/--resize_width")
-            logits, features = _teacher_maps(teacher, pixel_values, feature_names)
+            else:
+                logits, features = _teacher_maps(teacher, pixel_values, feature_names)
             if top_k is None:
                 arrays[LOGITS_NAME][rows] = _to_float16(logits)
             else:

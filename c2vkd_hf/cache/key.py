@@ -82,6 +82,7 @@ _KEY_LABELS = {
     "feature_names": "stored teacher feature maps",
     "top_k": "top-k logits (--teacher_cache_top_k)",
     "dtype": "storage dtype",
+    "keep_ratio": "aspect-preserving resize (--resize_shortest_edge/--resize_longest_edge)",
 }
 
 

@@ -32,6 +32,8 @@ from c2vkd_hf.jobs import (
     previous_distillation,
     push_student_to_hub,
     quiet_library_output,
+    recipe_name,
+    recipe_values,
     run_distillation,
     run_script,
     teacher_free_arguments,
@@ -69,10 +71,17 @@ def parse_args(argv: list[str]):
     parser.add_argument("--train_baseline", choices=["auto", "true", "false"], default="auto",
                         help="Also train the student without a teacher on the same schedule (default: only in "
                              "the offline default job).")
+    parser.add_argument("--recipe", default=None,
+                        help="A named set of flag values read as defaults (a file of c2vkd_hf/recipes/, e.g. 'paper': "
+                             "C2VKD as the paper describes it), or a YAML/JSON file; flags given here win.")
     config = config_file_arguments(argv)
+    recipe = recipe_name(argv, config)
     train_baseline = str(config.pop("train_baseline", "auto")).lower() if config is not None else None
+    if config is not None:
+        config.pop("recipe", None)
+    defaults = {**SCRIPT_DEFAULTS, **(recipe_values(recipe) if recipe else {})}
     dist_args, data_args, training_args, extras = parse_script_arguments(
-        parser, argv, SCRIPT_DEFAULTS, config=config, source=argv[0] if config is not None else None)
+        parser, argv, defaults, config=config, source=argv[0] if config is not None else None)
     return dist_args, data_args, training_args, train_baseline or extras["train_baseline"]
 
 

@@ -30,6 +30,7 @@ from .sources import load_segmentation_data, source_paths
 from .synthetic import SYNTHETIC_CLASSES, SYNTHETIC_PALETTE, make_synthetic_dataset
 from .transforms import (  # noqa: F401  (private names kept importable from here)
     INDEX_COLUMN,
+    VALID_SIZES,
     AugmentationEpochCallback,
     Geometry,
     SegmentationTransform,
@@ -37,7 +38,9 @@ from .transforms import (  # noqa: F401  (private names kept importable from her
     augmentation_generator,
     build_transform,
     collate_fn,
+    keep_ratio_size,
     sample_geometry,
+    unpad_to_labels,
     _image_tensor,
     _label_tensor,
     with_example_index,
@@ -61,6 +64,9 @@ __all__ = [
     "SegmentationTransform",
     "build_transform",
     "collate_fn",
+    "VALID_SIZES",
+    "keep_ratio_size",
+    "unpad_to_labels",
     "default_palette",
     "colorize",
     "rgb_to_index",

@@ -123,8 +123,8 @@ def stored_size(original: Sequence[int], transform: SegmentationTransform) -> tu
     evaluation the evaluation resize (or the original)."""
     height, width = int(original[0]), int(original[1])
     if not transform.train:
-        return tuple(int(v) for v in transform.resize) if transform.resize else (height, width)
-    base = transform.resize or (height, width)
+        return transform.resized_size((height, width))
+    base = transform.resized_size((height, width))
     top = tuple(max(1, int(round(b * transform.max_scale))) for b in base)
     return min(top[0], height), min(top[1], width)
 
@@ -141,7 +141,7 @@ def decoded_key(dataset, transform: SegmentationTransform) -> dict[str, Any]:
     import torchvision
 
     images, labels = _fingerprint(dataset, "image"), _fingerprint(dataset, "label")
-    return {
+    key = {
         "version": DECODED_VERSION,
         "role": "train" if transform.train else "eval",
         "num_examples": images["num_examples"],
@@ -151,6 +151,9 @@ def decoded_key(dataset, transform: SegmentationTransform) -> dict[str, Any]:
         "max_scale": float(transform.max_scale) if transform.train else None,
         "torchvision": torchvision.__version__,
     }
+    if transform.shortest_edge is not None or transform.longest_edge is not None:
+        key["keep_ratio"] = [transform.shortest_edge, transform.longest_edge]
+    return key
 
 
 def _key_hash(key: dict[str, Any]) -> str:

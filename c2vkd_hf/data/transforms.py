@@ -45,6 +45,26 @@ class Geometry:
 
 
 INDEX_COLUMN = "example_index"
+#: Batch key added by :func:`collate_fn` when it pads images of different sizes: (B, 4) long, per
+#: image its own input size and label size ``(h, w, H, W)`` inside the padded tensors.
+VALID_SIZES = "valid_sizes"
+
+
+def keep_ratio_size(size: Sequence[int], shortest_edge: Optional[int] = None,
+                    longest_edge: Optional[int] = None) -> tuple[int, int]:
+    """Aspect-preserving resize of ``size`` (h, w): ``s = min(shortest_edge / min(h, w), longest_edge / max(h, w))``
+    over the bounds given, and ``(round(s h), round(s w))`` (at least 1 each). As image processors'
+    ``shortest_edge``/``longest_edge`` and mmseg's ``Resize(keep_ratio=True)``."""
+    height, width = int(size[0]), int(size[1])
+    scales = []
+    if shortest_edge is not None:
+        scales.append(shortest_edge / min(height, width))
+    if longest_edge is not None:
+        scales.append(longest_edge / max(height, width))
+    if not scales:
+        return height, width
+    scale = min(scales)
+    return max(1, int(round(height * scale))), max(1, int(round(width * scale)))
 
 
 def seeded_generator(*words: int) -> torch.Generator:
@@ -167,6 +187,10 @@ class SegmentationTransform:
     image size. With ``return_geometry`` each example also carries its :class:`Geometry`
     (train only).
 
+    Aspect-preserving resize: with ``shortest_edge``/``longest_edge`` instead of ``resize``, each image
+    is first resized to :func:`keep_ratio_size` of its own size (train: the base of the rescale and
+    crop; eval: the input size).
+
     Randomness: with ``seed`` set and batches that carry ``example_index`` (see
     :func:`with_example_index`), example ``i`` of epoch ``epoch`` uses
     :func:`augmentation_generator` ``(seed, epoch, i)``, independent of any global RNG, data order,
@@ -188,6 +212,8 @@ class SegmentationTransform:
     seed: Optional[int] = None
     epoch: int = 0
     return_index: bool = False
+    shortest_edge: Optional[int] = None
+    longest_edge: Optional[int] = None
     _mean: torch.Tensor = field(init=False, repr=False)
     _std: torch.Tensor = field(init=False, repr=False)
 
@@ -198,10 +224,17 @@ class SegmentationTransform:
     def normalize(self, image: torch.Tensor) -> torch.Tensor:
         return (image.float() / 255.0 - self._mean) / self._std
 
+    def resized_size(self, image_size: Sequence[int]) -> tuple[int, int]:
+        """(h, w) an image of ``image_size`` is resized to before anything else: ``resize``, else
+        :func:`keep_ratio_size` with ``shortest_edge``/``longest_edge``, else its own size."""
+        if self.resize is not None:
+            return tuple(int(v) for v in self.resize)
+        return keep_ratio_size(image_size, self.shortest_edge, self.longest_edge)
+
     def geometry_for(self, image_size: tuple[int, int], index: Optional[int] = None) -> Geometry:
         """The training geometry of an example of ``image_size``; seeded by ``(seed, epoch, index)``
         when both ``seed`` and ``index`` are known."""
-        base = self.resize or image_size
+        base = self.resized_size(image_size)
         generator = None
         if self.seed is not None and index is not None:
             generator = augmentation_generator(self.seed, self.epoch, index)
@@ -230,8 +263,9 @@ class SegmentationTransform:
                 labels = apply_geometry(lab, geometry, "nearest", fill=IGNORE_INDEX).long()
             return pixel_values, labels, geometry
         size = tuple(img.shape[-2:])
-        if self.resize is not None and tuple(self.resize) != size:
-            img = TF.resize(img, list(self.resize), interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+        target = self.resized_size(size if source_size is None else source_size)
+        if target != size:
+            img = TF.resize(img, list(target), interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
         pixel_values = self.normalize(img)
         labels = None
         if lab is not None:
@@ -290,30 +324,69 @@ def build_transform(
         hflip=args.hflip,
         eval_full_resolution=args.eval_full_resolution,
         seed=seed if train else None,
+        shortest_edge=args.resize_shortest_edge,
+        longest_edge=args.resize_longest_edge,
     )
 
 
+def _pad_to(x: torch.Tensor, size: Sequence[int], value: float) -> torch.Tensor:
+    return nnf.pad(x, (0, size[1] - x.shape[-1], 0, size[0] - x.shape[-2]), value=value)
+
+
 def collate_fn(examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Stack ``pixel_values`` (B, 3, H, W) and ``labels`` (B, H, W); other keys become lists."""
+    """Stack ``pixel_values`` (B, 3, H, W) and ``labels`` (B, H, W); other keys become lists.
+
+    Examples of different sizes (evaluation at each image's own size) are padded at the bottom and
+    right to the largest height and width, images with 0 (the mean colour after normalisation) and
+    labels with the ignore value, and the batch gets :data:`VALID_SIZES`, each image's own input and
+    label size, from which :func:`unpad_to_labels` maps the model's output back onto each label."""
     if not examples:
         raise ValueError("collate_fn got an empty batch")
     batch: dict[str, Any] = {}
-    shapes = {tuple(e["pixel_values"].shape) for e in examples}
-    if len(shapes) > 1:
-        raise ValueError(
-            f"images in one batch have different sizes {sorted(shapes)}: set --resize_height/--resize_width "
-            "(and a crop size for training) or use a batch size of 1"
-        )
-    batch["pixel_values"] = torch.stack([e["pixel_values"] for e in examples])
-    if "labels" in examples[0] and examples[0]["labels"] is not None:
-        shapes = {tuple(e["labels"].shape) for e in examples}
-        if len(shapes) > 1:
-            raise ValueError(
-                f"labels in one batch have different sizes {sorted(shapes)} (eval labels are kept at their "
-                "original resolution): use --per_device_eval_batch_size 1 or --eval_full_resolution false"
-            )
-        batch["labels"] = torch.stack([e["labels"] for e in examples])
+    image_shapes = [tuple(e["pixel_values"].shape[-2:]) for e in examples]
+    has_labels = "labels" in examples[0] and examples[0]["labels"] is not None
+    label_shapes = [tuple(e["labels"].shape[-2:]) for e in examples] if has_labels else image_shapes
+    if len(set(image_shapes)) == 1 and len(set(label_shapes)) == 1:
+        batch["pixel_values"] = torch.stack([e["pixel_values"] for e in examples])
+        if has_labels:
+            batch["labels"] = torch.stack([e["labels"] for e in examples])
+    else:
+        top = tuple(max(s[k] for s in image_shapes) for k in (0, 1))
+        batch["pixel_values"] = torch.stack([_pad_to(e["pixel_values"], top, 0.0) for e in examples])
+        if has_labels:
+            label_top = tuple(max(s[k] for s in label_shapes) for k in (0, 1))
+            batch["labels"] = torch.stack([_pad_to(e["labels"], label_top, IGNORE_INDEX) for e in examples])
+        batch[VALID_SIZES] = torch.tensor([[*i, *l] for i, l in zip(image_shapes, label_shapes)], dtype=torch.long)
     for key in examples[0]:
         if key not in ("pixel_values", "labels"):
             batch[key] = [e[key] for e in examples]
     return batch
+
+
+def unpad_to_labels(maps: torch.Tensor, valid_sizes: torch.Tensor, input_size: Sequence[int],
+                    label_size: Sequence[int]) -> torch.Tensor:
+    """Score maps of a padded batch, each resampled from its own image onto its own label grid.
+
+    ``maps`` (B, C, h, w) cover the padded input of ``input_size`` (Hp, Wp); image ``i`` fills its top-left
+    ``(h_i, w_i)`` (``valid_sizes[i, :2]``) and its label the top-left ``(H_i, W_i)`` (``valid_sizes[i, 2:]``)
+    of the (B, ``label_size``) labels. Output (B, C, *label_size): label pixel ``(y, x)`` of image ``i`` takes
+    the bilinear sample of ``maps[i]`` at map coordinates ``u = (y + 1/2) c_i / H_i - 1/2`` with ``c_i = h h_i / Hp``
+    the image's extent in map cells (likewise for ``x``), clamped to ``[0, ceil(c_i) - 1]``: exactly
+    ``interpolate(maps[i, :, :c_i, :], (H_i, W_i), mode="bilinear")`` of the image's own part of the map;
+    0 outside its label."""
+    batch, channels, map_h, map_w = maps.shape
+    out = maps.new_zeros(batch, channels, int(label_size[0]), int(label_size[1]))
+
+    def coordinates(own: int, padded: int, cells: int, label: int) -> torch.Tensor:
+        extent = cells * own / float(padded)  # the image's extent in map cells
+        u = (torch.arange(label, device=maps.device, dtype=torch.float32) + 0.5) * extent / label - 0.5
+        u = u.clamp(0.0, max(0.0, math.ceil(extent - 1e-6) - 1.0))
+        return (2 * u + 1) / cells - 1  # grid_sample's normalised coordinate (align_corners=False)
+
+    for i, (h, w, label_h, label_w) in enumerate(valid_sizes.tolist()):
+        ys = coordinates(h, int(input_size[0]), map_h, label_h)
+        xs = coordinates(w, int(input_size[1]), map_w, label_w)
+        grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)
+        out[i, :, :label_h, :label_w] = nnf.grid_sample(maps[i:i + 1].float(), grid[None], mode="bilinear",
+                                                        padding_mode="border", align_corners=False)[0].to(maps.dtype)
+    return out

@@ -44,6 +44,37 @@ def config_file_arguments(argv: list[str]) -> Optional[dict]:
     return config
 
 
+def recipe_values(recipe: str) -> dict:
+    """The flags of a recipe: a file of ``c2vkd_hf/recipes/`` by name (``paper``), or a YAML/JSON file by path. An
+    unknown name is a :class:`UserInputError` that lists the built-in recipes."""
+    from importlib import resources
+
+    folder = resources.files("c2vkd_hf") / "recipes"
+    path = Path(recipe)
+    if not path.is_file():
+        builtin = folder / f"{recipe}.yaml"
+        if not builtin.is_file():
+            names = sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+            raise UserInputError(f"--recipe {recipe}: neither a file nor a built-in recipe ({', '.join(names)}).")
+        path = Path(str(builtin))
+    values = config_file_arguments([str(path)]) if path.suffix in (".json", ".yaml", ".yml") else None
+    if values is None:
+        raise UserInputError(f"--recipe {recipe}: a recipe file must be .yaml, .yml or .json.")
+    return values
+
+
+def recipe_name(argv: list[str], config: Optional[dict]) -> Optional[str]:
+    """The ``--recipe`` of a command line or config file mapping (``None`` without one)."""
+    if config is not None:
+        return config.get("recipe")
+    for i, item in enumerate(argv):
+        if item == "--recipe" and i + 1 < len(argv):
+            return argv[i + 1]
+        if item.startswith("--recipe="):
+            return item.split("=", 1)[1]
+    return None
+
+
 def saved_data_arguments(model_dir, argv: list[str], data_args: DataArguments,
                          say=logger.info) -> DataArguments:
     """``data_args`` when ``argv`` sets a data flag; else the data configuration saved in the
@@ -123,9 +154,14 @@ def prepare_training_args(training_args: TrainingArguments) -> TrainingArguments
 
 
 def processor_size(data_args: DataArguments, data: SegmentationData) -> dict[str, int]:
-    """The input size saved in the image processor: the evaluation resize, else the first validation image's."""
+    """The input size saved in the image processor: the evaluation resize (``shortest_edge``/``longest_edge``
+    for an aspect-preserving one, as transformers' processors spell it), else the first validation image's."""
     if data_args.resize_height and data_args.resize_width:
         return {"height": data_args.resize_height, "width": data_args.resize_width}
+    keep = {name: value for name, value in (("shortest_edge", data_args.resize_shortest_edge),
+                                            ("longest_edge", data_args.resize_longest_edge)) if value is not None}
+    if keep:
+        return keep
     width, height = data.validation[0]["image"].size
     return {"height": height, "width": width}
 

@@ -258,6 +258,13 @@ def setup_distillation(dist_args: DistillationArguments, data_args: DataArgument
                              teacher_cache=teacher_cache, text_source=text_source)
 
 
+def keep_ratio(data_args: DataArguments) -> Optional[tuple[Optional[int], Optional[int]]]:
+    """``(shortest_edge, longest_edge)`` of the data's aspect-preserving resize, or ``None`` without one."""
+    if data_args.resize_shortest_edge is None and data_args.resize_longest_edge is None:
+        return None
+    return data_args.resize_shortest_edge, data_args.resize_longest_edge
+
+
 def teacher_reference_size(dist_args: DistillationArguments, data_args: DataArguments) -> Optional[tuple[int, int]]:
     """The size a teacher cache is built at: the data's reference size (``--resize_height/--resize_width``;
     ``None``: the images' common size) times ``--teacher_input_scale``."""
@@ -323,7 +330,8 @@ def open_teacher_cache(dist_args: DistillationArguments, data_args: DataArgument
         key = build_teacher_cache(
             directory, teacher, data.train, reference_size=reference, teacher_mean_std=image_mean_std(teacher),
             feature_names=feature_names, top_k=dist_args.teacher_cache_top_k,
-            batch_size=training_args.per_device_eval_batch_size, progress=not training_args.disable_tqdm)
+            batch_size=training_args.per_device_eval_batch_size, progress=not training_args.disable_tqdm,
+            keep_ratio=keep_ratio(data_args))
         return TeacherCache(directory, expected_key=key)
     except TeacherCacheError as error:
         raise UserInputError(f"--teacher_cache: {error}") from None

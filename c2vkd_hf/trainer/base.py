@@ -13,6 +13,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..console import use_console_callbacks
 from ..constants import IGNORE_INDEX
+from ..data import VALID_SIZES, unpad_to_labels
 from ..losses.common import cross_entropy
 from ..runs import MANIFEST_NAME, checkpoint_fit_problem, write_manifest
 from ..validation import UserInputError, save_errors
@@ -130,6 +131,9 @@ class TeacherTrainer(SafeCheckpointTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(pixel_values=inputs["pixel_values"])
+        if inputs.get(VALID_SIZES) is not None:  # a padded evaluation batch: each image onto its own label
+            outputs.logits = unpad_to_labels(outputs.logits, inputs[VALID_SIZES], inputs["pixel_values"].shape[-2:],
+                                             inputs["labels"].shape[-2:])
         loss = cross_entropy(outputs.logits, inputs["labels"], ignore_index=IGNORE_INDEX)
         if model.training:
             self._check_finite({"loss": loss})

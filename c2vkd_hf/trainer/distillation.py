@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..data import VALID_SIZES
 from ..data.batch_augment import apply_cutmix, batch_generator, cutmix_masks, jitter_factors, jitter_normalised
 from ..teacher import CachedTeacher, LiveTeacher
 from .base import SafeCheckpointTrainer
@@ -84,7 +85,7 @@ class DistillationTrainer(SafeCheckpointTrainer):
         pixel_values, labels = inputs["pixel_values"], inputs.get("labels")
         if not model.training:
             # Evaluation (or prediction): the student alone, no teacher.
-            outputs = model(pixel_values=pixel_values, labels=labels)
+            outputs = model(pixel_values=pixel_values, labels=labels, valid_sizes=inputs.get(VALID_SIZES))
             return (outputs.loss, outputs) if return_outputs else outputs.loss
         key = self._batch_key()
         if self.cutmix_prob > 0:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
+from ..data import unpad_to_labels
 from ..losses.common import cross_entropy
 from ..models import DECODER_FEATURE, classifier_module, forward_features
 from ..text_head import TextHead, save_text_head
@@ -62,7 +63,8 @@ class DistillationModel(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 teacher_logits: Optional[torch.Tensor] = None,
-                teacher_features: Optional[list[torch.Tensor]] = None, return_terms: bool = False):
+                teacher_features: Optional[list[torch.Tensor]] = None, return_terms: bool = False,
+                valid_sizes: Optional[torch.Tensor] = None):
         wants_features = bool(self.student_feature_names) and teacher_logits is not None
         student_features = None
         if wants_features or self.text_head_logits:
@@ -73,6 +75,8 @@ class DistillationModel(nn.Module):
                 logits = self.text_head(features[self.text_head.feature])
         else:
             logits = self.student(pixel_values=pixel_values).logits
+        if valid_sizes is not None and labels is not None:  # a padded evaluation batch: each image onto its label
+            logits = unpad_to_labels(logits, valid_sizes, pixel_values.shape[-2:], labels.shape[-2:])
         if labels is None:
             return SemanticSegmenterOutput(logits=logits)
         if teacher_logits is None and self.distill_loss.requires_teacher:
