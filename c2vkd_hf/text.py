@@ -281,6 +281,9 @@ class ResolvedTextEmbeddings:
     embeddings: torch.Tensor
     kind: str
     source: str
+    #: per class, whether its row is an embedding of its name (False: a placeholder for an unmatched name of
+    #: the built-in vocabulary); ``None``: every row is
+    matched: Optional[tuple[bool, ...]] = None
 
 
 def resolve_text_embeddings(
@@ -295,8 +298,9 @@ def resolve_text_embeddings(
     builtin: bool = True,
 ) -> Optional[ResolvedTextEmbeddings]:
     """Text embeddings for ``class_names``, first found of: a file/tensor, an open_clip model, and
-    (``builtin``) the built-in CLIP vocabulary when it names every class
-    (:func:`c2vkd_hf.vocabulary.match_vocabulary`). ``None`` when there is none.
+    (``builtin``) the built-in CLIP vocabulary when it names at least one class
+    (:func:`c2vkd_hf.vocabulary.match_vocabulary`; ``matched`` marks the classes it names). ``None`` when
+    there is none.
 
     Raises ``ValueError`` when the row count differs from ``len(class_names)``.
     """
@@ -314,10 +318,11 @@ def resolve_text_embeddings(
     elif builtin:
         from .vocabulary import match_vocabulary
 
-        match = match_vocabulary(class_names)
+        match = match_vocabulary(class_names, partial=True)
         if match is None:
             return None
-        resolved = ResolvedTextEmbeddings(match.embeddings(), "builtin", match.describe())
+        resolved = ResolvedTextEmbeddings(match.embeddings(), "builtin", match.describe(),
+                                          None if all(match.matched) else match.matched)
     else:
         return None
     if resolved.embeddings.shape[0] != len(class_names):

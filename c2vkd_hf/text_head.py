@@ -14,6 +14,11 @@ plain ``AutoModelForSemanticSegmentation``. The head itself is also saved beside
 ``text_head.safetensors`` (``projector.weight``/``projector.bias``, ``text_embeddings``, metadata
 ``feature``/``tau``), which the text query (:mod:`c2vkd_hf.text_query`) reads to score pixels against
 any class name.
+
+Learned rows: a class whose name has no text embedding (an unmatched name of the built-in vocabulary,
+:mod:`c2vkd_hf.vocabulary`) gets a row ``e_k = normalise(l_k)`` with ``l_k`` a parameter trained with the
+head (initialised to its placeholder row), so the head still classifies it; the saved head holds the learned
+rows in ``text_embeddings`` and lists them in its ``learned_rows`` metadata.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ class TextHead(nn.Module):
     """
 
     def __init__(self, projector: nn.Conv2d, text_embeddings: torch.Tensor, feature: str, tau: float,
-                 class_names: Optional[Sequence[str]] = None):
+                 class_names: Optional[Sequence[str]] = None, learned: Optional[Sequence[bool]] = None):
         super().__init__()
         if tau <= 0:
             raise ValueError(f"tau must be > 0, got {tau}")
@@ -54,13 +59,27 @@ class TextHead(nn.Module):
         self.class_names = list(class_names) if class_names is not None else None
         if self.class_names is not None and len(self.class_names) != self.text_embeddings.shape[0]:
             raise ValueError(f"{len(self.class_names)} class names for {self.text_embeddings.shape[0]} text embeddings")
+        rows = [i for i, flag in enumerate(learned or ()) if flag]
+        if learned is not None and len(learned) != self.text_embeddings.shape[0]:
+            raise ValueError(f"learned has {len(learned)} entries for {self.text_embeddings.shape[0]} text embeddings")
+        self.learned_index = rows
+        self.learned_rows = nn.Parameter(self.text_embeddings[rows].clone()) if rows else None
 
     @classmethod
     def create(cls, in_channels: int, text_embeddings: torch.Tensor, feature: str, tau: float,
-               class_names: Optional[Sequence[str]] = None) -> "TextHead":
-        """A new head with a freshly initialised projector ``in_channels -> D``."""
+               class_names: Optional[Sequence[str]] = None, learned: Optional[Sequence[bool]] = None) -> "TextHead":
+        """A new head with a freshly initialised projector ``in_channels -> D`` (``learned``: per class, whether its
+        row is learned, module docstring)."""
         projector = nn.Conv2d(int(in_channels), int(text_embeddings.shape[1]), kernel_size=1)
-        return cls(projector, text_embeddings, feature, tau, class_names)
+        return cls(projector, text_embeddings, feature, tau, class_names, learned)
+
+    def class_embeddings(self) -> torch.Tensor:
+        """(K, D) rows the head scores against: ``text_embeddings`` with the learned rows ``normalise(l_k)`` in place."""
+        if self.learned_rows is None:
+            return self.text_embeddings
+        emb = self.text_embeddings.clone()
+        emb[self.learned_index] = nn.functional.normalize(self.learned_rows.float(), dim=1)
+        return emb
 
     def forward(self, feature_map: torch.Tensor, text_embeddings: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B, C, h, w) student feature -> (B, K', h, w) pixel-text logits ``S`` (default: the training
@@ -72,7 +91,18 @@ class TextHead(nn.Module):
         emb = emb.to(device=feature_map.device)
         if emb.dim() != 2 or emb.shape[1] != self.projector.out_channels:
             raise ValueError(f"text embeddings must be (K, {self.projector.out_channels}), got {tuple(emb.shape)}")
-        return project_pixel_text_logits(feature_map.to(self.projector.weight.dtype), self.projector, emb, tau=self.tau)
+        scores = project_pixel_text_logits(feature_map.to(self.projector.weight.dtype), self.projector, emb,
+                                           tau=self.tau)
+        if text_embeddings is not None or self.learned_rows is None:
+            return scores
+        # the learned rows' columns, with the gradient into l_k: (normalise(P F) . normalise(l_k)) / tau
+        u = nn.functional.normalize(self.projector(feature_map.to(self.projector.weight.dtype)).float(), dim=1)
+        rows = nn.functional.normalize(self.learned_rows.float(), dim=1)
+        learned = torch.einsum("bdhw,kd->bkhw", u, rows) / self.tau
+        columns = list(scores.unbind(1))
+        for j, k in enumerate(self.learned_index):
+            columns[k] = learned[:, j]
+        return torch.stack(columns, dim=1)
 
     def fold_into(self, classifier: nn.Conv2d) -> None:
         """Writes the head into ``classifier`` (a 1x1 conv reading the same feature ``F``).
@@ -87,7 +117,7 @@ class TextHead(nn.Module):
         if classifier.in_channels != self.projector.in_channels or classifier.out_channels != len(self.text_embeddings):
             raise ValueError(f"classifier {classifier.in_channels}->{classifier.out_channels} does not match the head "
                              f"{self.projector.in_channels}->{len(self.text_embeddings)}")
-        emb = self.text_embeddings.to(self.projector.weight)
+        emb = self.class_embeddings().detach().to(self.projector.weight)
         weight = self.projector.weight.detach().flatten(1)  # (D, C)
         with torch.no_grad():
             classifier.weight.copy_((emb @ weight / self.tau).view_as(classifier.weight))
@@ -98,9 +128,10 @@ def save_text_head(head: TextHead, output_dir: str) -> str:
     """Writes ``head`` as ``output_dir/text_head.safetensors``; returns the path."""
     tensors = {"projector.weight": head.projector.weight.detach().cpu().contiguous(),
                "projector.bias": head.projector.bias.detach().cpu().contiguous(),
-               "text_embeddings": head.text_embeddings.detach().cpu().contiguous()}
+               "text_embeddings": head.class_embeddings().detach().float().cpu().contiguous()}
     path = os.path.join(output_dir, TEXT_HEAD_NAME)
-    save_file(tensors, path, metadata={"feature": head.feature, "tau": str(head.tau)})
+    save_file(tensors, path, metadata={"feature": head.feature, "tau": str(head.tau),
+                                       "learned_rows": json.dumps(list(head.learned_index))})
     return path
 
 

@@ -61,9 +61,31 @@ def test_names_are_normalised():
 
 
 def test_a_name_that_matches_nothing():
-    assert match_vocabulary(["sky", "road", "unicorn"]) is None
+    assert match_vocabulary(["sky", "road", "unicorn"]) is None  # every name, unless partial
     assert closest_vocabulary(["sky", "road", "unicorn"]) == ("city", ["unicorn"])
-    assert resolve_text_embeddings(["sky", "unicorn"]) is None
+    assert resolve_text_embeddings(["unicorn", "zorblax"]) is None  # no name at all: nothing to resolve
+
+
+def test_names_resolve_across_vocabularies_and_unmatched_ones_are_marked():
+    """MSRC-21-like names: the primary vocabulary names the most classes; a name it lacks comes from another built-in
+    vocabulary (same CLIP model and prompts); a name none has is unmatched, its row the normalised mean of the
+    matched rows, and the source line says how it is treated."""
+    names = ["sky", "grass", "flower", "face"]
+    match = match_vocabulary(names, partial=True)
+    assert match.matched == (True, True, True, False) and match.unmatched == ("face",)
+    emb = match.embeddings()
+    for i in range(3):
+        torch.testing.assert_close(emb[i], _row(match.source_of(i), *match.matches[i]))
+    torch.testing.assert_close(emb[3], F.normalize(emb[:3].mean(0), dim=0))
+    assert "face=unmatched" in match.describe() and "left out of the linguistic term" in match.describe()
+    stanford = match_vocabulary(["sky", "tree", "road", "grass", "water", "building", "mountain", "foreground object"],
+                                partial=True)
+    assert stanford.unmatched == ("foreground object",) and stanford.vocabulary == "ade"
+    msrc = match_vocabulary(["building", "airplane", "sign", "book", "face"], partial=True)
+    assert msrc.unmatched == ("face",) and len({msrc.source_of(i) for i in range(4)}) >= 1
+    resolved = resolve_text_embeddings(["sky", "unicorn"])
+    assert resolved.matched == (True, False) and resolved.embeddings.shape == (2, 512)
+    assert resolve_text_embeddings(["sky", "road"]).matched is None  # every name matched
 
 
 def test_explicit_embeddings_win_and_get_text_embeddings_keeps_its_default(tmp_path):
@@ -82,15 +104,19 @@ def test_distillation_logs_the_match_or_the_fallback(tmp_path, caplog):
     args = DistillationArguments()
     notes: list[str] = []
     with caplog.at_level(logging.INFO, logger="c2vkd_hf.jobs.setup"):
-        emb, source = distillation_text_embeddings(args, dict(enumerate(CAMVID_CLASSES)), tmp_path, notes)
-    assert emb.shape == (11, 512) and "Bicyclist=mean(rider, bicycle)" in source and not notes
+        emb, source, matched = distillation_text_embeddings(args, dict(enumerate(CAMVID_CLASSES)), tmp_path, notes)
+    assert emb.shape == (11, 512) and "Bicyclist=mean(rider, bicycle)" in source and not notes and matched is None
     assert source in caplog.text
+    emb, source, matched = distillation_text_embeddings(args, {0: "sky", 1: "unicorn"}, tmp_path, notes)
+    assert matched == (True, False) and "unicorn=unmatched" in source and "unicorn" in notes[-1]
     caplog.clear()
+    notes.clear()
     with caplog.at_level(logging.WARNING, logger="c2vkd_hf.jobs.setup"):
-        emb, source = distillation_text_embeddings(args, {0: "sky", 1: "unicorn"}, tmp_path, notes)
-    assert emb is None and source is None and "linguistic term is OFF" in caplog.text and "lacks unicorn" in caplog.text
+        emb, source, matched = distillation_text_embeddings(args, {0: "zorblax", 1: "unicorn"}, tmp_path, notes)
+    assert emb is None and source is None and "linguistic term is OFF" in caplog.text and "unicorn" in caplog.text
     assert any("linguistic" in n for n in notes)
-    assert distillation_text_embeddings(DistillationArguments(method="kd"), {0: "sky"}, tmp_path, []) == (None, None)
+    assert distillation_text_embeddings(DistillationArguments(method="kd"), {0: "sky"}, tmp_path, []) == (
+        None, None, None)
 
 
 def test_builtin_rows_equal_the_staged_files(shared_dir):

@@ -50,6 +50,7 @@ logger = logging.getLogger(__name__)
 
 def build_loss_module(args: DistillationArguments, *, student_channels: list[int], teacher_channels: list[int],
                       text_embeddings: Optional[torch.Tensor],
+                      text_classes: Optional[tuple[bool, ...]] = None,
                       stage_channels: tuple[list[int], list[int]] = ([], []),
                       ling_projector: Optional[nn.Conv2d] = None, num_classes: Optional[int] = None) -> nn.Module:
     """The loss module of ``args.method`` with every constant from the flags. C2VKD: ``stage_channels``
@@ -65,7 +66,7 @@ def build_loss_module(args: DistillationArguments, *, student_channels: list[int
             stage_weight=args.stage_weight if stage_channels[0] else 0.0,
             exit_weight=args.exit_weight if stage_channels[0] else 0.0, num_classes=num_classes,
             ling_projector=ling_projector,
-            text_embeddings=text_embeddings, pdd_weight=args.pdd_weight, glob_weight=args.glob_weight,
+            text_embeddings=text_embeddings, text_classes=text_classes, pdd_weight=args.pdd_weight, glob_weight=args.glob_weight,
             rel_weight=args.rel_weight, ling_weight=args.ling_weight, pdd_alpha=args.pdd_alpha,
             pdd_beta=args.pdd_beta, pdd_temperature=args.pdd_temperature, label_weight=args.label_weight,
             pdd_logit_standardization=args.pdd_logit_standardization,
@@ -83,8 +84,10 @@ def build_loss_module(args: DistillationArguments, *, student_channels: list[int
 
 
 def build_text_head(args: DistillationArguments, s_channels: dict[str, int], text_embeddings: Optional[torch.Tensor],
-                    pairs: list[tuple[str, str]], id2label: dict[int, str]) -> Optional[TextHead]:
-    """The student's text head (:mod:`c2vkd_hf.text_head`) on its ``decoder`` feature, or ``None``.
+                    pairs: list[tuple[str, str]], id2label: dict[int, str],
+                    text_classes: Optional[tuple[bool, ...]] = None) -> Optional[TextHead]:
+    """The student's text head (:mod:`c2vkd_hf.text_head`) on its ``decoder`` feature, or ``None``; the rows of
+    the classes ``text_classes`` marks False (no embedding of their name) are learned.
 
     ``--text_head`` unset: on for C2VKD when its linguistic term is on and reads the ``decoder``
     feature (the default pair), off for every other method. With C2VKD the head's projector is the
@@ -103,20 +106,23 @@ def build_text_head(args: DistillationArguments, s_channels: dict[str, int], tex
                              f"'{DECODER_FEATURE}' feature (SegFormer, UperNet, BEiT, DPT do).")
     # whether it can be folded into the student's classifier is checked once, by DistillationModel
     return TextHead.create(s_channels[DECODER_FEATURE], text_embeddings, DECODER_FEATURE, args.ling_tau,
-                           [id2label[i] for i in range(len(id2label))])
+                           [id2label[i] for i in range(len(id2label))],
+                           learned=None if text_classes is None else [not found for found in text_classes])
 
 
 def distillation_text_embeddings(dist_args: DistillationArguments, id2label: dict[int, str], output_dir: Path,
-                                 notes: list[str]) -> tuple[Optional[torch.Tensor], Optional[str]]:
+                                 notes: list[str]
+                                 ) -> tuple[Optional[torch.Tensor], Optional[str], Optional[tuple[bool, ...]]]:
     """The class-name text embeddings of C2VKD's linguistic term or of the text head (``--text_head``,
-    any method) and their source (one line, for ``results.json`` and the card), or ``(None, None)`` when
-    neither is asked for, or no embeddings are found (then a loud warning and a note for the card;
-    ``--text_head true`` is refused).
+    any method), their source (one line, for ``results.json`` and the card) and which classes have one
+    (``None``: all), or ``(None, None, None)`` when neither is asked for, or no embeddings are found
+    (then a loud warning and a note for the card; ``--text_head true`` is refused).
 
     Sources, first found: ``--text_embeddings``, ``--clip_model``, the built-in CLIP vocabulary when it
-    names every class (:mod:`c2vkd_hf.vocabulary`; the log says which names matched what)."""
+    names at least one class (:mod:`c2vkd_hf.vocabulary`; the log says which names matched what; the
+    unmatched ones are left out of the linguistic term and learned by the text head)."""
     if not ((dist_args.method == "c2vkd" and dist_args.ling_weight > 0) or dist_args.text_head):
-        return None, None
+        return None, None, None
     from ..text import resolve_text_embeddings
     from ..vocabulary import closest_vocabulary
 
@@ -141,10 +147,14 @@ def distillation_text_embeddings(dist_args: DistillationArguments, id2label: dic
             ".pth/.safetensors/.npy) or --clip_model NAME --clip_pretrained TAG_OR_CHECKPOINT (needs CLIP "
             "weights).\n" + "!" * 100)
         notes.append("The linguistic (CLIP text) term of VLFD was off: no text embeddings were available.")
-        return None, None
+        return None, None, None
     logger.info("Class-name text embeddings: %s", resolved.source)
+    if resolved.matched is not None:
+        unmatched = [id2label[i] for i, found in enumerate(resolved.matched) if not found]
+        notes.append(f"No built-in CLIP embedding names {', '.join(unmatched)}: the linguistic term reads the other "
+                     "classes only, and the text head (when used) learns the row of each of these from the labels.")
     check_class_agreement(id2label, text_embeddings=resolved.embeddings, text_source=resolved.source)
-    return resolved.embeddings, resolved.source
+    return resolved.embeddings, resolved.source, resolved.matched
 
 
 @dataclasses.dataclass
@@ -185,7 +195,7 @@ def setup_distillation(dist_args: DistillationArguments, data_args: DataArgument
     id2label = data.id2label
     notes: list[str] = []
 
-    text_embeddings, text_source = distillation_text_embeddings(dist_args, id2label, output_dir, notes)
+    text_embeddings, text_source, text_classes = distillation_text_embeddings(dist_args, id2label, output_dir, notes)
 
     teacher = None
     teacher_name = dist_args.teacher_name_or_path
@@ -218,10 +228,11 @@ def setup_distillation(dist_args: DistillationArguments, data_args: DataArgument
     s_channels = feature_channels(student)
     t_channels = feature_channels(teacher) if dist_args.method == "c2vkd" else {}
     pairs, stage_pairs = c2vkd_feature_pairs(dist_args, student, teacher, channels=(s_channels, t_channels))
-    text_head = build_text_head(dist_args, s_channels, text_embeddings, pairs, id2label)
+    text_head = build_text_head(dist_args, s_channels, text_embeddings, pairs, id2label, text_classes)
     loss_module = build_loss_module(
         dist_args, student_channels=[s_channels[s] for s, _ in pairs],
         teacher_channels=[t_channels[t] for _, t in pairs], text_embeddings=text_embeddings,
+        text_classes=text_classes,
         stage_channels=([s_channels[s] for s, _ in stage_pairs], [t_channels[t] for _, t in stage_pairs]),
         ling_projector=text_head.projector if text_head is not None else None, num_classes=len(id2label))
     loss_module.set_schedules(parse_schedules(dist_args.weight_schedules))

@@ -138,6 +138,9 @@ class C2VKDLoss(DistillationLoss):
         teacher_channels: channel count of each teacher feature, same length.
         text_embeddings: ``(K, D)`` class-name embeddings, stored L2-normalised as a non-persistent
             buffer (never trained, not saved); ``None`` turns the linguistic term off.
+        text_classes: ``(K,)`` bools, False for a class whose name has no embedding (its row a placeholder):
+            the linguistic term then reads the marked classes only (``classes`` of
+            :func:`~.vlfd.vlfd_linguistic_loss_from_scores`); ``None``: every class has one.
         ling_feature_index: which student feature (index into the pair list) feeds ``P_l``.
         ling_projector: an existing 1x1 conv to use as ``P_l`` (the student's text head's projector,
             shared so that the linguistic term trains the head the student classifies with); default:
@@ -180,6 +183,7 @@ class C2VKDLoss(DistillationLoss):
         student_channels: Optional[Union[int, Sequence[int]]] = None,
         teacher_channels: Optional[Union[int, Sequence[int]]] = None,
         text_embeddings: Optional[torch.Tensor] = None,
+        text_classes: Optional[Sequence[bool]] = None,
         ling_feature_index: int = -1,
         ling_projector: Optional[nn.Conv2d] = None,
         stage_student_channels: Optional[Sequence[int]] = None,
@@ -300,6 +304,14 @@ class C2VKDLoss(DistillationLoss):
                 else:
                     self.ling_projector = nn.Conv2d(in_channels, emb.shape[1], kernel_size=1)
         self.register_buffer("text_embeddings", emb, persistent=False)
+        classes = None
+        if text_classes is not None and emb is not None and not all(bool(c) for c in text_classes):
+            if len(text_classes) != emb.shape[0]:
+                raise ValueError(f"text_classes has {len(text_classes)} entries for {emb.shape[0]} text embeddings")
+            if not any(bool(c) for c in text_classes):
+                raise ValueError("text_classes marks no class: the linguistic term would have nothing to read")
+            classes = torch.tensor([bool(c) for c in text_classes])
+        self.register_buffer("text_classes", classes, persistent=False)
 
     @property
     def uses_features(self) -> bool:
@@ -394,6 +406,7 @@ class C2VKDLoss(DistillationLoss):
                 ignore_index=self.ignore_index,
                 class_balance=self.balances("ling"),
                 class_balance_power=self.class_balance_power,
+                classes=self.text_classes,
             )
         return terms
 

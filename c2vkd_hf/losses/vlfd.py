@@ -324,6 +324,7 @@ def vlfd_linguistic_loss_from_scores(
     ignore_index: int = IGNORE_INDEX,
     class_balance: bool = False,
     class_balance_power: float = 1.0,
+    classes: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Linguistic term ``L_ling`` from the pixel-text logits ``S = u E^T / tau`` (``(B, K, h, w)``,
     :func:`pixel_text_logits`; the student's text head computes the same ``S`` for its logits, so C2VKD
@@ -339,9 +340,16 @@ def vlfd_linguistic_loss_from_scores(
     ``w_i = (n_valid / n) c_i`` at a labelled position (``c``: :func:`~.common.class_balanced_weights` of the
     grid's labels with exponent ``class_balance_power``) and ``1 / n`` at an ignored one (its share of
     the plain mean), ``n`` positions in all.
+
+    ``classes`` (``(K,)`` bool, our addition for class names without a text embedding): the term on the classes
+    marked True only. ``S``, ``E`` and the label-corrected target keep those columns, the target renormalised
+    over them (``r_k / sum_{j in M} r_j``); positions labelled with an unmarked class are left out of both means
+    (their label says the pixel belongs to no class the text space names); ``None``: every class.
     """
     tau = check_positive("tau", tau)
     g = check_unit_interval("label_weight", label_weight)
+    if classes is not None and bool(classes.all()):
+        classes = None
     if text_embeddings.dim() != 2:
         raise ValueError(f"text_embeddings must be (K, D), got shape {tuple(text_embeddings.shape)}")
     k = text_embeddings.shape[0]
@@ -350,7 +358,7 @@ def vlfd_linguistic_loss_from_scores(
     if teacher_logits.shape[1] != k:
         raise ValueError(f"teacher logits have {teacher_logits.shape[1]} classes, text embeddings {k} rows")
     size = scores.shape[-2:]
-    s = scores.float()
+    s = scores.float() if classes is None else scores.float()[:, classes.to(scores.device)]
     log_q = F.log_softmax(s, dim=1)
     with torch.no_grad():
         e = F.normalize(text_embeddings.detach().float(), dim=1, eps=_NORM_EPS)
@@ -362,6 +370,20 @@ def vlfd_linguistic_loss_from_scores(
             onehot = F.one_hot(torch.where(valid, y, torch.zeros_like(y)), k).permute(0, 3, 1, 2).float()
             corrected = (1.0 - g) * r + g * onehot
             r = torch.where(valid[:, None], corrected, r)
+        keep = None
+        if classes is not None:  # only the classes with a text embedding (docstring)
+            cols = classes.to(s.device)
+            y = resize_labels(labels, size) if labels is not None and y is None else y
+            r = r[:, cols]
+            r = r / r.sum(dim=1, keepdim=True).clamp_min(1e-12)
+            e = e[cols]
+            if y is not None:  # positions labelled with an unmarked class are left out; the others keep their class
+                labelled = y != ignore_index
+                y_safe = torch.where(labelled, y, torch.zeros_like(y))
+                keep = ~labelled | cols[y_safe]
+                index = torch.cumsum(cols.long(), 0) - 1  # old column -> new column
+                y = torch.where(labelled & keep, index[y_safe], torch.full_like(y, ignore_index))
+            k = int(cols.sum())
         r = r.contiguous(memory_format=torch.channels_last) if s.is_contiguous(memory_format=torch.channels_last) \
             and not s.is_contiguous() else r.contiguous()
         gram = e @ e.t()  # (K, K)
@@ -371,9 +393,15 @@ def vlfd_linguistic_loss_from_scores(
     kl = F.kl_div(log_q, r, reduction="none").sum(dim=1)
     cos = tau * (r * s).sum(dim=1) / norm_re
     if not (class_balance and y is not None):
-        return kl.mean() + (1.0 - cos).mean()
+        if keep is None:
+            return kl.mean() + (1.0 - cos).mean()
+        w = keep.float() / keep.sum().clamp_min(1)
+        return (w * (kl + 1.0 - cos)).sum()
     with torch.no_grad():
         valid = y != ignore_index
         n = valid.numel()
         w = class_balanced_weights(y, k, ignore_index, class_balance_power) * (valid.sum() / n) + (~valid).float() / n
+        if keep is not None:
+            w = w * keep
+            w = w / w.sum().clamp_min(1e-12)
     return (w * (kl + 1.0 - cos)).sum()
