@@ -373,7 +373,7 @@ def test_a_run_trains_through_the_distill_command_and_lands_in_its_record(tmp_pa
                                              "labels_file": str(data / "classes.json")},
                      protocols={"short": {"max_steps": 1, "eval_steps": 1}}, cached_protocols=[],
                      training={"warmup_steps": 0})
-    argv = ["--dataset", str(spec), "--protocol", "short", "--out_dir", str(tmp_path / "out"),
+    argv = ["--dataset", str(spec), "--root", str(tmp_path / "out"), "--protocol", "short", "--out_dir", str(tmp_path / "out"),
             "--work_dir", str(tmp_path / "work"), "--main_seeds", "1", "--readme", str(tmp_path / "none.md"),
             "--threads", "1",
             "--runs", f"none:none:{tiny}"]
@@ -408,7 +408,7 @@ def test_thread_env_limits_both_thread_pools_and_keeps_the_rest_of_the_environme
 ])
 def test_bad_run_specs_and_splits_are_usage_errors(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as stop:
-        cli_main(["--dataset", str(spec_file(tmp_path)), "--out_dir", str(tmp_path), "--work_dir",
+        cli_main(["--dataset", str(spec_file(tmp_path)), "--root", str(tmp_path), "--out_dir", str(tmp_path), "--work_dir",
                   str(tmp_path / "w"), *flags])
     assert stop.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "w").exists()  # nothing ran

@@ -252,3 +252,26 @@ def test_distill_with_teacher_cache_trains_without_running_the_teacher(tmp_path,
         distill.main(["--output_dir", str(tmp_path / "run2"), "--teacher_name_or_path", str(out / "teacher"),
                                   "--resize_height", "48", "--resize_width", "48"] + flags[2:])
     assert "teacher weights" not in str(info.value)
+
+
+def test_two_runs_of_one_c2vkd_configuration_with_the_cache_give_identical_weights(tmp_path):
+    """Reproducibility of a record: C2VKD at its defaults (class balance, stage exits, channel-wise term, text head)
+    replaying one teacher cache, trained twice into two folders with the same seed, ends with bit-identical
+    student weights on a CPU."""
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import distill
+
+    common = ["--teacher_cache", str(tmp_path / "cache"), "--teacher_cache_dir", str(tmp_path / "teacher"),
+              "--synthetic_train_size", "8", "--synthetic_validation_size", "4", "--synthetic_height", "32",
+              "--synthetic_width", "32", "--student_config_overrides", TINY_SEGFORMER_JSON,
+              "--default_teacher_steps", "2", "--max_steps", "4", "--eval_steps", "4", "--save_strategy", "no",
+              "--per_device_train_batch_size", "4", "--disable_tqdm", "true", "--train_baseline", "false",
+              "--seed", "3"]
+    first = distill.main(["--output_dir", str(tmp_path / "a"), *common])
+    second = distill.main(["--output_dir", str(tmp_path / "b"), *common])
+    assert first["loss_weights"].get("channel") and first["loss_weights"].get("exit") and first["text_head"]
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert first["val_mean_iou"] == second["val_mean_iou"]

@@ -149,3 +149,53 @@ def test_distillation_evaluation_batches_mixed_sizes(tmp_path):
         compute_metrics=make_compute_metrics(3, IGNORE_INDEX, {0: "sky", 1: "road", 2: "car"}))
     metrics = trainer.evaluate()
     assert 0.0 <= metrics["eval_mean_iou"] <= 1.0 and np.isfinite(metrics["eval_loss"])
+
+
+def test_keep_ratio_teacher_cache_runs_the_teacher_at_each_images_own_shape(tmp_path):
+    """Landscape and portrait images: each row is the teacher's output on the image at its own aspect-preserved size,
+    resampled onto the canvas (the most common size); replaying the identity view of a portrait image gives back
+    the teacher's output on that portrait image (resampled twice: close, not exact)."""
+    import datasets as hf_datasets
+
+    from c2vkd_hf.cache import TeacherCache, build_teacher_cache
+    from c2vkd_hf.data import Geometry
+    from c2vkd_hf.models import IMAGENET_MEAN, IMAGENET_STD
+
+    shapes = [(48, 64), (48, 64), (64, 48)]  # two landscape, one portrait
+
+    def smooth(h, w, phase):  # a natural-image-like (low-frequency) picture
+        y, x = np.mgrid[0:h, 0:w] / max(h, w)
+        channels = [np.sin(3 * x + phase + c) * np.cos(2 * y - c) for c in range(3)]
+        return PIL.Image.fromarray(((np.stack(channels, -1) + 1) * 127).astype(np.uint8))
+
+    images = [smooth(h, w, i) for i, (h, w) in enumerate(shapes)]
+    dataset = hf_datasets.Dataset.from_dict({"image": images}, features=hf_datasets.Features(
+        {"image": hf_datasets.Image()}))
+
+    class Pointwise(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv = torch.nn.Conv2d(3, 3, 1)
+            self.config = type("C", (), {"model_type": "pointwise", "num_labels": 3})()
+
+        def forward(self, pixel_values, output_hidden_states=False, return_dict=True):
+            from transformers.modeling_outputs import SemanticSegmenterOutput
+            return SemanticSegmenterOutput(logits=self.conv(pixel_values))
+
+    teacher = Pointwise()
+    key = build_teacher_cache(tmp_path / "c", teacher, dataset, reference_size=None,
+                              teacher_mean_std=(IMAGENET_MEAN, IMAGENET_STD), progress=False, batch_size=3,
+                              keep_ratio=(32, None))
+    assert key["reference_size"] == [32, 43] and key["keep_ratio"] == [32, None]  # the common (landscape) size
+    cache = TeacherCache(tmp_path / "c", expected_key=key)
+    transform = SegmentationTransform(image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, train=False, shortest_edge=32)
+    with torch.no_grad():
+        landscape = teacher(transform({"image": [images[0]]})["pixel_values"][0][None]).logits
+        portrait = teacher(transform({"image": [images[2]]})["pixel_values"][0][None]).logits
+    stored, _ = cache.read([0, 2], [])
+    torch.testing.assert_close(stored[:1], landscape, atol=2e-3, rtol=2e-3)  # the canvas's own size: exact
+    replayed, _ = cache.replay([2], [Geometry((43, 32), (0, 0, 43, 32), False)], [])
+    assert tuple(replayed.shape[-2:]) == (43, 32)
+    error = (replayed - portrait).abs().mean() / portrait.abs().mean()
+    assert error < 0.05  # the portrait view, resampled twice

@@ -116,10 +116,14 @@ def method_flags(method: str, extra: list[str]) -> dict:
 def mark_stale(runs: list[dict], spec, protocol: str) -> list[dict]:
     """Sets each record's ``stale``: the list of :func:`.records.stale_fields` against today's configuration of its
     run (empty: a run of today's code and defaults). Stale records are left out of the tables and listed as missing,
-    so a changed default reruns the records it affects instead of relabelling them."""
+    so a changed default reruns the records it affects instead of relabelling them. Ablations are records of the
+    configuration they name (kept in ABLATIONS.md as history): they are never stale."""
     base = spec.shared_config(protocol, "val") if protocol in spec.protocols else {}
     for record in runs:
         extra = record.get("extra_flags") or []
+        if record.get("ablation"):
+            record["stale"] = []
+            continue
         try:
             expected = method_flags(record["method"], extra)
         except Exception as error:  # e.g. a recipe that no longer exists

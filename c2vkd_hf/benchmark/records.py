@@ -27,24 +27,27 @@ def load_runs(out_dir: Path, protocol: Optional[str] = None) -> list[dict]:
     return [json.loads(p.read_text()) for folder in folders for p in sorted(folder.glob("*.json"))]
 
 
-def values(runs: list[dict], name: str, split: str) -> dict[int, float]:
-    """``{seed: mIoU in points}`` of run ``name`` on ``split`` (seeds without that run, and stale records, left
-    out)."""
-    return {r["seed"]: r[f"{split}_mean_iou"] * 100 for r in runs
-            if r["name"] == name and r.get(f"{split}_mean_iou") is not None and not r.get("stale")}
+def values(runs: list[dict], name: str, split: str, include_stale: bool = False) -> dict[int, float]:
+    """``{seed: mIoU in points}`` of run ``name`` on ``split`` (seeds without that run left out, and stale records
+    unless ``include_stale``: the ablations' history pairs with the records of its time)."""
+    return {r["seed"]: r[f"{split}_mean_iou"] * 100 for r in runs if r["name"] == name and
+            r.get(f"{split}_mean_iou") is not None and (include_stale or not r.get("stale"))}
 
 
-def paired_gains(runs: list[dict], name: str, base: str, split: str) -> list[tuple[int, float]]:
+def paired_gains(runs: list[dict], name: str, base: str, split: str,
+                 include_stale: bool = False) -> list[tuple[int, float]]:
     """``[(seed, mIoU(name, seed) - mIoU(base, seed))]`` in points over the seeds both have."""
-    a, b = values(runs, name, split), values(runs, base, split)
+    a, b = values(runs, name, split, include_stale), values(runs, base, split, include_stale)
     return [(seed, a[seed] - b[seed]) for seed in sorted(a) if seed in b]
 
 
-def class_values(runs: list[dict], name: str, split: str) -> dict[int, dict[str, float]]:
+def class_values(runs: list[dict], name: str, split: str, include_stale: bool = False) -> dict[int, dict[str, float]]:
     """``{seed: {class: IoU in points}}`` of run ``name`` on ``split`` (classes absent from the split's labels,
-    recorded as None, left out)."""
+    recorded as None, left out; stale records as in :func:`values`)."""
     out = {}
     for r in runs:
+        if r.get("stale") and not include_stale:
+            continue
         per = r.get("runs", {}).get(split, {}).get("per_category_iou") if r["name"] == name else None
         if per:
             out[r["seed"]] = {k: v * 100 for k, v in per.items() if v is not None}
