@@ -152,3 +152,21 @@ def test_seed_sets_the_initial_weights(tmp_path):
     first, again, other = init_weights(0, "a"), init_weights(0, "b"), init_weights(1, "c")
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert any(not torch.equal(first[k], other[k]) for k in first)
+
+
+def test_paper_recipe_trains_the_papers_terms_and_a_flag_wins_over_it(tmp_path, default_run):
+    """``--recipe paper``: PDD and VLFD (global, relation, linguistic) on stage4:stage4 with the released code's
+    weights, no exits, no channel-wise term, no text head; a flag given beside it wins; an unknown recipe is one
+    line naming the built-in ones."""
+    out, _ = default_run
+    results = distill.main(["--output_dir", str(tmp_path / "paper"), "--recipe", "paper", "--rel_weight", "0.2",
+                            "--teacher_name_or_path", str(out / "teacher"), "--train_baseline", "false"] + TINY_RUN)
+    weights = results["loss_weights"]
+    assert set(weights) == {"ce", "pdd", "glob", "rel", "ling"} and not results["text_head"]
+    assert (weights["glob"], weights["rel"], weights["ling"]) == (0.1, 0.2, 0.5)
+    config = results["config"]["distillation"]
+    assert (config["pdd_alpha"], config["pdd_beta"], config["class_balance"], config["feature_pairs"]) == (
+        0.5, 0.5, False, "stage4:stage4")
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "distill.py"), "--recipe", "nope",
+                           "--output_dir", str(tmp_path / "x")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "built-in recipe (paper)" in proc.stderr
