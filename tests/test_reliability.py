@@ -128,6 +128,42 @@ def test_killed_run_restarts_to_the_same_student_and_no_token_is_written(tmp_pat
     assert os.environ["HF_TOKEN"] == SECRET, "the token still reaches huggingface_hub"
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_signal_saves_a_checkpoint_exits_143_and_resumes_to_the_same_student(tmp_path, signum):
+    """A scheduler's SIGTERM (or SLURM's SIGUSR1) mid-training: the step in progress finishes, a verified checkpoint
+    of it is saved, one line says so and the process exits 143; the same command resumes and reaches the student of
+    an uninterrupted run. (Before: exit 143 from the default handler, nothing saved since the last --save_steps.)"""
+    from c2vkd_hf.jobs import EXIT_PREEMPTED
+
+    classes = dict(enumerate(SYNTHETIC_CLASSES))
+    teacher, student = _save_tiny(tmp_path / "teacher", classes, seed=1), _save_tiny(tmp_path / "student", classes, 2)
+    run = TINY_DATA + QUICK + ["--teacher_name_or_path", teacher, "--student_name_or_path", student, "--method", "kd",
+                               "--max_steps", "40", "--save_steps", "1000", "--train_baseline", "false"]
+    out = tmp_path / "preempted"
+    log_path = tmp_path / "preempted.log"
+    with log_path.open("w") as log:
+        proc = _start("distill.py", "--output_dir", str(out), *run, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 300
+        while "step 3/" not in log_path.read_text() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signum)
+        proc.wait(timeout=120)
+    text = log_path.read_text()
+    assert proc.returncode == EXIT_PREEMPTED, text[-3000:]
+    assert f"stopped: {signal.Signals(signum).name} received: saved" in text and "Traceback" not in text
+    last = last_complete_checkpoint(str(out))
+    assert last is not None and not (out / "results.json").exists(), "the run must stop before it ends"
+    assert 3 <= int(Path(last).name.split("-")[1]) < 40
+    if signum != signal.SIGTERM:
+        return
+    resumed = distill.main(["--output_dir", str(out), *run])
+    full = distill.main(["--output_dir", str(tmp_path / "reference"), *run])
+    assert resumed["steps"] == full["steps"] == 40
+    expected, actual = load_file(tmp_path / "reference" / "model.safetensors"), load_file(out / "model.safetensors")
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], atol=1e-5, rtol=1e-4, msg=lambda m: f"{key}: {m}")
+
+
 def _fake_checkpoint(folder: Path, step: int) -> Path:
     """A checkpoint folder with every file resume reads (tiny, structurally valid) and no manifest."""
     from safetensors.torch import save_file

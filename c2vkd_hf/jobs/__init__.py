@@ -51,7 +51,7 @@ from .distill import (
     teacher_val_miou,
     write_student_card,
 )
-from .errors import EXIT_NON_FINITE_LOSS, EXIT_USER_ERROR, end_distributed, run_script, user_errors
+from .errors import EXIT_NON_FINITE_LOSS, EXIT_PREEMPTED, EXIT_USER_ERROR, Preempted, end_distributed, run_script, user_errors
 from .publish import PUSH_IGNORE_PATTERNS, manual_upload_instructions, push_student_to_hub
 from .setup import (
     DistillationSetup,
@@ -76,6 +76,8 @@ __all__ = [
     "UserInputError",
     "EXIT_USER_ERROR",
     "EXIT_NON_FINITE_LOSS",
+    "EXIT_PREEMPTED",
+    "Preempted",
     "run_script",
     "end_distributed",
     "user_errors",

@@ -224,6 +224,12 @@ def train_evaluate_save(trainer: SafeCheckpointTrainer, training_args: TrainingA
         with save_errors(output_dir):
             write_run_config(output_dir, config)
     trainer.train(resume_from_checkpoint=last)
+    stopped = getattr(trainer, "preemption", None)
+    if stopped is not None and stopped.stopped_at is not None:
+        from .errors import Preempted
+
+        raise Preempted(f"{stopped.received} received: saved {output_dir / f'checkpoint-{stopped.stopped_at}'} after "
+                        f"step {stopped.stopped_at}; run the same command to resume.")
     metrics = trainer.evaluate()
     with save_errors(output_dir):
         trainer.save_model(str(output_dir))

@@ -20,13 +20,23 @@ EXIT_USER_ERROR = 2
 
 EXIT_NON_FINITE_LOSS = 3
 
+#: Exit code after a scheduler's SIGTERM/SIGUSR1: a checkpoint was saved and the same command resumes it
+#: (128 + SIGTERM, what a process killed by SIGTERM reports; SLURM requeues a job that exits non-zero with
+#: ``--requeue``).
+EXIT_PREEMPTED = 143
+
+
+class Preempted(Exception):
+    """Training stopped on a preemption signal after saving a checkpoint (the message says which and where)."""
+
 
 def run_script(main, argv: Optional[list[str]] = None, user_errors: tuple = ()) -> int:
     """Runs a script's ``main(argv)`` and returns its exit code: 0; :data:`EXIT_USER_ERROR` for a
     :class:`UserInputError`, :class:`~c2vkd_hf.data.DataValidationError`, ``FileNotFoundError``, a
     write that failed because of the machine (full disk, read-only, permissions) or one of
     ``user_errors``; :data:`EXIT_NON_FINITE_LOSS` when training stopped on a NaN/inf loss (the last
-    complete checkpoint is kept). These print one ``error: ...`` paragraph on stderr, no traceback
+    complete checkpoint is kept); :data:`EXIT_PREEMPTED` when a SIGTERM/SIGUSR1 stopped it after a checkpoint
+    (:class:`~c2vkd_hf.trainer.PreemptionCallback`). These print one ``error: ...`` paragraph on stderr, no traceback
     (under ``accelerate launch``/``torchrun`` too: the process exits with the code); any other
     exception is a bug and propagates with its traceback. Under ``torchrun``/``accelerate launch`` the
     process group is shut down before an exit code is returned (:func:`end_distributed`); a bug leaves it to
@@ -42,6 +52,9 @@ def run_script(main, argv: Optional[list[str]] = None, user_errors: tuple = ()) 
     except NonFiniteLossError as error:
         print(f"error: {error}", file=sys.stderr)
         code = EXIT_NON_FINITE_LOSS
+    except Preempted as error:
+        print(f"stopped: {error}", file=sys.stderr)
+        code = EXIT_PREEMPTED
     except OSError as error:
         if not is_write_failure(error):
             raise

@@ -28,13 +28,14 @@ Modules: :mod:`.model` (:class:`DistillationModel` and where its text head may f
 """
 
 from .base import NonFiniteLossError, SafeCheckpointTrainer, TeacherTrainer
-from .callbacks import FoldTextHeadCallback, LossScheduleCallback
+from .callbacks import PREEMPTION_SIGNALS, FoldTextHeadCallback, LossScheduleCallback, PreemptionCallback
 from .checkpoints import TRAINER_STATE_NAME, args_without_token, checkpoint_problems, last_complete_checkpoint
 from .distillation import DISTILLATION_MODULES_NAME, DistillationTrainer
 from .model import (DistillationModel, TextHeadFoldError, distillation_module_state, text_head_fold_problem,
                     text_head_of, write_text_head)
 
 __all__ = [
+    "PREEMPTION_SIGNALS", "PreemptionCallback",
     "NonFiniteLossError", "SafeCheckpointTrainer", "TeacherTrainer", "FoldTextHeadCallback", "LossScheduleCallback",
     "TRAINER_STATE_NAME", "args_without_token", "checkpoint_problems", "last_complete_checkpoint",
     "DISTILLATION_MODULES_NAME", "DistillationTrainer", "DistillationModel", "TextHeadFoldError",

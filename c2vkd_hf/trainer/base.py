@@ -17,6 +17,7 @@ from ..data import VALID_SIZES, unpad_to_labels
 from ..losses.common import cross_entropy
 from ..runs import MANIFEST_NAME, checkpoint_fit_problem, write_manifest
 from ..validation import UserInputError, save_errors
+from .callbacks import PreemptionCallback
 from .checkpoints import TRAINER_STATE_NAME, checkpoint_problems, last_complete_checkpoint
 
 
@@ -50,6 +51,8 @@ class SafeCheckpointTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
         use_console_callbacks(self, phase)
+        self.preemption = PreemptionCallback()  # SIGTERM/SIGUSR1: checkpoint after this step, then stop
+        self.add_callback(self.preemption)
 
     def _check_finite(self, terms: dict[str, torch.Tensor]) -> None:
         values = [value.detach().float().reshape(-1) for value in terms.values()]

@@ -1,8 +1,12 @@
-"""Trainer callbacks of the distillation job: the text head folded at the end, the loss terms' schedules."""
+"""Trainer callbacks: the text head folded at the end, the loss terms' schedules, checkpoint-and-stop on preemption."""
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import threading
+from typing import Optional
 
 from accelerate.utils import extract_model_from_parallel
 from transformers import TrainerCallback
@@ -36,3 +40,67 @@ class LossScheduleCallback(TrainerCallback):
         loss = getattr(extract_model_from_parallel(model), "distill_loss", None)
         if loss is not None and state.max_steps:
             loss.progress = state.global_step / state.max_steps
+
+
+#: The signals a scheduler sends before it kills a job (SLURM, Kubernetes, spot instances: SIGTERM; SLURM's
+#: ``--signal=USR1@<seconds>``: SIGUSR1).
+PREEMPTION_SIGNALS = ("SIGTERM", "SIGUSR1")
+
+
+class PreemptionCallback(TrainerCallback):
+    """Checkpoint, then stop, when the scheduler says the job is about to be killed.
+
+    While training, SIGTERM and SIGUSR1 only set a flag (the handler does no work). At the end of the optimizer
+    step in progress every process reads it (under several processes the flags are combined with one ``MAX``
+    all-reduce per step, so all ranks stop after the same step and save one consistent checkpoint, whichever rank
+    got the signal), the Trainer saves a checkpoint (:class:`~c2vkd_hf.trainer.SafeCheckpointTrainer`'s verified
+    save) and training stops; the job then exits with :data:`~c2vkd_hf.jobs.EXIT_PREEMPTED`. The same command
+    resumes from that checkpoint. A second signal while the first is handled restores the default action and
+    re-raises it (a scheduler's or user's insistence kills at once)."""
+
+    def __init__(self):
+        self.received: Optional[str] = None
+        self.stopped_at: Optional[int] = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.received is not None:  # a second signal: the default action now
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+            os.kill(os.getpid(), signum)
+            return
+        self.received = name
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.received, self.stopped_at = None, None
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be installed from the main thread
+        for name in PREEMPTION_SIGNALS:
+            signum = getattr(signal, name, None)
+            if signum is not None:
+                self._previous[signum] = signal.signal(signum, self._handle)
+
+    def _any_rank_received(self, args) -> bool:
+        import torch
+        import torch.distributed as dist
+
+        flag = self.received is not None
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            device = args.device if dist.get_backend() == "nccl" else "cpu"
+            value = torch.tensor([1.0 if flag else 0.0], device=device)
+            dist.all_reduce(value, op=dist.ReduceOp.MAX)
+            flag = bool(value.item())
+            if flag and self.received is None:
+                self.received = "a signal to another process"
+        return flag
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._any_rank_received(args):
+            control.should_save = True
+            control.should_training_stop = True
+            self.stopped_at = state.global_step
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
