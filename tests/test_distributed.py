@@ -67,3 +67,53 @@ def test_a_script_shuts_its_process_group_down_when_it_returns_a_code(tmp_path, 
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _children(pid: int) -> list[int]:
+    """The process ids whose parent is ``pid`` (from /proc)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(entry.name))
+    return sorted(out)
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_rank_stops_both_after_one_checkpoint(tmp_path):
+    """Two gloo processes under torchrun; SIGTERM reaches one worker only. Both finish the same step, one
+    consistent checkpoint is saved and both exit 143, each saying so in one line."""
+    import signal
+    import time
+
+    from tiny import TINY_SEGFORMER_JSON
+
+    from c2vkd_hf.trainer import last_complete_checkpoint
+
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           str(HERE.parent / "scripts" / "distill.py"), "--output_dir", str(out), "--method", "none",
+           "--synthetic_train_size", "16", "--synthetic_validation_size", "4", "--synthetic_height", "32",
+           "--synthetic_width", "32", "--student_config_overrides", TINY_SEGFORMER_JSON, "--max_steps", "200",
+           "--save_steps", "1000", "--eval_strategy", "no", "--logging_steps", "1", "--disable_tqdm", "true",
+           "--per_device_train_batch_size", "2", "--train_baseline", "false", "--use_cpu", "true"]
+    log_path = tmp_path / "log.txt"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 240
+        while "step 3/" not in log_path.read_text() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        workers = _children(proc.pid)
+        assert len(workers) == 2, log_path.read_text()[-3000:]
+        os.kill(workers[1], signal.SIGTERM)
+        proc.wait(timeout=120)
+    text = log_path.read_text()
+    assert text.count("stopped: ") == 2, text[-4000:]
+    assert "SIGTERM received" in text and "a signal to another process received" in text
+    last = last_complete_checkpoint(str(out))
+    assert last is not None and not (out / "results.json").exists()
