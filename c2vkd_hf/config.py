@@ -286,6 +286,11 @@ class DistillationArguments:
                   "Without it a finished run is not trained again, an interrupted one is resumed, and another "
                   "configuration's run is refused."})
 
+    wait_for_lock: bool = field(
+        default=False,
+        metadata={"help": "When another run holds --output_dir (one writer per folder, c2vkd_hf/locks.py), wait for "
+                  "it to end instead of stopping with exit 2."})
+
     # speed
     channels_last: bool = field(
         default=True,

@@ -50,7 +50,7 @@ IGNORED_FIELDS = {
     "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers", "dataloader_prefetch_factor",
     "dataloader_multiprocessing_context", "skip_memory_metrics", "local_rank", "ddp_timeout",
     "per_device_eval_batch_size", "eval_accumulation_steps", "trust_remote_code", "retrain", "teacher_cache_dir",
-    "decoded_cache_dir",
+    "decoded_cache_dir", "wait_for_lock",
 }
 
 

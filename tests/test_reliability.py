@@ -507,3 +507,46 @@ def test_flags_a_method_does_not_read_do_not_identify_its_run(tmp_path):
         "distillation.own_weight_schedules: '' -> 'kd:linear:0.5'"]
     assert identity(method="kd", weight_schedules="stage:linear:0.5,kd:linear:0.5") == identity(
         method="kd", weight_schedules="kd:linear:0.5")
+
+
+def test_a_second_run_into_the_same_output_dir_is_refused_or_waits(tmp_path):
+    """Two real processes into one --output_dir: the second gets exit 2 naming the holder's PID and host (before: both
+    ran and wrote the folder); with --wait_for_lock true it waits and then finds the finished run; a lock left by a
+    killed process is taken over."""
+    import socket
+
+    from c2vkd_hf.locks import lock_folder
+
+    out = tmp_path / "shared"
+    run = TINY_DATA + QUICK + ["--method", "none", "--max_steps", "400", "--save_steps", "1000",
+                               "--train_baseline", "false"]
+    log_path = tmp_path / "first.log"
+    with log_path.open("w") as log:
+        first = _start("distill.py", "--output_dir", str(out), *run, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 300
+        while "step 2/" not in log_path.read_text() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        second = _start("distill.py", "--output_dir", str(out), *run)
+        _, err = second.communicate(timeout=120)
+        assert second.returncode == EXIT_USER_ERROR, err[-2000:]
+        assert f"is in use by another run (pid {first.pid} on {socket.gethostname()}" in err and "--wait_for_lock" in err
+        first.send_signal(signal.SIGKILL)  # a dead holder: its lock is gone with it
+        first.wait()
+    # taken over at once: another process locks it; a third run with --wait_for_lock waits for it, then runs
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from c2vkd_hf.locks import lock_folder; "
+                               f"lock_folder({str(out)!r}); print('held', flush=True); time.sleep(120)"],
+                              stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    assert holder.stdout.readline().strip() == "held"
+    wait_log = tmp_path / "waiting.log"
+    with wait_log.open("w") as log:
+        waiting = _start("distill.py", "--output_dir", str(out), *run[:-4], "--max_steps", "2", "--wait_for_lock",
+                         "true", "--train_baseline", "false", stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 120
+        while "waiting for it" not in wait_log.read_text() and waiting.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        holder.kill()
+        holder.wait()
+        waiting.wait(timeout=300)
+    text = wait_log.read_text()
+    assert waiting.returncode == 0, text[-3000:]
+    assert "is in use by pid" in text and "waiting for it" in text

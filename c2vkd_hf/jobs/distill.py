@@ -71,7 +71,8 @@ def previous_distillation(dist_args: DistillationArguments, data_args: DataArgum
     """The saved results of a finished distillation of this configuration in ``--output_dir``, or
     ``None`` to train (see :func:`previous_run`; ``--retrain`` deletes a previous run first)."""
     return previous_run(Path(training_args.output_dir), distillation_run_config(dist_args, data_args, training_args),
-                        training_args, results_name=RESULTS_NAME, retrain=dist_args.retrain)
+                        training_args, results_name=RESULTS_NAME, retrain=dist_args.retrain,
+                        wait_for_lock=dist_args.wait_for_lock)
 
 
 def run_distillation(dist_args: DistillationArguments, data_args: DataArguments,

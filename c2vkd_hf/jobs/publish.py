@@ -11,7 +11,7 @@ from ..validation import UserInputError
 #: What ``--push_to_hub`` leaves out of the output folder: training state (``checkpoint-*``,
 #: ``training_args.bin``), the default job's teacher and baseline, caches and partial files.
 PUSH_IGNORE_PATTERNS = ("checkpoint-*", "checkpoint-*/**", "teacher/**", "baseline/**", "text_cache/**", "*.tmp",
-                        "training_args.bin")
+                        "training_args.bin", ".c2vkd-lock-*")
 
 
 def manual_upload_instructions(output_dir: Path, repo_id: str, private: Optional[bool] = None) -> str:

@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 def train_teacher(data: SegmentationData, data_args: DataArguments, training_args: TrainingArguments, *,
                   arch: str = "upernet", backbone: str = "tf_efficientnet_lite0",
                   backbone_weights: Optional[str] = None, head_lr_multiplier: float = 5.0,
-                  retrain: bool = False, phase: str = "teacher") -> dict[str, Any]:
+                  retrain: bool = False, phase: str = "teacher", wait_for_lock: bool = False) -> dict[str, Any]:
     """Fine-tunes a CNN teacher with :class:`~c2vkd_hf.trainer.TeacherTrainer` (``transformers.Trainer``
     with kill-safe checkpoints and the NaN/inf loss check) and saves an
     ``AutoModelForSemanticSegmentation`` folder in ``training_args.output_dir`` with
@@ -45,7 +45,8 @@ def train_teacher(data: SegmentationData, data_args: DataArguments, training_arg
     config = run_config({"teacher": {"arch": arch, "backbone": backbone, "backbone_weights": backbone_weights,
                                      "head_lr_multiplier": head_lr_multiplier},
                          "data": dataclasses.asdict(data_args), "training": training_args.to_dict()})
-    finished = previous_run(output_dir, config, training_args, results_name=TEACHER_RESULTS_NAME, retrain=retrain)
+    finished = previous_run(output_dir, config, training_args, results_name=TEACHER_RESULTS_NAME, retrain=retrain,
+                            wait_for_lock=wait_for_lock)
     if finished is not None:
         return finished
     check_input_sizes(data, data_args, training_args.per_device_train_batch_size,
