@@ -195,16 +195,21 @@ _OTHER_PROCESS_FILE = re.compile(r"^rng_state_[1-9][0-9]*\.pth$")
 
 
 def write_manifest(folder: os.PathLike | str) -> Path:
-    """Writes ``checkpoint_manifest.json`` in ``folder``: the size and SHA-256 of every file in it
-    (written atomically, last)."""
+    """Writes ``checkpoint_manifest.json`` in ``folder``: the size and SHA-256 of every file in it, each file
+    ``fsync``-ed first, the manifest written durably last (:func:`~c2vkd_hf.files.write_text_durably`), so a
+    checkpoint that verifies after a power loss holds what was written."""
+    from .files import fsync_path, write_text_durably
+
     folder = Path(folder)
-    files = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)}
-             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST_NAME
-             and not _OTHER_PROCESS_FILE.match(p.name) and not p.name.startswith(".")}
+    names = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST_NAME
+             and not _OTHER_PROCESS_FILE.match(p.name) and not p.name.startswith(".")]
+    for p in names:
+        fsync_path(p)
+    for sub in sorted({p.parent for p in names}, key=lambda d: -len(d.parts)):
+        fsync_path(sub)
+    files = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in names}
     path = folder / MANIFEST_NAME
-    tmp = folder / f".{MANIFEST_NAME}.tmp"
-    tmp.write_text(json.dumps({"files": files}, indent=1))
-    os.replace(tmp, path)
+    write_text_durably(path, json.dumps({"files": files}, indent=1))
     return path
 
 

@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..files import read_json_meta
+from ..files import fsync_path, read_json_meta
 from .key import TeacherCacheError
 
 META_NAME = "cache_meta.json"
@@ -28,6 +28,7 @@ def write_json_atomic(path: Path, payload: dict) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+    fsync_path(path.parent)  # the rename, on disk
 
 
 def read_meta(directory: Path) -> Optional[dict[str, Any]]:

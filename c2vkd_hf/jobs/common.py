@@ -182,9 +182,10 @@ def resume_checkpoint(training_args: TrainingArguments) -> Optional[str]:
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, path)
+    """``payload`` as JSON at ``path``, durably (:func:`~c2vkd_hf.files.write_text_durably`)."""
+    from ..files import write_text_durably
+
+    write_text_durably(path, json.dumps(payload, indent=2, default=str))
 
 
 def previous_run(output_dir: Path, config: dict, training_args: TrainingArguments, *, results_name: str,
