@@ -117,3 +117,22 @@ def test_a_signal_to_one_rank_stops_both_after_one_checkpoint(tmp_path):
     assert "SIGTERM received" in text and "a signal to another process received" in text
     last = last_complete_checkpoint(str(out))
     assert last is not None and not (out / "results.json").exists()
+
+
+@pytest.mark.slow
+def test_a_rank_that_fails_ends_every_rank_in_bounded_time(tmp_path):
+    """Two gloo processes; rank 1 stops on a bad example at step 2 (exit 2, one line). The launcher ends rank 0,
+    which would otherwise wait at the next gradient all-reduce until the process group timeout: both are gone within
+    the timeout, the run is non-zero, and the failing rank's message is shown once."""
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           str(HERE / "distributed_fail.py"), str(tmp_path / "run")]
+    start = time.time()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    elapsed = time.time() - start
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0, text[-3000:]
+    assert text.count("error: train/img7.png: label values [9]") == 1, text[-3000:]
+    assert elapsed < 120, f"took {elapsed:.0f} s"

@@ -64,6 +64,9 @@ SCRIPT_DEFAULTS = {
     "logging_steps": 20,
     "seed": 0,
     "report_to": "none",
+    # the process group timeout (s): how long a rank waits at a collective for a rank that died before it gives up
+    # (transformers' default is 1800); the launcher usually ends the others sooner (docs/RELIABILITY.md)
+    "ddp_timeout": 600,
 }
 
 
