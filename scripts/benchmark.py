@@ -1,10 +1,8 @@
 #!/usr/bin/env python
-"""The benchmark command from a clone (the same as ``c2vkd-benchmark``; see ``--help``)."""
-
+"""``c2vkd-benchmark`` (c2vkd_hf/cli/benchmark.py), kept as a script for a clone."""
 import sys
-from pathlib import Path
 
-from c2vkd_hf.cli.benchmark import run
+from c2vkd_hf.cli.benchmark import main, run  # noqa: F401  (main: for code that imports this script)
 
 if __name__ == "__main__":
-    sys.exit(run(["--root", str(Path(__file__).resolve().parents[1]), *sys.argv[1:]]))
+    sys.exit(run())

@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = {"c2vkd-distill": "distill", "c2vkd-train-teacher": "train_teacher", "c2vkd-evaluate": "evaluate",
-            "c2vkd-text-query": "text_query"}
+            "c2vkd-text-query": "text_query", "c2vkd-benchmark": "benchmark"}
 
 
 def _console_scripts() -> dict[str, str]:

@@ -25,7 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", default="camvid",
                         help="a built-in dataset (benchmarks/<name>/dataset.yaml: camvid, stanford_background, msrc21) "
                              "or the path of a dataset spec file")
-    parser.add_argument("--root", default=".", help="the folder holding benchmarks/ (default: the current one)")
+    parser.add_argument("--root", default=None,
+                        help="the folder holding benchmarks/ (default: the current folder when it has one, else the "
+                             "clone this package runs from)")
     parser.add_argument("--out_dir", default=None, help="where the records and reports go (default benchmarks/<name>)")
     parser.add_argument("--work_dir", default=None, help="where the trainings run (default outputs/benchmark-<name>)")
     parser.add_argument("--protocol", default=None, help="one of the spec's protocols (default: its last, e.g. long)")
@@ -50,10 +52,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def default_root() -> Path:
+    """The current folder when it holds ``benchmarks/``, else the clone this package is imported from (when it has
+    one), else the current folder."""
+    here = Path.cwd()
+    clone = Path(__file__).resolve().parents[2]
+    if not (here / "benchmarks").is_dir() and (clone / "benchmarks").is_dir():
+        return clone
+    return here
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    root = Path(args.root)
+    root = Path(args.root) if args.root else default_root()
     try:
         args.spec = benchmark.load_spec(args.dataset, root)
     except benchmark.SpecError as error:
