@@ -172,6 +172,22 @@ def config_values(config: dict[str, Any], dataclass_types) -> dict[str, Any]:
     return {key: _convert(key, value, *types[key]) if key in types else value for key, value in config.items()}
 
 
+def check_mixed_precision(values: dict[str, Any]) -> None:
+    """bf16/fp16 asked for on a machine without an accelerator: bf16 is honoured on the CPU only with
+    ``--use_cpu true`` (CPU autocast; slower than fp32 on most CPUs), fp16 not at all; either way one line says so
+    (instead of ``TrainingArguments``' generic error)."""
+    import torch
+
+    half = [name for name in ("bf16", "fp16") if str(values.get(name)).lower() in ("true", "1", "yes")]
+    if not half or torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()) or \
+            torch.backends.mps.is_available():
+        return
+    if half == ["bf16"] and str(values.get("use_cpu")).lower() in ("true", "1", "yes"):
+        return
+    raise UserInputError(f"--{half[0]} true needs a GPU, and this machine has none: pass --use_cpu true to train in "
+                         f"bf16 on the CPU (--bf16 true only; slower than fp32 on most CPUs), or leave --{half[0]} out.")
+
+
 def parse_script_arguments(parser, argv: list[str], defaults: dict[str, Any], *, config: Optional[dict] = None,
                            source: Optional[str] = None, allow_extra_keys: bool = False):
     """Parses a script's flags (``argv``) or, with ``config``, a config file's mapping (from ``source``),
@@ -186,6 +202,7 @@ def parse_script_arguments(parser, argv: list[str], defaults: dict[str, Any], *,
             parser.set_defaults(**defaults)  # the script's defaults, overridden by any flag given
             values = vars(parser.parse_args(list(argv)))
         check_ranges(values)
+        check_mixed_precision(values)
         fields = {f.name for dtype in parser.dataclass_types for f in dataclasses.fields(dtype)}
         extras = {k: v for k, v in values.items() if k not in fields}
         parsed = parser.parse_dict(values, allow_extra_keys=allow_extra_keys or config is None)

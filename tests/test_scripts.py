@@ -114,6 +114,31 @@ def test_bad_input_exits_with_one_message(tmp_path, flags, message):
     assert "Traceback" not in proc.stderr
 
 
+def test_no_teacher_and_half_precision_on_a_cpu_are_one_line_each(tmp_path):
+    """Real data without a teacher stops on the missing flag without announcing "distilling None"; --bf16 on a CPU
+    without --use_cpu is our own line (not transformers' generic one)."""
+    data = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for i in range(2):
+            for sub, array in ((split, rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)),
+                               (f"{split}annot", rng.integers(0, 2, (32, 32), dtype=np.uint8))):
+                (data / sub).mkdir(parents=True, exist_ok=True)
+                PIL.Image.fromarray(array).save(data / sub / f"{i}.png")
+    (data / "classes.json").write_text('["sky", "road"]')
+    proc = _cli("--output_dir", str(tmp_path / "out"), "--train_images", str(data / "train"), "--train_labels",
+                str(data / "trainannot"), "--validation_images", str(data / "val"), "--validation_labels",
+                str(data / "valannot"), "--labels_file", str(data / "classes.json"))
+    assert proc.returncode == 2 and "--teacher_name_or_path is required for --method c2vkd" in proc.stderr
+    assert "None" not in proc.stdout and "Traceback" not in proc.stderr
+    if torch.cuda.is_available():
+        return
+    proc = _cli("--output_dir", str(tmp_path / "bf16"), "--bf16", "true")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        "error: --bf16 true needs a GPU, and this machine has none: pass --use_cpu true to train in bf16 on the CPU "
+        "(--bf16 true only; slower than fp32 on most CPUs), or leave --bf16 out.")
+
+
 def test_class_count_mismatch_with_text_embeddings(tmp_path, default_run):
     out, _ = default_run
     emb = tmp_path / "emb.pth"

@@ -162,7 +162,8 @@ def _main(argv: list[str] | None = None) -> dict:
         teacher = dist_args.teacher_name_or_path or ("the teacher above" if "teacher" in phases else None)
         what = (f"distilling {teacher} into the student with {dist_args.method}" if dist_args.method != "none"
                 else "training the student without a teacher")
-        announce(training_args, f"{number['student']}student: {what}, in {output_dir}")
+        if teacher is not None or dist_args.method == "none":  # no teacher: the job stops next, saying which flag
+            announce(training_args, f"{number['student']}student: {what}, in {output_dir}")
         results = run_distillation(dist_args, data_args, training_args, data=data, baseline_miou=baseline_miou,
                                    baseline_history=baseline_history, phase="student")
     else:

@@ -297,6 +297,16 @@ def _hub_split(
     return ds.cast_column("image", datasets.Image(mode="RGB"))
 
 
+def _cached_dataset_snapshot(repo_id: str) -> Optional[str]:
+    """The folder of dataset repository ``repo_id`` in huggingface_hub's cache (``refs/main``), or ``None``."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, repo_type="dataset", local_files_only=True)
+    except Exception:  # noqa: BLE001 - not cached, not a repository id, ...
+        return None
+
+
 def _load_hub(args: DataArguments) -> SegmentationData:
     path = Path(args.dataset_name)
     if _is_saved_to_disk(path):
@@ -311,6 +321,16 @@ def _load_hub(args: DataArguments) -> SegmentationData:
             dataset = datasets.load_dataset(args.dataset_name, args.dataset_config_name)
         except FileNotFoundError as e:
             raise DataValidationError(f"dataset {args.dataset_name} not found: {e}") from None
+        except ConnectionError as e:
+            # offline (HF_HUB_OFFLINE=1) or the Hub unreachable: datasets only looks in its own Arrow cache, not
+            # in huggingface_hub's cache, where `hf download --repo-type dataset` puts the repository
+            snapshot = _cached_dataset_snapshot(args.dataset_name)
+            if snapshot is None:
+                raise DataValidationError(
+                    f"dataset {args.dataset_name}: {e}, and it is not in the Hugging Face cache (download it "
+                    f"first: hf download --repo-type dataset {args.dataset_name})") from None
+            logger.warning("%s; using its copy in the Hugging Face cache, %s", e, snapshot)
+            dataset = datasets.load_dataset(snapshot, args.dataset_config_name)
     name = path.resolve().name if path.exists() else args.dataset_name
 
     id2label, file_ignore, palette = _hub_id2label(args, dataset)

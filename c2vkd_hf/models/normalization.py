@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any, Sequence
@@ -25,13 +26,29 @@ def _processor_folder(model_or_path: Any) -> str | None:
         return None
     if path and os.path.isfile(os.path.join(path, "preprocessor_config.json")):
         return path
+    if path.count("/") == 1 and ":" not in path and not os.path.exists(path):  # a Hub id such as org/name
+        return _hub_processor_folder(path)
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def _hub_processor_folder(repo_id: str) -> str | None:
+    """The folder (cache snapshot) of ``repo_id``'s ``preprocessor_config.json`` in huggingface_hub's cache, or
+    ``None`` when the cache has none (never the network: a model's statistics must not depend on a connection)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        file = try_to_load_from_cache(repo_id, "preprocessor_config.json")
+    except Exception:  # noqa: BLE001 - not a valid repository id, ...
+        return None
+    return os.path.dirname(file) if isinstance(file, str) else None
 
 
 def image_mean_std(model_or_path: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """``(image_mean, image_std)`` the model expects.
 
-    Accepts a folder, a model (its ``config._name_or_path`` folder is consulted) or an image processor.
+    Accepts a folder, a Hub id (its file in the Hugging Face cache), a model (its ``config._name_or_path`` folder or
+    Hub id is consulted) or an image processor.
     Reads ``image_mean``/``image_std`` of ``preprocessor_config.json`` when there is one, else
     returns the ImageNet statistics.
     """
