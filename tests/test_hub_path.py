@@ -233,7 +233,7 @@ def test_distill_by_hub_ids_from_the_offline_cache(hub_cache_run, monkeypatch):
     offline_cache_env(monkeypatch, hf_home)
     probe = subprocess.run([sys.executable, "-c", "from c2vkd_hf.models import image_mean_std, load_teacher; "
                             "print(image_mean_std(load_teacher('org/teacher')))"],
-                           capture_output=True, text=True, timeout=120, cwd=out.parent)
+                           capture_output=True, text=True, timeout=300, cwd=out.parent)
     assert probe.returncode == 0, probe.stderr[-2000:]
     assert probe.stdout.strip() == str((tuple(TEACHER_MEAN), tuple(TEACHER_STD)))
 
