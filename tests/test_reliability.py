@@ -57,6 +57,13 @@ def _start(name: str, *args: str, **kwargs) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(ROOT / "scripts" / name), *args], cwd=ROOT, env=env, **kwargs)
 
 
+def _wait_for(log_path: Path, text: str, proc: subprocess.Popen, seconds: float = 300) -> None:
+    """Waits until ``text`` is in the log a started script writes, or it ended, or ``seconds`` passed."""
+    deadline = time.time() + seconds
+    while text not in log_path.read_text() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+
+
 def _save_tiny(folder: Path, id2label: dict, seed: int = 1) -> str:
     torch.manual_seed(seed)
     load_student("segformer-b0", id2label, config_overrides=TINY_SEGFORMER).save_pretrained(folder)
@@ -143,9 +150,7 @@ def test_preemption_signal_saves_a_checkpoint_exits_143_and_resumes_to_the_same_
     log_path = tmp_path / "preempted.log"
     with log_path.open("w") as log:
         proc = _start("distill.py", "--output_dir", str(out), *run, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 300
-        while "step 3/" not in log_path.read_text() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.02)
+        _wait_for(log_path, "step 3/", proc, 300)
         proc.send_signal(signum)
         proc.wait(timeout=120)
     text = log_path.read_text()
@@ -523,9 +528,7 @@ def test_a_second_run_into_the_same_output_dir_is_refused_or_waits(tmp_path):
     log_path = tmp_path / "first.log"
     with log_path.open("w") as log:
         first = _start("distill.py", "--output_dir", str(out), *run, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 300
-        while "step 2/" not in log_path.read_text() and first.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
+        _wait_for(log_path, "step 2/", first, 300)
         second = _start("distill.py", "--output_dir", str(out), *run)
         _, err = second.communicate(timeout=120)
         assert second.returncode == EXIT_USER_ERROR, err[-2000:]
@@ -541,9 +544,7 @@ def test_a_second_run_into_the_same_output_dir_is_refused_or_waits(tmp_path):
     with wait_log.open("w") as log:
         waiting = _start("distill.py", "--output_dir", str(out), *run[:-4], "--max_steps", "2", "--wait_for_lock",
                          "true", "--train_baseline", "false", stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 120
-        while "waiting for it" not in wait_log.read_text() and waiting.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
+        _wait_for(wait_log, "waiting for it", waiting, 120)
         holder.kill()
         holder.wait()
         waiting.wait(timeout=300)
