@@ -138,3 +138,20 @@ def test_the_pipeline_reads_the_decoded_cache_by_default_and_not_when_off(tmp_pa
         assert train[row]["geometry"] == plain[row]["geometry"]
         assert torch.equal(train[row]["labels"], plain[row]["labels"])
     assert torch.equal(validation[1]["pixel_values"], plain_validation[1]["pixel_values"])
+
+
+def test_a_file_truncated_under_the_cache_is_refused_and_rebuilt(tmp_path, dataset):
+    """``images.npy`` cut short after the build (a full disk, a copy that stopped): opening the folder refuses it,
+    naming the file, and the pipeline's open-or-build rebuilds it instead of reading it half-way into training.
+    (Before: the folder opened and the first read of a missing row failed mid-training.)"""
+    from c2vkd_hf.data.decoded import IMAGES_NAME, open_or_build
+
+    train = _transform(True)
+    first = open_or_build(tmp_path, dataset, train)
+    expected = first.read(3)[0].clone()
+    path = first.directory / IMAGES_NAME
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(DecodedCacheError, match=f"{IMAGES_NAME} is truncated or unreadable"):
+        DecodedSplit(first.directory)
+    again = open_or_build(tmp_path, dataset, train)
+    assert torch.equal(again.read(3)[0], expected)

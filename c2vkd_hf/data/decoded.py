@@ -322,6 +322,13 @@ class DecodedSplit:
             raise DecodedCacheError(f"The decoded-dataset cache {self.directory} is incomplete ({missing} of "
                                     f"{done.shape[0]} rows missing: its build was interrupted); building it "
                                     f"again resumes it.")
+        for name, expected in ((IMAGES_NAME, int(meta["image_bytes"])), (LABELS_NAME, int(meta["label_bytes"]))):
+            try:  # a file cut short or replaced under the cache is refused here, not read half-way into training
+                size = np.load(self.directory / name, mmap_mode="r").nbytes
+            except (ValueError, OSError) as error:
+                raise DecodedCacheError(f"{self.directory / name} is truncated or unreadable ({error}).") from None
+            if size != expected:
+                raise DecodedCacheError(f"{self.directory / name} holds {size} bytes, its metadata says {expected}.")
         self.index = np.load(self.directory / INDEX_NAME)
         self.num_rows = int(meta["num_rows"])
         self.nbytes = int(meta["image_bytes"]) + int(meta["label_bytes"])
@@ -410,7 +417,13 @@ def open_or_build(root: os.PathLike | str, dataset, transform: SegmentationTrans
     if meta is None or not np.load(directory / DONE_NAME, mmap_mode="r").all():
         logger.info("Decoding %d %s images once into %s.", len(dataset), key["role"], directory)
         build_decoded_cache(directory, dataset, transform, key=key, progress=progress)
-    return DecodedSplit(directory, expected_key=key)
+    try:
+        return DecodedSplit(directory, expected_key=key)
+    except DecodedCacheError as error:  # its files changed under it (the key, from the data, still matches): rebuilt
+        logger.warning("%s Rebuilding %s.", error, directory)
+        _remove(directory)
+        build_decoded_cache(directory, dataset, transform, key=key, progress=progress)
+        return DecodedSplit(directory, expected_key=key)
 
 
 def decoded_datasets(data: SegmentationData, data_args: DataArguments, train_transform: SegmentationTransform,
