@@ -432,8 +432,9 @@ def test_with_transform_and_collate(tmp_path):
     assert batch["labels"].dtype == torch.long
     examples = [{"pixel_values": torch.zeros(3, 4, 4), "labels": torch.zeros(4, 4, dtype=torch.long)},
                 {"pixel_values": torch.zeros(3, 4, 4), "labels": torch.zeros(5, 4, dtype=torch.long)}]
-    with pytest.raises(ValueError, match="per_device_eval_batch_size"):
-        collate_fn(examples)
+    padded = collate_fn(examples)  # labels of different sizes (evaluation at full resolution): padded, recorded
+    assert padded["labels"].shape == (2, 5, 4) and (padded["labels"][0, 4] == IGNORE_INDEX).all()
+    assert padded["valid_sizes"].tolist() == [[4, 4, 4, 4], [4, 4, 5, 4]]
 
 
 def test_geometry_replays_on_lower_resolution_maps():
