@@ -51,7 +51,11 @@ def _one_error(err: str) -> bool:
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    """Every file of a run folder, but its lock files (which name the process that last held the folder)."""
+    from c2vkd_hf.locks import LOCK_PREFIX
+
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and not p.name.startswith(LOCK_PREFIX)}
 
 
 # ----------------------------------------------------------------------------------- 1. finished means finished
