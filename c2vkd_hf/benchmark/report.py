@@ -390,6 +390,17 @@ def summary_rows(runs: list[dict], split: str) -> dict[str, Optional[dict]]:
     return out
 
 
+def _teacher_results_miou(teacher: Optional[str]) -> Optional[float]:
+    """The val mIoU a teacher folder's ``teacher_results.json`` records (``c2vkd-train-teacher``), else ``None``."""
+    import json
+
+    path = Path(teacher) / "teacher_results.json" if teacher else None
+    try:
+        return float(json.loads(path.read_text())["val_mean_iou"]) if path and path.is_file() else None
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def summary_section(datasets: list[tuple[object, list[dict]]], protocol: str = "long") -> list[str]:
     """Markdown: the cross-dataset summary, one row per dataset and split: the teacher, the plain student, the best
     peer, C2VKD (ours) and C2VKD (paper), mIoU as seed means, then per table the gain ratio (C2VKD's paired gain over
@@ -407,6 +418,8 @@ def summary_section(datasets: list[tuple[object, list[dict]]], protocol: str = "
 
     for spec, runs in datasets:
         teacher = next((r["teacher_val_mean_iou"] for r in runs if r.get("teacher_val_mean_iou")), None)
+        if teacher is None:
+            teacher = _teacher_results_miou(spec.teacher)
         for split in spec.splits:
             rows = summary_rows(runs, split)
             best = rows["defaults"]["best"] if rows.get("defaults") else best_peer(runs, "defaults", split)
