@@ -22,8 +22,8 @@ TABLES = {
 }
 TABLE_TITLES = {"defaults": "Every method at its defaults (what a user gets)",
                 "head": "Every method with the text head (what the teacher adds on top of the head)"}
-#: rows that are not peers: C2VKD's own (ours and the paper's) and the baselines
-OURS, PAPER_NAME = "c2vkd", "c2vkd-paper"
+#: the table row of C2VKD as the paper describes it (not a peer)
+PAPER_NAME = "c2vkd-paper"
 MAIN_SEED_NAMES = ("none", "dist", "c2vkd", "none-head", "dist-head")
 #: the seed counts the tables ask for: ``MAIN_SEEDS`` for :data:`MAIN_SEED_NAMES`, ``OTHER_SEEDS`` for the other runs
 MAIN_SEEDS, OTHER_SEEDS = 5, 3
@@ -78,25 +78,19 @@ def effective_flags(method: str, extra: list[str]) -> dict:
     if given.get("recipe"):
         values.update(recipe_values(given.pop("recipe")))
     values["method"] = method
-    for name, value in given.items():
-        if name in values:
-            values[name] = _typed(value, values[name])
+    values.update({name: value for name, value in _as_flags(given).items() if name in values})
     return values
 
 
-def _typed(text: str, like):
-    if isinstance(like, bool) or text.lower() in ("true", "false"):
-        return text.lower() in ("true", "1", "yes")
-    for kind in (int, float):
-        if isinstance(like, kind):
-            try:
-                return kind(text)
-            except ValueError:
-                return text
-    try:
-        return float(text) if any(c in text for c in ".e") else int(text)
-    except ValueError:
-        return text
+def _as_flags(given: dict[str, str]) -> dict:
+    """``given`` converted as the command line converts those flags (:func:`~c2vkd_hf.validation.config_values` over
+    the distill command's dataclasses); other names are kept as written."""
+    from transformers import TrainingArguments
+
+    from ..config import DataArguments, DistillationArguments
+    from ..validation import config_values
+
+    return config_values(given, (DistillationArguments, DataArguments, TrainingArguments))
 
 
 #: ``DistillationArguments`` fields only C2VKD reads, and those only the peers read (``method`` none reads neither)
@@ -126,10 +120,10 @@ def mark_stale(runs: list[dict], spec, protocol: str) -> list[dict]:
             continue
         try:
             expected = method_flags(record["method"], extra)
+            shared = {**base, **{k: v for k, v in _as_flags(given_flags(extra)).items() if k in base}}
         except Exception as error:  # e.g. a recipe that no longer exists
             record["stale"] = [f"its flags no longer parse ({error})"]
             continue
-        shared = {**base, **{k: _typed(v, base[k]) for k, v in given_flags(extra).items() if k in base}}
         record["stale"] = records.stale_fields(record, expected, shared,
                                                loss_fields=C2VKD_FIELDS + PEER_FIELDS + ("ce_weight", "text_head"))
     return runs
