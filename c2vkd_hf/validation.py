@@ -178,11 +178,11 @@ def check_mixed_precision(values: dict[str, Any]) -> None:
     (instead of ``TrainingArguments``' generic error)."""
     import torch
 
-    half = [name for name in ("bf16", "fp16") if str(values.get(name)).lower() in ("true", "1", "yes")]
+    half = [name for name in ("bf16", "fp16") if str(values.get(name)).lower() in _TRUE]
     if not half or torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()) or \
             torch.backends.mps.is_available():
         return
-    if half == ["bf16"] and str(values.get("use_cpu")).lower() in ("true", "1", "yes"):
+    if half == ["bf16"] and str(values.get("use_cpu")).lower() in _TRUE:
         return
     raise UserInputError(f"--{half[0]} true needs a GPU, and this machine has none: pass --use_cpu true to train in "
                          f"bf16 on the CPU (--bf16 true only; slower than fp32 on most CPUs), or leave --{half[0]} out.")
