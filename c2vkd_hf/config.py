@@ -85,24 +85,6 @@ class DataArguments:
     min_scale: float = field(default=0.75, metadata={"help": "Random rescale range, lower bound."})
     max_scale: float = field(default=1.5, metadata={"help": "Random rescale range, upper bound."})
     hflip: bool = field(default=True, metadata={"help": "Random horizontal flip for training."})
-    cutmix_prob: float = field(
-        default=0.0,
-        metadata={"help": "Probability that a training example gets a box of another example of its batch pasted in "
-                  "(CutMix, image and mask; c2vkd_hf/data/batch_augment.py). A live teacher sees the mixed images (function "
-                  "matching); incompatible with --teacher_cache. 0 turns it off."},
-    )
-    student_jitter: float = field(
-        default=0.0,
-        metadata={"help": "Colour jitter of this strength (brightness, contrast, saturation factors in [1-s, 1+s]) on "
-                  "the student's training view only, after the teacher (live or cached) has seen the clean view "
-                  "(c2vkd_hf/data/batch_augment.py). 0 turns it off."},
-    )
-    consistent_jitter: bool = field(
-        default=False,
-        metadata={"help": "With --student_jitter: the live teacher sees the same jittered view as the student "
-                  "(consistent views, function matching) instead of the clean one. Incompatible with "
-                  "--teacher_cache, which holds the teacher's outputs on clean views."},
-    )
     selection_holdout: Optional[str] = field(
         default=None,
         metadata={"help": "Glob on training image file names (e.g. '0006R0_*', one CamVid sequence): the matching "
@@ -156,8 +138,7 @@ class DistillationArguments:
     pdd_weight: float = field(default=1.0, metadata={"help": "C2VKD: weight of PDD."})
     glob_weight: float = field(
         default=0.1,
-        metadata={"help": "C2VKD: weight of the VLFD global term (0.1: at 1.0 it dominated the loss on CamVid, "
-                  "see benchmarks/camvid/ABLATIONS.md)."})
+        metadata={"help": "C2VKD: weight of the VLFD global term (benchmarks/camvid/ABLATIONS.md: glob1)."})
     rel_weight: float = field(default=1.0, metadata={"help": "C2VKD: weight of the VLFD relation term."})
     ling_weight: float = field(default=1.0, metadata={"help": "C2VKD: weight of the VLFD linguistic term."})
     kd_weight: Optional[float] = field(
@@ -170,27 +151,15 @@ class DistillationArguments:
     pdd_beta: float = field(default=1.0, metadata={"help": "PDD: weight of the non-target term NC."})
     pdd_temperature: float = field(default=1.0, metadata={"help": "PDD: temperature T."})
     label_weight: float = field(default=0.5, metadata={"help": "PDD/linguistic label correction g in [0, 1]."})
-    pdd_logit_standardization: bool = field(
-        default=False,
-        metadata={"help": "C2VKD: PDD reads z-scored logits (per pixel, (z - mean) / std over classes, student and "
-                  "teacher; logit standardisation, Sun et al. CVPR 2024) at --pdd_temperature; the cross-entropy "
-                  "keeps the raw logits. Off: the paper's PDD."})
     class_balance: bool = field(
         default=True,
         metadata={"help": "C2VKD: class-balanced means in PDD and the linguistic term, class k weighing n_k^(1 - p) "
                   "with p = --class_balance_power (n_k: the batch's pixels of class k; the cross-entropy keeps the "
-                  "plain mean). On by default: with the paper's plain pixel means C2VKD lost the rare classes on "
-                  "CamVid (benchmarks/camvid/FINDINGS.md, section 0a); false gives the paper's formulas."})
+                  "plain mean); false gives the paper's formulas (benchmarks/camvid/FINDINGS.md)."})
     class_balance_power: float = field(
         default=0.5,
         metadata={"help": "C2VKD with --class_balance: exponent p of the balancing, class k weighing n_k^(1 - p) "
-                  "(1: every class present the same; 0: the plain mean). 0.5 was chosen on CamVid val and the "
-                  "selection split over 1.0 (FINDINGS, section 0a)."})
-    class_balance_terms: str = field(
-        default="pdd,ling",
-        metadata={"help": "C2VKD with --class_balance: the terms whose means are balanced, comma-separated, some of "
-                  "pdd, ling (the others keep the plain mean)."})
-
+                  "(1: every class present the same; 0: the plain mean)."})
     # VLFD
     feature_pairs: Optional[str] = field(
         default=None,
@@ -220,10 +189,6 @@ class DistillationArguments:
                   "distribution over positions) added to PDD (term 'channel', scheduled by --weight_schedules "
                   "channel:..., by default decaying to 0 at half of training); 0: off, the paper's C2VKD."})
     channel_tau: float = field(default=4.0, metadata={"help": "C2VKD: temperature of the channel-wise term (CWD's 4)."})
-    channel_present_only: bool = field(
-        default=False,
-        metadata={"help": "C2VKD: the channel-wise term reads only the class maps of the classes each image's labels "
-                  "contain (an absent class's map is dropped); needs --channel_weight > 0."})
     weight_schedules: str = field(
         default="stage:linear:0.5,exit:linear:0.5,channel:linear:0.5",
         metadata={"help": "Loss-term weight schedules over training, term:kind[:end] comma-separated, kind "
@@ -295,8 +260,8 @@ class DistillationArguments:
     channels_last: bool = field(
         default=True,
         metadata={"help": "Keep the student's weights in the channels_last memory format (its convolutions run "
-                  "faster; SegFormer-B0 step on a CPU 0.295 s vs 0.324 s, benchmarks/speed/RESULTS.md). Numerics "
-                  "differ from the contiguous format only by rounding."})
+                  "faster, benchmarks/speed/RESULTS.md). Numerics differ from the contiguous format only by "
+                  "rounding."})
 
 
 def distillation_defaults() -> dict:

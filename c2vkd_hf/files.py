@@ -1,4 +1,4 @@
-"""File helpers: reading a cache folder's metadata, and durable writes (data on disk before the name that commits it).
+"""File helpers: cache metadata, dataset fingerprints, durable writes (data on disk before the name that commits it).
 
 Durability: a write that must survive a power loss or a node crash is ``fsync``-ed before the file that commits it
 (a checkpoint's manifest, a results file, a cache's metadata) is renamed into place, and the folder is ``fsync``-ed
@@ -7,10 +7,13 @@ after the rename, so a committed name never points at data still in the page cac
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any, Callable, Optional
+
+from .errors import TeacherCacheError
 
 
 def read_json_meta(path: Path, error: Callable[[str], Exception], remedy: str) -> Optional[dict[str, Any]]:
@@ -45,3 +48,25 @@ def write_text_durably(path: os.PathLike | str, text: str) -> None:
         os.fsync(handle.fileno())
     os.replace(tmp, path)
     fsync_path(path.parent)
+
+
+def dataset_fingerprint(dataset, image_column: str = "image") -> dict[str, Any]:
+    """``{"num_examples", "sha256"}`` of a ``datasets.Dataset``'s images, in row order: each image's
+    bytes (read from its file when the dataset stores a path, else the stored bytes). Labels do not
+    enter (the teacher never sees them). Reads the raw storage: no image is decoded."""
+    digest = hashlib.sha256()
+    column = dataset.with_format("arrow").select_columns([image_column])
+    num = len(dataset)
+    for start in range(0, num, 256):
+        chunk = column[start:start + 256].column(image_column).to_pylist()
+        for item in chunk:
+            data = item.get("bytes") if isinstance(item, dict) else None
+            path = item.get("path") if isinstance(item, dict) else None
+            if data is None and path is not None:
+                with open(path, "rb") as handle:
+                    data = handle.read()
+            if data is None:
+                raise TeacherCacheError(f"dataset row without image bytes or path: {item!r:.80}")
+            digest.update(len(data).to_bytes(8, "little"))
+            digest.update(data)
+    return {"num_examples": num, "sha256": digest.hexdigest()}

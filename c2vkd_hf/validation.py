@@ -74,8 +74,7 @@ RANGES: dict[str, Callable[[Any], Optional[str]]] = {
     "adam_epsilon": _above(0), "label_smoothing_factor": _at_least(0, float),
     # DataArguments
     "min_scale": _above(0), "max_scale": _above(0),
-    "cutmix_prob": lambda v: None if 0 <= v <= 1 else "must be a probability in [0, 1]",
-    "student_jitter": lambda v: None if 0 <= v < 1 else "must be a strength in [0, 1)", "resize_height": _at_least(MIN_INPUT_SIDE),
+    "resize_height": _at_least(MIN_INPUT_SIDE),
     "resize_width": _at_least(MIN_INPUT_SIDE), "crop_height": _at_least(MIN_INPUT_SIDE),
     "crop_width": _at_least(MIN_INPUT_SIDE), "resize_shortest_edge": _at_least(MIN_INPUT_SIDE),
     "resize_longest_edge": _at_least(MIN_INPUT_SIDE), "max_train_samples": _at_least(1), "max_eval_samples": _at_least(1),
@@ -85,8 +84,37 @@ RANGES: dict[str, Callable[[Any], Optional[str]]] = {
     # DistillationArguments, TeacherArguments, the evaluation scripts
     "default_teacher_steps": _at_least(1), "teacher_cache_top_k": _at_least(1), "head_lr_multiplier": _above(0),
     "teacher_input_scale": _above(0), "class_balance_power": _at_least(0, float),
+    **{weight: _at_least(0, float) for weight in ("ce_weight", "pdd_weight", "glob_weight", "rel_weight", "ling_weight",
+                                                  "stage_weight", "exit_weight", "channel_weight", "kd_weight",
+                                                  "pdd_alpha", "pdd_beta")},
+    **{temperature: _above(0) for temperature in ("pdd_temperature", "glob_tau", "ling_tau", "channel_tau",
+                                                  "kd_temperature")},
+    "label_weight": lambda v: None if 0 <= v <= 1 else "must be in [0, 1]", "rel_grid": _at_least(1),
     "batch_size": _at_least(1), "num_predictions": _at_least(-1), "num_images": _at_least(0),
 }
+
+#: Flags of earlier versions that are gone, each with what to do instead: given on the command line or in a config
+#: file, they stop the run with this message. Their ablation records stay in benchmarks/camvid/ABLATIONS.md.
+REMOVED_FLAGS: dict[str, str] = {
+    "cutmix_prob": "CutMix with the live teacher lost CamVid val (ablation c2vkd-cutmix); there is no replacement",
+    "student_jitter": "student-only colour jitter helped without a teacher as much as with one (ablation "
+                      "c2vkd-jitter); there is no replacement",
+    "consistent_jitter": "it went with --student_jitter (ablation c2vkd-jitter-consistent); there is no replacement",
+    "pdd_logit_standardization": "z-scored logits in PDD gained nothing (ablation c2vkd-ls); there is no replacement",
+    "channel_present_only": "masking the channel-wise term lost CamVid val (ablation c2vkd-cwd-present); "
+                            "--channel_weight keeps the unmasked term",
+    "class_balance_terms": "--class_balance balances PDD and the linguistic term together; one of them alone was "
+                           "never adopted",
+}
+
+
+def check_removed_flags(names) -> None:
+    """A flag or config key of :data:`REMOVED_FLAGS` among ``names`` (``--flag``, ``--flag=value``, ``--flag-name``
+    or a bare config key) stops with its message."""
+    for name in names:
+        key = str(name).split("=", 1)[0].lstrip("-").replace("-", "_")
+        if key in REMOVED_FLAGS and (str(name).startswith("--") or "=" not in str(name)):
+            raise UserInputError(f"--{key} was removed: {REMOVED_FLAGS[key]} (benchmarks/camvid/ABLATIONS.md).")
 
 #: Flags that are only meaningful together.
 PAIRS = (("resize_height", "resize_width"), ("crop_height", "crop_width"))
@@ -196,6 +224,7 @@ def parse_script_arguments(parser, argv: list[str], defaults: dict[str, Any], *,
     values of the parser's own (non-dataclass) flags. Every problem is a :class:`UserInputError`."""
     prefix = f"Config file {source}: " if source else ""
     try:
+        check_removed_flags(config if config is not None else [a for a in argv if str(a).startswith("--")])
         if config is not None:
             values = config_values({**defaults, **config}, parser.dataclass_types)
         else:
@@ -307,7 +336,7 @@ def image_sizes(dataset) -> list[tuple[tuple[int, int], str]]:
 
     import PIL.Image
 
-    from .data.checks import _oriented_size
+    from .images import oriented_size
 
     sizes = []
     table = dataset.with_format("arrow")
@@ -315,7 +344,7 @@ def image_sizes(dataset) -> list[tuple[tuple[int, int], str]]:
         for offset, cell in enumerate(table[start:start + 256].column("image").to_pylist()):
             source = io.BytesIO(cell["bytes"]) if cell.get("bytes") is not None else cell["path"]
             with PIL.Image.open(source) as image:
-                width, height = _oriented_size(image)
+                width, height = oriented_size(image)
             sizes.append(((height, width), cell.get("path") or f"row {start + offset}"))
     return sizes
 

@@ -10,8 +10,10 @@ the method, ``--feature_pairs`` and, with ``--stage_weight`` or ``--exit_weight`
 is stored (logits; plus, for C2VKD, the teacher feature maps of the feature and stage pairs, resolved as
 ``distill.py`` resolves them); training flags are ignored. ``--teacher_cache_top_k K`` stores only the K
 largest logits per pixel. An interrupted build resumes where it stopped; a folder holding a cache for
-another teacher, dataset or preprocessing is refused unless ``--overwrite``. See ``c2vkd_hf/cache/``
-for the format and the key.
+another teacher, dataset or preprocessing is refused unless ``--overwrite``. Before the teacher runs, the
+cache's size on disk is logged in one line, and a cache that would not fit in the free space of the folder's
+file system is refused (exit code 2) with the options: another ``--teacher_cache``, ``--teacher_cache_top_k``,
+or the teacher online. See ``c2vkd_hf/cache/`` for the format and the key.
 """
 
 from __future__ import annotations

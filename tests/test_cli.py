@@ -58,3 +58,24 @@ def test_python_dash_m_runs_a_command(monkeypatch, capsys):
         warnings.simplefilter("ignore", RuntimeWarning)  # runpy: the module was imported by an earlier test
         runpy.run_module("c2vkd_hf.cli.evaluate", run_name="__main__", alter_sys=True)
     assert exit_info.value.code == 0 and "--model_name_or_path" in capsys.readouterr().out
+
+
+def test_distill_help_lists_every_flag_once_in_sections(capsys):
+    """--help: model and data, method, training, advanced, then the rest of TrainingArguments; every flag once."""
+    import re
+
+    import pytest as _pytest
+
+    from c2vkd_hf.cli import distill as cli
+    from c2vkd_hf.cli.help import ADVANCED, OTHER
+
+    with _pytest.raises(SystemExit):
+        cli.parse_args(["--help"])
+    text = capsys.readouterr().out
+    titles = ["model and data:", "method and its main weights:", "training:", f"{ADVANCED}:", f"{OTHER}:"]
+    positions = [text.index(f"\n{title}\n") for title in titles]
+    assert positions == sorted(positions)
+    flags = re.findall(r"^  (--[a-z0-9_]+)", text, flags=re.M)
+    assert len(flags) == len(set(flags)) > 150
+    assert text.index("--teacher_name_or_path") < positions[1] < text.index("--pdd_weight") < positions[2]
+    assert positions[3] < text.index("--class_balance_power") < positions[4] < text.index("--adam_beta1")

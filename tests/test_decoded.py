@@ -16,8 +16,8 @@ from c2vkd_hf.config import DataArguments
 from c2vkd_hf.data import build_transform, load_segmentation_data, make_synthetic_dataset, with_example_index
 from c2vkd_hf.data.decoded import (DecodedCacheError, DecodedDataset, DecodedSplit, build_decoded_cache, decoded_key,
                                    open_or_build, stored_size, use_decoded_cache)
-from c2vkd_hf.data.transforms import _image_tensor, _label_tensor
-from c2vkd_hf.jobs.common import _datasets_for
+from c2vkd_hf.data.transforms import image_tensor, label_tensor
+from c2vkd_hf.jobs.common import datasets_for
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
@@ -43,11 +43,11 @@ def test_round_trip_stores_the_resized_images_and_the_original_masks(tmp_path, d
     assert len(split) == 6 and split.nbytes == 6 * (3 * 18 * 24 + 24 * 32)
     for row in range(6):
         image, label, original = split.read(row)
-        source = _image_tensor(dataset[row]["image"])
+        source = image_tensor(dataset[row]["image"])
         expected = TF.resize(source, [18, 24], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
         assert original == (24, 32) and image.dtype == torch.uint8
         assert torch.equal(image, expected)
-        assert torch.equal(label, _label_tensor(dataset[row]["label"]))
+        assert torch.equal(label, label_tensor(dataset[row]["label"]))
     # the evaluation split is stored at the eval resize: its inputs are bit-identical to decoding the files
     evaluation = _transform(False)
     decoded = DecodedDataset(open_or_build(tmp_path / "root", dataset, evaluation), evaluation, indexed=False)
@@ -128,11 +128,11 @@ def test_the_pipeline_reads_the_decoded_cache_by_default_and_not_when_off(tmp_pa
     args = DataArguments(synthetic_train_size=4, synthetic_validation_size=2, synthetic_height=24,
                          synthetic_width=32, resize_height=12, resize_width=16, decoded_cache_dir=str(tmp_path))
     data = load_segmentation_data(args)
-    train, validation, _ = _datasets_for(data, args, MEAN, STD, seed=0, with_views=True)
+    train, validation, _ = datasets_for(data, args, MEAN, STD, seed=0, with_views=True)
     assert isinstance(train, DecodedDataset) and isinstance(validation, DecodedDataset)
     assert sorted(p.name.split("-")[0] for p in tmp_path.iterdir()) == ["eval", "train"]
     args.decoded_cache = False
-    plain, plain_validation, _ = _datasets_for(data, args, MEAN, STD, seed=0, with_views=True)
+    plain, plain_validation, _ = datasets_for(data, args, MEAN, STD, seed=0, with_views=True)
     assert not isinstance(plain, DecodedDataset)
     for row in range(4):
         assert train[row]["geometry"] == plain[row]["geometry"]

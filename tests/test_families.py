@@ -25,10 +25,11 @@ from transformers import (
 
 from c2vkd_hf import models as M
 from c2vkd_hf.losses import get_loss
+from tiny import c2vkd_loss
 from c2vkd_hf.jobs import UserInputError, check_class_agreement
 from c2vkd_hf.text_head import TEXT_HEAD_NAME
 from c2vkd_hf.trainer import DistillationModel
-from tiny import ID2LABEL, make_trainer, tiny_student, tiny_teacher
+from tiny import c2vkd_loss, ID2LABEL, make_trainer, tiny_student, tiny_teacher
 
 _VIT = dict(hidden_size=16, num_hidden_layers=4, num_attention_heads=2, intermediate_size=32, patch_size=8,
             image_size=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -72,7 +73,7 @@ def _images(n: int = 8, height: int = 32, width: int = 48, seed: int = 0) -> lis
 def _c2vkd(student: nn.Module, teacher: nn.Module) -> tuple[DistillationModel, str]:
     s_name, t_name = M.default_feature_pair(student, teacher)
     text = nn.functional.normalize(torch.randn(len(ID2LABEL), 12, generator=torch.Generator().manual_seed(3)), dim=1)
-    loss = get_loss("c2vkd", student_channels=[M.feature_channels(student)[s_name]],
+    loss = c2vkd_loss(student_channels=[M.feature_channels(student)[s_name]],
                     teacher_channels=[M.feature_channels(teacher)[t_name]], text_embeddings=text)
     return DistillationModel(student, loss, [s_name]), t_name
 

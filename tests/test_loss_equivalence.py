@@ -30,6 +30,7 @@ from c2vkd_hf.losses import (
     vlfd_relation_loss,
 )
 from c2vkd_hf.losses import vlfd
+from tiny import c2vkd_loss
 
 EPS = 1e-6
 
@@ -247,7 +248,7 @@ def test_global_matches_reference(student_cl, teacher_cl, grid, tau):
 def test_global_through_the_module_projector_matches_conv():
     """C2VKD's visual projector applied as a matrix product on rows equals the 1x1 convolution."""
     gen = torch.Generator().manual_seed(12)
-    loss = C2VKDLoss(student_channels=[6], teacher_channels=[5], pdd_weight=0, rel_weight=0)
+    loss = c2vkd_loss(student_channels=[6], teacher_channels=[5], pdd_weight=0, rel_weight=0)
     proj = loss.visual_projectors[0]
     fs, ft = torch.randn(2, 6, 4, 5, generator=gen), torch.randn(2, 5, 8, 10, generator=gen)
     y = torch.randint(0, 3, (2, 8, 10), generator=gen)
@@ -372,7 +373,7 @@ def test_c2vkd_module_matches_reference(pdd_temperature):
     projectors, against the float64 references composed by hand."""
     s, t, y, fs, ft, emb = _module_inputs()
     torch.manual_seed(0)
-    loss = C2VKDLoss(student_channels=[6], teacher_channels=[7], text_embeddings=emb, ling_tau=0.05,
+    loss = c2vkd_loss(student_channels=[6], teacher_channels=[7], text_embeddings=emb, ling_tau=0.05,
                      pdd_temperature=pdd_temperature)
     a_s, a_f = leaf(s, True), leaf(fs, True)
     b_s, b_f = leaf(s), leaf(fs)
@@ -401,7 +402,7 @@ def test_c2vkd_reads_the_text_heads_logits():
 
     s, t, y, fs, ft, emb = _module_inputs(seed=2)
     head = TextHead.create(6, emb, "decoder", 0.05)
-    loss = C2VKDLoss(student_channels=[6], teacher_channels=[7], text_embeddings=emb, ling_tau=0.05,
+    loss = c2vkd_loss(student_channels=[6], teacher_channels=[7], text_embeddings=emb, ling_tau=0.05,
                      ling_projector=head.projector)
     a_f, b_f = leaf(fs, True), leaf(fs, True)
     shared_logits = head(a_f)
@@ -432,7 +433,7 @@ def test_distillation_model_shares_the_text_head_logits_with_the_linguistic_term
     k = student.config.num_labels
     text = F.normalize(torch.randn(k, text_dim, generator=torch.Generator().manual_seed(1)), dim=1)
     head = TextHead.create(channels, text, "decoder", 0.03)
-    loss = get_loss("c2vkd", student_channels=[channels], teacher_channels=[channels], text_embeddings=text,
+    loss = c2vkd_loss(student_channels=[channels], teacher_channels=[channels], text_embeddings=text,
                     ling_projector=head.projector)
     model = DistillationModel(student, loss, ["decoder"], text_head=head).train()
     assert model._text_head_is_linguistic_head()

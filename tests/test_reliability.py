@@ -300,7 +300,7 @@ def models(tmp_path_factory) -> dict[str, str]:
     (["--method", "c2vkd", "--feature_pairs", "stage4"], ["--feature_pairs entry 'stage4' must look like"]),
     (["--method", "kd", "--pdd_weight", "-1"], ["--pdd_weight must be a finite number >= 0, got -1.0"]),
     (["--method", "kd", "--kd_temperature", "nan"], ["--kd_temperature must be a finite number > 0, got nan"]),
-    (["--method", "c2vkd", "--rel_grid", "0"], ["--rel_grid must be >= 1, got 0"]),
+    (["--method", "c2vkd", "--rel_grid", "0"], ["--rel_grid must be an integer >= 1, got 0"]),
     (["--method", "fitnet"], ["--method 'fitnet' is unknown"]),
 ], ids=["teacher_class_count", "teacher_not_segmentation", "teacher_truncated_weights", "teacher_missing",
         "text_embedding_rows", "text_embedding_pickle", "text_embedding_missing", "student_missing",
@@ -425,7 +425,7 @@ def test_no_unsafe_loading_in_the_package(tmp_path):
     the unsafe way, so the payload is real."""
     import pickle
 
-    from c2vkd_hf.models import _read_state_dict
+    from c2vkd_hf.models import read_state_dict
     from c2vkd_hf.text import load_text_embeddings
 
     marker = tmp_path / "ran"
@@ -434,7 +434,7 @@ def test_no_unsafe_loading_in_the_package(tmp_path):
     hostile_npy = tmp_path / "hostile.npy"
     np.save(hostile_npy, np.array([_RunsCodeWhenUnpickled(marker)], dtype=object), allow_pickle=True)
 
-    for load in (load_text_embeddings, _read_state_dict):
+    for load in (load_text_embeddings, read_state_dict):
         with pytest.raises(pickle.UnpicklingError):
             load(hostile)
     with pytest.raises(ValueError, match="allow_pickle"):
@@ -557,7 +557,7 @@ def test_checkpoint_files_results_and_manifest_reach_the_disk_before_the_manifes
     """Durable commits: every file of a checkpoint is fsync-ed, then the manifest (itself fsync-ed, renamed, the
     folder fsync-ed) commits it; results files are written the same way. (Before: nothing was fsync-ed, so after a
     power loss a checkpoint that verified could hold zeros.) Recorded through os.fsync and os.replace."""
-    from c2vkd_hf.jobs.common import _write_json
+    from c2vkd_hf.jobs.common import write_json
     from c2vkd_hf.runs import MANIFEST_NAME, write_manifest
 
     events: list[tuple[str, str]] = []
@@ -583,6 +583,6 @@ def test_checkpoint_files_results_and_manifest_reach_the_disk_before_the_manifes
     assert {"model.safetensors", "optimizer.pt", TRAINER_STATE_NAME} <= synced
     assert ("fsync", str(folder)) in events[commit:]  # the rename itself, on disk
     events.clear()
-    _write_json(tmp_path / "results.json", {"a": 1})
+    write_json(tmp_path / "results.json", {"a": 1})
     commit = events.index(("replace", str(tmp_path / "results.json")))
     assert any(kind == "fsync" for kind, _ in events[:commit]) and ("fsync", str(tmp_path)) in events[commit:]

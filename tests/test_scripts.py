@@ -194,4 +194,4 @@ def test_paper_recipe_trains_the_papers_terms_and_a_flag_wins_over_it(tmp_path, 
         0.5, 0.5, False, "stage4:stage4")
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "distill.py"), "--recipe", "nope",
                            "--output_dir", str(tmp_path / "x")], capture_output=True, text=True)
-    assert proc.returncode == 2 and "built-in recipe (paper)" in proc.stderr
+    assert proc.returncode == 2 and "built-in recipe (paper, paper-scale)" in proc.stderr

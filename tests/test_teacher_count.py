@@ -143,17 +143,6 @@ def test_channel_term_is_on_by_default_and_decays(tmp_path):
     assert results["baseline_val_mean_iou"] is not None
 
 
-def test_channel_present_only_flag_masks_the_logged_channel_term(tmp_path):
-    """--channel_present_only true drops the absent classes' maps from the channel term: on the same first batch,
-    seed and weights, its logged value is below the unmasked one (a sum over fewer non-negative KLs, same
-    normalisation), and it is refused without the term."""
-    plain = _c2vkd_loss_history(tmp_path / "plain" / "run", 1, "--channel_weight", "3")
-    masked = _c2vkd_loss_history(tmp_path / "masked" / "run", 1, "--channel_weight", "3",
-                                 "--channel_present_only", "true")
-    assert 0 < masked[1]["loss/channel"] < plain[1]["loss/channel"]
-    assert masked[1]["loss/pdd"] == pytest.approx(plain[1]["loss/pdd"], rel=1e-5)
-
-
 @pytest.mark.parametrize("flags, message", [
     (["--stage_pairs", "", "--stage_weight", "0.5"], "--stage_weight needs --stage_pairs"),
     (["--method", "dist", "--stage_pairs", "stage1:stage1", "--stage_weight", "1"], "C2VKD's stage guidance"),
@@ -167,7 +156,8 @@ def test_channel_present_only_flag_masks_the_logged_channel_term(tmp_path):
     (["--method", "kd", "--channel_weight", "0"], "--channel_weight adds a channel-wise term to C2VKD"),
     (["--channel_weight", "-1"], "--channel_weight must be a finite number >= 0"),
     (["--channel_weight", "1", "--channel_tau", "0"], "--channel_tau must be a finite number > 0"),
-    (["--channel_weight", "0", "--channel_present_only", "true"], "--channel_present_only masks C2VKD's channel-wise"),
+    (["--channel_weight", "0", "--channel_present_only", "true"], "--channel_present_only was removed"),
+    (["--cutmix-prob=0.5"], "--cutmix_prob was removed"),
 ])
 def test_stage_guidance_flags_are_checked(tmp_path, capsys, flags, message):
     argv = ["--output_dir", str(tmp_path / "x"), *TINY, "--method", "c2vkd", "--max_steps", "1",
@@ -215,3 +205,48 @@ def test_selection_split_holds_out_one_sequence(tmp_path):
             load_segmentation_data(DataArguments(**{**vars(args), "selection_holdout": pattern}))
     with pytest.raises(DataValidationError, match="needs local image/mask folders"):
         load_segmentation_data(DataArguments(selection_holdout="x_*"))
+
+
+def test_the_loss_module_and_run_config_agree_on_every_constant(tmp_path):
+    """One default per constant: the C2VKD loss a run trains with holds exactly the values its run_config.json
+    records, for flags at their defaults and for flags given (each C2VKDConfig field is a flag), and every term of
+    non-zero weight is weighted as recorded."""
+    from dataclasses import fields
+
+    from c2vkd_hf.jobs import setup_distillation
+    from c2vkd_hf.losses import C2VKDConfig
+
+    given = ["--pdd_weight", "0.7", "--glob_weight", "0.3", "--channel_weight", "2", "--class_balance_power", "0.25",
+             "--ling_tau", "0.05"]
+    for name, flags in (("defaults", []), ("given", given)):
+        out = tmp_path / name / "run"
+        _c2vkd_loss_history(out, 1, *flags)
+        recorded = json.loads((out / "run_config.json").read_text())["distillation"]
+        argv = ["--output_dir", str(tmp_path / name / "again"), *TINY, "--method", "c2vkd", "--max_steps", "1",
+                "--teacher_name_or_path", str(out.parent / "teacher"),
+                "--student_name_or_path", str(out.parent / "student"), *flags]
+        from c2vkd_hf.cli.distill import parse_args
+
+        dist_args, data_args, training_args, _ = parse_args(argv)
+        loss = setup_distillation(dist_args, data_args, training_args).loss_module
+        for field in fields(C2VKDConfig):
+            assert getattr(loss.config, field.name) == recorded[field.name], field.name
+        for term, weight in loss.weights.items():
+            assert weight == recorded[f"{term}_weight"], term
+        assert set(loss.weights) >= {"ce", "pdd", "glob", "rel", "ling", "channel", "exit"}
+    assert recorded["pdd_weight"] == 0.7 and loss.config.class_balance_power == 0.25
+
+
+def test_every_c2vkd_constant_is_a_flag_with_its_one_default():
+    """C2VKDConfig has no defaults of its own: each field is a DistillationArguments flag, whose default it takes."""
+    from dataclasses import MISSING, fields
+
+    from c2vkd_hf.config import DistillationArguments, distillation_defaults
+    from c2vkd_hf.losses import C2VKDConfig
+
+    defaults = distillation_defaults()
+    for field in fields(C2VKDConfig):
+        assert field.default is MISSING and field.default_factory is MISSING, field.name
+        assert field.name in defaults, field.name
+    built = C2VKDConfig.from_args(DistillationArguments())
+    assert all(getattr(built, f.name) == defaults[f.name] for f in fields(C2VKDConfig))

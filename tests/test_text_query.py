@@ -14,12 +14,13 @@ from transformers import AutoModelForSemanticSegmentation
 
 from c2vkd_hf.data import SYNTHETIC_CLASSES
 from c2vkd_hf.losses import get_loss
+from tiny import c2vkd_loss
 from c2vkd_hf.metrics import StreamingMeanIoU
 from c2vkd_hf.models import forward_features, load_student
 from c2vkd_hf.inference import evaluate_model
 from c2vkd_hf.text_query import TEXT_HEAD_NAME, TextQuerySegmenter, load_text_head, segment_by_text
 from c2vkd_hf.trainer import DistillationModel, write_text_head
-from tiny import ID2LABEL, TINY_SEGFORMER, c2vkd_model, make_trainer, tensor_dataset, tiny_student, tiny_teacher
+from tiny import c2vkd_loss, ID2LABEL, TINY_SEGFORMER, c2vkd_model, make_trainer, tensor_dataset, tiny_student, tiny_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -91,7 +92,7 @@ def _student_folder(tmp_path, text: torch.Tensor) -> Path:
     """A tiny synthetic-data student with a text head trained against ``text`` (6, D)."""
     torch.manual_seed(0)
     student = load_student("segformer-b0", dict(enumerate(SYNTHETIC_CLASSES)), config_overrides=TINY_SEGFORMER)
-    loss = get_loss("c2vkd", student_channels=[32], teacher_channels=[32], text_embeddings=text)
+    loss = c2vkd_loss(student_channels=[32], teacher_channels=[32], text_embeddings=text)
     folder = tmp_path / "student"
     student.save_pretrained(folder)
     write_text_head(DistillationModel(student, loss, ["stage4"]), str(folder))

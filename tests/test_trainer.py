@@ -10,7 +10,7 @@ from transformers import AutoModelForSemanticSegmentation, TrainerCallback
 from c2vkd_hf.losses import get_loss
 from c2vkd_hf.models import parse_feature_pairs
 from c2vkd_hf.trainer import DISTILLATION_MODULES_NAME, NonFiniteLossError
-from tiny import c2vkd_model, make_trainer, tensor_dataset, tiny_student, tiny_teacher
+from tiny import c2vkd_loss, make_loss, c2vkd_model, make_trainer, tensor_dataset, tiny_student, tiny_teacher
 
 
 def _params(model) -> dict[str, torch.Tensor]:
@@ -220,12 +220,12 @@ def test_text_head_is_the_classifier_for_every_method(method):
     text = torch.nn.functional.normalize(torch.randn(student.config.num_labels, 12), dim=1)
     head = TextHead.create(channels, text, "decoder", 0.03)
     if method == "c2vkd":
-        loss = get_loss("c2vkd", student_channels=[channels], teacher_channels=[channels], text_embeddings=text,
+        loss = c2vkd_loss(student_channels=[channels], teacher_channels=[channels], text_embeddings=text,
                         ling_projector=head.projector)
         assert loss.ling_projector is head.projector
         model = DistillationModel(student, loss, ["decoder"], text_head=head)
     else:
-        model = DistillationModel(student, get_loss(method), text_head=head)
+        model = DistillationModel(student, make_loss(method), text_head=head)
     x, labels = torch.randn(2, 3, 32, 32), torch.randint(0, student.config.num_labels, (2, 32, 32))
     own_logits, feats = forward_features(student, x)
     out = model(x, labels=labels, teacher_logits=torch.randn_like(own_logits),

@@ -6,7 +6,10 @@ import torch
 from torch import nn
 from transformers import TrainingArguments
 
-from c2vkd_hf.losses import get_loss
+from dataclasses import fields
+
+from c2vkd_hf.config import DistillationArguments
+from c2vkd_hf.losses import C2VKDConfig, C2VKDLoss, get_loss
 from c2vkd_hf.metrics import make_compute_metrics
 from c2vkd_hf.models import forward_features, load_student
 from c2vkd_hf.trainer import DistillationModel, DistillationTrainer
@@ -59,12 +62,30 @@ def c2vkd_model(student: nn.Module, teacher: nn.Module, seed: int = 0) -> Distil
     s_channels = student.config.hidden_sizes[-1]
     t_channels = teacher.config.hidden_sizes[-1]
     text = nn.functional.normalize(torch.randn(len(ID2LABEL), 12, generator=torch.Generator().manual_seed(3)), dim=1)
-    loss = get_loss("c2vkd", student_channels=[s_channels], teacher_channels=[t_channels], text_embeddings=text)
+    loss = c2vkd_loss(student_channels=[s_channels], teacher_channels=[t_channels], text_embeddings=text)
     return DistillationModel(student, loss, ["stage4"])
 
 
+#: The product's C2VKD with its three additions to the paper off (plain means, no channel-wise term, no exits): the
+#: loss tests' reference, every other constant at its flag's default.
+PLAIN_C2VKD = {"class_balance": False, "channel_weight": 0.0, "exit_weight": 0.0}
+
+
+def c2vkd_loss(**kwargs) -> C2VKDLoss:
+    """A :class:`C2VKDLoss`: keyword arguments naming a :class:`C2VKDConfig` field set that constant (the others:
+    :data:`PLAIN_C2VKD`, then the flags' defaults); the rest go to the constructor."""
+    names = {f.name for f in fields(C2VKDConfig)}
+    constants = {**PLAIN_C2VKD, **{k: v for k, v in kwargs.items() if k in names}}
+    config = C2VKDConfig.from_args(DistillationArguments(), **constants)
+    return C2VKDLoss(config, **{k: v for k, v in kwargs.items() if k not in names})
+
+
+def make_loss(name: str, **kwargs):
+    """The loss registered as ``name`` (:func:`~c2vkd_hf.losses.get_loss`), C2VKD through :func:`c2vkd_loss`."""
+    return c2vkd_loss(**kwargs) if name == "c2vkd" else get_loss(name, **kwargs)
+
+
 def make_trainer(output_dir: str, model: DistillationModel, teacher: nn.Module, train, *, eval_dataset=None,
-                 cutmix_prob: float = 0.0, student_jitter: float = 0.0, consistent_jitter: bool = False,
                  **training_kwargs) -> DistillationTrainer:
     kwargs = dict(output_dir=output_dir, per_device_train_batch_size=8, max_steps=2, learning_rate=1e-2,
                   report_to="none", save_strategy="no", logging_steps=1, seed=0, remove_unused_columns=False,
@@ -72,10 +93,9 @@ def make_trainer(output_dir: str, model: DistillationModel, teacher: nn.Module, 
     kwargs.update(training_kwargs)
     return DistillationTrainer(
         model=model, args=TrainingArguments(**kwargs), train_dataset=train, eval_dataset=eval_dataset,
-        data_collator=collate, teacher=teacher, teacher_feature_names=["stage4"], cutmix_prob=cutmix_prob,
-        student_jitter=student_jitter, consistent_jitter=consistent_jitter,
+        data_collator=collate, teacher=teacher, teacher_feature_names=["stage4"],
         compute_metrics=make_compute_metrics(len(ID2LABEL), 255, ID2LABEL))
 
 
-__all__ = ["ID2LABEL", "TINY_SEGFORMER", "TINY_SEGFORMER_JSON", "tiny_student", "tiny_teacher", "tensor_dataset",
+__all__ = ["c2vkd_loss", "make_loss", "PLAIN_C2VKD", "ID2LABEL", "TINY_SEGFORMER", "TINY_SEGFORMER_JSON", "tiny_student", "tiny_teacher", "tensor_dataset",
            "collate", "c2vkd_model", "make_trainer", "forward_features"]

@@ -47,11 +47,9 @@ def table_names() -> set[str]:
 def teacher_cache_dir(args, split: str, method: str, extra: list[str]) -> Optional[str]:
     """The spec's cached protocols (CamVid's long one) replay the teacher from a cache (``--teacher_cache``) so that
     a teacher run costs about what the student alone costs: one cache per split and per set of teacher outputs the
-    run reads (method and flags; the cache refuses another key). The other protocols, and any run with CutMix
-    (``--cutmix_prob``) or consistent jitter (``--consistent_jitter``), function matching, run the teacher online."""
-    live = ("--cutmix_prob", "--consistent_jitter")
-    if args.protocol not in args.spec.cached_protocols or method == "none" or any(f.startswith(live) for f in extra):
-        return None  # the teacher must see each mixed or jittered view
+    run reads (method and flags; the cache refuses another key). The other protocols run the teacher online."""
+    if args.protocol not in args.spec.cached_protocols or method == "none":
+        return None
     tag = hashlib.sha1(" ".join([method, *stored_maps(method, extra)]).encode()).hexdigest()[:8]
     return str(Path(args.work_dir) / "teacher-cache" / f"{split}-{method}-{tag}")
 

@@ -17,9 +17,10 @@ features), where the online teacher would see a padded image.
 
 Storage (one folder):
 
-* ``cache_meta.json``: format version, the key (below), and one entry per array (file, dtype, shape);
-  written last at creation, through a temporary file and ``os.replace``. A folder without it is not a
-  cache (an interrupted creation is started again).
+* ``cache_meta.json``: format version, the key (below), one entry per array (file, dtype, shape) and
+  ``disk_bytes`` (the arrays' size, :func:`~.size.teacher_cache_bytes`; not part of the key, older caches
+  lack it); written last at creation, through a temporary file and ``os.replace``. A folder without it
+  is not a cache (an interrupted creation is started again).
 * ``logits.npy`` (N, K, h, w) float16, or with ``top_k`` = k: ``logits_topk_values.npy``
   (N, k + 1, h, w) float16 (the k largest logits, then one "rest" logit per pixel, chosen so that
   every other class gets an equal share of the remaining softmax mass: the top-k probabilities are
@@ -45,9 +46,14 @@ files, then every rank fills its share into the shared memory maps; markers are 
 ranks never write the same bytes); reading needs nothing but read-only maps. This relies on a local
 file system with shared memory maps (not a network file system without coherent ``mmap``).
 
+Size: the arrays are created at full length but sparse, and before the teacher runs over the data a build
+logs the cache's size in one line and refuses (:class:`~.size.TeacherCacheSpaceError`, a
+:class:`~c2vkd_hf.validation.UserInputError`) when the rows still to write would not fit in the free space of
+the folder's file system (:mod:`.size`).
+
 Modules: :mod:`.key` (the key and its check), :mod:`.replay` (top-k logits, geometric replay), :mod:`.files` (file
-names, metadata, memory maps, status), :mod:`.build` (:func:`build_teacher_cache`), :mod:`.reader`
-(:class:`TeacherCache`).
+names, metadata, memory maps, status), :mod:`.size` (size on disk, free-space check), :mod:`.build`
+(:func:`build_teacher_cache`), :mod:`.reader` (:class:`TeacherCache`).
 """
 
 from .build import build_teacher_cache
@@ -56,9 +62,11 @@ from .key import (CACHE_VERSION, TeacherCacheError, cache_key, dataset_fingerpri
                   teacher_weights_hash)
 from .reader import TeacherCache
 from .replay import replay_grid, replay_maps, replay_output_size, topk_compress, topk_expand
+from .size import TeacherCacheSpaceError, teacher_cache_bytes
 
 __all__ = [
     "TeacherCacheError", "CACHE_VERSION", "teacher_weights_hash", "dataset_fingerprint", "cache_key",
     "key_differences", "topk_compress", "topk_expand", "replay_grid", "replay_maps", "replay_output_size",
     "build_teacher_cache", "TeacherCache", "CacheStatus", "cache_status", "DONE_NAME", "META_NAME",
+    "teacher_cache_bytes", "TeacherCacheSpaceError",
 ]

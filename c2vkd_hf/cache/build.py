@@ -22,6 +22,7 @@ from .files import (DONE_NAME, LOGITS_NAME, META_NAME, TOPK_INDICES_NAME, TOPK_V
 from .key import (REBUILD_HINT, TeacherCacheError, cache_key, check_key, dataset_fingerprint,
                   key_differences, teacher_weights_hash)
 from .replay import topk_compress
+from .size import cache_layout, check_fits, describe, format_bytes, teacher_cache_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +92,12 @@ def build_teacher_cache(
     ``reference_size`` canvas (default: the most common resized size), which holds the whole image as
     every stored row does; replay samples fractions of the image, so it is unchanged. Rows of the
     canvas's size are stored exactly; others lose what the resampling loses.
+
+    Size: before any row is computed, every rank works out what the rows still to write will take
+    (:func:`~c2vkd_hf.cache.size.teacher_cache_bytes`; the map sizes of a new cache from one forward pass
+    on a blank image, those of a resumed one from its metadata) and refuses with
+    :class:`~c2vkd_hf.cache.size.TeacherCacheSpaceError` when it exceeds the free space of ``directory``'s
+    file system; rank 0 logs the size in one line.
     """
     directory = Path(directory)
     dist_rank, dist_world, dist_barrier = _distributed()
@@ -123,10 +130,28 @@ def build_teacher_cache(
     stale = meta is not None and bool(key_differences(meta["key"], key))
     if stale and not overwrite:
         check_key(directory, meta["key"], key, REBUILD_HINT)  # every rank refuses: none waits at the barrier
+    if meta is None or stale:  # every rank reads the layout, so every rank can refuse (none waits at the barrier)
+        shapes = _probe_shapes(teacher, reference_size, key["feature_names"], device)
+        rows_left = num_rows
+    else:
+        shapes = _stored_shapes(meta)
+        rows_left = num_rows - int(np.count_nonzero(load_npy(directory / DONE_NAME, "r")))
+    layout = cache_layout(*shapes, top_k=top_k)  # checks top_k against the classes
+    if rows_left:
+        total = teacher_cache_bytes(num_rows, *shapes, top_k=top_k)
+        needed = teacher_cache_bytes(rows_left, *shapes, top_k=top_k)
+        # creating truncates the files of these names (a stale cache's, an interrupted creation's)
+        reclaimed = _allocated_bytes(directory, layout) if meta is None or stale else 0
+        free = check_fits(directory, needed, num_rows=num_rows, num_classes=shapes[0], logits_size=shapes[1],
+                          feature_shapes=shapes[2], top_k=top_k, reclaimed=reclaimed)
+        if rank == 0:
+            left = "" if needed == total else f", {format_bytes(needed)} of it still to write ({rows_left} rows)"
+            logger.info("%s%s; %s free in %s.", describe(num_rows, *shapes, top_k=top_k), left, format_bytes(free),
+                        directory)
     if rank == 0 and (meta is None or stale):
         if stale:
             logger.warning("Overwriting the stale teacher cache %s.", directory)
-        _create_files(directory, teacher, key, num_rows, reference_size, device)
+        _create_files(directory, key, num_rows, layout, shapes[0], teacher_cache_bytes(num_rows, *shapes, top_k=top_k))
     barrier()
     meta = read_meta(directory)
     if meta is None or key_differences(meta["key"], key):
@@ -144,42 +169,55 @@ def build_teacher_cache(
     return key
 
 
-def _create_files(directory: Path, teacher: nn.Module, key: dict, num_rows: int,
-                  reference_size: tuple[int, int], device) -> None:
-    """Allocates every array (shapes from one forward pass on a blank image) and the row markers,
-    then writes the metadata last, atomically."""
+def _probe_shapes(teacher: nn.Module, reference_size: tuple[int, int], feature_names: Sequence[str], device
+                  ) -> tuple[int, tuple[int, int], dict[str, tuple[int, ...]]]:
+    """``(num_classes, logits (h, w), {feature: (C, h, w)})`` of the teacher at the reference size, from one
+    forward pass on a blank image."""
+    logits, features = _teacher_maps(teacher, torch.zeros(1, 3, *reference_size, device=device), feature_names)
+    return (int(logits.shape[1]), tuple(int(v) for v in logits.shape[2:]),
+            {name: tuple(int(v) for v in feature.shape[1:]) for name, feature in features.items()})
+
+
+def _stored_shapes(meta: dict[str, Any]) -> tuple[int, tuple[int, int], dict[str, tuple[int, ...]]]:
+    """The :func:`_probe_shapes` of an existing cache, from its metadata."""
+    arrays = meta["arrays"]
+    first = arrays[LOGITS_NAME] if LOGITS_NAME in arrays else arrays[TOPK_VALUES_NAME]
+    return (int(meta["num_classes"]), tuple(int(v) for v in first["shape"][2:]),
+            {name: tuple(int(v) for v in arrays[entry]["shape"][1:]) for name, entry in meta["features"].items()})
+
+
+def _allocated_bytes(directory: Path, layout: dict) -> int:
+    """Bytes the files of ``layout`` (and the markers) hold on disk now in ``directory``: what creating the cache
+    there frees, since it truncates them."""
+    total = 0
+    for file in [f"{name}.npy" for name in layout] + [DONE_NAME]:
+        try:
+            total += (directory / file).stat().st_blocks * 512
+        except (OSError, AttributeError):
+            pass
+    return total
+
+
+def _create_files(directory: Path, key: dict, num_rows: int, layout: dict, num_classes: int, disk_bytes: int) -> None:
+    """Allocates every array of ``layout`` (:func:`~c2vkd_hf.cache.size.cache_layout`) and the row markers,
+    then writes the metadata last, atomically (``disk_bytes``: recorded beside the key, not part of it)."""
     directory.mkdir(parents=True, exist_ok=True)
     meta_path = directory / META_NAME
     if meta_path.exists():
         meta_path.unlink()  # until the new metadata is written, this folder is not a cache
-    logits, features = _teacher_maps(teacher, torch.zeros(1, 3, *reference_size, device=device),
-                                     key["feature_names"])
-    num_classes = int(logits.shape[1])
     entries: dict[str, dict[str, Any]] = {}
-
-    def allocate(name: str, dtype, shape) -> None:
+    for name, (dtype, shape) in layout.items():
         file = f"{name}.npy"
         array = np.lib.format.open_memmap(directory / file, mode="w+", dtype=dtype, shape=(num_rows, *shape))
         array.flush()
         del array
         entries[name] = {"file": file, "dtype": np.dtype(dtype).name, "shape": [num_rows, *shape]}
-
-    top_k = key["top_k"]
-    if top_k is None:
-        allocate(LOGITS_NAME, np.float16, logits.shape[1:])
-    else:
-        if not 1 <= top_k < num_classes:
-            raise TeacherCacheError(f"--teacher_cache_top_k must be in [1, {num_classes - 1}] for a teacher with "
-                                    f"{num_classes} classes, got {top_k}")
-        allocate(TOPK_VALUES_NAME, np.float16, (top_k + 1, *logits.shape[2:]))
-        allocate(TOPK_INDICES_NAME, np.uint8 if num_classes <= 256 else np.int16, (top_k, *logits.shape[2:]))
-    for name, feature in features.items():
-        allocate(f"feature_{name}", np.float16, feature.shape[1:])
     done = np.lib.format.open_memmap(directory / DONE_NAME, mode="w+", dtype=np.uint8, shape=(num_rows,))
     done.flush()
     del done
     write_json_atomic(meta_path, {"key": key, "num_classes": num_classes, "arrays": entries,
-                                  "features": {name: f"feature_{name}" for name in features}})
+                                  "features": {name: f"feature_{name}" for name in key["feature_names"]},
+                                  "disk_bytes": int(disk_bytes)})
 
 
 def _canvas_maps(teacher, batch, reference_size, feature_names, map_sizes):

@@ -11,12 +11,10 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
+from ..errors import TeacherCacheError
+from ..files import dataset_fingerprint  # noqa: F401  (importable from here as before)
+
 CACHE_VERSION = 1
-
-
-class TeacherCacheError(ValueError):
-    """The teacher cache cannot be used as given (missing, incomplete, stale or foreign); the message
-    says what differs and how to rebuild."""
 
 
 def teacher_weights_hash(model: nn.Module) -> str:
@@ -30,28 +28,6 @@ def teacher_weights_hash(model: nn.Module) -> str:
         if tensor.numel():
             digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
-
-
-def dataset_fingerprint(dataset, image_column: str = "image") -> dict[str, Any]:
-    """``{"num_examples", "sha256"}`` of a ``datasets.Dataset``'s images, in row order: each image's
-    bytes (read from its file when the dataset stores a path, else the stored bytes). Labels do not
-    enter (the teacher never sees them). Reads the raw storage: no image is decoded."""
-    digest = hashlib.sha256()
-    column = dataset.with_format("arrow").select_columns([image_column])
-    num = len(dataset)
-    for start in range(0, num, 256):
-        chunk = column[start:start + 256].column(image_column).to_pylist()
-        for item in chunk:
-            data = item.get("bytes") if isinstance(item, dict) else None
-            path = item.get("path") if isinstance(item, dict) else None
-            if data is None and path is not None:
-                with open(path, "rb") as handle:
-                    data = handle.read()
-            if data is None:
-                raise TeacherCacheError(f"dataset row without image bytes or path: {item!r:.80}")
-            digest.update(len(data).to_bytes(8, "little"))
-            digest.update(data)
-    return {"num_examples": num, "sha256": digest.hexdigest()}
 
 
 def cache_key(*, teacher_hash: str, dataset: dict[str, Any], reference_size: Sequence[int],

@@ -19,8 +19,9 @@ import logging
 import sys
 from pathlib import Path
 
-from transformers import HfArgumentParser, TrainingArguments
+from transformers import TrainingArguments
 
+from c2vkd_hf.cli.help import DISTILL_SECTIONS, SectionedHelpParser
 from c2vkd_hf.config import DataArguments, DistillationArguments
 from c2vkd_hf.data import load_segmentation_data
 from c2vkd_hf.jobs import (
@@ -70,7 +71,9 @@ SCRIPT_DEFAULTS = {
 def parse_args(argv: list[str]):
     """``(DistillationArguments, DataArguments, TrainingArguments, train_baseline)`` from flags or one
     config file, type- and range-checked (``c2vkd_hf.validation.parse_script_arguments``)."""
-    parser = HfArgumentParser((DistillationArguments, DataArguments, TrainingArguments))
+    parser = SectionedHelpParser((DistillationArguments, DataArguments, TrainingArguments), sections=DISTILL_SECTIONS,
+                                 own=(DistillationArguments, DataArguments),
+                                 usage_line="c2vkd-distill [config.yaml | --flag value ...]")
     parser.add_argument("--train_baseline", choices=["auto", "true", "false"], default="auto",
                         help="Also train the student without a teacher on the same schedule (default: only in "
                              "the offline default job).")

@@ -17,18 +17,14 @@ One module per job:
 * :mod:`.transforms`: the train/eval :class:`SegmentationTransform` (seeded per example, returning
   its :class:`Geometry` when the teacher cache needs it), :func:`collate_fn`;
 * :mod:`.decoded`: the decoded-dataset cache (each split decoded once into memory maps; imported
-  from ``c2vkd_hf.data.decoded``);
-* :mod:`.batch_augment`: augmentations of a whole training batch applied by the trainer around the
-  teacher: CutMix before the live teacher sees it, colour jitter of the student's view after (imported from
-  ``c2vkd_hf.data.batch_augment``).
+  from ``c2vkd_hf.data.decoded``).
 """
 
 from .base import DataValidationError, SegmentationData
-from .checks import _oriented_size  # noqa: F401  (private name kept importable from here)
 from .labels import colorize, default_palette, load_labels_file, rgb_to_index
 from .sources import load_segmentation_data, source_paths
 from .synthetic import SYNTHETIC_CLASSES, SYNTHETIC_PALETTE, make_synthetic_dataset
-from .transforms import (  # noqa: F401  (private names kept importable from here)
+from .transforms import (
     INDEX_COLUMN,
     VALID_SIZES,
     AugmentationEpochCallback,
@@ -41,8 +37,6 @@ from .transforms import (  # noqa: F401  (private names kept importable from her
     keep_ratio_size,
     sample_geometry,
     unpad_to_labels,
-    _image_tensor,
-    _label_tensor,
     with_example_index,
 )
 

@@ -8,6 +8,7 @@ from typing import Optional
 import datasets
 
 from ..config import IGNORE_INDEX
+from ..validation import check_label_set, check_not_all_void
 
 
 class DataValidationError(ValueError):
@@ -37,8 +38,6 @@ class SegmentationData:
     def __post_init__(self):
         """Refuses a label set that would give silently wrong results (``c2vkd_hf.validation``):
         duplicate class names, a void value that is a class's value, a split whose masks are all void."""
-        from ..validation import check_label_set, check_not_all_void
-
         check_label_set(self.id2label, self.dataset_ignore_index, self.reduce_labels, f"dataset {self.name}")
         check_not_all_void(self.train, "train", IGNORE_INDEX)
         check_not_all_void(self.validation, "validation", IGNORE_INDEX)

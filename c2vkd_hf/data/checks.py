@@ -15,36 +15,21 @@ import numpy as np
 import PIL.Image
 
 from ..config import IGNORE_INDEX
+from ..images import open_source, oriented_size
 from .base import DataValidationError
-from .labels import _LabelMapping
+from .labels import LabelMapping
 
 LOSSY_EXTENSIONS = (".jpg", ".jpeg", ".webp")
 _MAX_PROBLEMS = 10  # how many per-file problems one error message reports
 
 
-def _open_source(source: Union[str, bytes]):
-    return PIL.Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
-
-
-def _oriented_size(im: PIL.Image.Image) -> tuple[int, int]:
-    """(width, height) after the EXIF rotation that ``datasets`` applies on decode."""
-    w, h = im.size
-    if im.format == "PNG":  # reading a PNG's EXIF means decoding it; PNG orientation tags are rare
-        return w, h
-    try:
-        orientation = im.getexif().get(PIL.Image.ExifTags.Base.Orientation)
-    except Exception:  # noqa: BLE001 - broken EXIF is not our concern here
-        orientation = None
-    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
-
-
 def _check_image(source: Union[str, bytes], where: str) -> tuple[int, int]:
     """Open, verify and cheaply decode an image; returns its (width, height)."""
     try:
-        with _open_source(source) as im:
+        with open_source(source) as im:
             im.verify()  # reads the whole file: chunk CRCs for PNG, structure for others
-        with _open_source(source) as im:
-            size = _oriented_size(im)
+        with open_source(source) as im:
+            size = oriented_size(im)
             if im.format != "PNG":  # PNG is fully checked by verify; others need a (cheap) decode
                 if im.format == "JPEG":
                     im.draft("RGB", (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))
@@ -54,7 +39,8 @@ def _check_image(source: Union[str, bytes], where: str) -> tuple[int, int]:
     return size
 
 
-def _encode_png(arr: np.ndarray) -> bytes:
+def encode_png(arr: np.ndarray) -> bytes:
+    """A class-index mask as the bytes of a fast, lossless PNG (mode ``"L"``)."""
     buffer = io.BytesIO()
     # zlib's run-length strategy (compress_type 3, Z_RLE): faster and smaller than the default on masks
     PIL.Image.fromarray(arr.astype(np.uint8, copy=False), mode="L").save(
@@ -64,7 +50,7 @@ def _encode_png(arr: np.ndarray) -> bytes:
 
 
 def _check_mask(
-    source: Union[str, bytes], where: str, mapping: _LabelMapping
+    source: Union[str, bytes], where: str, mapping: LabelMapping
 ) -> tuple[tuple[int, int], Optional[bytes]]:
     """Read a mask, check its values after mapping; returns ((w, h), new PNG bytes or None if unchanged)."""
     if isinstance(source, str) and source.lower().endswith(LOSSY_EXTENSIONS):
@@ -73,10 +59,10 @@ def _check_mask(
             "lossless (PNG/BMP/TIFF)"
         )
     try:
-        with _open_source(source) as im:
+        with open_source(source) as im:
             im.verify()
-        with _open_source(source) as im:
-            size = _oriented_size(im)
+        with open_source(source) as im:
+            size = oriented_size(im)
             mode = im.mode
             arr = np.asarray(im)
     except Exception as e:  # noqa: BLE001
@@ -124,10 +110,11 @@ def _check_mask(
         new = np.take(lut, arr)
     else:
         new = mapped[inverse.reshape(arr.shape)]
-    return size, _encode_png(new)
+    return size, encode_png(new)
 
 
-def _check_pair(image_src, label_src, where_image: str, where_label: str, mapping: _LabelMapping):
+def check_pair(image_src, label_src, where_image: str, where_label: str, mapping: LabelMapping):
+    """Checks an image and its mask (readable, same size, label values); the remapped mask's PNG bytes or None."""
     image_size = _check_image(image_src, where_image)
     mask_size, new_bytes = _check_mask(label_src, where_label, mapping)
     if image_size != mask_size:
@@ -138,7 +125,8 @@ def _check_pair(image_src, label_src, where_image: str, where_label: str, mappin
     return new_bytes
 
 
-def _raise_collected(problems: list[str], split: str, total: int) -> None:
+def raise_collected(problems: list[str], split: str, total: int) -> None:
+    """Raises one :class:`DataValidationError` listing a split's invalid examples (the first few), if any."""
     if not problems:
         return
     shown = problems[:_MAX_PROBLEMS]

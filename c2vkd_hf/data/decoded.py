@@ -26,9 +26,9 @@ size or the original). ``--decoded_cache false`` decodes the files at every step
 
 Storage (one folder per split and key, under ``--decoded_cache_dir``):
 
-* ``decoded_meta.json``: format version, the key (below) and the arrays; written with the empty
-  arrays into a temporary folder that is renamed into place, so a folder with this name is always
-  complete in its layout;
+* ``decoded_meta.json``: format version, the key (below), the arrays' sizes and ``disk_bytes``
+  (:func:`decoded_cache_bytes`, not part of the key); written with the empty arrays into a temporary
+  folder that is renamed into place, so a folder with this name is always complete in its layout;
 * ``images.npy`` / ``labels.npy``: every example's pixels, flat uint8, one after another;
 * ``index.npy`` (N, 6) int64: per row the image's offset, stored height and width, the mask's
   offset, and the original height and width;
@@ -48,6 +48,23 @@ only with ``overwrite``.
 Several processes building the same folder at once (e.g. the ranks of a distributed run) all fill
 the unmarked rows; they write identical bytes, so the result is the same. This relies on a local
 file system with coherent memory maps.
+
+Size: :func:`decoded_cache_bytes` (from the image headers, before anything is decoded), logged in one
+line when a split is allocated. The arrays are sparse files, so a build needs the space of the rows it
+still writes: all of them for a new folder, the unmarked ones when resuming; a build that would not fit
+in the free space of the folder's file system is refused before it starts
+(:class:`DecodedCacheSpaceError`, a :class:`~c2vkd_hf.validation.UserInputError`).
+
+``datasets`` sources (Hub ids, saved datasets) leave this cache off by default (``--decoded_cache true``
+turns it on). Such a dataset already sits in ``datasets``' own Arrow cache (``~/.cache/huggingface``),
+memory-mapped, with each image stored as its encoded PNG/JPEG bytes: decoding it is the only step
+left, and this cache would be a second copy of the split, uncompressed (3 bytes a pixel plus the mask:
+several times the encoded files; sizes for Cityscapes and ADE20K in docs/RECIPES.md, "Scale"), with a
+key that reads every image's bytes at each start. Keep the Arrow cache alone
+(the default) when the data loader decodes in workers beside an accelerator
+(``--dataloader_num_workers``), when the disk is short, or for a large Hub dataset; turn this cache on
+when decoding in the training process is a visible share of the step (a CPU run, few cores) and the
+size above fits.
 """
 
 from __future__ import annotations
@@ -65,11 +82,12 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 from ..config import DataArguments
-from ..files import read_json_meta
+from ..files import dataset_fingerprint, read_json_meta
+from ..images import open_source, oriented_size
+from ..validation import UserInputError
 from .base import SegmentationData
-from .checks import _open_source, _oriented_size
-from .sources import _segnet_layout
-from .transforms import INDEX_COLUMN, SegmentationTransform, _image_tensor, _label_tensor
+from .sources import segnet_layout
+from .transforms import INDEX_COLUMN, SegmentationTransform, image_tensor, label_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +96,10 @@ __all__ = [
     "DECODED_VERSION",
     "default_cache_root",
     "stored_size",
+    "decoded_cache_bytes",
+    "CacheSpaceError",
+    "format_bytes",
+    "free_space",
     "decoded_key",
     "build_decoded_cache",
     "DecodedSplit",
@@ -98,6 +120,15 @@ _OWN_FILES = {META_NAME, DONE_NAME, INDEX_NAME, IMAGES_NAME, LABELS_NAME}
 class DecodedCacheError(ValueError):
     """The decoded-dataset cache cannot be used as given (incomplete, stale or foreign); the message
     says what differs."""
+
+
+class CacheSpaceError(UserInputError):
+    """A cache (this one, or the teacher cache of :mod:`c2vkd_hf.cache`) would not fit in the free space of
+    its folder's file system; the message names the size, the free space and the options."""
+
+
+class DecodedCacheSpaceError(DecodedCacheError, CacheSpaceError):
+    """The decoded-dataset cache would not fit in the free space of ``--decoded_cache_dir``'s file system."""
 
 
 def default_cache_root() -> Path:
@@ -129,9 +160,76 @@ def stored_size(original: Sequence[int], transform: SegmentationTransform) -> tu
     return min(top[0], height), min(top[1], width)
 
 
-def _fingerprint(dataset, column: str) -> dict[str, Any]:
-    from ..cache import dataset_fingerprint
+# ---------------------------------------------------------------------------------------------
+# Size on disk
+# ---------------------------------------------------------------------------------------------
 
+
+def decoded_cache_bytes(original_sizes: Sequence[Sequence[int]], transform: SegmentationTransform) -> int:
+    """Bytes of a split's decoded-cache arrays on disk, for images of ``original_sizes`` ((H_i, W_i) per row,
+    as decoded) under ``transform``. With ``(h_i, w_i)`` = :func:`stored_size` and ``N`` rows (uint8 pixels,
+    an int64 index of 6 values and a one-byte marker per row)::
+
+        max(sum_i 3 h_i w_i, 1) + max(sum_i H_i W_i, 1) + 48 N + N
+
+    Not counted: the four ``.npy`` headers (128 bytes each) and ``decoded_meta.json`` (under 1 KiB)."""
+    images = labels = 0
+    for original in original_sizes:
+        height, width = int(original[0]), int(original[1])
+        sh, sw = stored_size((height, width), transform)
+        images += 3 * sh * sw
+        labels += height * width
+    rows = len(original_sizes)
+    return max(images, 1) + max(labels, 1) + rows * (6 * np.dtype(np.int64).itemsize + 1)
+
+
+def format_bytes(num: int) -> str:
+    """``num`` bytes in binary units, three significant digits: ``"41.3 GiB"``, ``"512 MiB"``, ``"100 B"``."""
+    value = float(num)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            break
+        value /= 1024
+    if unit == "B":
+        return f"{int(num)} B"
+    return f"{value:.3g} {unit}" if value >= 100 else f"{value:.1f} {unit}"
+
+
+def free_space(directory: os.PathLike | str) -> int:
+    """Free bytes (for this user) of the file system ``directory`` will be on: ``shutil.disk_usage`` of the
+    folder, or of its nearest existing parent while it does not exist yet."""
+    path = Path(directory).expanduser().absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return int(shutil.disk_usage(path).free)
+
+
+def _describe(original_sizes: Sequence[Sequence[int]], transform: SegmentationTransform, role: str) -> str:
+    """One line: ``Decoded cache (train): N rows x (image 3x<h>x<w> + mask <H>x<W>) uint8 = S on disk``."""
+    from collections import Counter
+
+    pairs = Counter((stored_size(o, transform), (int(o[0]), int(o[1]))) for o in original_sizes)
+    ((sh, sw), (h, w)), _ = pairs.most_common(1)[0] if pairs else (((0, 0), (0, 0)), 0)
+    varies = f", the most common of {len(pairs)} sizes" if len(pairs) > 1 else ""
+    return (f"Decoded cache ({role}): {len(original_sizes)} rows x (image 3x{sh}x{sw} + mask {h}x{w}{varies}) uint8 "
+            f"= {format_bytes(decoded_cache_bytes(original_sizes, transform))} on disk")
+
+
+def _check_fits(directory: Path, needed: int, summary: str) -> None:
+    """Refuses (:class:`DecodedCacheSpaceError`) ``needed`` bytes more than the free space at ``directory``."""
+    free = free_space(directory)
+    if needed > free:
+        raise DecodedCacheSpaceError(
+            f"{summary}, but the file system of {directory} has {format_bytes(free)} free: the cache would not "
+            f"fit. Options:\n"
+            f"  - another --decoded_cache_dir (or $C2VKD_HF_CACHE) on a file system with at least "
+            f"{format_bytes(needed)} free\n"
+            f"  - --decoded_cache false: decode the files at each step (no disk needed)\n"
+            f"  - a smaller --resize_height/--resize_width or --max_scale (the training images are stored at "
+            f"resize x max_scale)")
+
+
+def _fingerprint(dataset, column: str) -> dict[str, Any]:
     return dataset_fingerprint(dataset, column)
 
 
@@ -181,16 +279,18 @@ def _original_sizes(dataset) -> list[tuple[int, int]]:
     for start in range(0, len(dataset), 256):
         for item in column[start:start + 256].column("image").to_pylist():
             source = item.get("bytes") or item.get("path")
-            with _open_source(source) as image:
-                width, height = _oriented_size(image)
+            with open_source(source) as image:
+                width, height = oriented_size(image)
             sizes.append((height, width))
     return sizes
 
 
-def _allocate(directory: Path, key: dict, dataset, transform: SegmentationTransform) -> None:
+def _allocate(directory: Path, key: dict, dataset, transform: SegmentationTransform,
+              originals: Optional[list[tuple[int, int]]] = None) -> None:
     """Creates the empty arrays and the metadata in a temporary folder and renames it to ``directory``
-    (if another process got there first, its folder is kept)."""
-    originals = _original_sizes(dataset)
+    (if another process got there first, its folder is kept). ``originals``: :func:`_original_sizes`, when
+    the caller has them."""
+    originals = _original_sizes(dataset) if originals is None else originals
     index = np.zeros((len(originals), 6), dtype=np.int64)
     image_total = label_total = 0
     for row, (height, width) in enumerate(originals):
@@ -206,7 +306,8 @@ def _allocate(directory: Path, key: dict, dataset, transform: SegmentationTransf
     for name, total in ((IMAGES_NAME, image_total), (LABELS_NAME, label_total)):
         np.lib.format.open_memmap(tmp / name, mode="w+", dtype=np.uint8, shape=(max(total, 1),)).flush()
     np.lib.format.open_memmap(tmp / DONE_NAME, mode="w+", dtype=np.uint8, shape=(len(originals),)).flush()
-    meta = {"key": key, "num_rows": len(originals), "image_bytes": image_total, "label_bytes": label_total}
+    meta = {"key": key, "num_rows": len(originals), "image_bytes": image_total, "label_bytes": label_total,
+            "disk_bytes": decoded_cache_bytes(originals, transform)}  # not part of the key
     (tmp / META_NAME).write_text(json.dumps(meta, indent=2), encoding="utf-8")
     try:
         os.rename(tmp, directory)  # replaces a missing or empty folder; fails on a non-empty one
@@ -244,14 +345,24 @@ def build_decoded_cache(directory: os.PathLike | str, dataset, transform: Segmen
         logger.warning("Replacing the stale decoded-dataset cache %s.", directory)
         _remove(directory)
         meta = None
+    resumed = meta is not None
     if meta is None:
-        _allocate(directory, key, dataset, transform)
+        originals = _original_sizes(dataset)
+        summary = _describe(originals, transform, key["role"])
+        _check_fits(directory, decoded_cache_bytes(originals, transform), summary)
+        logger.info("%s (%s free).", summary, format_bytes(free_space(directory)))
+        _allocate(directory, key, dataset, transform, originals)
         meta = _read_meta(directory)
         if _differences(meta["key"], key):  # another process allocated it for another key meanwhile
             raise DecodedCacheError(f"{directory} was just built for other data or preprocessing by another "
                                     f"process.")
     done = np.load(directory / DONE_NAME, mmap_mode="r+")
     todo = [int(i) for i in np.flatnonzero(done == 0)]
+    if todo and resumed:  # an existing folder: its files are sparse, only the unmarked rows are still to write
+        index = np.load(directory / INDEX_NAME)
+        needed = int(sum(3 * int(index[r, 1]) * int(index[r, 2]) + int(index[r, 4]) * int(index[r, 5]) for r in todo))
+        _check_fits(directory, needed, f"Decoded cache ({key['role']}) {directory.name}: {len(todo)} of {len(done)} "
+                                       f"rows still to write, {format_bytes(needed)}")
     if max_rows is not None:
         todo = todo[:max_rows]
     if todo:
@@ -276,8 +387,8 @@ def _fill(directory: Path, done: np.memmap, todo: list[int], dataset, transform,
                 if done[row]:
                     continue  # another process did it
                 example = raw[row]
-                image = _image_tensor(example["image"])
-                label = _label_tensor(example["label"])
+                image = image_tensor(example["image"])
+                label = label_tensor(example["label"])
                 image_offset, sh, sw, label_offset, height, width = (int(v) for v in index[row])
                 if tuple(image.shape[-2:]) != (height, width) or tuple(label.shape) != (height, width):
                     raise DecodedCacheError(
@@ -404,7 +515,7 @@ def use_decoded_cache(data_args: DataArguments) -> bool:
     if data_args.train_images or data_args.dataset_name == "synthetic":
         return True
     root = Path(data_args.dataset_name)
-    return root.is_dir() and _segnet_layout(root) is not None
+    return root.is_dir() and segnet_layout(root) is not None
 
 
 def open_or_build(root: os.PathLike | str, dataset, transform: SegmentationTransform,

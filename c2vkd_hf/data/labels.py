@@ -1,6 +1,6 @@
 """Class names and label values: labels files, palettes, colour <-> index masks, and the label mapping.
 
-The label mapping (:class:`_LabelMapping`) is applied once, when the data is loaded: the dataset's own
+The label mapping (:class:`LabelMapping`) is applied once, when the data is loaded: the dataset's own
 void value (``--dataset_ignore_index``, else the labels file's ``ignore_index``) becomes 255, and with
 ``--reduce_labels`` 0 becomes 255 and every other value v becomes v - 1.
 """
@@ -154,7 +154,7 @@ def rgb_to_index(mask, palette: Sequence[Sequence[int]], ignore_index: int = IGN
 
 
 @dataclass(frozen=True)
-class _LabelMapping:
+class LabelMapping:
     """Dataset label value -> internal value: void -> 255; reduce_labels: 0 -> 255, v -> v - 1."""
 
     num_labels: int
@@ -179,7 +179,8 @@ class _LabelMapping:
         return "; ".join(parts)
 
 
-def _resolve_ignore(args: DataArguments, file_ignore: Optional[int]) -> Optional[int]:
+def resolve_ignore(args: DataArguments, file_ignore: Optional[int]) -> Optional[int]:
+    """The dataset's void value (``--dataset_ignore_index``, else the labels file's), ``None`` when already 255."""
     void = args.dataset_ignore_index if args.dataset_ignore_index is not None else file_ignore
     if void == IGNORE_INDEX:
         return None  # already the internal value

@@ -30,9 +30,9 @@ import datasets
 
 from ..config import DataArguments
 from .base import DataValidationError, SegmentationData
-from .checks import _check_pair, _raise_collected
-from .labels import _LabelMapping, _resolve_ignore, load_labels_file
-from .synthetic import _load_synthetic
+from .checks import check_pair, raise_collected
+from .labels import LabelMapping, load_labels_file, resolve_ignore
+from .synthetic import load_synthetic
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def split_by_pattern(pairs: list[tuple[Path, Path]], pattern: str) -> tuple[list
 
 
 def _folder_split(
-    pairs: list[tuple[Path, Path]], split: str, mapping: _LabelMapping, limit: Optional[int]
+    pairs: list[tuple[Path, Path]], split: str, mapping: LabelMapping, limit: Optional[int]
 ) -> datasets.Dataset:
     if limit is not None:
         pairs = pairs[: max(0, limit)]
@@ -113,12 +113,12 @@ def _folder_split(
     label_entries = []
     for image_path, label_path in pairs:
         try:
-            new_bytes = _check_pair(str(image_path), str(label_path), str(image_path), str(label_path), mapping)
+            new_bytes = check_pair(str(image_path), str(label_path), str(image_path), str(label_path), mapping)
         except DataValidationError as e:
             problems.append(str(e))
             new_bytes = None
         label_entries.append({"bytes": new_bytes, "path": str(label_path)})
-    _raise_collected(problems, split, len(pairs))
+    raise_collected(problems, split, len(pairs))
     logger.info("validated %d %s image/mask pairs in %.1fs", len(pairs), split, time.perf_counter() - start)
     features = datasets.Features(
         {
@@ -132,7 +132,7 @@ def _folder_split(
     return ds.cast_column("image", datasets.Image(mode="RGB")).cast_column("label", datasets.Image())
 
 
-def _segnet_layout(root: Path) -> Optional[dict[str, str]]:
+def segnet_layout(root: Path) -> Optional[dict[str, str]]:
     """Folders of the SegNet/CamVid layout under ``root`` (train/ + trainannot/, val/ + valannot/)."""
     if not (root / "train").is_dir() or not (root / "trainannot").is_dir():
         return None
@@ -163,8 +163,8 @@ def _load_folders(args: DataArguments, folders: dict[str, Optional[str]]) -> Seg
             "'classes' and optional 'ignore_index')"
         )
     id2label, file_ignore, palette = load_labels_file(folders["labels_file"])
-    void = _resolve_ignore(args, file_ignore)
-    mapping = _LabelMapping(len(id2label), void, args.reduce_labels)
+    void = resolve_ignore(args, file_ignore)
+    mapping = LabelMapping(len(id2label), void, args.reduce_labels)
     train_pairs = _pair_folders(folders["train_images"], folders.get("train_labels"), "train")
     if args.selection_holdout:
         # a selection split: held-out training images replace the validation split
@@ -255,7 +255,7 @@ def _pick_split(dataset: datasets.DatasetDict, wanted: str, aliases: Sequence[st
 
 
 def _hub_split(
-    ds: datasets.Dataset, split: str, mapping: _LabelMapping, limit: Optional[int], name: str
+    ds: datasets.Dataset, split: str, mapping: LabelMapping, limit: Optional[int], name: str
 ) -> datasets.Dataset:
     if limit is not None:
         ds = ds.select(range(min(max(0, limit), len(ds))))
@@ -278,7 +278,7 @@ def _hub_split(
         image_src = image["bytes"] if image["bytes"] is not None else image["path"]
         label_src = label["bytes"] if label["bytes"] is not None else label["path"]
         try:
-            new_bytes = _check_pair(
+            new_bytes = check_pair(
                 image_src,
                 label_src,
                 f"{where} (image {image['path']})" if image["path"] else f"{where} (image)",
@@ -290,7 +290,7 @@ def _hub_split(
             new_bytes = None
         changed |= new_bytes is not None
         new_labels.append({"bytes": new_bytes if new_bytes is not None else label["bytes"], "path": label["path"]})
-    _raise_collected(problems, split, len(ds))
+    raise_collected(problems, split, len(ds))
     logger.info("validated %d rows of split %s in %.1fs", len(ds), split, time.perf_counter() - start)
     if changed:
         ds = ds.remove_columns("label").add_column("label", new_labels, feature=datasets.Image())
@@ -334,8 +334,8 @@ def _load_hub(args: DataArguments) -> SegmentationData:
     name = path.resolve().name if path.exists() else args.dataset_name
 
     id2label, file_ignore, palette = _hub_id2label(args, dataset)
-    void = _resolve_ignore(args, file_ignore)
-    mapping = _LabelMapping(len(id2label), void, args.reduce_labels)
+    void = resolve_ignore(args, file_ignore)
+    mapping = LabelMapping(len(id2label), void, args.reduce_labels)
     train_split = _pick_split(dataset, args.train_split, (), name)
     val_aliases = ("val", "valid") if args.validation_split == "validation" else ()
     val_split = _pick_split(dataset, args.validation_split, val_aliases, name)
@@ -381,7 +381,7 @@ def load_segmentation_data(args: DataArguments) -> SegmentationData:
                                   "folders (--train_images or a SegNet-layout folder)")
     if args.dataset_name != "synthetic":
         root = Path(args.dataset_name)
-        layout = _segnet_layout(root) if root.is_dir() else None
+        layout = segnet_layout(root) if root.is_dir() else None
         if layout is not None:
             if args.labels_file:
                 layout["labels_file"] = args.labels_file
@@ -390,7 +390,7 @@ def load_segmentation_data(args: DataArguments) -> SegmentationData:
     if args.selection_holdout:
         raise DataValidationError("--selection_holdout selects training files by name: it needs local image/mask "
                                   "folders (--train_images or a SegNet-layout folder)")
-    return _load_synthetic(args)
+    return load_synthetic(args)
 
 
 def source_paths(dataset: datasets.Dataset, index: int) -> tuple[Optional[str], Optional[str]]:

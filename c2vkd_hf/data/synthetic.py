@@ -10,7 +10,7 @@ import PIL.Image
 
 from ..config import DataArguments
 from .base import DataValidationError, SegmentationData
-from .checks import _encode_png
+from .checks import encode_png
 
 
 SYNTHETIC_CLASSES = ("sky", "building", "road", "tree", "car", "person")
@@ -161,7 +161,7 @@ def make_synthetic_dataset(
         rng = np.random.default_rng([seed, start_index + i])
         image, label = _draw_scene(rng, height, width)
         images.append({"bytes": _encode_rgb_png(image), "path": None})
-        labels.append({"bytes": _encode_png(label), "path": None})
+        labels.append({"bytes": encode_png(label), "path": None})
     features = datasets.Features({"image": datasets.Image(), "label": datasets.Image()})
     return datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
 
@@ -172,7 +172,8 @@ def _encode_rgb_png(arr: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _load_synthetic(args: DataArguments) -> SegmentationData:
+def load_synthetic(args: DataArguments) -> SegmentationData:
+    """The synthetic street-scene dataset with the sizes and limits of ``args``."""
     n_train, n_val = args.synthetic_train_size, args.synthetic_validation_size
     if args.max_train_samples is not None:
         n_train = min(n_train, args.max_train_samples)

@@ -152,7 +152,8 @@ def apply_geometry(
     return y.reshape(*lead, crop_h, crop_w)
 
 
-def _image_tensor(image) -> torch.Tensor:
+def image_tensor(image) -> torch.Tensor:
+    """A PIL image or (H, W, 3) array as a (3, H, W) uint8 tensor (a tensor is returned as it is)."""
     if isinstance(image, PIL.Image.Image):
         if image.mode != "RGB":
             image = image.convert("RGB")
@@ -162,7 +163,8 @@ def _image_tensor(image) -> torch.Tensor:
     return image
 
 
-def _label_tensor(label) -> torch.Tensor:
+def label_tensor(label) -> torch.Tensor:
+    """A single-channel mask as an (H, W) uint8 tensor; other shapes or values outside 0..255 are refused."""
     if isinstance(label, torch.Tensor):
         return label
     arr = np.array(label)
@@ -246,8 +248,8 @@ class SegmentationTransform:
         (pixel_values, labels or None, geometry or None). ``source_size``: the original (h, w) when
         ``image`` is a resized copy of it (:mod:`c2vkd_hf.data.decoded`); the geometry is drawn from it and
         the mask must have it."""
-        img = _image_tensor(image)
-        lab = _label_tensor(label) if label is not None else None
+        img = image_tensor(image)
+        lab = label_tensor(label) if label is not None else None
         size = tuple(source_size) if source_size is not None else tuple(img.shape[-2:])
         if lab is not None and tuple(lab.shape[-2:]) != size:
             raise DataValidationError(

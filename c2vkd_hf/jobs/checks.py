@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 from torch import nn
 from transformers import AutoConfig
 
 from ..config import METHODS, DistillationArguments, distillation_defaults
-from ..losses.c2vkd import parse_class_balance_terms
 from ..losses.schedule import parse_schedules
 from ..models import AUTO_STAGE_PAIRS, SEGFORMER_SIZES, TORCHVISION_ARCHS, parse_feature_pairs, parse_torchvision_name
-from ..validation import UserInputError
+from ..validation import UserInputError, check_ranges
 
 logger = logging.getLogger(__name__)
 
@@ -27,24 +26,11 @@ def validate_distillation_args(args: DistillationArguments) -> None:
     before anything is loaded."""
     if args.method not in METHODS:
         raise UserInputError(f"--method '{args.method}' is unknown; choose one of {', '.join(METHODS)}.")
-    for name in ("ce_weight", "pdd_weight", "glob_weight", "rel_weight", "ling_weight", "stage_weight", "kd_weight",
-                 "channel_weight", "exit_weight", "pdd_alpha", "pdd_beta"):
-        value = getattr(args, name)
-        if value is not None and (not np.isfinite(value) or value < 0):
-            raise UserInputError(f"--{name} must be a finite number >= 0, got {value}.")
-    for name in ("pdd_temperature", "glob_tau", "ling_tau", "channel_tau", "kd_temperature"):
-        value = getattr(args, name)
-        if value is not None and (not np.isfinite(value) or value <= 0):
-            raise UserInputError(f"--{name} must be a finite number > 0, got {value}.")
-    if not 0.0 <= args.label_weight <= 1.0:
-        raise UserInputError(f"--label_weight must be in [0, 1], got {args.label_weight}.")
-    if args.rel_grid < 1:
-        raise UserInputError(f"--rel_grid must be >= 1, got {args.rel_grid}.")
+    check_ranges(dataclasses.asdict(args))  # the flags' rules (validation.RANGES), for callers that skip the parser
     try:
         parse_feature_pairs(args.feature_pairs)
         stage_pairs = args.stage_pairs == AUTO_STAGE_PAIRS or parse_feature_pairs(args.stage_pairs)
         parse_schedules(args.weight_schedules)
-        parse_class_balance_terms(args.class_balance_terms)
     except ValueError as error:
         raise UserInputError(f"{error}") from None
     for name in ("stage_weight", "exit_weight"):
@@ -59,11 +45,6 @@ def validate_distillation_args(args: DistillationArguments) -> None:
     if args.channel_weight != defaults["channel_weight"] and args.method != "c2vkd":  # at its default not read
         raise UserInputError(f"--channel_weight adds a channel-wise term to C2VKD; --method {args.method} does not "
                              "use it (--method cwd is channel-wise distillation on its own).")
-    if args.channel_present_only and not args.channel_weight > 0:
-        raise UserInputError("--channel_present_only masks C2VKD's channel-wise term; it needs --channel_weight > 0.")
-    if args.pdd_logit_standardization and args.method != "c2vkd":
-        raise UserInputError(f"--pdd_logit_standardization changes C2VKD's PDD term; --method {args.method} has no "
-                             "PDD term.")
     student_config_overrides(args)
     check_teacher_name("--teacher_name_or_path", args.teacher_name_or_path)
     check_local_path("--student_name_or_path", args.student_name_or_path)
@@ -71,8 +52,6 @@ def validate_distillation_args(args: DistillationArguments) -> None:
         raise UserInputError(f"--text_embeddings {args.text_embeddings} does not exist.")
     if args.teacher_cache and args.method == "none":
         raise UserInputError("--teacher_cache caches a teacher's outputs, but --method none uses no teacher.")
-    if args.teacher_cache_top_k is not None and args.teacher_cache_top_k < 1:
-        raise UserInputError(f"--teacher_cache_top_k must be >= 1, got {args.teacher_cache_top_k}.")
     if args.teacher_cache and Path(args.teacher_cache).exists() and not Path(args.teacher_cache).is_dir():
         raise UserInputError(f"--teacher_cache {args.teacher_cache} is a file; it must be a folder.")
 

@@ -110,8 +110,8 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _datasets_for(data: SegmentationData, data_args: DataArguments, mean, std, seed: Optional[int] = None,
-                  with_views: bool = False):
+def datasets_for(data: SegmentationData, data_args: DataArguments, mean, std, seed: Optional[int] = None,
+                 with_views: bool = False):
     """Transformed train and validation datasets, and the callbacks the train transform needs.
 
     With ``seed`` the training augmentation of each example is a function of (seed, epoch, example
@@ -181,7 +181,7 @@ def resume_checkpoint(training_args: TrainingArguments) -> Optional[str]:
     return last_complete_checkpoint(training_args.output_dir, require_optimizer=require_optimizer)
 
 
-def _write_json(path: Path, payload: dict) -> None:
+def write_json(path: Path, payload: dict) -> None:
     """``payload`` as JSON at ``path``, durably (:func:`~c2vkd_hf.files.write_text_durably`)."""
     from ..files import write_text_durably
 

@@ -23,8 +23,8 @@ from ..models import image_mean_std
 from ..runs import run_config
 from ..trainer import DistillationTrainer
 from ..validation import save_errors
-from .common import (RESULTS_NAME, _datasets_for, _write_json, peak_rss_mb, prepare_training_args, previous_run,
-                     train_evaluate_save)
+from .common import (RESULTS_NAME, datasets_for, peak_rss_mb, prepare_training_args, previous_run,
+                     train_evaluate_save, write_json)
 from .setup import setup_distillation
 
 
@@ -32,10 +32,8 @@ from .setup import setup_distillation
 #: (e.g. ``class_balance``) neither refuses nor re-trains a ``kd``/``dist``/``none`` run.
 C2VKD_ONLY_FIELDS = frozenset({
     "pdd_weight", "glob_weight", "rel_weight", "ling_weight", "pdd_alpha", "pdd_beta", "pdd_temperature",
-    "label_weight", "glob_tau", "rel_grid", "class_balance", "class_balance_power", "class_balance_terms",
-    "feature_pairs", "stage_pairs",
-    "stage_weight", "exit_weight", "channel_weight", "channel_tau", "channel_present_only",
-    "pdd_logit_standardization"})
+    "label_weight", "glob_tau", "rel_grid", "class_balance", "class_balance_power", "feature_pairs", "stage_pairs",
+    "stage_weight", "exit_weight", "channel_weight", "channel_tau"})
 #: Loss terms only C2VKD has: their ``--weight_schedules`` entries do not identify a run of another method either.
 C2VKD_ONLY_TERMS = frozenset({"pdd", "glob", "rel", "ling", "stage", "exit", "channel"})
 
@@ -137,7 +135,7 @@ def run_distillation(dist_args: DistillationArguments, data_args: DataArguments,
                 write_student_card(output_dir, trainer, results, data, data_args, teacher_miou=teacher_miou,
                                    baseline_miou=baseline_miou, teacher=teacher, baseline_history=baseline_history)
         with save_errors(output_dir / RESULTS_NAME):  # written last: it marks the run finished
-            _write_json(output_dir / RESULTS_NAME, results)
+            write_json(output_dir / RESULTS_NAME, results)
     return results
 
 
@@ -150,7 +148,7 @@ def teacher_val_miou(teacher: nn.Module, teacher_name: str, data: SegmentationDa
     if saved.is_file() and not is_eval_subset(data):
         return float(json.loads(saved.read_text())["val_mean_iou"])
     mean, std = image_mean_std(teacher)
-    _, validation, _ = _datasets_for(data, data_args, mean, std)
+    _, validation, _ = datasets_for(data, data_args, mean, std)
     return float(evaluate_model(teacher, validation, len(data.id2label),
                                 batch_size=training_args.per_device_eval_batch_size)["mean_iou"])
 

@@ -15,7 +15,7 @@ from transformers import TrainingArguments, set_seed
 from ..config import IGNORE_INDEX, DataArguments, DistillationArguments
 from ..data import SegmentationData, collate_fn, load_segmentation_data
 from ..losses import get_loss
-from ..losses.c2vkd import parse_class_balance_terms
+from ..losses.c2vkd import C2VKDConfig
 from ..losses.schedule import parse_schedules
 from ..metrics import make_compute_metrics
 from ..models import (
@@ -41,9 +41,9 @@ from ..trainer import (
 )
 from ..validation import UserInputError, check_input_sizes
 from .checks import check_class_agreement, student_config_overrides, student_head_note, validate_distillation_args
-from .common import _datasets_for, prepare_training_args, processor_size
+from .common import datasets_for as _datasets_for, prepare_training_args, processor_size
 from .errors import user_errors
-from .teacher import _default_teacher, default_teacher_folder
+from .teacher import default_teacher as _default_teacher, default_teacher_folder
 
 logger = logging.getLogger(__name__)
 
@@ -60,21 +60,13 @@ def build_loss_module(args: DistillationArguments, *, student_channels: list[int
     if args.method == "none":
         return get_loss("none", **common)
     if args.method == "c2vkd":
+        stages = {} if stage_channels[0] else {"stage_weight": 0.0, "exit_weight": 0.0}  # no stage pairs: off
         return get_loss(
-            "c2vkd", **common, student_channels=student_channels or None, teacher_channels=teacher_channels or None,
+            "c2vkd", C2VKDConfig.from_args(args, **stages), ignore_index=IGNORE_INDEX,
+            student_channels=student_channels or None, teacher_channels=teacher_channels or None,
             stage_student_channels=stage_channels[0] or None, stage_teacher_channels=stage_channels[1] or None,
-            stage_weight=args.stage_weight if stage_channels[0] else 0.0,
-            exit_weight=args.exit_weight if stage_channels[0] else 0.0, num_classes=num_classes,
-            ling_projector=ling_projector,
-            text_embeddings=text_embeddings, text_classes=text_classes, pdd_weight=args.pdd_weight, glob_weight=args.glob_weight,
-            rel_weight=args.rel_weight, ling_weight=args.ling_weight, pdd_alpha=args.pdd_alpha,
-            pdd_beta=args.pdd_beta, pdd_temperature=args.pdd_temperature, label_weight=args.label_weight,
-            pdd_logit_standardization=args.pdd_logit_standardization,
-            glob_tau=args.glob_tau, rel_grid=args.rel_grid, ling_tau=args.ling_tau,
-            channel_weight=args.channel_weight, channel_tau=args.channel_tau,
-            channel_present_only=args.channel_present_only, class_balance=args.class_balance,
-            class_balance_power=args.class_balance_power,
-            class_balance_terms=parse_class_balance_terms(args.class_balance_terms))
+            num_classes=num_classes, ling_projector=ling_projector, text_embeddings=text_embeddings,
+            text_classes=text_classes)
     peer = dict(common)
     if args.kd_weight is not None:
         peer["kd_weight"] = args.kd_weight
@@ -180,13 +172,6 @@ def setup_distillation(dist_args: DistillationArguments, data_args: DataArgument
     ``--teacher_cache``) opens or builds the teacher cache, and returns the trainer, not yet trained.
     ``callbacks``: extra ``TrainerCallback``s; ``phase`` names the progress bar and console lines."""
     validate_distillation_args(dist_args)
-    if data_args.cutmix_prob > 0 and dist_args.teacher_cache:
-        raise UserInputError("--cutmix_prob needs the live teacher, which sees each mixed image; a --teacher_cache "
-                             "holds its outputs on unmixed views. Drop one of the two.")
-    if data_args.consistent_jitter and (dist_args.teacher_cache or data_args.student_jitter <= 0):
-        raise UserInputError("--consistent_jitter shows the live teacher the student's jittered view: it needs "
-                             "--student_jitter > 0 and no --teacher_cache (a cache holds the teacher's outputs on "
-                             "clean views).")
     output_dir = Path(training_args.output_dir)
     prepare_training_args(training_args)
     data = data if data is not None else load_segmentation_data(data_args)
@@ -262,8 +247,7 @@ def setup_distillation(dist_args: DistillationArguments, data_args: DataArgument
         phase=phase, teacher=teacher, teacher_feature_names=teacher_feature_names,
         student_mean_std=(student_mean, student_std),
         teacher_mean_std=image_mean_std(teacher) if teacher is not None else None, teacher_cache=teacher_cache,
-        teacher_input_scale=dist_args.teacher_input_scale, cutmix_prob=data_args.cutmix_prob,
-        student_jitter=data_args.student_jitter, consistent_jitter=data_args.consistent_jitter)
+        teacher_input_scale=dist_args.teacher_input_scale)
     return DistillationSetup(trainer=trainer, data=data, loss_module=loss_module, teacher=teacher,
                              teacher_name=teacher_name, text_embeddings=text_embeddings, notes=notes,
                              teacher_cache=teacher_cache, text_source=text_source)

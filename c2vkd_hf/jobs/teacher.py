@@ -21,8 +21,8 @@ from ..models import build_teacher, image_mean_std, student_image_processor
 from ..runs import run_config
 from ..trainer import TeacherTrainer
 from ..validation import UserInputError, check_input_sizes, save_errors
-from .common import (TEACHER_RESULTS_NAME, _datasets_for, _write_json, prepare_training_args, previous_run,
-                     processor_size, train_evaluate_save)
+from .common import (TEACHER_RESULTS_NAME, datasets_for, prepare_training_args, previous_run, processor_size,
+                     train_evaluate_save, write_json)
 from .errors import user_errors
 
 logger = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def train_teacher(data: SegmentationData, data_args: DataArguments, training_arg
         model = build_teacher(arch=arch, backbone=backbone, id2label=data.id2label, backbone_weights=backbone_weights)
     check_pyramid_backbone(model, backbone)
     mean, std = image_mean_std(model)
-    train, validation, callbacks = _datasets_for(data, data_args, mean, std, seed=training_args.seed)
+    train, validation, callbacks = datasets_for(data, data_args, mean, std, seed=training_args.seed)
     backbone_params = [p for n, p in model.named_parameters() if n.startswith("backbone.")]
     head_params = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
     optimizer = torch.optim.AdamW(
@@ -86,7 +86,7 @@ def train_teacher(data: SegmentationData, data_args: DataArguments, training_arg
     }
     if trainer.is_world_process_zero():
         with save_errors(output_dir / TEACHER_RESULTS_NAME):
-            _write_json(output_dir / TEACHER_RESULTS_NAME, results)
+            write_json(output_dir / TEACHER_RESULTS_NAME, results)
     return results
 
 
@@ -119,8 +119,8 @@ def needs_default_teacher(dist_args: DistillationArguments, data_args: DataArgum
             and data_args.dataset_name == "synthetic" and data_args.train_images is None)
 
 
-def _default_teacher(data: SegmentationData, data_args: DataArguments, training_args: TrainingArguments,
-                     folder: Path, steps: int, say=logger.warning) -> str:
+def default_teacher(data: SegmentationData, data_args: DataArguments, training_args: TrainingArguments,
+                    folder: Path, steps: int, say=logger.warning) -> str:
     """Trains (once; reused afterwards) the small CNN teacher of the offline default job. ``say``: how
     the training is announced (a warning, unless the caller announced the phase)."""
     if (folder / TEACHER_RESULTS_NAME).is_file():
@@ -149,5 +149,5 @@ def default_job_teacher(dist_args: DistillationArguments, data_args: DataArgumen
     such teacher (:func:`needs_default_teacher`)."""
     if not needs_default_teacher(dist_args, data_args):
         return None
-    return _default_teacher(data, data_args, training_args, default_teacher_folder(dist_args, training_args),
-                            dist_args.default_teacher_steps, say=logger.debug)
+    return default_teacher(data, data_args, training_args, default_teacher_folder(dist_args, training_args),
+                           dist_args.default_teacher_steps, say=logger.debug)

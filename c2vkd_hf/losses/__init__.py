@@ -20,6 +20,7 @@ teacher_features=None)`` returns ``{term: unweighted scalar, ..., "loss": weight
 
 from .base import DistillationLoss
 from .c2vkd import C2VKDLoss
+from .c2vkd_config import C2VKDConfig
 from .ce import CrossEntropyLoss
 from .common import IGNORE_INDEX, cross_entropy
 from .cwd import CWDLoss, cwd_loss
@@ -38,6 +39,7 @@ from .vlfd import (
 )
 
 __all__ = [
+    "C2VKDConfig",
     "IGNORE_INDEX",
     "DistillationLoss",
     "CrossEntropyLoss",

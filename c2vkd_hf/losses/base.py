@@ -107,6 +107,15 @@ class DistillationLoss(nn.Module):
         terms["loss"] = total
         return terms
 
+    def linguistic_head(self, feature_names) -> Optional[tuple]:
+        """``(projector, text embeddings, student feature, tau)`` of a term scoring student pixels against class
+        names (C2VKD's linguistic term), or ``None``: this loss has none."""
+        return None
+
+    def reads_text_head(self, head, feature_names) -> bool:
+        """Whether this loss may read ``head``'s pixel-text logits instead of computing its own (C2VKD); here no."""
+        return False
+
     def extra_repr(self) -> str:
         return ", ".join(f"{k}_weight={v:g}" for k, v in self.weights.items())
 

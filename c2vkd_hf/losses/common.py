@@ -32,8 +32,6 @@ __all__ = [
     "mask_target",
     "zero_like_graph",
     "cross_entropy",
-    "standardize_logits",
-    "present_classes",
     "check_weight",
     "check_positive",
     "check_unit_interval",
@@ -141,18 +139,6 @@ def class_balanced_weights(labels: torch.Tensor, num_classes: int, ignore_index:
     return (per_class / total)[target] * valid.float()
 
 
-def present_classes(labels: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """``(B, K)`` float mask, ``m[b, k] = 1`` when class ``k`` labels at least one pixel of image ``b`` of the
-    ``(B, H, W)`` ``labels``, else 0 (``ignore_index`` and values outside ``[0, K)`` count for no class)."""
-    b = labels.shape[0]
-    flat = labels.reshape(b, -1).long()
-    valid = (flat >= 0) & (flat < num_classes) & (flat != ignore_index)
-    index = torch.where(valid, flat, torch.full_like(flat, num_classes))  # invalid pixels -> a spare column
-    mask = torch.zeros(b, num_classes + 1, device=labels.device)
-    mask.scatter_(1, index, 1.0)
-    return mask[:, :num_classes]
-
-
 def mask_target(z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Replace each row's target logit by a value :data:`MASK_MARGIN` below the row's minimum.
 
@@ -184,21 +170,6 @@ def cross_entropy(
     n_valid = (labels != ignore_index).sum().clamp_min(1)  # no host sync; the sum is 0 if all ignored
     total = F.cross_entropy(z, labels, ignore_index=ignore_index, reduction="sum")
     return total / n_valid
-
-
-def standardize_logits(z: torch.Tensor, dim: int = 1, eps: float = 1e-7) -> torch.Tensor:
-    """Z-score logits over the class dimension: ``Z(z) = (z - mean_k z) / (std_k z + eps)`` (population std).
-
-    Logit standardisation (Sun, Ren, Li, Wang, Cao, "Logit Standardization in Knowledge Distillation",
-    CVPR 2024, arXiv 2403.01427): a softmax of ``Z(z) / T`` depends only on the ranking and relative gaps of
-    the logits, not on their shift or scale, so a student is asked to match the shape of the teacher's
-    distribution, not its logit magnitude (a cosine classifier with a fixed temperature cannot reach an
-    arbitrary magnitude). ``Z(a z + b) = Z(z)`` for any ``a > 0`` and any shift ``b`` constant along ``dim``.
-    Differentiable; computed in float32."""
-    z = z.float()
-    mean = z.mean(dim=dim, keepdim=True)
-    std = z.std(dim=dim, keepdim=True, unbiased=False)
-    return (z - mean) / (std + eps)
 
 
 def _is_number(value) -> bool:

@@ -8,8 +8,7 @@ Each class channel is turned into a distribution over the ``h * w`` positions:
 The teacher is resized to the student's grid; labels are not used (no ignore handling: every
 position of every channel takes part).
 
-Optional per-map weights ``w[b, c] >= 0`` (e.g. :func:`~.common.present_classes`, 1 for the classes an
-image's labels contain): ``L = tau^2 / (B C) * sum_{b, c} w[b, c] KL_{b, c}``, the same normalisation as the
+Optional per-map weights ``w[b, c] >= 0`` (e.g. 1 for the classes an image's labels contain, 0 for the others): ``L = tau^2 / (B C) * sum_{b, c} w[b, c] KL_{b, c}``, the same normalisation as the
 plain mean, so a map of weight 1 contributes exactly what it does unweighted and a map of weight 0 nothing.
 """
 

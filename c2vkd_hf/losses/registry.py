@@ -36,8 +36,9 @@ def available_losses() -> List[str]:
     return sorted(_REGISTRY)
 
 
-def get_loss(name: str, **kwargs) -> nn.Module:
-    """Instantiate the loss registered as ``name`` with ``kwargs``.
+def get_loss(name: str, *args, **kwargs) -> nn.Module:
+    """Instantiate the loss registered as ``name`` with ``args`` and ``kwargs`` (C2VKD: its
+    :class:`~c2vkd_hf.losses.c2vkd_config.C2VKDConfig` first).
 
     Raises:
         ValueError: unknown name (the message lists the valid names), or an invalid weight /
@@ -47,4 +48,4 @@ def get_loss(name: str, **kwargs) -> nn.Module:
     key = str(name).strip().lower()
     if key not in _REGISTRY:
         raise ValueError(f"unknown loss {name!r}; valid names: {', '.join(available_losses())}")
-    return _REGISTRY[key](**kwargs)
+    return _REGISTRY[key](*args, **kwargs)

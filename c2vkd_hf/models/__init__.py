@@ -29,8 +29,8 @@ Importing this package registers ``c2vkd_deeplabv3plus`` and ``c2vkd_torchvision
 ``AutoModelForSemanticSegmentation.from_pretrained(path)`` once ``c2vkd_hf.models`` is imported.
 """
 
-from .backbone_weights import (BackboneLoadReport, _read_state_dict, efficientnet_lite0_weights_path,
-                               load_backbone_weights)
+from .backbone_weights import (BackboneLoadReport, efficientnet_lite0_weights_path, load_backbone_weights,
+                               read_state_dict)
 from .deeplabv3plus import TimmDeepLabV3PlusConfig, TimmDeepLabV3PlusForSemanticSegmentation
 from .dpt_grid import fix_patch_grid
 from .features import (
@@ -85,6 +85,7 @@ __all__ = [
     "forward_features",
     "image_mean_std",
     "load_backbone_weights",
+    "read_state_dict",
     "load_student",
     "load_teacher",
     "load_torchvision_teacher",

@@ -47,7 +47,8 @@ def _timm_module(model: nn.Module) -> nn.Module:
     )
 
 
-def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state dict from a safetensors or (weights-only) torch file, unwrapped from a ``state_dict``-like key."""
     path = os.fspath(path)
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
@@ -79,7 +80,7 @@ def load_backbone_weights(model: nn.Module, path: str | os.PathLike) -> Backbone
     nothing is copied unless every backbone tensor got exactly one source.
     """
     timm_model = _timm_module(model)
-    source = _read_state_dict(path)
+    source = read_state_dict(path)
     target = {k: v for k, v in timm_model.state_dict().items() if not _is_counter(k)}
     if not target:
         raise ValueError("the backbone has no tensors to load")

@@ -15,7 +15,7 @@ from transformers.configuration_utils import SubConfigSpec
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
 from ..constants import IGNORE_INDEX
-from .common import _segmenter_output
+from .common import segmenter_output
 
 
 @strict
@@ -180,8 +180,8 @@ class TimmDeepLabV3PlusForSemanticSegmentation(TimmDeepLabV3PlusPreTrainedModel)
 
         if labels is not None and self.config.num_labels < 2:
             raise ValueError("The number of labels should be greater than one")
-        return _segmenter_output(logits, labels, features if output_hidden_states else None, return_dict,
-                                 self.config.loss_ignore_index)
+        return segmenter_output(logits, labels, features if output_hidden_states else None, return_dict,
+                                self.config.loss_ignore_index)
 
 
 AutoConfig.register(TimmDeepLabV3PlusConfig.model_type, TimmDeepLabV3PlusConfig, exist_ok=True)

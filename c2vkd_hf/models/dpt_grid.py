@@ -9,7 +9,7 @@ import torch
 from accelerate.utils import extract_model_from_parallel
 from torch import nn
 
-from .common import _model_type
+from .common import model_type_of
 
 
 def fix_patch_grid(model: nn.Module) -> nn.Module:
@@ -20,7 +20,7 @@ def fix_patch_grid(model: nn.Module) -> nn.Module:
     pass the grid of the current input. Other models are returned unchanged; calling it twice is a no-op.
     """
     inner = extract_model_from_parallel(model, keep_torch_compile=False)
-    if _model_type(inner) != "dpt" or not hasattr(inner, "neck") or getattr(inner, "_c2vkd_grid_fixed", False):
+    if model_type_of(inner) != "dpt" or not hasattr(inner, "neck") or getattr(inner, "_c2vkd_grid_fixed", False):
         return model
     state: dict[str, tuple[int, int]] = {}
 
@@ -36,7 +36,7 @@ def fix_patch_grid(model: nn.Module) -> nn.Module:
         tokens = next((h for h in hidden if h.dim() == 3), None)
         if tokens is None:
             return None
-        grid = _patch_grid(tokens.shape[1] - 1, state["hw"], inner.config)
+        grid = patch_grid(tokens.shape[1] - 1, state["hw"], inner.config)
         if grid is None:
             return None
         return args, {**kwargs, "patch_height": grid[0], "patch_width": grid[1]}
@@ -47,7 +47,7 @@ def fix_patch_grid(model: nn.Module) -> nn.Module:
     return model
 
 
-def _patch_grid(n: int, image_hw: Sequence[int], config: Any) -> tuple[int, int] | None:
+def patch_grid(n: int, image_hw: Sequence[int], config: Any) -> tuple[int, int] | None:
     """The (h, w) token grid of ``n`` patch tokens for an input of ``image_hw``: the config's patch size
     when it fits, else the factorisation of ``n`` closest to the image's aspect ratio."""
     patch = getattr(config, "patch_size", None)

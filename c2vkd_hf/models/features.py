@@ -18,8 +18,8 @@ from accelerate.utils import extract_model_from_parallel
 from torch import nn
 from transformers.backbone_utils import BackboneMixin
 
-from .common import _model_type
-from .dpt_grid import _patch_grid, fix_patch_grid
+from .common import model_type_of
+from .dpt_grid import fix_patch_grid, patch_grid
 from .hooks import FeatureHooks, Tap
 from .torchvision_wrapper import TorchvisionForSemanticSegmentation
 
@@ -65,7 +65,7 @@ def feature_family(model: nn.Module) -> str:
     ``"segformer"``, ``"backbone"``, ``"dpt"``, ``"beit"``, ``"mobilenet_v2"``, ``"torchvision"`` or
     ``"hidden_states"`` (the generic fallback)."""
     inner = extract_model_from_parallel(model, keep_torch_compile=False)
-    model_type = _model_type(inner)
+    model_type = model_type_of(inner)
     if model_type == "segformer":
         return "segformer"
     if _has_backbone(inner):
@@ -118,14 +118,14 @@ def _numbered(maps: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _collected(inner: nn.Module, hooked: dict[str, Any], name: str, what: str) -> Any:
     if name not in hooked:
-        raise RuntimeError(f"the {what} of the {_model_type(inner)!r} model was not called")
+        raise RuntimeError(f"the {what} of the {model_type_of(inner)!r} model was not called")
     return hooked[name]
 
 
 def _hidden_states(inner: nn.Module, out: Any) -> Sequence[torch.Tensor]:
     hidden = getattr(out, "hidden_states", None)
     if not hidden:
-        raise NotImplementedError(f"{_model_type(inner)!r} models return no hidden_states to distil from")
+        raise NotImplementedError(f"{model_type_of(inner)!r} models return no hidden_states to distil from")
     return hidden
 
 
@@ -147,7 +147,7 @@ def _patch_token_stages(tap_name: str):
         feats = {}
         for i, h in enumerate(_collected(inner, hooked, tap_name, "neck")):
             if h.dim() == 3:
-                grid = _patch_grid(h.shape[1] - 1, pixel_values.shape[-2:], inner.config)
+                grid = patch_grid(h.shape[1] - 1, pixel_values.shape[-2:], inner.config)
                 h = h[:, 1:].transpose(1, 2).reshape(h.shape[0], h.shape[2], *grid)
             feats[f"stage{i + 1}"] = h
         return feats
@@ -175,7 +175,7 @@ def _mobilenet_v2_stages(inner, out, hooked, pixel_values):
 
 
 def _generic_stages(inner, out, hooked, pixel_values):
-    model_type = _model_type(inner)
+    model_type = model_type_of(inner)
     feats = {}
     for i, h in enumerate(_hidden_states(inner, out)):
         if h.dim() == 3:

@@ -16,7 +16,8 @@ IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
-def _processor_folder(model_or_path: Any) -> str | None:
+def processor_folder(model_or_path: Any) -> str | None:
+    """The folder with the image processor (``preprocessor_config.json``) of a model, path or Hub id, or ``None``."""
     if isinstance(model_or_path, (str, os.PathLike)):
         path = os.fspath(model_or_path)
     elif isinstance(model_or_path, nn.Module):
@@ -54,7 +55,7 @@ def image_mean_std(model_or_path: Any) -> tuple[tuple[float, ...], tuple[float, 
     """
     if hasattr(model_or_path, "image_mean") and hasattr(model_or_path, "image_std"):
         return tuple(float(v) for v in model_or_path.image_mean), tuple(float(v) for v in model_or_path.image_std)
-    folder = _processor_folder(model_or_path)
+    folder = processor_folder(model_or_path)
     if folder is not None:
         with open(os.path.join(folder, "preprocessor_config.json"), encoding="utf-8") as fh:
             cfg = json.load(fh)

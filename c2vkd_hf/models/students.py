@@ -17,9 +17,9 @@ from transformers import (
 )
 
 from ..constants import IGNORE_INDEX
-from .common import _label_kwargs
+from .common import label_kwargs
 from .dpt_grid import fix_patch_grid
-from .normalization import _processor_folder, image_mean_std
+from .normalization import image_mean_std, processor_folder
 
 
 #: Mix Transformer (MiT) encoder sizes of SegFormer B0-B5 (Xie et al., 2021, Table 6).
@@ -49,7 +49,7 @@ def segformer_config(size: str, id2label: Mapping[int, str], **overrides: Any) -
     if key not in SEGFORMER_SIZES:
         raise ValueError(f"unknown SegFormer size {size!r}; choose one of {sorted(SEGFORMER_SIZES)}")
     kwargs = {**_SEGFORMER_COMMON, **SEGFORMER_SIZES[key], **overrides}
-    labels = _label_kwargs(id2label)
+    labels = label_kwargs(id2label)
     labels.pop("num_labels")
     return SegformerConfig(**kwargs, **labels)
 
@@ -78,7 +78,7 @@ def load_student(
       another label set gets a fresh decode head); ``config_overrides`` are passed as config kwargs.
     """
     overrides = dict(config_overrides or {})
-    labels = _label_kwargs(id2label)
+    labels = label_kwargs(id2label)
     if not isinstance(name_or_path, PretrainedConfig) and _is_config_only(name_or_path):
         name_or_path = AutoConfig.from_pretrained(os.fspath(name_or_path), trust_remote_code=trust_remote_code)
     if isinstance(name_or_path, PretrainedConfig):
@@ -127,7 +127,7 @@ def student_image_processor(model_or_path: Any, *, size: Mapping[str, int] | Non
     extra = dict(kwargs)
     if size is not None:
         extra["size"] = dict(size)
-    folder = _processor_folder(model_or_path)
+    folder = processor_folder(model_or_path)
     if folder is not None:
         return AutoImageProcessor.from_pretrained(folder, **extra)
     mean, std = image_mean_std(model_or_path)

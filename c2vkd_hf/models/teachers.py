@@ -18,7 +18,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_SEMANTIC_SEGMENTATI
 
 from ..constants import IGNORE_INDEX
 from .backbone_weights import efficientnet_lite0_weights_path, load_backbone_weights
-from .common import _label_kwargs
+from .common import label_kwargs
 from .deeplabv3plus import TimmDeepLabV3PlusConfig, TimmDeepLabV3PlusForSemanticSegmentation
 from .dpt_grid import fix_patch_grid
 from .torchvision_wrapper import load_torchvision_teacher, parse_torchvision_name
@@ -100,7 +100,7 @@ def build_teacher(
     """
     if id2label is None:
         raise ValueError("build_teacher needs id2label")
-    labels = _label_kwargs(id2label)
+    labels = label_kwargs(id2label)
     labels.pop("num_labels")
     backbone_config = TimmBackboneConfig(
         backbone=backbone, out_indices=list(out_indices), features_only=True, output_stride=output_stride

@@ -13,8 +13,8 @@ from transformers import AutoConfig, AutoModelForSemanticSegmentation, Pretraine
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
 from ..constants import IGNORE_INDEX
-from .backbone_weights import _read_state_dict
-from .common import _label_kwargs, _segmenter_output
+from .backbone_weights import read_state_dict
+from .common import label_kwargs, segmenter_output
 from .hooks import FeatureHooks, Tap
 from .normalization import IMAGENET_MEAN, IMAGENET_STD
 
@@ -138,7 +138,7 @@ class TorchvisionForSemanticSegmentation(PreTrainedModel):
         with FeatureHooks(self, taps) as hooks:
             logits = self.model(pixel_values)["out"]
         hidden_states = tuple(hooks.features[path] for path in self.stage_paths) if output_hidden_states else None
-        return _segmenter_output(logits, labels, hidden_states, return_dict, self.config.loss_ignore_index)
+        return segmenter_output(logits, labels, hidden_states, return_dict, self.config.loss_ignore_index)
 
 
 AutoConfig.register(TorchvisionSegmentationConfig.model_type, TorchvisionSegmentationConfig, exist_ok=True)
@@ -185,7 +185,7 @@ def load_torchvision_teacher(
         if not os.path.isfile(checkpoint):
             raise ValueError(f"torchvision checkpoint {checkpoint!r} does not exist")
         try:
-            state = _read_state_dict(checkpoint)
+            state = read_state_dict(checkpoint)
         except Exception as error:  # e.g. a training checkpoint that pickles argparse.Namespace
             raise ValueError(
                 f"cannot read {checkpoint!r} safely ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
@@ -203,7 +203,7 @@ def load_torchvision_teacher(
         if id2label is None:
             id2label = _safetensors_id2label(checkpoint)
     if id2label is not None:
-        labels = _label_kwargs(id2label)
+        labels = label_kwargs(id2label)
         if num_labels is not None and labels["num_labels"] != int(num_labels):
             raise ValueError(f"id2label has {labels['num_labels']} classes but the model predicts {num_labels}")
     else:
@@ -211,9 +211,9 @@ def load_torchvision_teacher(
         if num_labels == 21:
             from torchvision.models._meta import _VOC_CATEGORIES
 
-            labels = _label_kwargs(dict(enumerate(_VOC_CATEGORIES)))
+            labels = label_kwargs(dict(enumerate(_VOC_CATEGORIES)))
         else:
-            labels = _label_kwargs({i: f"LABEL_{i}" for i in range(num_labels)})
+            labels = label_kwargs({i: f"LABEL_{i}" for i in range(num_labels)})
     labels.pop("num_labels")
     model = TorchvisionForSemanticSegmentation(TorchvisionSegmentationConfig(arch=arch, **labels))
     if state is not None:

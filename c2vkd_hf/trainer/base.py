@@ -15,10 +15,10 @@ from ..console import use_console_callbacks
 from ..constants import IGNORE_INDEX
 from ..data import VALID_SIZES, unpad_to_labels
 from ..losses.common import cross_entropy
-from ..runs import MANIFEST_NAME, checkpoint_fit_problem, write_manifest
-from ..validation import UserInputError, save_errors
-from .callbacks import PreemptionCallback
-from .checkpoints import TRAINER_STATE_NAME, checkpoint_problems, last_complete_checkpoint
+from ..runs import checkpoint_fit_problem
+from ..validation import UserInputError, is_write_failure, save_errors
+from .callbacks import CheckpointCommitCallback, PreemptionCallback
+from .checkpoints import checkpoint_problems, last_complete_checkpoint, uncommit_checkpoint
 
 
 class NonFiniteLossError(RuntimeError):
@@ -36,13 +36,18 @@ class SafeCheckpointTrainer(Trainer):
     ``trainer_state.json`` last, so that file marks a finished save. A checkpoint is *complete* only
     when ``trainer_state.json`` parses and every file resume reads is present
     (:func:`checkpoint_problems`). Before a folder is (re)written its old marker is removed, so a
-    half-rewritten folder never looks complete. Resuming (:func:`last_complete_checkpoint`, which the
+    half-rewritten folder never looks complete; after the marker comes the checkpoint's manifest, its
+    files ``fsync``-ed first (:class:`~c2vkd_hf.trainer.callbacks.CheckpointCommitCallback`, started by
+    :meth:`save_model`, finished on the ``on_save`` event). A write failure during a checkpoint save
+    (full disk, read-only) removes that folder's marker and manifest again and is raised as a
+    :class:`~c2vkd_hf.validation.SaveError`. Resuming (:func:`last_complete_checkpoint`, which the
     scripts use, and ``train(resume_from_checkpoint=True)``) skips incomplete folders with a warning
     and takes the newest complete one; a named incomplete checkpoint is rejected with the list of
     what is missing. This is simpler than writing into a temporary folder and renaming it
     (``Trainer``'s best-model bookkeeping, hub pushes and checkpoint rotation all assume the final
-    name) and gives the same guarantee. It does not cover power loss (``Trainer`` does not ``fsync``).
-    ``training_args.bin`` is written without ``hub_token``.
+    name) and gives the same guarantee. ``training_args.bin`` is written without ``hub_token``.
+    The private ``Trainer`` methods overridden here and in the subclasses, and why: docs/DESIGN.md,
+    "Private Trainer methods"; ``tests/test_trainer_overrides.py`` checks their signatures and call order.
     """
 
     def __init__(self, *args, phase: Optional[str] = None, **kwargs):
@@ -53,6 +58,10 @@ class SafeCheckpointTrainer(Trainer):
         use_console_callbacks(self, phase)
         self.preemption = PreemptionCallback()  # SIGTERM/SIGUSR1: checkpoint after this step, then stop
         self.add_callback(self.preemption)
+        #: uncommits a checkpoint folder before it is written, writes its manifest after trainer_state.json;
+        #: first in line, so no other callback's on_save sees a checkpoint without its manifest
+        self.checkpoint_commit = CheckpointCommitCallback()
+        self.callback_handler.callbacks.insert(0, self.checkpoint_commit)
 
     def _check_finite(self, terms: dict[str, torch.Tensor]) -> None:
         values = [value.detach().float().reshape(-1) for value in terms.values()]
@@ -65,31 +74,30 @@ class SafeCheckpointTrainer(Trainer):
                     f"stopped; the last good checkpoint in {self.args.output_dir} is kept. Lower the learning "
                     f"rate or this term's weight, or use float32.")
 
-    def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
-        token, self.args.hub_token = self.args.hub_token, None  # Trainer._save pickles self.args
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        """``Trainer.save_model``, with ``hub_token`` cleared while the files are written (``Trainer`` pickles
+        its arguments into ``training_args.bin``) and back for the Hub push that a user's call makes.
+
+        ``Trainer._save_checkpoint`` calls it first with ``_internal_call=True`` and ``checkpoint-<step>``:
+        such a save starts the checkpoint's commit (:class:`CheckpointCommitCallback`: the folder's old marker
+        and manifest are removed before anything is written). What is written: :meth:`_write_model`."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if _internal_call and os.path.basename(os.path.normpath(output_dir)) == \
+                f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}":
+            self.checkpoint_commit.begin(output_dir, self.args.should_save)
+        token, self.args.hub_token = self.args.hub_token, None
         try:
-            super()._save(output_dir, state_dict)
+            self._write_model(output_dir, checkpoint=_internal_call)
         finally:
             self.args.hub_token = token
+        if self.args.push_to_hub and not _internal_call:  # what Trainer.save_model does after saving
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
-    def _save_checkpoint(self, model, trial) -> None:
-        """``Trainer._save_checkpoint`` then the checkpoint's manifest (:func:`~c2vkd_hf.runs.write_manifest`).
-        The commit marker and manifest of a folder about to be rewritten are removed first, and again
-        when the save fails (full disk, read-only: a :class:`~c2vkd_hf.validation.SaveError`), so a
-        half-written checkpoint never looks complete."""
-        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-
-        def uncommit() -> None:
-            for name in (TRAINER_STATE_NAME, MANIFEST_NAME):
-                if os.path.isfile(os.path.join(folder, name)):
-                    os.remove(os.path.join(folder, name))
-
-        with save_errors(folder, cleanup=uncommit if self.args.should_save else None):
-            if self.args.should_save:
-                uncommit()
-            super()._save_checkpoint(model, trial)
-            if self.args.should_save and os.path.isfile(os.path.join(folder, TRAINER_STATE_NAME)):
-                write_manifest(folder)
+    def _write_model(self, output_dir: str, *, checkpoint: bool) -> None:
+        """Writes the model's files into ``output_dir``. ``checkpoint``: a save ``Trainer`` makes itself (a
+        checkpoint, or the folder ``push_to_hub`` uploads), not the user's final ``save_model``. Here:
+        ``Trainer.save_model`` (weights, config, processor, ``training_args.bin``), without its Hub push."""
+        super().save_model(output_dir, _internal_call=True)
 
     def _run_epoch(self, *args, **kwargs):
         """``Trainer._run_epoch``, skipped once ``max_steps`` are done: ``Trainer`` resumed from the
@@ -121,7 +129,15 @@ class SafeCheckpointTrainer(Trainer):
             if misfit:
                 raise UserInputError(f"Can't resume from {resume_from_checkpoint}: it holds another model ({misfit}). "
                                      f"Use another --output_dir, or pass --retrain to train from scratch.")
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+        try:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+        except (OSError, RuntimeError) as error:
+            folder = self.checkpoint_commit.folder  # set while a checkpoint is being written
+            if folder is None or not is_write_failure(error):
+                raise
+            cleanup = (lambda: uncommit_checkpoint(folder)) if self.args.should_save else None
+            with save_errors(folder, cleanup=cleanup):
+                raise error
 
 
 class TeacherTrainer(SafeCheckpointTrainer):

@@ -1,4 +1,5 @@
-"""Trainer callbacks: the text head folded at the end, the loss terms' schedules, checkpoint-and-stop on preemption."""
+"""Trainer callbacks: the text head folded at the end, the loss terms' schedules, checkpoint-and-stop on preemption,
+the commit of each checkpoint."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from typing import Optional
 from accelerate.utils import extract_model_from_parallel
 from transformers import TrainerCallback
 
+from .. import runs
 from ..models import classifier_module
+from .checkpoints import TRAINER_STATE_NAME, uncommit_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -104,3 +107,37 @@ class PreemptionCallback(TrainerCallback):
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous = {}
+
+
+class CheckpointCommitCallback(TrainerCallback):
+    """Makes each checkpoint commit after its last file: the folder's old commit marker and manifest go before
+    anything is written into it, its manifest (:func:`~c2vkd_hf.runs.write_manifest`) comes after
+    ``trainer_state.json``, the marker ``Trainer`` writes last.
+
+    :class:`~c2vkd_hf.trainer.SafeCheckpointTrainer` calls :meth:`begin` from ``save_model``, which
+    ``Trainer._save_checkpoint`` calls first, into ``checkpoint-<step>``; ``on_save``, the event that follows
+    every checkpoint save, then writes the manifest. Between the two, :attr:`folder` names the checkpoint being
+    written, so that a failed save can be uncommitted and reported. The trainer puts this callback first, so the
+    manifest exists before any other callback's ``on_save`` sees the folder."""
+
+    def __init__(self):
+        #: the checkpoint folder being written (``None`` outside a checkpoint save)
+        self.folder: Optional[str] = None
+
+    def begin(self, folder: str, should_save: bool) -> None:
+        """A checkpoint save into ``folder`` starts: the process that writes (``should_save``) uncommits it."""
+        self.folder = folder
+        if should_save:
+            uncommit_checkpoint(folder)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.folder = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.folder = None  # a save outside _save_checkpoint (hyperparameter search) has no on_save
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = self.folder
+        if folder is not None and args.should_save and os.path.isfile(os.path.join(folder, TRAINER_STATE_NAME)):
+            runs.write_manifest(folder)
+        self.folder = None

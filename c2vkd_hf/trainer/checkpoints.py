@@ -11,7 +11,7 @@ from typing import Optional
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
 
-from ..runs import manifest_problems
+from ..runs import MANIFEST_NAME, manifest_problems
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +24,15 @@ def args_without_token(args):
     safe = copy.copy(args)
     safe.hub_token = None
     return safe
+
+
+def uncommit_checkpoint(folder: str) -> None:
+    """Removes the commit marker (``trainer_state.json``) and the manifest of ``folder``, so that a checkpoint
+    folder about to be rewritten, or whose save failed, is never taken as complete."""
+    for name in (TRAINER_STATE_NAME, MANIFEST_NAME):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            os.remove(path)
 
 
 def checkpoint_problems(folder: str, *, require_optimizer: bool = True) -> list[str]:

@@ -1,5 +1,5 @@
-"""``DistillationTrainer``: the teacher's outputs (live or cached) for each training batch, the batch-level views
-(CutMix, colour jitter), every loss term logged, and the plain student saved."""
+"""``DistillationTrainer``: the teacher's outputs (live or cached) for each training batch, every loss term logged,
+and the plain student saved."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..data import VALID_SIZES
-from ..data.batch_augment import apply_cutmix, batch_generator, cutmix_masks, jitter_factors, jitter_normalised
 from ..teacher import CachedTeacher, LiveTeacher
 from .base import SafeCheckpointTrainer
 from .checkpoints import args_without_token
@@ -38,14 +37,6 @@ class DistillationTrainer(SafeCheckpointTrainer):
             not placed or run.
         teacher_input_scale: the teacher sees each view at this many times the student's resolution
             (online: the batch upsampled bilinearly; cached: the cache was built at that size).
-        cutmix_prob: each training example gets a box of another example of its batch pasted in (image and
-            labels) with this probability, before the teacher (run live) sees the batch; needs
-            ``teacher_cache=None``.
-        student_jitter: colour jitter of this strength on the student's view only, after the teacher (live
-            or cached) has seen the clean one (``student_mean_std`` says how the batch is normalised).
-            Both: :mod:`c2vkd_hf.data.batch_augment`.
-        consistent_jitter: the jitter comes before the teacher instead, which then sees the student's very view
-            (consistent views, Beyer et al. CVPR 2022); needs ``teacher_cache=None``.
         The teacher arguments become one object, ``self.teacher_source`` (:class:`~c2vkd_hf.teacher.LiveTeacher`
         or :class:`~c2vkd_hf.teacher.CachedTeacher`), whose ``outputs(inputs, device)`` the loss reads.
         All other arguments are :class:`transformers.Trainer`'s.
@@ -54,19 +45,8 @@ class DistillationTrainer(SafeCheckpointTrainer):
     def __init__(self, *args, teacher: Optional[nn.Module] = None,
                  teacher_feature_names: Optional[list[str]] = None,
                  student_mean_std: Optional[tuple] = None, teacher_mean_std: Optional[tuple] = None,
-                 teacher_cache=None, teacher_input_scale: float = 1.0, cutmix_prob: float = 0.0,
-                 student_jitter: float = 0.0, consistent_jitter: bool = False, **kwargs):
-        if cutmix_prob > 0 and teacher_cache is not None:
-            raise ValueError("CutMix needs the live teacher: a teacher cache holds its outputs on unmixed views")
-        if consistent_jitter and (teacher_cache is not None or student_jitter <= 0):
-            raise ValueError("consistent_jitter needs student_jitter > 0 and the live teacher (a teacher cache holds "
-                             "its outputs on clean views)")
+                 teacher_cache=None, teacher_input_scale: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)
-        self.cutmix_prob = float(cutmix_prob)
-        self.student_jitter = float(student_jitter)
-        self.consistent_jitter = bool(consistent_jitter)
-        self.student_mean_std = student_mean_std or ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
-        self._batch_position = (-1, 0)  # (global step, micro-batches seen at it): seeds each batch's draws
         names = list(teacher_feature_names or [])
         #: where the teacher's outputs come from (:mod:`c2vkd_hf.teacher`); ``None`` for --method none
         self.teacher_source = None
@@ -87,46 +67,14 @@ class DistillationTrainer(SafeCheckpointTrainer):
             # Evaluation (or prediction): the student alone, no teacher.
             outputs = model(pixel_values=pixel_values, labels=labels, valid_sizes=inputs.get(VALID_SIZES))
             return (outputs.loss, outputs) if return_outputs else outputs.loss
-        key = self._batch_key()
-        if self.cutmix_prob > 0:
-            inputs = self._cutmix(inputs, key)
-            pixel_values, labels = inputs["pixel_values"], inputs.get("labels")
-        if self.consistent_jitter:  # the teacher sees the student's jittered view
-            pixel_values = self._jitter(pixel_values, key)
-            inputs = {**inputs, "pixel_values": pixel_values}
         teacher_logits, teacher_features = (None, None)
         if self.teacher_source is not None:
             teacher_logits, teacher_features = self.teacher_source.outputs(inputs, pixel_values.device)
-        if self.student_jitter > 0 and not self.consistent_jitter:  # the student's view only; the teacher saw it clean
-            pixel_values = self._jitter(pixel_values, key)
         outputs = model(pixel_values=pixel_values, labels=labels, teacher_logits=teacher_logits,
                         teacher_features=teacher_features, return_terms=True)
         self._check_finite(outputs["terms"])
         self._accumulate_terms(outputs["terms"])
         return (outputs["loss"], outputs) if return_outputs else outputs["loss"]
-
-    def _batch_key(self) -> tuple[int, int, int, int]:
-        """``(seed, global step, rank, micro-batch)`` of this training batch: seeds its augmentation draws
-        (:func:`~c2vkd_hf.data.batch_augment.batch_generator`), so a resumed run draws as an uninterrupted one."""
-        step, micro = self._batch_position
-        micro = micro + 1 if step == self.state.global_step else 0
-        self._batch_position = (self.state.global_step, micro)
-        return self.args.seed, self.state.global_step, self.args.process_index, micro
-
-    def _jitter(self, pixel_values: torch.Tensor, key: tuple[int, int, int, int]) -> torch.Tensor:
-        """The (normalised) batch with colour jitter of strength ``student_jitter``, drawn for batch ``key``."""
-        factors = jitter_factors(pixel_values.shape[0], self.student_jitter, batch_generator("jitter", *key))
-        return jitter_normalised(pixel_values, factors, *self.student_mean_std)
-
-    def _cutmix(self, inputs: dict, key: tuple[int, int, int, int]) -> dict:
-        """The batch with CutMix applied to its images and labels, drawn for batch ``key``."""
-        pixel_values = inputs["pixel_values"]
-        masks, partner = cutmix_masks(pixel_values.shape[0], *pixel_values.shape[-2:], self.cutmix_prob,
-                                      batch_generator("cutmix", *key))
-        mixed = {**inputs, "pixel_values": apply_cutmix(pixel_values, masks, partner)}
-        if inputs.get("labels") is not None:
-            mixed["labels"] = apply_cutmix(inputs["labels"], masks, partner)
-        return mixed
 
     def _accumulate_terms(self, terms: dict[str, torch.Tensor]) -> None:
         """Sums every term (and its weighted value at this step's schedule) until the next log."""
@@ -156,16 +104,11 @@ class DistillationTrainer(SafeCheckpointTrainer):
         super().log(logs, start_time)
 
     # ----------------------------------------------------------------------------- saving
-    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
-        self._saving_checkpoint = _internal_call
-        try:
-            super().save_model(output_dir, _internal_call=_internal_call)
-        finally:
-            self._saving_checkpoint = False
-
-    def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
-        """Saves the plain student (and, in checkpoints, the projectors beside it)."""
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
+    def _write_model(self, output_dir: str, *, checkpoint: bool) -> None:
+        """Saves the plain student (``save_pretrained``: weights and config), the image processor and
+        ``training_args.bin``; beside them, in Trainer's own saves (checkpoints), the projectors and text head
+        (``distillation_modules.safetensors``, what resume restores), else the text head as
+        ``text_head.safetensors`` (what the text query reads). Only the process that saves writes."""
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
@@ -173,7 +116,7 @@ class DistillationTrainer(SafeCheckpointTrainer):
         wrapper.student.save_pretrained(output_dir)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
-        if getattr(self, "_saving_checkpoint", False):
+        if checkpoint:
             extra = distillation_module_state(wrapper)
             if extra:
                 save_file(extra, os.path.join(output_dir, DISTILLATION_MODULES_NAME))
@@ -203,7 +146,11 @@ class DistillationTrainer(SafeCheckpointTrainer):
             logger.warning("%s has no %s: projectors start from scratch.", folder, DISTILLATION_MODULES_NAME)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Resume: the student and the projectors of the checkpoint (``Trainer``'s own loading would put
+        ``model.safetensors``, the bare student, into the wrapper and match none of its keys)."""
         self._load_student_and_modules(resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
+        """``load_best_model_at_end``: the student and the projectors of the best checkpoint, for the
+        same reason."""
         self._load_student_and_modules(self.state.best_model_checkpoint)

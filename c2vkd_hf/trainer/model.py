@@ -92,27 +92,11 @@ class DistillationModel(nn.Module):
         return SemanticSegmenterOutput(loss=terms["loss"], logits=logits)
 
     def _text_head_is_linguistic_head(self) -> bool:
-        """Whether the student's logits (its text head's ``S``) are exactly the pixel-text logits C2VKD's
-        linguistic term scores: same projector module, same feature, temperature and class-name
-        embeddings. The loss then reads them instead of projecting the feature a second time (the
-        projection and its gradient are most of the text head's cost). The embeddings are compared once
-        per version of the two buffers (a comparison is a device sync on a GPU)."""
-        loss = self.distill_loss
-        head = self.text_head
-        if not self.text_head_logits or head is None or "ling" not in getattr(loss, "weights", {}):
-            return False
-        if getattr(loss, "ling_projector", None) is not head.projector or float(loss.ling_tau) != head.tau:
-            return False
-        names = self.student_feature_names[:len(getattr(loss, "student_channels", []))]  # main pairs, not stages
-        if not names or names[loss.ling_feature_index] != head.feature:
-            return False
-        own, theirs = loss.text_embeddings, head.text_embeddings
-        if own is None or own.shape != theirs.shape:
-            return False
-        key = (own.data_ptr(), own._version, own.device, theirs.data_ptr(), theirs._version, theirs.device)
-        if getattr(self, "_same_embeddings", (None, False))[0] != key:
-            self._same_embeddings = (key, bool(torch.equal(own, theirs.to(own))))
-        return self._same_embeddings[1]
+        """Whether the loss reads the student's logits (its text head's ``S``) as its linguistic term's pixel-text
+        logits (:meth:`~c2vkd_hf.losses.DistillationLoss.reads_text_head`) instead of projecting the feature a
+        second time (the projection and its gradient are most of the text head's cost)."""
+        return (self.text_head_logits and self.text_head is not None and
+                self.distill_loss.reads_text_head(self.text_head, self.student_feature_names))
 
 
 def distillation_module_state(wrapper: DistillationModel) -> dict[str, torch.Tensor]:
@@ -128,12 +112,8 @@ def text_head_of(wrapper: DistillationModel) -> Optional[TextHead]:
     linguistic projector and class-name embeddings (what the text query needs); ``None`` without either."""
     if wrapper.text_head is not None:
         return wrapper.text_head
-    loss = wrapper.distill_loss
-    projector = getattr(loss, "ling_projector", None)
-    if projector is None:
-        return None
-    feature = wrapper.student_feature_names[loss.ling_feature_index]
-    return TextHead(projector, loss.text_embeddings, feature, loss.ling_tau)
+    linguistic = wrapper.distill_loss.linguistic_head(wrapper.student_feature_names)
+    return None if linguistic is None else TextHead(*linguistic)
 
 
 def write_text_head(wrapper: DistillationModel, output_dir: str) -> Optional[str]:
