@@ -136,3 +136,81 @@ def test_a_rank_that_fails_ends_every_rank_in_bounded_time(tmp_path):
     assert proc.returncode != 0, text[-3000:]
     assert text.count("error: train/img7.png: label values [9]") == 1, text[-3000:]
     assert elapsed < 120, f"took {elapsed:.0f} s"
+
+
+def _run_cache(cache_dir: Path, out: Path, nproc: int = 2) -> tuple[list[dict], str]:
+    """``distributed_cache.py`` under torchrun with ``nproc`` gloo processes: each rank's saved results (by rank) and
+    the run's log."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1",
+           "PYTHONPATH": str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}",
+           str(HERE / "distributed_cache.py"), str(cache_dir), str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-6000:]}"
+    return [torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in range(nproc)], log
+
+
+def _snapshot(directory: Path) -> dict[str, tuple[int, int]]:
+    """``{file name: (size, mtime in ns)}`` of every file in ``directory``."""
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(directory.iterdir())}
+
+
+@pytest.mark.slow
+def test_two_processes_build_one_teacher_cache_equal_to_a_one_process_build(tmp_path):
+    """Two gloo ranks build one teacher cache together (each its rows rank::2, the process group found by the
+    build itself), then both read and replay it: every array equals the one-process cache's bit for bit, the
+    metadata is the same, every row is done, and each rank computed exactly its own rows. Run again on the complete
+    cache, the ranks rebuild nothing."""
+    import json
+
+    import numpy as np
+
+    import distributed_cache as spec
+    from c2vkd_hf.cache import DONE_NAME, META_NAME
+
+    single_dir, shared_dir = tmp_path / "one", tmp_path / "two"
+    single = spec.build(single_dir, rank=0, world_size=1, barrier=lambda: None)
+    assert single["computed_rows"] == list(range(spec.NUM_ROWS))
+    single.update(spec.replay(single_dir, single["key"]))
+
+    ranks, log = _run_cache(shared_dir, tmp_path / "out1")
+    assert [r["rank"] for r in ranks] == [0, 1] and {r["world_size"] for r in ranks} == {2}
+    # the split: each rank ran the teacher on its rows rank::2 only, together on every row once
+    for rank, result in enumerate(ranks):
+        assert result["computed_rows"] == list(range(rank, spec.NUM_ROWS, 2)), (rank, result["computed_rows"], log)
+    # the files: the same arrays, bit for bit, the same metadata, every row done
+    names = sorted(p.name for p in single_dir.iterdir())
+    assert sorted(p.name for p in shared_dir.iterdir()) == names
+    arrays = [n for n in names if n.endswith(".npy")]
+    assert {"logits.npy", DONE_NAME} <= set(arrays) and len(arrays) == 2 + len(spec.FEATURES)
+    for name in arrays:
+        one, two = np.load(single_dir / name), np.load(shared_dir / name)
+        assert one.dtype == two.dtype and one.shape == two.shape, name
+        differ = sorted({int(i) for i in np.argwhere(one != two)[:, 0]})
+        assert np.array_equal(one, two), f"{name}: rows {differ} differ"
+    assert np.load(shared_dir / DONE_NAME).tolist() == [1] * spec.NUM_ROWS
+    meta_one = json.loads((single_dir / META_NAME).read_text())
+    meta_two = json.loads((shared_dir / META_NAME).read_text())
+    assert meta_two["key"] == meta_one["key"] and meta_two == meta_one
+    assert all(r["key"] == single["key"] for r in ranks)
+    # both ranks read and replayed the same tensors as the one process
+    tensors = [k for k, v in single.items() if isinstance(v, torch.Tensor)]
+    assert len(tensors) == (1 + len(spec.GEOMETRIES)) * (1 + len(spec.FEATURES))
+    for result in ranks:
+        assert result["num_rows"] == spec.NUM_ROWS and sorted(k for k, v in result.items()
+                                                             if isinstance(v, torch.Tensor)) == sorted(tensors)
+        for k in tensors:
+            assert torch.equal(result[k], single[k]), f"rank {result['rank']}: {k}"
+
+    # the complete cache again: no rank runs the teacher (not even its shape probe) or writes a file
+    before = _snapshot(shared_dir)
+    again, log_again = _run_cache(shared_dir, tmp_path / "out2")
+    assert _snapshot(shared_dir) == before
+    for result in again:
+        assert result["computed_rows"] == [] and result["teacher_calls"] == 0, (result["rank"], log_again)
+        assert result["key"] == single["key"]
+        for k in tensors:
+            assert torch.equal(result[k], single[k]), f"rank {result['rank']}, second run: {k}"
+    assert "still to write" not in log_again and "free in" not in log_again
+    assert log.count("free in") == 1  # the first run: rank 0 logged the cache's size, once

@@ -337,11 +337,7 @@ def default_feature_pair(student: nn.Module, teacher: nn.Module) -> tuple[str, s
 
     Why the decoder feature: it is as semantic as the deepest stage, at stride 4 rather than 32, and
     it is what the student's classifier reads, so the linguistic (CLIP text) head trained on it can
-    become the student's classifier (``--text_head``). On CamVid (400 steps,
-    SegFormer-B0, benchmarks/camvid/ABLATIONS.md) C2VKD scored 26.12% val mIoU on ``stage4:stage4``
-    (2 seeds) and 28.27% on ``decoder:decoder`` with the text head folded at the end (3 seeds; 27.20%
-    with the student's own head, seed 0); 29.73% with the text head also trained as the classifier
-    (``--text_head``, 3 seeds). The choices were made on the val split.
+    become the student's classifier (``--text_head``); the measured choice is in benchmarks/camvid/ABLATIONS.md.
     """
     if DECODER_FEATURE in feature_channels(student) and DECODER_FEATURE in feature_channels(teacher):
         return DECODER_FEATURE, DECODER_FEATURE
@@ -383,6 +379,5 @@ def stage_names(model: nn.Module) -> list[str]:
 def default_stage_pairs(student: nn.Module, teacher: nn.Module) -> list[tuple[str, str]]:
     """``--stage_pairs auto``: the student's and the teacher's backbone stages paired by :func:`pair_stages`.
     SegFormer's four MiT stages against a four-stage CNN backbone (the reference UperNet + EfficientNet-Lite0)
-    give ``stage1:stage1, ..., stage4:stage4``, the pairs of C2VKD's stage exits in
-    benchmarks/camvid/FINDINGS.md (section 0i)."""
+    give ``stage1:stage1, ..., stage4:stage4``, the pairs of C2VKD's stage exits."""
     return pair_stages(stage_names(student), stage_names(teacher))
