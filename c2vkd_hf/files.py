@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -70,3 +71,24 @@ def dataset_fingerprint(dataset, image_column: str = "image") -> dict[str, Any]:
             digest.update(len(data).to_bytes(8, "little"))
             digest.update(data)
     return {"num_examples": num, "sha256": digest.hexdigest()}
+
+
+def format_bytes(num: int) -> str:
+    """``num`` bytes in binary units, three significant digits: ``"41.3 GiB"``, ``"512 MiB"``, ``"100 B"``."""
+    value = float(num)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            break
+        value /= 1024
+    if unit == "B":
+        return f"{int(num)} B"
+    return f"{value:.3g} {unit}" if value >= 100 else f"{value:.1f} {unit}"
+
+
+def free_space(directory: os.PathLike | str) -> int:
+    """Free bytes (for this user) of the file system ``directory`` will be on: ``shutil.disk_usage`` of the
+    folder, or of its nearest existing parent while it does not exist yet."""
+    path = Path(directory).expanduser().absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return int(shutil.disk_usage(path).free)

@@ -16,7 +16,8 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from ..data.decoded import CacheSpaceError, format_bytes, free_space
+from ..data.decoded import CacheSpaceError
+from ..files import format_bytes, free_space
 from .key import TeacherCacheError
 
 #: bytes per stored logit and feature value (float16)

@@ -82,7 +82,7 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 from ..config import DataArguments
-from ..files import dataset_fingerprint, read_json_meta
+from ..files import dataset_fingerprint, read_json_meta, format_bytes, free_space
 from ..images import open_source, oriented_size
 from ..validation import UserInputError
 from .base import SegmentationData
@@ -181,27 +181,6 @@ def decoded_cache_bytes(original_sizes: Sequence[Sequence[int]], transform: Segm
         labels += height * width
     rows = len(original_sizes)
     return max(images, 1) + max(labels, 1) + rows * (6 * np.dtype(np.int64).itemsize + 1)
-
-
-def format_bytes(num: int) -> str:
-    """``num`` bytes in binary units, three significant digits: ``"41.3 GiB"``, ``"512 MiB"``, ``"100 B"``."""
-    value = float(num)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            break
-        value /= 1024
-    if unit == "B":
-        return f"{int(num)} B"
-    return f"{value:.3g} {unit}" if value >= 100 else f"{value:.1f} {unit}"
-
-
-def free_space(directory: os.PathLike | str) -> int:
-    """Free bytes (for this user) of the file system ``directory`` will be on: ``shutil.disk_usage`` of the
-    folder, or of its nearest existing parent while it does not exist yet."""
-    path = Path(directory).expanduser().absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return int(shutil.disk_usage(path).free)
 
 
 def _describe(original_sizes: Sequence[Sequence[int]], transform: SegmentationTransform, role: str) -> str:
