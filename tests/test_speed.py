@@ -121,3 +121,112 @@ def test_bad_counts_are_usage_errors(flags, message, capsys):
     with pytest.raises(SystemExit) as stop:
         speed_cli.main(flags)
     assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def _memory_row(config, size, before, peak, saved):
+    """A measured memory row (what ``memory_steps`` returns, the fields the summary reads)."""
+    return {"config": config, "description": config, "size": list(size), "terms": ["ce"], "text_head": False,
+            "rss_before_mb": before, "train_peak_rss_mb": peak, "extra_mb": peak - before, "peak_rss_mb": peak + 10,
+            "saved_model_mb": saved - 1.0, "saved_loss_mb": 1.0, "hwm_after_step_mb": [peak], "step_s_all": [1.0]}
+
+
+def test_memory_ratios_are_against_the_student_only_row_at_the_same_size():
+    """Every ratio divides by the student-only row of its own size; a term's memory is its row's extra (and saved
+    bytes) minus the all-weights-0 row's; growth is largest size over smallest, and only what outgrows the pixel
+    ratio above the noise floor is flagged."""
+    small, large = (8, 8), (8, 16)
+    measured = [
+        _memory_row("student_only", small, 100, 300, 10), _memory_row("c2vkd_online", small, 150, 450, 20),
+        _memory_row("teacher_ce", small, 150, 400, 12), _memory_row("rel", small, 150, 420, 13),
+        _memory_row("student_only", large, 100, 500, 20), _memory_row("c2vkd_online", large, 150, 900, 40),
+        _memory_row("teacher_ce", large, 150, 700, 24), _memory_row("rel", large, 150, 900, 30),
+    ]
+    summary = speed.summarise_memory(measured, [small, large])
+    rows = {(t["config"], tuple(t["size"])): t for t in summary["table"]}
+    assert summary["pixel_ratio"] == 2
+    assert rows[("student_only", large)]["train_peak_over_student"] == 1.0
+    assert rows[("c2vkd_online", small)]["train_peak_over_student"] == pytest.approx(450 / 300)
+    assert rows[("c2vkd_online", large)]["train_peak_over_student"] == pytest.approx(900 / 500)
+    assert rows[("c2vkd_online", large)]["extra_over_student"] == pytest.approx(750 / 400)
+    assert rows[("c2vkd_online", large)]["peak_over_student"] == pytest.approx(910 / 510)
+    assert rows[("rel", small)]["term_mb"] == 20 and rows[("rel", large)]["term_mb"] == 200
+    assert rows[("rel", small)]["term_saved_mb"] == 1 and rows[("rel", large)]["term_saved_mb"] == 6
+    assert rows[("c2vkd_online", large)]["saved_mb"] == 40 and rows[("c2vkd_online", large)]["saved_loss_mb"] == 1
+    assert rows[("teacher_ce", large)]["term_mb"] is None and rows[("student_only", large)]["term_mb"] is None
+    assert rows[("rel", large)]["growth_term"] == pytest.approx(10.0)
+    assert rows[("rel", large)]["growth_term_saved"] == pytest.approx(6.0)
+    assert rows[("student_only", small)]["growth_extra"] == pytest.approx(2.0)
+    flagged = {(f["config"], f["quantity"]) for f in summary["faster_than_pixels"]}
+    # rel's term grew 10x for 2x the pixels (its extra 750 / 270, its saved bytes 6 / 1), the online row's extra
+    # 750 / 300 and term 200 / 50; the student's exactly 2x, the reference's 550 / 250 = 2.2x, the online row's
+    # saved bytes and term saved bytes (2x) stay within the tolerance
+    assert flagged == {("rel", "term_mb"), ("rel", "extra_mb"), ("rel", "term_saved_mb"), ("rel", "saved_mb"),
+                       ("c2vkd_online", "extra_mb"), ("c2vkd_online", "term_mb")}
+    target = summary["target"]
+    assert target["size"] == [8, 16] and not target["met"] and target["online_over_student"] == pytest.approx(1.8)
+    assert target["excess_mb"] == pytest.approx(900 - 1.5 * 500)
+    assert summary["verdict"].startswith("**Target missed**: at 8x16") and "150 MiB above 1.5x" in summary["verdict"]
+
+
+def test_a_share_below_the_noise_floor_is_not_flagged():
+    """A term's resident-set share under 128 MiB at the largest size says nothing about growth (allocator noise):
+    not flagged however it grew; a share that went negative has no growth."""
+    small, large = (8, 8), (8, 16)
+    measured = [_memory_row("student_only", small, 100, 300, 10), _memory_row("teacher_ce", small, 150, 400, 12),
+                _memory_row("glob", small, 150, 410, 14), _memory_row("rel", small, 150, 401, 13),
+                _memory_row("student_only", large, 100, 500, 20), _memory_row("teacher_ce", large, 150, 700, 24),
+                _memory_row("glob", large, 150, 690, 28), _memory_row("rel", large, 150, 725, 26)]
+    summary = speed.summarise_memory(measured, [small, large])
+    rows = {(t["config"], tuple(t["size"])): t for t in summary["table"]}
+    assert rows[("glob", large)]["term_mb"] == -10 and rows[("glob", large)]["growth_term"] is None
+    assert rows[("rel", large)]["growth_term"] == pytest.approx(25.0)  # 25 MiB: under the floor
+    assert summary["faster_than_pixels"] == [] and "Nothing grows faster" in summary["verdict"]
+
+
+def test_memory_mode_runs_each_row_in_its_own_process_and_writes_the_report(tmp_path):
+    """``scripts/speed.py --memory`` end to end at 32x32 with a tiny SegFormer and a DeepLabV3+ ResNet-18 teacher
+    (built by the command, random init): the student alone, the all-weights-0 reference and PDD alone, each in a
+    fresh subprocess; memory.json and MEMORY.md hold the rows, ratios against the student-only row, and the
+    hand-written analysis of MEMORY.md survives ``--report_only``."""
+    from tests.tiny import TINY_SEGFORMER_JSON
+
+    out = tmp_path / "out"
+    flags = ["--memory", "--threads", "1", "--memory_sizes", "32x32", "--memory_rows", "teacher_ce,pdd",
+             "--memory_student_overrides", TINY_SEGFORMER_JSON, "--memory_teacher_backbone", "resnet18",
+             "--memory_teacher", str(tmp_path / "teacher"), "--out_dir", str(out)]
+    results = speed_cli.main(flags)
+    assert (tmp_path / "teacher" / "config.json").is_file()
+    assert [(r["config"], r["size"]) for r in results["measured"]] == [
+        ("student_only", [32, 32]), ("teacher_ce", [32, 32]), ("pdd", [32, 32])]
+    measured = {r["config"]: r for r in results["measured"]}
+    assert measured["student_only"]["terms"] == ["ce"] and measured["pdd"]["terms"] == ["ce", "pdd"]
+    for r in measured.values():
+        assert r["steps_done"] == 3 and len(r["hwm_after_step_mb"]) == 3 and r["subprocess_wall_s"] > 0
+        # VmHWM and ru_maxrss come from two counters that may differ by a page table's worth
+        assert r["hwm_reset"] and 0 < r["rss_before_mb"] <= r["train_peak_rss_mb"] <= r["peak_rss_mb"] + 1.0
+        assert r["saved_model_mb"] > 0 and r["saved_loss_mb"] > 0 and len(r["saved_mb_all"]) == 3
+        assert r["extra_mb"] == pytest.approx(r["train_peak_rss_mb"] - r["rss_before_mb"])
+    rows = {t["config"]: t for t in results["table"]}
+    student = measured["student_only"]
+    for name, t in rows.items():
+        assert t["train_peak_over_student"] == pytest.approx(measured[name]["train_peak_rss_mb"]
+                                                             / student["train_peak_rss_mb"])
+        assert t["extra_over_student"] == pytest.approx(measured[name]["extra_mb"] / student["extra_mb"])
+    assert rows["student_only"]["train_peak_over_student"] == 1.0
+    assert rows["pdd"]["term_mb"] == pytest.approx(measured["pdd"]["extra_mb"] - measured["teacher_ce"]["extra_mb"])
+    assert results["pixel_ratio"] is None and results["target"] is None  # one size, no online row: no verdict
+    saved = json.loads((out / "memory.json").read_text())
+    assert saved["table"] == results["table"] and "python scripts/speed.py --memory --threads 1" in saved["command"]
+    report = (out / "MEMORY.md").read_text()
+    assert "| (c) ce + pdd | 32x32 |" in report and "| teacher_ce | 32x32 |" in report
+    (out / "MEMORY.md").write_text(report + "Hand-written finding.\n")
+    speed_cli.main(["--memory", "--report_only", "--out_dir", str(out)])
+    regenerated = (out / "MEMORY.md").read_text()
+    assert regenerated.endswith("Hand-written finding.\n") and regenerated.count("Hand-written finding.") == 1
+    assert regenerated.replace("Hand-written finding.\n", "") == report
+
+
+def test_unknown_memory_rows_are_usage_errors(capsys):
+    with pytest.raises(SystemExit) as stop:
+        speed_cli.main(["--memory", "--memory_rows", "pdd,nonsense"])
+    assert stop.value.code == 2 and "unknown memory rows ['nonsense']" in capsys.readouterr().err

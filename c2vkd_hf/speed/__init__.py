@@ -48,19 +48,36 @@ Also measured (as before): evaluation-metric throughput of ``StreamingMeanIoU`` 
 prediction (``evaluate``'s ``mean_iou``, emulated). ``--report_only`` rewrites ``RESULTS.md`` from an
 existing ``results.json``.
 
+**Memory mode** (``--memory``; writes ``memory.json`` and ``MEMORY.md`` in ``--out_dir``): the peak memory of the
+real training step at each ``--memory_sizes`` (default 512x512 and 512x1024), batch ``--memory_batch`` (2), on the
+built-in synthetic scenes, each configuration at each size in its own fresh subprocess, ``--warmup`` (1) +
+``--steps`` (2) steps: (a) the student alone (``--memory_student``, default MiT-B0 from random init), (b) C2VKD with
+the online teacher (``--memory_teacher``, built once when missing: DeepLabV3+ on ``--memory_teacher_backbone``,
+default ResNet-101, random init) at every default, the same with every distillation weight 0 (the terms'
+reference), and each term alone with CE (``pdd``, ``glob``, ``rel``, ``ling``, the text head, ``channel``,
+``exit``); ``--memory_peers true`` adds KD, DIST, CWD, DKD; ``--memory_rows`` picks rows. Per row: the resident set
+with everything built, the peak over the steps (``VmHWM`` after a reset), their difference, the process's
+``ru_maxrss``, each as a ratio to (a) at the same size, each term's share (its row's extra minus the reference's)
+and its growth from the smallest to the largest size against the pixel ratio (:func:`.probes.memory_steps`,
+:func:`.report.summarise_memory`).
+
 Modules: :mod:`.plan` (the rows, protocols, device and each row's training configuration), :mod:`.probes` (the
 timed measurements, each in a fresh subprocess), :mod:`.runner` (rounds, whole benchmark runs, the teacher cache;
 :func:`measure`), :mod:`.report` (ratios, verdict, RESULTS.md). ``scripts/speed.py`` is the command.
 """
 
-from .plan import (BENCHMARK_RUNS, CONFIGS, METRICS, OLD_BENCHMARK_MIN, PROTOCOLS, VARIANTS, device_name, machine,
+from .plan import (BENCHMARK_RUNS, CONFIGS, MEMORY_BATCH, MEMORY_PEERS, MEMORY_ROWS, MEMORY_SIZES, METRICS,
+                   OLD_BENCHMARK_MIN, PROTOCOLS, VARIANTS, device_name, machine, memory_config, memory_rows, parse_sizes,
                    train_config, workers_for)
-from .probes import bare_step, keep_all_mean_iou, metric_throughput, pipeline_steps
-from .report import summarise, write_report
-from .runner import ensure_cache, measure, pool_rounds, run_benchmark, run_probe
+from .probes import bare_step, keep_all_mean_iou, memory_steps, metric_throughput, pipeline_steps
+from .report import MEMORY_TARGET, memory_analysis, summarise, summarise_memory, write_memory_report, write_report
+from .runner import ensure_cache, ensure_memory_teacher, measure, measure_memory, pool_rounds, run_benchmark, run_probe
 
 __all__ = [
     "BENCHMARK_RUNS", "CONFIGS", "METRICS", "OLD_BENCHMARK_MIN", "PROTOCOLS", "VARIANTS", "device_name", "machine",
     "train_config", "workers_for", "bare_step", "keep_all_mean_iou", "metric_throughput", "pipeline_steps",
     "summarise", "write_report", "ensure_cache", "measure", "pool_rounds", "run_benchmark", "run_probe",
+    "MEMORY_BATCH", "MEMORY_PEERS", "MEMORY_ROWS", "MEMORY_SIZES", "MEMORY_TARGET", "memory_config", "memory_rows",
+    "parse_sizes", "memory_steps", "memory_analysis", "summarise_memory", "write_memory_report",
+    "ensure_memory_teacher", "measure_memory",
 ]

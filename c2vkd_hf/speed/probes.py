@@ -1,9 +1,13 @@
 """The timed measurements, each run in a fresh subprocess (``python -m c2vkd_hf.speed.probes ARGS.json KIND NAME
-OUT.json``): the bare student step, real Trainer steps of one pipeline configuration, and the evaluation metric's
-throughput. Timestamps are taken after ``torch.cuda.synchronize()`` on CUDA."""
+OUT.json``): the bare student step, real Trainer steps of one pipeline configuration, the evaluation metric's
+throughput, and the peak memory of a few real Trainer steps of one memory row (:func:`memory_steps`). Timestamps
+are taken after ``torch.cuda.synchronize()`` on CUDA."""
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import gc
 import json
 import os
 import resource
@@ -14,7 +18,8 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from .plan import CONFIGS, METRICS, PROTOCOLS, VARIANTS, device_name, train_config
+from .plan import (CONFIGS, MEMORY_PEERS, MEMORY_ROWS, METRICS, PROTOCOLS, VARIANTS, device_name, memory_config,
+                   train_config)
 
 
 def _sync(device: str) -> None:
@@ -34,6 +39,92 @@ def _vm_hwm_mb() -> float | None:
     except OSError:
         pass
     return None
+
+
+def _vm_rss_mb() -> float | None:
+    """The process's resident set now (Linux ``VmRSS``), in MiB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+def _release_free_memory() -> None:
+    """Collects garbage and hands the C heap's free pages back to the system (glibc ``malloc_trim(0)``, where
+    there is one), so that the resident set read next holds live data, not what set-up allocated and freed."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _touch_weights(*modules) -> None:
+    """Reads every parameter and buffer of ``modules`` once. Weights loaded from safetensors are memory-mapped
+    from the file, and their pages enter the resident set only when first read (the teacher's at its first
+    forward): read here, they count in the built state, not in what the first step adds."""
+    import torch
+
+    with torch.no_grad():
+        for module in modules:
+            if module is not None:
+                for tensor in [*module.parameters(), *module.buffers()]:
+                    if tensor.numel():
+                        tensor.sum()
+
+
+class SavedForBackward:
+    """Counts the bytes autograd keeps for the backward pass (``torch.autograd.graph.saved_tensors_hooks``): each
+    storage once (views share it), the trained parameters' own storages left out (they are in the built state). A
+    deterministic count, free of the allocator's slack, of what a forward holds until its backward: the student's
+    activations (``model``) and the loss module's intermediates (``loss``, while :meth:`wrap`'s function runs)."""
+
+    def __init__(self, parameters):
+        self.skip = {p.untyped_storage().data_ptr() for p in parameters}
+        self.phase = "model"
+        self.seen: set[int] = set()
+        self.bytes = {"model": 0, "loss": 0}
+        self.steps: list[dict[str, float]] = []
+
+    def pack(self, tensor):
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if key not in self.skip and key not in self.seen:
+            self.seen.add(key)
+            self.bytes[self.phase] += storage.nbytes()
+        return tensor
+
+    @staticmethod
+    def unpack(tensor):
+        return tensor
+
+    def around(self, fn):
+        """``fn`` (the model's forward) counted: the totals of each call go to :attr:`steps`, in MiB."""
+        import torch
+
+        @functools.wraps(fn)  # Trainer reads the forward's signature
+        def wrapper(*a, **k):
+            self.seen, self.bytes = set(), {"model": 0, "loss": 0}
+            with torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack):
+                result = fn(*a, **k)
+            self.steps.append({key: value / 2**20 for key, value in self.bytes.items()})
+            self.seen = set()  # no storage pointer outlives the step
+            return result
+        return wrapper
+
+    def wrap(self, fn):
+        """``fn`` (the loss module's forward) with what it saves counted as ``loss``."""
+        @functools.wraps(fn)
+        def wrapper(*a, **k):
+            self.phase = "loss"
+            try:
+                return fn(*a, **k)
+            finally:
+                self.phase = "model"
+        return wrapper
 
 
 def _reset_hwm() -> bool:
@@ -136,13 +227,25 @@ def bare_step(args, name: str) -> dict:
     return result
 
 
-def pipeline_steps(args, name: str) -> dict:
-    """One pipeline configuration: ``warmup + steps`` real Trainer steps; timings and memory."""
-    import torch
-    from transformers import HfArgumentParser, TrainerCallback, TrainingArguments
+def build_trainer(config: dict, callbacks: list):
+    """``(trainer, training_args)`` of a ``distill.py`` configuration dict, built by ``setup_distillation`` (data,
+    text embeddings, teacher, student, loss module, trainer) with the extra ``callbacks``; not yet trained."""
+    from transformers import HfArgumentParser, TrainingArguments
 
     from c2vkd_hf.config import DataArguments, DistillationArguments
     from c2vkd_hf.jobs import prepare_training_args, setup_distillation
+
+    dist_args, data_args, training_args = HfArgumentParser(
+        (DistillationArguments, DataArguments, TrainingArguments)).parse_dict(config)
+    prepare_training_args(training_args)
+    setup = setup_distillation(dist_args, data_args, training_args, callbacks=callbacks)
+    return setup.trainer, training_args
+
+
+def pipeline_steps(args, name: str) -> dict:
+    """One pipeline configuration: ``warmup + steps`` real Trainer steps; timings and memory."""
+    import torch
+    from transformers import TrainerCallback
 
     threads = set_threads(args)
     device = device_name(args)
@@ -163,13 +266,8 @@ def pipeline_steps(args, name: str) -> dict:
                 self.load.append(load_average())
 
     with tempfile.TemporaryDirectory() as tmp:
-        config = train_config(args, name, tmp)
-        dist_args, data_args, training_args = HfArgumentParser(
-            (DistillationArguments, DataArguments, TrainingArguments)).parse_dict(config)
-        prepare_training_args(training_args)
         timer = StepTimes()
-        setup = setup_distillation(dist_args, data_args, training_args, callbacks=[timer])
-        trainer = setup.trainer
+        trainer, training_args = build_trainer(train_config(args, name, tmp), [timer])
         spent: dict[str, list[float]] = {"teacher": [], "loss_forward": []}
 
         def timed(fn, key):
@@ -293,7 +391,91 @@ def metric_throughput(args, name: str) -> dict:
             "peak_rss_above_inputs_mb": _peak_rss_mb() - base_peak}
 
 
-PROBES = {"train": pipeline_steps, "bare": bare_step, "eval": metric_throughput}
+def memory_steps(args, name: str) -> dict:
+    """The peak memory of memory row ``name`` (:data:`~.plan.MEMORY_ROWS`) at ``args.memory_size``: the row's
+    trainer is built (:func:`~.plan.memory_config`: synthetic scenes, the models, the loss module), then trained
+    for ``args.warmup + args.steps`` real Trainer steps (data, teacher online, student forward, loss, backward,
+    clipping, AdamW, whose state is allocated at the first step) and stopped by a callback.
+
+    Memory, in MiB, read from ``/proc/self/status`` and ``getrusage``:
+
+    * ``rss_before_mb``: the resident set with everything built, right before the first step, after
+      :func:`_touch_weights` (memory-mapped weights paged in) and :func:`_release_free_memory` (so it counts live
+      data, not set-up's freed heap);
+    * ``train_peak_rss_mb``: the peak resident set over the steps (``VmHWM``, reset to the resident set through
+      ``/proc/self/clear_refs`` right before the first step; ``ru_maxrss`` where that is refused); after each step
+      too (``hwm_after_step_mb``), to show where the peak is reached;
+    * ``extra_mb = train_peak_rss_mb - rss_before_mb``: what the steps add over the built state (activations,
+      gradients, optimizer state, the loss's intermediates, allocator slack);
+    * ``peak_rss_mb``: ``ru_maxrss``, the peak over the process's whole life (set-up included);
+    * ``saved_model_mb``, ``saved_loss_mb``: the bytes autograd keeps for the backward pass of the first step
+      (:class:`SavedForBackward`: the student's forward and text head, and the loss module), a deterministic
+      count, where the resident set carries the allocator's noise (tens of MiB);
+    * ``gpu_peak_mb`` on CUDA (``torch.cuda.max_memory_allocated`` over the steps).
+    """
+    import torch
+    from transformers import TrainerCallback
+
+    threads = set_threads(args)
+    device = device_name(args)
+    total = args.warmup + args.steps
+
+    class Steps(TrainerCallback):
+        """Reads the memory after each step and stops training after ``total`` steps."""
+
+        def __init__(self):
+            self.hwm: list[float | None] = []
+            self.ends: list[float] = []
+
+        def on_train_begin(self, *a, **k):
+            _sync(device)
+            self.ends.append(time.perf_counter())
+
+        def on_step_end(self, args_, state, control, **k):
+            _sync(device)
+            self.ends.append(time.perf_counter())
+            self.hwm.append(_vm_hwm_mb())
+            if state.global_step >= total:
+                control.should_training_stop = True
+
+    with tempfile.TemporaryDirectory() as tmp:
+        steps = Steps()
+        trainer, _ = build_trainer(memory_config(args, name, tmp), [steps])
+        terms = sorted(trainer.model.distill_loss.weights)
+        text_head = trainer.model.text_head is not None
+        saved = SavedForBackward(trainer.model.parameters())
+        trainer.model.forward = saved.around(trainer.model.forward)
+        trainer.model.distill_loss.forward = saved.wrap(trainer.model.distill_loss.forward)
+        _touch_weights(trainer.model, getattr(trainer.teacher_source, "model", None))
+        _release_free_memory()
+        setup_peak = _peak_rss_mb()
+        before = _vm_rss_mb()
+        reset = _reset_hwm()
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        load_start = load_average()
+        trainer.train()
+        load_end = load_average()
+        done = trainer.state.global_step
+        train_peak = _vm_hwm_mb() if reset else None
+        peak = _peak_rss_mb()
+    if train_peak is None or before is None:  # no /proc: the process's peak against the set-up peak
+        train_peak, before = peak, setup_peak
+    times = [b - a for a, b in zip(steps.ends, steps.ends[1:])]
+    return {
+        "config": name, "description": {**MEMORY_ROWS, **MEMORY_PEERS}[name][0], "size": list(args.memory_size),
+        "batch": args.memory_batch, "steps_done": done, "warmup": args.warmup, "steps": args.steps,
+        "terms": terms, "text_head": text_head, "threads": threads, "load_start": load_start, "load_end": load_end,
+        "step_s_all": [round(t, 3) for t in times], "hwm_reset": reset,
+        "rss_before_mb": before, "setup_peak_rss_mb": setup_peak, "train_peak_rss_mb": train_peak,
+        "extra_mb": train_peak - before, "peak_rss_mb": peak, "hwm_after_step_mb": steps.hwm,
+        "saved_model_mb": saved.steps[0]["model"] if saved.steps else None,
+        "saved_loss_mb": saved.steps[0]["loss"] if saved.steps else None,
+        "saved_mb_all": [round(x["model"] + x["loss"], 3) for x in saved.steps], "gpu_peak_mb": _gpu_peak_mb(device),
+    }
+
+
+PROBES = {"train": pipeline_steps, "bare": bare_step, "eval": metric_throughput, "memory": memory_steps}
 
 
 def main(argv: list[str]) -> None:

@@ -1,11 +1,25 @@
-"""The speed report: ratios against the targets, the verdict, and RESULTS.md."""
+"""The speed report: ratios against the targets, the verdict, and RESULTS.md; for the memory mode the ratios to the
+student-only step, the growth with the pixel count, the verdict and MEMORY.md."""
 
 from __future__ import annotations
 
 import statistics
 from pathlib import Path
 
-from .plan import CONFIGS, METRICS, OLD_BENCHMARK_MIN, PROTOCOLS, VARIANTS
+from .plan import CONFIGS, MEMORY_TERM_REFERENCE, METRICS, OLD_BENCHMARK_MIN, PROTOCOLS, VARIANTS
+
+#: Issue #40's target: the C2VKD step with the online teacher at most this many times the student-only step's peak
+#: memory (the peak resident set over the steps), at :data:`MEMORY_TARGET_SIZE`, batch 2.
+MEMORY_TARGET = 1.5
+MEMORY_TARGET_SIZE = (512, 1024)
+#: A quantity "grows faster than the pixel count" when its growth from the smallest to the largest size exceeds the
+#: pixel ratio by more than a tolerance factor and it is at least a floor (MiB) at the largest size: quantity ->
+#: (tolerance, floor). The resident-set quantities carry the allocator's noise: the peak drifts by 10 to 180 MiB from
+#: one step to the next in the same process, and one term's share moved by about 100 MiB between two sizes in the
+#: committed run, so below :data:`MEMORY_NOISE_MB` their ratio says nothing; the bytes saved for backward are exact.
+MEMORY_NOISE_MB = 128.0
+MEMORY_FLAGS = {"extra_mb": (1.15, MEMORY_NOISE_MB), "term_mb": (1.15, MEMORY_NOISE_MB),
+                "saved_mb": (1.05, 1.0), "term_saved_mb": (1.05, 1.0)}
 
 
 def summarise(training: list[dict]) -> tuple[dict, str]:
@@ -222,3 +236,213 @@ def write_report(results: dict, path: Path) -> None:
             f"online teacher feature maps ({', '.join(f['feature_names'])}): {f['feature_cosine']:.3f}.",
         ]
     path.write_text("\n".join(lines) + "\n")
+
+
+def summarise_memory(measured: list[dict], sizes: list[tuple[int, int]]) -> dict:
+    """The memory mode's numbers from its measured rows (:func:`~.probes.memory_steps`, one per row and size).
+
+    Per row and size: the peak over the steps, the extra over the built state and the process's peak, each over the
+    student-only row's at the same size (``*_over_student``), and the bytes saved for the backward pass
+    (``saved_mb``: student and loss). For each row run with a teacher other than ``teacher_ce``, what its terms add
+    to the step that already runs the teacher and CE, at the same size: ``term_mb = extra_mb - extra_mb(teacher_ce)``
+    (resident set: the terms' intermediates, the projectors' gradients and AdamW state, and the allocator's noise;
+    peaks do not add exactly, so it is an estimate) and ``term_saved_mb = saved_mb - saved_mb(teacher_ce)`` (exact);
+    for ``c2vkd_online`` all its terms and the text head together. Per row: the growth of each quantity from the
+    smallest to the largest size, against the pixel ratio; :data:`MEMORY_FLAGS` says when it counts as growing
+    faster than the pixel count. Returns ``{"table", "pixel_ratio", "faster_than_pixels", "target", "verdict"}``."""
+    by = {(r["config"], tuple(r["size"])): r for r in measured}
+    sizes = [tuple(s) for s in sizes]
+    names = list(dict.fromkeys(r["config"] for r in measured))
+    table = []
+    for size in sizes:
+        student = by.get(("student_only", size))
+        reference = by.get((MEMORY_TERM_REFERENCE, size))
+        for name in names:
+            r = by.get((name, size))
+            if r is None:
+                continue
+            row = {"config": name, "description": r["description"], "size": list(size), "terms": r.get("terms"),
+                   "rss_before_mb": r["rss_before_mb"], "train_peak_rss_mb": r["train_peak_rss_mb"],
+                   "extra_mb": r["extra_mb"], "peak_rss_mb": r["peak_rss_mb"], "saved_mb": _saved(r),
+                   "saved_loss_mb": r.get("saved_loss_mb"),
+                   "train_peak_over_student": _ratio(r["train_peak_rss_mb"], student and student["train_peak_rss_mb"]),
+                   "extra_over_student": _ratio(r["extra_mb"], student and student["extra_mb"]),
+                   "peak_over_student": _ratio(r["peak_rss_mb"], student and student["peak_rss_mb"]),
+                   "term_mb": None, "term_saved_mb": None}
+            if reference is not None and name not in ("student_only", MEMORY_TERM_REFERENCE):
+                row["term_mb"] = r["extra_mb"] - reference["extra_mb"]
+                if _saved(r) is not None and _saved(reference) is not None:
+                    row["term_saved_mb"] = _saved(r) - _saved(reference)
+            table.append(row)
+    pixel_ratio = (sizes[-1][0] * sizes[-1][1]) / (sizes[0][0] * sizes[0][1]) if len(sizes) > 1 else None
+    rows = {(t["config"], tuple(t["size"])): t for t in table}
+    faster = []
+    for name in names:
+        small, large = rows.get((name, sizes[0])), rows.get((name, sizes[-1]))
+        for key, (tolerance, floor) in MEMORY_FLAGS.items():
+            growth = None
+            if pixel_ratio and small and large and small[key] is not None and large[key] is not None \
+                    and small[key] > 0 and large[key] > 0:  # a share at or below 0 is noise: no growth
+                growth = large[key] / small[key]
+            for t in (small, large):
+                if t is not None:
+                    t[f"growth_{key[:-3]}"] = growth
+            if growth is not None and growth > pixel_ratio * tolerance and large[key] >= floor:
+                faster.append({"config": name, "quantity": key, "growth": growth,
+                               "mb_small": small[key], "mb_large": large[key]})
+    target_size = MEMORY_TARGET_SIZE if MEMORY_TARGET_SIZE in sizes else sizes[-1]
+    online = rows.get(("c2vkd_online", target_size))
+    target = None
+    if online is not None and online["train_peak_over_student"] is not None:
+        ratio = online["train_peak_over_student"]
+        student_peak = rows[("student_only", target_size)]["train_peak_rss_mb"]
+        target = {"size": list(target_size), "target": MEMORY_TARGET, "online_over_student": ratio,
+                  "met": ratio <= MEMORY_TARGET, "excess_mb": online["train_peak_rss_mb"] - MEMORY_TARGET * student_peak,
+                  "extra_over_student": online["extra_over_student"], "peak_over_student": online["peak_over_student"]}
+    verdict = _memory_verdict(target, faster, pixel_ratio)
+    return {"table": table, "pixel_ratio": pixel_ratio, "faster_than_pixels": faster, "target": target,
+            "verdict": verdict}
+
+
+def _saved(row: dict) -> float | None:
+    """The bytes a measured row saved for its backward pass (student + loss), MiB; None when not measured."""
+    if row.get("saved_model_mb") is None or row.get("saved_loss_mb") is None:
+        return None
+    return row["saved_model_mb"] + row["saved_loss_mb"]
+
+
+def _memory_verdict(target: dict | None, faster: list[dict], pixel_ratio: float | None) -> str:
+    """One paragraph: the target met or missed (and by how much), and what grows faster than the pixel count."""
+    parts = []
+    if target is not None:
+        size = "x".join(map(str, target["size"]))
+        if target["met"]:
+            parts.append(f"**Target met**: at {size}, C2VKD with the online teacher peaks at "
+                         f"{target['online_over_student']:.2f}x the student-only step (target <= {target['target']}).")
+        else:
+            parts.append(f"**Target missed**: at {size}, C2VKD with the online teacher peaks at "
+                         f"{target['online_over_student']:.2f}x the student-only step (target <= {target['target']}), "
+                         f"{target['excess_mb']:.0f} MiB above {target['target']}x.")
+    if pixel_ratio:
+        if faster:
+            parts.append(f"Growing faster than the pixel count (x{pixel_ratio:g}): " + "; ".join(
+                f"{f['config']} {f['quantity'].replace('_mb', '')} x{f['growth']:.2f} ({f['mb_small']:.0f} -> "
+                f"{f['mb_large']:.0f} MiB)" for f in faster) + ".")
+        else:
+            parts.append(f"Nothing grows faster than the pixel count (x{pixel_ratio:g}): no resident-set quantity of "
+                         f"at least {MEMORY_NOISE_MB:.0f} MiB by more than 15%, no saved-for-backward one by more "
+                         "than 5%.")
+    return " ".join(parts)
+
+
+def write_memory_report(results: dict, path: Path, *, analysis: str = "") -> None:
+    """Writes MEMORY.md for ``results`` (:func:`c2vkd_hf.speed.measure_memory`'s dict, or a saved ``memory.json``);
+    ``analysis``: hand-written findings kept under the generated part (read back from the previous MEMORY.md)."""
+    m = results["machine"]
+
+    def mb(v):
+        return "-" if v is None else f"{v:.0f}"
+
+    def r2(v):
+        return "-" if v is None else f"{v:.2f}"
+
+    def mf(v):
+        return "-" if v is None else f"{v:.1f}"
+
+    sizes = ", ".join("x".join(map(str, s)) for s in results["sizes"])
+    lines = [
+        "# Peak memory of the training step: the student alone, C2VKD with the online teacher, each term",
+        "",
+        "Generated by `scripts/speed.py --memory` (the tables; edit only the analysis below the marker). Raw "
+        "numbers: [memory.json](memory.json).",
+        "",
+        "Command:",
+        "",
+        "```bash",
+        results["command"],
+        "```",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {mb(m.get('memory_total_mb'))} MiB RAM, device "
+        f"{m.get('device', 'cpu')}, precision {m.get('precision', 'fp32')}, torch {m['torch']}, "
+        f"{m['torch_threads']} torch thread(s) (OMP_NUM_THREADS={m.get('OMP_NUM_THREADS')}). The machine is shared "
+        f"(load average {', '.join(f'{x:.1f}' for x in m['load_average_at_start'])} at the start, "
+        f"{', '.join(f'{x:.1f}' for x in results.get('load_average_at_end', []))} at the end, on {m['cores']} cores): "
+        "that slows the steps but does not change what they allocate, so the memory figures stand; the wall time "
+        f"of the run, {results['wall_time_s'] / 60:.1f} min, does not.",
+        "",
+        f"Setting: student `{results['student']}` (random init"
+        + (f", overrides {results['student_overrides']}" if results.get("student_overrides") else "")
+        + f"), teacher {results['teacher']}, the built-in synthetic scenes (6 classes, text embeddings from the "
+        f"built-in CLIP vocabulary) at {sizes}, taken whole (no rescale, no flip), batch {results['batch']}, "
+        f"{results['warmup']} warm-up + {results['steps']} steps of the real pipeline (`setup_distillation` + "
+        "`DistillationTrainer`: data, teacher online, student forward, loss, backward, clipping, AdamW); each "
+        "configuration at each size in its own fresh subprocess.",
+        "",
+        "Measured in each subprocess (`c2vkd_hf/speed/probes.py::memory_steps`): **before** = the resident set "
+        "(`VmRSS`) with data, models and loss module built, right before the first step, after reading every weight "
+        "once (the teacher's safetensors are memory-mapped: their pages are resident only once read), `gc.collect()` "
+        "and `malloc_trim(0)`; **peak** = the peak resident set over the steps (`VmHWM`, reset to the resident set "
+        "through `/proc/self/clear_refs` right before the first step); **extra** = peak - before (activations, "
+        "gradients, AdamW state, the loss's intermediates, allocator slack); **process peak** = `ru_maxrss` over "
+        "the whole subprocess (set-up included); **saved for backward** = the bytes autograd keeps for the backward "
+        "pass of a step (`saved_tensors_hooks`, each storage once, the trained parameters left out; in brackets the "
+        "loss module's share): exact, where the resident set carries the allocator's noise. Ratios are to the "
+        "student-only row at the same size.",
+        "",
+        "| configuration | size | before MiB | peak MiB | extra MiB | process peak MiB | peak / (a) | extra / (a) | "
+        "process peak / (a) | saved for backward MiB (loss's) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for t in results["table"]:
+        lines.append(f"| {t['description']} | {'x'.join(map(str, t['size']))} | {mb(t['rss_before_mb'])} | "
+                     f"{mb(t['train_peak_rss_mb'])} | {mb(t['extra_mb'])} | {mb(t['peak_rss_mb'])} | "
+                     f"{r2(t['train_peak_over_student'])} | {r2(t['extra_over_student'])} | "
+                     f"{r2(t['peak_over_student'])} | {mb(t.get('saved_mb'))} ({mb(t.get('saved_loss_mb'))}) |")
+    size_list = [tuple(x) for x in results["sizes"]]
+    if len(size_list) > 1:
+        first, last = ("x".join(map(str, x)) for x in (size_list[0], size_list[-1]))
+        by = {(t["config"], tuple(t["size"])): t for t in results["table"]}
+        names = list(dict.fromkeys(t["config"] for t in results["table"]))
+        lines += [
+            "",
+            f"Growth from {first} to {last} (pixel ratio x{results['pixel_ratio']:g}), and each row's terms: **term** "
+            f"= extra - extra of `{MEMORY_TERM_REFERENCE}` (resident set, noisy), **term saved** = saved for backward "
+            f"- saved of `{MEMORY_TERM_REFERENCE}` (exact), at each size:",
+            "",
+            f"| configuration | growth of extra | growth of saved | term MiB {first} | term MiB {last} | growth of term | "
+            f"term saved MiB {first} | term saved MiB {last} | growth of term saved |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name in names:
+            a, b = by.get((name, size_list[0])), by.get((name, size_list[-1]))
+            if a is None or b is None:
+                continue
+            lines.append(f"| {name} | {r2(b.get('growth_extra'))} | {r2(b.get('growth_saved'))} | {mb(a['term_mb'])} | "
+                         f"{mb(b['term_mb'])} | {r2(b.get('growth_term'))} | {mf(a.get('term_saved_mb'))} | "
+                         f"{mf(b.get('term_saved_mb'))} | {r2(b.get('growth_term_saved'))} |")
+    lines += ["", results["verdict"], ""]
+    lines += ["Terms each row computes (reported by its loss module): " + "; ".join(
+        f"{name} {', '.join(r['terms'] or [])}{' + text head' if r.get('text_head') else ''}"
+        for name, r in {r["config"]: r for r in results["measured"]}.items()) + ".", ""]
+    lines += ["Peak resident set after each step (MiB; warm-up first), and the step times (s, on the shared CPU):", "",
+              "| configuration | size | after each step | step s |", "|---|---|---|---|"]
+    for r in results["measured"]:
+        lines.append(f"| {r['config']} | {'x'.join(map(str, r['size']))} | "
+                     f"{', '.join(mb(x) for x in r['hwm_after_step_mb'])} | "
+                     f"{', '.join(f'{x:.1f}' for x in r['step_s_all'])} |")
+    lines += ["", MEMORY_ANALYSIS_MARKER, ""]
+    if analysis:
+        lines.append(analysis.strip())
+    path.write_text("\n".join(lines) + "\n")
+
+
+#: The line of MEMORY.md under which the hand-written analysis lives (kept when the tables are regenerated).
+MEMORY_ANALYSIS_MARKER = "<!-- analysis: written by hand, kept by scripts/speed.py --memory -->"
+
+
+def memory_analysis(path: Path) -> str:
+    """The hand-written analysis of an existing MEMORY.md (what follows :data:`MEMORY_ANALYSIS_MARKER`), or ''."""
+    if not path.is_file():
+        return ""
+    text = path.read_text()
+    return text.split(MEMORY_ANALYSIS_MARKER, 1)[1].strip() if MEMORY_ANALYSIS_MARKER in text else ""

@@ -1,5 +1,5 @@
 """Runs the measurements: each probe in a fresh subprocess, rounds pooled, whole benchmark runs, the teacher cache
-they need; :func:`measure` puts it all into one results dict."""
+they need; :func:`measure` puts it all into one results dict, :func:`measure_memory` the memory mode's."""
 
 from __future__ import annotations
 
@@ -13,18 +13,20 @@ import tempfile
 import time
 from pathlib import Path
 
-from .plan import BENCHMARK_RUNS, CONFIGS, METRICS, PROTOCOLS, VARIANTS, device_name, machine, train_config, workers_for
+from .plan import (BENCHMARK_RUNS, CONFIGS, METRICS, PROTOCOLS, VARIANTS, device_name, machine, memory_rows,
+                   parse_sizes, train_config, workers_for)
 from .probes import load_average
-from .report import summarise
+from .report import summarise, summarise_memory
 
 
 def run_probe(args, kind: str, name: str) -> dict:
-    """One probe (``kind``: ``bare``, ``train`` or ``eval``) for row ``name`` in a fresh Python process, so that no
+    """One probe (``kind``: ``bare``, ``train``, ``eval`` or ``memory``) for row ``name`` in a fresh Python process, so that no
     configuration inherits another's allocations, threads or caches; its result plus the subprocess wall time."""
     with tempfile.TemporaryDirectory() as tmp:
         options, out = Path(tmp) / "args.json", Path(tmp) / "result.json"
         options.write_text(json.dumps(vars(args)))
-        print(f"[speed] {kind} {name} ...", flush=True)
+        size = getattr(args, "memory_size", None)
+        print(f"[speed] {kind} {name}{' at %dx%d' % tuple(size) if size else ''} ...", flush=True)
         start = time.time()
         proc = subprocess.run([sys.executable, "-m", "c2vkd_hf.speed.probes", str(options), kind, name, str(out)],
                               capture_output=True, text=True)
@@ -175,3 +177,48 @@ def measure(args, command: str) -> dict:
             "eval_streaming_peak_rss_mb": evaluation[0]["peak_rss_mb"],
             "eval_keep_all_peak_rss_mb": evaluation[1]["peak_rss_mb"]})
     return results
+
+
+def ensure_memory_teacher(args) -> None:
+    """Builds the memory mode's teacher when ``args.memory_teacher`` is not a folder yet: a DeepLabV3+ on the timm
+    backbone ``args.memory_teacher_backbone`` (random init, nothing downloaded) for the synthetic scenes' classes,
+    saved there (outside the measured subprocesses)."""
+    from ..data.synthetic import SYNTHETIC_CLASSES
+    from ..models import build_teacher
+
+    folder = Path(args.memory_teacher)
+    if (folder / "config.json").is_file():
+        return
+    print(f"[speed] building the teacher DeepLabV3+ {args.memory_teacher_backbone} (random init) in {folder} ...",
+          flush=True)
+    import torch
+
+    torch.manual_seed(0)
+    teacher = build_teacher("deeplabv3plus", args.memory_teacher_backbone, id2label=dict(enumerate(SYNTHETIC_CLASSES)))
+    teacher.save_pretrained(folder)
+
+
+def measure_memory(args, command: str) -> dict:
+    """The memory mode (``scripts/speed.py --memory``): every row of :func:`~.plan.memory_rows` at every size of
+    ``args.memory_sizes``, each in its own fresh subprocess (:func:`~.probes.memory_steps`), then the ratios to the
+    student-only row at the same size and the growth between the sizes (:func:`~.report.summarise_memory`).
+    ``command`` is recorded as the command that reproduces it."""
+    from types import SimpleNamespace
+
+    start = time.time()
+    info = machine(args)
+    rows = memory_rows(args)
+    sizes = parse_sizes(args.memory_sizes)
+    if any(name != "student_only" for name in rows):
+        ensure_memory_teacher(args)
+    measured = []
+    for size in sizes:
+        sized = SimpleNamespace(**{**vars(args), "memory_size": list(size)})
+        measured += [run_probe(sized, "memory", name) for name in rows]
+    summary = summarise_memory(measured, sizes)
+    return {"command": command, "machine": info, "student": args.memory_student,
+            "student_overrides": args.memory_student_overrides, "teacher": f"DeepLabV3+ "
+            f"{args.memory_teacher_backbone} (random init)", "teacher_folder": args.memory_teacher, "sizes": [list(s) for s in sizes],
+            "batch": args.memory_batch, "warmup": args.warmup, "steps": args.steps,
+            "rows": {name: description for name, (description, _) in rows.items()}, "measured": measured,
+            **summary, "load_average_at_end": load_average(), "wall_time_s": round(time.time() - start, 1)}
