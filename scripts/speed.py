@@ -86,15 +86,20 @@ def main(argv=None) -> dict:
         results = json.loads((out_dir / "results.json").read_text())
         results["ratios"], results["verdict"] = speed.summarise(results["training"])
     else:
-        threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if os.environ.get("OMP_NUM_THREADS") else ""
-        command = threads + "python scripts/speed.py" + "".join(
-            f" {shlex.quote(a)}" for a in (argv if argv is not None else sys.argv[1:]))
+        command = command_line(argv)
         results = speed.measure(args, command)
         out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     speed.write_report(results, out_dir / "RESULTS.md")
     print(f"[speed] wrote {out_dir / 'results.json'} and RESULTS.md")
     return results
+
+
+def command_line(argv) -> str:
+    """The command that reproduces this run (with its ``OMP_NUM_THREADS``), as recorded beside the figures."""
+    threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if os.environ.get("OMP_NUM_THREADS") else ""
+    return threads + "python scripts/speed.py" + "".join(
+        f" {shlex.quote(a)}" for a in (argv if argv is not None else sys.argv[1:]))
 
 
 def memory_main(args, argv, out_dir: Path, parser) -> dict:
@@ -114,9 +119,7 @@ def memory_main(args, argv, out_dir: Path, parser) -> dict:
         results = json.loads((out_dir / "memory.json").read_text())
         results.update(speed.summarise_memory(results["measured"], results["sizes"]))
     else:
-        threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if os.environ.get("OMP_NUM_THREADS") else ""
-        command = threads + "python scripts/speed.py" + "".join(
-            f" {shlex.quote(a)}" for a in (argv if argv is not None else sys.argv[1:]))
+        command = command_line(argv)
         results = speed.measure_memory(args, command)
         out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "memory.json").write_text(json.dumps(results, indent=2))

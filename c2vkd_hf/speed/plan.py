@@ -182,12 +182,18 @@ def machine(args) -> dict:
             "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
 
 
-def _memory_total_mb() -> Optional[float]:
-    """The machine's RAM (``MemTotal``), in MiB; None where ``/proc/meminfo`` is unreadable."""
+def proc_mb(path: str, key: str) -> Optional[float]:
+    """The ``key:`` line of a ``/proc`` file given in kB (``MemTotal`` of ``/proc/meminfo``, ``VmRSS`` or ``VmHWM``
+    of ``/proc/self/status``), in MiB; None where the file is unreadable or has no such line."""
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(f"{key}:"):
                 return int(line.split()[1]) / 1024.0
     except OSError:
         pass
     return None
+
+
+def _memory_total_mb() -> Optional[float]:
+    """The machine's RAM (``MemTotal``), in MiB; None where ``/proc/meminfo`` is unreadable."""
+    return proc_mb("/proc/meminfo", "MemTotal")

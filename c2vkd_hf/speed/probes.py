@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from .plan import (CONFIGS, MEMORY_PEERS, MEMORY_ROWS, METRICS, PROTOCOLS, VARIANTS, device_name, memory_config,
+from .plan import (CONFIGS, proc_mb, MEMORY_PEERS, MEMORY_ROWS, METRICS, PROTOCOLS, VARIANTS, device_name, memory_config,
                    train_config)
 
 
@@ -32,24 +32,12 @@ def _sync(device: str) -> None:
 
 def _vm_hwm_mb() -> float | None:
     """The process's peak resident set since the last :func:`_reset_hwm` (Linux ``VmHWM``), in MiB."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return None
+    return proc_mb("/proc/self/status", "VmHWM")
 
 
 def _vm_rss_mb() -> float | None:
     """The process's resident set now (Linux ``VmRSS``), in MiB."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return None
+    return proc_mb("/proc/self/status", "VmRSS")
 
 
 def _release_free_memory() -> None:

@@ -22,6 +22,11 @@ MEMORY_FLAGS = {"extra_mb": (1.15, MEMORY_NOISE_MB), "term_mb": (1.15, MEMORY_NO
                 "saved_mb": (1.05, 1.0), "term_saved_mb": (1.05, 1.0)}
 
 
+def _fmt(value, spec: str) -> str:
+    """``value`` formatted with ``spec``, or ``-`` for a missing figure."""
+    return "-" if value is None else format(value, spec)
+
+
 def summarise(training: list[dict]) -> tuple[dict, str]:
     """The ratios and the verdict. Step-time ratios are paired within a round (the configurations of one
     round ran back to back under similar load) and the median over rounds is reported; memory ratios
@@ -84,13 +89,13 @@ def write_report(results: dict, path: Path) -> None:
     protocol = PROTOCOLS[m.get("protocol", "camvid")]
 
     def mb(v):
-        return "-" if v is None else f"{v:.0f}"
+        return _fmt(v, ".0f")
 
     def s(v):
-        return "-" if v is None else f"{v:.3f}"
+        return _fmt(v, ".3f")
 
     def r2(v):
-        return "-" if v is None else f"{v:.2f}"
+        return _fmt(v, ".2f")
 
     def load(v):
         return "-" if not v else "/".join(f"{x:.1f}" for x in v)
@@ -341,13 +346,13 @@ def write_memory_report(results: dict, path: Path, *, analysis: str = "") -> Non
     m = results["machine"]
 
     def mb(v):
-        return "-" if v is None else f"{v:.0f}"
+        return _fmt(v, ".0f")
 
     def r2(v):
-        return "-" if v is None else f"{v:.2f}"
+        return _fmt(v, ".2f")
 
     def mf(v):
-        return "-" if v is None else f"{v:.1f}"
+        return _fmt(v, ".1f")
 
     sizes = ", ".join("x".join(map(str, s)) for s in results["sizes"])
     lines = [
