@@ -523,7 +523,9 @@ def test_a_second_run_into_the_same_output_dir_is_refused_or_waits(tmp_path):
     from c2vkd_hf.locks import lock_folder
 
     out = tmp_path / "shared"
-    run = TINY_DATA + QUICK + ["--method", "none", "--max_steps", "400", "--save_steps", "1000",
+    # the first run must still be training when it is killed: a run that reaches max_steps saves a final checkpoint
+    # (of another configuration than the third run's), so it is given far more steps than it can make in the test
+    run = TINY_DATA + QUICK + ["--method", "none", "--max_steps", "1000000", "--save_steps", "10000000",
                                "--train_baseline", "false"]
     log_path = tmp_path / "first.log"
     with log_path.open("w") as log:
