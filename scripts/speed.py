@@ -5,6 +5,7 @@
     python scripts/speed.py --benchmark_steps 0   # step times only, no whole benchmark runs
     python scripts/speed.py --report_only         # only rewrite RESULTS.md from results.json
     OMP_NUM_THREADS=1 python scripts/speed.py --memory --threads 1   # peak memory: memory.json, MEMORY.md
+    OMP_NUM_THREADS=1 python scripts/speed.py --peers --threads 1    # beside torchdistill: peers.json, PEERS.md
 """
 
 from __future__ import annotations
@@ -66,6 +67,12 @@ def main(argv=None) -> dict:
                         help="teacher folder, built when missing: DeepLabV3+ on --memory_teacher_backbone, random "
                         "init (default outputs/speed-memory/deeplabv3plus-BACKBONE)")
     memory.add_argument("--memory_teacher_backbone", default="resnet101", help="timm backbone of the built teacher")
+    peers = parser.add_argument_group("peer mode")
+    peers.add_argument("--peers", action="store_true", help="Time our loop beside torchdistill's (KD) and the "
+                       "transformers example's (student alone) instead, and check the KD loss of one batch against "
+                       "torchdistill's (peers.json, PEERS.md in --out_dir; needs `pip install torchdistill`).")
+    peers.add_argument("--kd_cache", default=str(ROOT / "outputs" / "teacher-cache" / "camvid-120x160-kd"),
+                       help="the teacher cache of the KD row replaying it (built when missing)")
     args = parser.parse_args(argv)
     defaults = {"steps": 2, "warmup": 1} if args.memory else {"steps": 20, "warmup": 3}
     for flag, value in defaults.items():
@@ -82,6 +89,8 @@ def main(argv=None) -> dict:
     out_dir = Path(args.out_dir)
     if args.memory:
         return memory_main(args, argv, out_dir, parser)
+    if args.peers:
+        return peers_main(args, argv, out_dir)
     if args.report_only:
         results = json.loads((out_dir / "results.json").read_text())
         results["ratios"], results["verdict"] = speed.summarise(results["training"])
@@ -100,6 +109,21 @@ def command_line(argv) -> str:
     threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if os.environ.get("OMP_NUM_THREADS") else ""
     return threads + "python scripts/speed.py" + "".join(
         f" {shlex.quote(a)}" for a in (argv if argv is not None else sys.argv[1:]))
+
+
+def peers_main(args, argv, out_dir: Path) -> dict:
+    """``--peers``: measures (or with ``--report_only`` re-reads) peers.json and writes PEERS.md."""
+    from c2vkd_hf.speed import peers
+
+    if args.report_only:
+        results = json.loads((out_dir / "peers.json").read_text())
+    else:
+        results = peers.measure_peers(args, command_line(argv))
+        out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "peers.json").write_text(json.dumps(results, indent=2))
+    peers.write_peer_report(results, out_dir / "PEERS.md")
+    print(f"[speed] wrote {out_dir / 'peers.json'} and PEERS.md")
+    return results
 
 
 def memory_main(args, argv, out_dir: Path, parser) -> dict:

@@ -61,9 +61,14 @@ with everything built, the peak over the steps (``VmHWM`` after a reset), their 
 and its growth from the smallest to the largest size against the pixel ratio (:func:`.probes.memory_steps`,
 :func:`.report.summarise_memory`).
 
+**Peer mode** (``--peers``; writes ``peers.json`` and ``PEERS.md``): our loop beside torchdistill's (the same KD
+configuration in its ``DistillationBox``) and beside the transformers semantic-segmentation example's recipe (the
+student alone), and the KD loss of one fixed batch in both frameworks (:mod:`.peers`).
+
 Modules: :mod:`.plan` (the rows, protocols, device and each row's training configuration), :mod:`.probes` (the
 timed measurements, each in a fresh subprocess), :mod:`.runner` (rounds, whole benchmark runs, the teacher cache;
-:func:`measure`), :mod:`.report` (ratios, verdict, RESULTS.md). ``scripts/speed.py`` is the command.
+:func:`measure`), :mod:`.report` (ratios, verdict, RESULTS.md), :mod:`.peers` (the peer mode: its rows, probes,
+measurement and PEERS.md). ``scripts/speed.py`` is the command.
 """
 
 from .plan import (BENCHMARK_RUNS, CONFIGS, MEMORY_BATCH, MEMORY_PEERS, MEMORY_ROWS, MEMORY_SIZES, METRICS,

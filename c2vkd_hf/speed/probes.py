@@ -22,7 +22,7 @@ from .plan import (CONFIGS, proc_mb, MEMORY_PEERS, MEMORY_ROWS, METRICS, PROTOCO
                    train_config)
 
 
-def _sync(device: str) -> None:
+def sync(device: str) -> None:
     """Waits for queued CUDA work, so a timestamp taken next covers it."""
     if device == "cuda":
         import torch
@@ -30,17 +30,17 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _vm_hwm_mb() -> float | None:
-    """The process's peak resident set since the last :func:`_reset_hwm` (Linux ``VmHWM``), in MiB."""
+def vm_hwm_mb() -> float | None:
+    """The process's peak resident set since the last :func:`reset_hwm` (Linux ``VmHWM``), in MiB."""
     return proc_mb("/proc/self/status", "VmHWM")
 
 
-def _vm_rss_mb() -> float | None:
+def vm_rss_mb() -> float | None:
     """The process's resident set now (Linux ``VmRSS``), in MiB."""
     return proc_mb("/proc/self/status", "VmRSS")
 
 
-def _release_free_memory() -> None:
+def release_free_memory() -> None:
     """Collects garbage and hands the C heap's free pages back to the system (glibc ``malloc_trim(0)``, where
     there is one), so that the resident set read next holds live data, not what set-up allocated and freed."""
     gc.collect()
@@ -50,7 +50,7 @@ def _release_free_memory() -> None:
         pass
 
 
-def _touch_weights(*modules) -> None:
+def touch_weights(*modules) -> None:
     """Reads every parameter and buffer of ``modules`` once. Weights loaded from safetensors are memory-mapped
     from the file, and their pages enter the resident set only when first read (the teacher's at its first
     forward): read here, they count in the built state, not in what the first step adds."""
@@ -115,7 +115,7 @@ class SavedForBackward:
         return wrapper
 
 
-def _reset_hwm() -> bool:
+def reset_hwm() -> bool:
     """Resets ``VmHWM`` to the current resident set (``/proc/self/clear_refs``); False where that is refused."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
@@ -182,7 +182,7 @@ def bare_step(args, name: str) -> dict:
 
     def step(variant: str) -> float:
         model, optimizer = state[variant]
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         with autocast:
             logits = model(pixel_values=pixels).logits
@@ -192,7 +192,7 @@ def bare_step(args, name: str) -> dict:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        _sync(device)
+        sync(device)
         return time.perf_counter() - start
 
     for _ in range(args.warmup):
@@ -244,11 +244,11 @@ def pipeline_steps(args, name: str) -> dict:
             self.load: list[list[float]] = []
 
         def on_train_begin(self, *a, **k):
-            _sync(device)
+            sync(device)
             self.ends.append(time.perf_counter())
 
         def on_step_end(self, *a, **k):
-            _sync(device)
+            sync(device)
             self.ends.append(time.perf_counter())
             if len(self.ends) - 1 == args.warmup:
                 self.load.append(load_average())
@@ -260,10 +260,10 @@ def pipeline_steps(args, name: str) -> dict:
 
         def timed(fn, key):
             def wrapper(*a, **k):
-                _sync(device)
+                sync(device)
                 start = time.perf_counter()
                 result = fn(*a, **k)
-                _sync(device)
+                sync(device)
                 spent[key].append(time.perf_counter() - start)
                 return result
             return wrapper
@@ -273,19 +273,19 @@ def pipeline_steps(args, name: str) -> dict:
         loss_module = trainer.model.distill_loss
         loss_module.forward = timed(loss_module.forward, "loss_forward")
         setup_peak = _peak_rss_mb()
-        reset = _reset_hwm()
+        reset = reset_hwm()
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         trainer.train()
         load_end = load_average()
-        train_peak = _vm_hwm_mb() if reset else None
+        train_peak = vm_hwm_mb() if reset else None
         gpu_peak = _gpu_peak_mb(device)
         eval_s = None
         if name == "student_only":  # one whole evaluation, as the benchmark runs it
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             trainer.evaluate()
-            _sync(device)
+            sync(device)
             eval_s = time.perf_counter() - start
         decoded = type(trainer.train_dataset).__name__ == "DecodedDataset"
         decoded_mb = None
@@ -388,7 +388,7 @@ def memory_steps(args, name: str) -> dict:
     Memory, in MiB, read from ``/proc/self/status`` and ``getrusage``:
 
     * ``rss_before_mb``: the resident set with everything built, right before the first step, after
-      :func:`_touch_weights` (memory-mapped weights paged in) and :func:`_release_free_memory` (so it counts live
+      :func:`touch_weights` (memory-mapped weights paged in) and :func:`release_free_memory` (so it counts live
       data, not set-up's freed heap);
     * ``train_peak_rss_mb``: the peak resident set over the steps (``VmHWM``, reset to the resident set through
       ``/proc/self/clear_refs`` right before the first step; ``ru_maxrss`` where that is refused); after each step
@@ -416,13 +416,13 @@ def memory_steps(args, name: str) -> dict:
             self.ends: list[float] = []
 
         def on_train_begin(self, *a, **k):
-            _sync(device)
+            sync(device)
             self.ends.append(time.perf_counter())
 
         def on_step_end(self, args_, state, control, **k):
-            _sync(device)
+            sync(device)
             self.ends.append(time.perf_counter())
-            self.hwm.append(_vm_hwm_mb())
+            self.hwm.append(vm_hwm_mb())
             if state.global_step >= total:
                 control.should_training_stop = True
 
@@ -434,18 +434,18 @@ def memory_steps(args, name: str) -> dict:
         saved = SavedForBackward(trainer.model.parameters())
         trainer.model.forward = saved.around(trainer.model.forward)
         trainer.model.distill_loss.forward = saved.wrap(trainer.model.distill_loss.forward)
-        _touch_weights(trainer.model, getattr(trainer.teacher_source, "model", None))
-        _release_free_memory()
+        touch_weights(trainer.model, getattr(trainer.teacher_source, "model", None))
+        release_free_memory()
         setup_peak = _peak_rss_mb()
-        before = _vm_rss_mb()
-        reset = _reset_hwm()
+        before = vm_rss_mb()
+        reset = reset_hwm()
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         load_start = load_average()
         trainer.train()
         load_end = load_average()
         done = trainer.state.global_step
-        train_peak = _vm_hwm_mb() if reset else None
+        train_peak = vm_hwm_mb() if reset else None
         peak = _peak_rss_mb()
     if train_peak is None or before is None:  # no /proc: the process's peak against the set-up peak
         train_peak, before = peak, setup_peak

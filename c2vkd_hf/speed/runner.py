@@ -19,16 +19,17 @@ from .probes import load_average
 from .report import summarise, summarise_memory
 
 
-def run_probe(args, kind: str, name: str) -> dict:
-    """One probe (``kind``: ``bare``, ``train``, ``eval`` or ``memory``) for row ``name`` in a fresh Python process, so that no
-    configuration inherits another's allocations, threads or caches; its result plus the subprocess wall time."""
+def run_probe(args, kind: str, name: str, module: str = "c2vkd_hf.speed.probes") -> dict:
+    """One probe (``kind``: ``bare``, ``train``, ``eval`` or ``memory``; of ``module``: ``peer`` and ``peer_loss`` of
+    :mod:`.peers`) for row ``name`` in a fresh Python process, so that no configuration inherits another's
+    allocations, threads or caches; its result plus the subprocess wall time."""
     with tempfile.TemporaryDirectory() as tmp:
         options, out = Path(tmp) / "args.json", Path(tmp) / "result.json"
         options.write_text(json.dumps(vars(args)))
         size = getattr(args, "memory_size", None)
         print(f"[speed] {kind} {name}{' at %dx%d' % tuple(size) if size else ''} ...", flush=True)
         start = time.time()
-        proc = subprocess.run([sys.executable, "-m", "c2vkd_hf.speed.probes", str(options), kind, name, str(out)],
+        proc = subprocess.run([sys.executable, "-m", module, str(options), kind, name, str(out)],
                               capture_output=True, text=True)
         if proc.returncode != 0:
             sys.stderr.write(proc.stderr[-4000:])
