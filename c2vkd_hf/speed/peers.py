@@ -304,8 +304,8 @@ def write_peer_report(results: dict, path: Path) -> None:
         f"    {results['command']}", "",
         f"{m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch thread(s), {m['device']}, {m['precision']}; "
         f"torch {m['torch']}, transformers {results['versions']['transformers']}, torchdistill "
-        f"{results['versions']['torchdistill']}. Load average at the start {m['load_average_at_start']}, at the end "
-        f"{results['load_average_at_end']}. CamVid 120x160 crops, batch 8, SegFormer-B0 (random init), the UperNet + "
+        f"{results['versions']['torchdistill']}. Load average at the start {[round(x, 2) for x in m['load_average_at_start']]}, at "
+        f"the end {results['load_average_at_end']}. CamVid 120x160 crops, batch 8, SegFormer-B0 (random init), the UperNet + "
         f"EfficientNet-Lite0 teacher; {results['rounds']} round(s) of {results['warmup']} warm-up + {results['steps']} "
         "timed steps per row, each row in its own fresh process, the rows in turn.", "",
         "## The loss on one fixed batch", "",
