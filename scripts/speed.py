@@ -117,6 +117,7 @@ def peers_main(args, argv, out_dir: Path) -> dict:
 
     if args.report_only:
         results = json.loads((out_dir / "peers.json").read_text())
+        results["ratios"] = peers.summarise_peers(results["rows"])
     else:
         results = peers.measure_peers(args, command_line(argv))
         out_dir.mkdir(parents=True, exist_ok=True)

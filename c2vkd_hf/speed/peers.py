@@ -258,12 +258,18 @@ def pool(results: list[dict]) -> dict:
 
 
 def summarise_peers(rows: dict) -> dict:
-    """``{"ours_kd_online/torchdistill_kd": {"step": ratio, "train_peak": ratio, "extra": ratio}, ...}`` for
-    :data:`PEER_PAIRS` (None where a figure is missing)."""
+    """``{"ours_kd_online/torchdistill_kd": {"step": ratio, "step_per_round": [...], "train_peak": ratio,
+    "extra": ratio}, ...}`` for :data:`PEER_PAIRS` (None where a figure is missing): ``step`` is the median of the
+    per-round ratios of the rows' median step times (each round ran under its own load)."""
     def ratio(a, b):
         return None if a is None or not b else a / b
 
-    return {f"{a}/{b}": {"step": ratio(rows[a]["step_s_median"], rows[b]["step_s_median"]),
+    def per_round(a, b):
+        return [ratio(x, y) for x, y in zip(a.get("round_medians_s", [a["step_s_median"]]),
+                                            b.get("round_medians_s", [b["step_s_median"]]))]
+
+    return {f"{a}/{b}": {"step": statistics.median(per_round(rows[a], rows[b])),
+                         "step_per_round": per_round(rows[a], rows[b]),
                          "train_peak": ratio(rows[a]["train_peak_rss_mb"], rows[b]["train_peak_rss_mb"]),
                          "extra": ratio(rows[a]["extra_mb"], rows[b]["extra_mb"])}
             for a, b in PEER_PAIRS if a in rows and b in rows}
@@ -320,9 +326,11 @@ def write_peer_report(results: dict, path: Path) -> None:
     for name, row in rows.items():
         lines.append(f"| `{name}` | {row['description']} | {_fmt(row['step_s_median'], '.3f')} | "
                      f"{_fmt(row['train_peak_rss_mb'], '.0f')} | {_fmt(row['extra_mb'], '.0f')} |")
-    lines += ["", "| ratio | step time | train peak RSS | memory over the built state |", "|---|---|---|---|"]
+    lines += ["", "| ratio | step time (median of the rounds' ratios; per round) | train peak RSS | memory over the "
+              "built state |", "|---|---|---|---|"]
     for pair, ratio in results["ratios"].items():
-        lines.append(f"| `{pair}` | {_fmt(ratio['step'], '.2f')}x | {_fmt(ratio['train_peak'], '.2f')}x | "
+        rounds = ", ".join(_fmt(r, ".2f") for r in ratio["step_per_round"])
+        lines.append(f"| `{pair}` | {_fmt(ratio['step'], '.2f')}x ({rounds}) | {_fmt(ratio['train_peak'], '.2f')}x | "
                      f"{_fmt(ratio['extra'], '.2f')}x |")
     lines += [
         "", "## What differs between the loops", "",
