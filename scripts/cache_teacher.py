@@ -6,9 +6,9 @@
     torchrun --nproc_per_node 2 scripts/cache_teacher.py config.json  # each process builds its share
 
 Takes the same flags (or config file) as ``scripts/distill.py``: the teacher, the data, the resize,
-the method, ``--feature_pairs`` and, with ``--stage_weight`` or ``--exit_weight``, ``--stage_pairs`` decide what
-is stored (logits; plus, for C2VKD, the teacher feature maps of the feature and stage pairs, resolved as
-``distill.py`` resolves them); training flags are ignored. ``--teacher_cache_top_k K`` stores only the K
+the method, ``--feature_pairs`` and, with ``--stage_weight``, ``--stage_pairs`` decide what is stored (logits;
+plus, for C2VKD, the teacher feature maps of the feature pairs and, with stage guidance, of the stage pairs, resolved
+as ``distill.py`` resolves them; the stage exits read only the student's stages); training flags are ignored. ``--teacher_cache_top_k K`` stores only the K
 largest logits per pixel. An interrupted build resumes where it stopped; a folder holding a cache for
 another teacher, dataset or preprocessing is refused unless ``--overwrite``. Before the teacher runs, the
 cache's size on disk is logged in one line, and a cache that would not fit in the free space of the folder's
@@ -32,7 +32,7 @@ from c2vkd_hf.data import load_segmentation_data
 from c2vkd_hf.models import image_mean_std, load_student, load_teacher
 from c2vkd_hf.jobs import (UserInputError, config_file_arguments, check_class_agreement, run_script,
                            student_config_overrides, user_errors, validate_distillation_args)
-from c2vkd_hf.jobs.setup import c2vkd_feature_pairs, keep_ratio, teacher_reference_size
+from c2vkd_hf.jobs.setup import c2vkd_feature_pairs, keep_ratio, teacher_maps_read, teacher_reference_size
 from c2vkd_hf.validation import check_output_dir, check_ranges, parse_script_arguments
 
 logger = logging.getLogger("c2vkd_hf")
@@ -73,14 +73,14 @@ def _foreign_flags(argv: list[str], known: set[str]) -> list[str]:
 
 def teacher_feature_names(dist_args: DistillationArguments, teacher) -> list[str]:
     """The teacher feature maps the method reads, as ``distill.py`` resolves them for the same flags
-    (:func:`~c2vkd_hf.jobs.setup.c2vkd_feature_pairs`: C2VKD's feature pairs and, with stage guidance or exits,
-    its stage pairs); none for the logit methods."""
+    (:func:`~c2vkd_hf.jobs.setup.teacher_maps_read`: C2VKD's feature pairs and, with stage guidance, its stage
+    pairs); none for the logit methods."""
     if dist_args.method != "c2vkd":
         return []
     student = load_student(dist_args.student_name_or_path, {i: str(i) for i in range(teacher.config.num_labels)},
                            config_overrides=student_config_overrides(dist_args))
     pairs, stage_pairs = c2vkd_feature_pairs(dist_args, student, teacher)
-    return [t for _, t in pairs + stage_pairs]
+    return teacher_maps_read(pairs, stage_pairs, dist_args.stage_weight)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -331,11 +331,13 @@ def test_long_runs_replay_a_cache_keyed_by_the_maps_they_read(tmp_path):
     assert cached and cached == benchmark.teacher_cache_dir(args, "val", "c2vkd", [])  # a loss flag: the same cache
     assert cached != benchmark.teacher_cache_dir(args, "val", "c2vkd", ["--teacher_input_scale", "1.5"])
     assert benchmark.teacher_cache_dir(args, "val", "none", []) is None
-    # the stage maps are stored only while stage guidance or exits read them, with the pairs in force
-    no_stages = benchmark.teacher_cache_dir(args, "val", "c2vkd", ["--exit_weight", "0"])
-    assert no_stages != cached
-    assert no_stages == benchmark.teacher_cache_dir(args, "val", "c2vkd", ["--exit_weight=0", "--stage_pairs", "x:y"])
-    assert cached != benchmark.teacher_cache_dir(args, "val", "c2vkd", ["--stage_pairs", "stage4:stage4"])
+    # the teacher's stage maps are stored only while stage guidance reads them (the default's exits read the
+    # student's stages alone), with the pairs in force
+    assert cached == benchmark.teacher_cache_dir(args, "val", "c2vkd", ["--exit_weight", "0"])
+    assert cached == benchmark.teacher_cache_dir(args, "val", "c2vkd", ["--stage_pairs", "stage4:stage4"])
+    staged = benchmark.teacher_cache_dir(args, "val", "c2vkd", ["--stage_weight", "0.5"])
+    assert staged != cached
+    assert staged != benchmark.teacher_cache_dir(args, "val", "c2vkd", ["--stage_weight=0.5", "--stage_pairs", "x:y"])
 
 
 def test_a_run_trains_through_the_distill_command_and_lands_in_its_record(tmp_path):

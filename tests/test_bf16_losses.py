@@ -310,8 +310,9 @@ def _module_loss(scene: Scene, module: nn.Module, projector: nn.Conv2d | None):
         kwargs = {}
         features = None, None
         if getattr(module, "uses_features", False):
+            teacher_stages = ([out["teacher_stage"], out["teacher_feature"]] if module.reads_teacher_stages else [])
             features = ([out["student_feature"], out["student_stage"], out["student_feature"]],
-                        [out["teacher_feature"], out["teacher_stage"], out["teacher_feature"]])
+                        [out["teacher_feature"], *teacher_stages])
         if projector is not None:
             kwargs["student_text_logits"] = project_pixel_text_logits(out["student_feature"], projector,
                                                                       scene.text_embeddings, tau=module.ling_tau)

@@ -475,9 +475,9 @@ def test_c2vkd_feature_errors():
     loss = c2vkd_loss(student_channels=[6], teacher_channels=[7])
     with pytest.raises(ValueError, match="needs student_features"):
         loss(s, t, y)
-    with pytest.raises(ValueError, match="expected 1 feature pair"):
+    with pytest.raises(ValueError, match="expected 1 student and 1 teacher feature"):
         loss(s, t, y, fs, ft)
-    with pytest.raises(ValueError, match="feature pair 0"):
+    with pytest.raises(ValueError, match="student feature 0"):
         loss(s, t, y, [fs[1]], [ft[0]])
     with pytest.raises(ValueError, match="needs teacher_logits"):
         loss(s, None, y, fs[:1], ft[:1])
@@ -553,7 +553,7 @@ def test_stage_guidance_term_and_its_decay():
     loss = c2vkd_loss(student_channels=[6], teacher_channels=[7], stage_student_channels=[4, 5],
                      stage_teacher_channels=[3, 2], stage_weight=0.4, pdd_weight=0, glob_weight=0, rel_weight=0)
     loss.set_schedules({"stage": ("linear", 0.5), "kd": ("linear", 0.5)})  # a term it lacks is ignored
-    assert set(loss.schedules) == {"stage"}
+    assert set(loss.schedules) == {"stage"} and loss.reads_teacher_stages
     zs, zt, y = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.randint(0, 3, (2, 4, 4))
     fs = [torch.randn(2, 6, 4, 4), torch.randn(2, 4, 4, 4), torch.randn(2, 5, 2, 2)]
     ft = [torch.randn(2, 7, 4, 4), torch.randn(2, 3, 4, 4), torch.randn(2, 2, 2, 2)]
@@ -694,7 +694,8 @@ def test_stage_exits_teach_every_student_stage_the_teacher_logits_through_pdd():
     loss.set_schedules({"exit": ("linear", 0.5)})
     zs, zt, y = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.randint(0, 3, (2, 8, 8))
     fs = [torch.randn(2, 6, 4, 4), torch.randn(2, 4, 4, 4), torch.randn(2, 5, 2, 2)]
-    ft = [torch.randn(2, 7, 4, 4), torch.randn(2, 3, 4, 4), torch.randn(2, 2, 2, 2)]
+    ft = [torch.randn(2, 7, 4, 4)]  # the feature pair's teacher map only: no term reads the teacher's stages
+    assert not loss.reads_teacher_stages
     expected = torch.stack([pdd_loss(e(a), zt, y, class_balance=True, class_balance_power=0.5)
                             for e, a in zip(loss.exit_heads, fs[1:])]).mean()
     out = loss(zs, zt, y, fs, ft)
@@ -702,8 +703,8 @@ def test_stage_exits_teach_every_student_stage_the_teacher_logits_through_pdd():
     torch.testing.assert_close(out["loss"], out["ce"] + 0.5 * expected)
     out["loss"].backward()
     assert all(e.weight.grad.abs().sum() > 0 for e in loss.exit_heads)
-    other_teacher_stages = [ft[0], torch.randn(2, 3, 4, 4), torch.randn(2, 2, 2, 2)]
-    torch.testing.assert_close(loss(zs, zt, y, fs, other_teacher_stages)["exit"], expected)
+    with pytest.raises(ValueError, match="expected 3 student and 1 teacher feature"):
+        loss(zs, zt, y, fs, [ft[0], torch.randn(2, 3, 4, 4), torch.randn(2, 2, 2, 2)])
     loss.progress = 0.5
     assert "exit" not in loss(zs, zt, y, fs, ft)
     with pytest.raises(ValueError, match="needs stage pairs"):

@@ -117,20 +117,24 @@ def test_auto_stage_pairs_pair_the_deepest_stages():
     assert pair_stages([], four) == []
 
 
-def test_auto_stage_pairs_and_the_cache_script_store_what_distill_reads(tmp_path):
+@pytest.mark.parametrize("stage_weight, stored", [
+    ("0", ["decoder"]),  # the exits read only the student's stages: the teacher's are not stored
+    ("0.5", ["decoder", "stage1", "stage2", "stage3", "stage4"])])
+def test_auto_stage_pairs_and_the_cache_script_store_what_distill_reads(tmp_path, stage_weight, stored):
     """``--stage_pairs auto --exit_weight 0.5``: ``scripts/cache_teacher.py`` given distill's flags stores the
-    teacher's decoder map and its four stages (auto pairs the tiny SegFormers' four stages each), and distill
-    with the same flags replays that cache (it refused it when the script ignored the stage pairs) and trains its
-    exits."""
+    teacher's decoder map, plus its four stages only with stage guidance (auto pairs the tiny SegFormers' four
+    stages each), and distill with the same flags replays that cache (it refused it when the script and distill
+    disagreed on the maps) and trains its exits."""
     flags = [*TINY, "--method", "c2vkd", "--teacher_name_or_path", _save_tiny(tmp_path / "teacher", 1),
              "--student_name_or_path", _save_tiny(tmp_path / "student", 2), "--stage_pairs", "auto",
-             "--exit_weight", "0.5", "--teacher_cache", str(tmp_path / "cache")]
+             "--exit_weight", "0.5", "--stage_weight", stage_weight, "--teacher_cache", str(tmp_path / "cache")]
     summary = cache_teacher.main(flags)
-    assert sorted(summary["features"]) == ["decoder", "stage1", "stage2", "stage3", "stage4"]
+    assert sorted(summary["features"]) == stored
     meta = (tmp_path / "cache" / "cache_meta.json").stat().st_mtime
     distill.main(["--output_dir", str(tmp_path / "out"), "--max_steps", "2", *flags])
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["loss_history"][0]["loss/exit"] > 0
+    assert (results["loss_history"][0].get("loss/stage", 0) > 0) is (stage_weight != "0")
     assert (tmp_path / "cache" / "cache_meta.json").stat().st_mtime == meta  # replayed, not rebuilt
 
 

@@ -129,14 +129,15 @@ def mark_stale(runs: list[dict], spec, protocol: str) -> list[dict]:
 
 def stored_maps(method: str, extra: list[str]) -> list[str]:
     """What decides which teacher maps a run's cache holds, as ``flag=value`` with the flags' values in force
-    (:func:`effective_flags`): C2VKD's feature pairs, its stage pairs when stage guidance or exits are on,
-    and the teacher's input scale. Runs that agree on these share a cache; a changed default makes another one."""
+    (:func:`effective_flags`): C2VKD's feature pairs, its stage pairs when stage guidance is on (the exits read
+    only the student's stages), and the teacher's input scale. Runs that agree on these share a cache; a changed
+    default makes another one."""
     values = {k: str(v) if not isinstance(v, str) and v is not None else v for k, v in
               effective_flags(method, extra).items()}
     kept = ["teacher_input_scale"]
     if method == "c2vkd":
         kept.append("feature_pairs")
-        if float(values["stage_weight"]) > 0 or float(values["exit_weight"]) > 0:
+        if float(values["stage_weight"]) > 0:
             kept.append("stage_pairs")
     return [f"--{name}={values[name]}" for name in kept]
 

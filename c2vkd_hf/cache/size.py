@@ -124,7 +124,7 @@ def check_fits(directory: Path, needed: int, *, num_rows: int, num_classes: int,
         options.append(f"a smaller --teacher_cache_top_k (the top-k logits are {format_bytes(logits)} of the total)")
     if feature_shapes:
         options.append(f"fewer teacher feature maps: C2VKD stores those of --feature_pairs and, with --stage_weight "
-                       f"or --exit_weight > 0, of --stage_pairs ({format_bytes(features)} of the total)")
+                       f"> 0, of --stage_pairs ({format_bytes(features)} of the total)")
     options.append("the teacher online: leave out --teacher_cache (it then runs at every step)")
     counted = f" (counting the {format_bytes(reclaimed)} of the files it overwrites)" if reclaimed else ""
     raise TeacherCacheSpaceError(

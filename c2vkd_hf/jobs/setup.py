@@ -227,11 +227,11 @@ def setup_distillation(dist_args: DistillationArguments, data_args: DataArgument
         model = DistillationModel(student, loss_module, [s for s, _ in pairs + stage_pairs], text_head=text_head)
     except TextHeadFoldError as error:
         raise UserInputError(f"--text_head: {error.problem}.") from None
-    teacher_feature_names = [t for _, t in pairs + stage_pairs]
+    names = teacher_maps_read(pairs, stage_pairs, dist_args.stage_weight)
 
     teacher_cache = None
     if dist_args.teacher_cache:
-        teacher_cache = open_teacher_cache(dist_args, data_args, training_args, data, teacher, teacher_feature_names)
+        teacher_cache = open_teacher_cache(dist_args, data_args, training_args, data, teacher, names)
     train, validation, data_callbacks = _datasets_for(data, data_args, student_mean, student_std,
                                                       seed=training_args.seed, with_views=teacher_cache is not None)
     data_callbacks.append(LossScheduleCallback())
@@ -244,7 +244,7 @@ def setup_distillation(dist_args: DistillationArguments, data_args: DataArgument
         model=model, args=training_args, train_dataset=train, eval_dataset=validation, data_collator=collate_fn,
         callbacks=data_callbacks + list(callbacks or []),
         compute_metrics=make_compute_metrics(len(id2label), IGNORE_INDEX, id2label), processing_class=processor,
-        phase=phase, teacher=teacher, teacher_feature_names=teacher_feature_names,
+        phase=phase, teacher=teacher, teacher_feature_names=names,
         student_mean_std=(student_mean, student_std),
         teacher_mean_std=image_mean_std(teacher) if teacher is not None else None, teacher_cache=teacher_cache,
         teacher_input_scale=dist_args.teacher_input_scale)
@@ -301,6 +301,13 @@ def c2vkd_feature_pairs(dist_args: DistillationArguments, student: nn.Module, te
             raise UserInputError(f"feature pair {s_name}:{t_name}: the student has features "
                                  f"{sorted(s_channels)}, the teacher {sorted(t_channels)}.")
     return pairs, stage_pairs
+
+
+def teacher_maps_read(pairs: list, stage_pairs: list, stage_weight: float) -> list[str]:
+    """The teacher maps C2VKD reads (online, or stored in the teacher cache): the feature pairs' teacher side, then
+    the stage pairs' only with stage guidance (``stage_weight > 0``): the stage exits read the student's stages
+    alone (:attr:`~c2vkd_hf.losses.C2VKDLoss.reads_teacher_stages`)."""
+    return [t for _, t in pairs] + ([t for _, t in stage_pairs] if stage_weight > 0 else [])
 
 
 def open_teacher_cache(dist_args: DistillationArguments, data_args: DataArguments,

@@ -105,7 +105,8 @@ class C2VKDLoss(DistillationLoss):
         ling_projector: an existing 1x1 conv to use as ``P_l`` (the student's text head's projector, shared so
             that the linguistic term trains the head the student classifies with); default: a new one.
         stage_student_channels, stage_teacher_channels: channel counts of the stage pairs (after the main pairs in
-            the feature lists), read by ``L_stage`` and, student side, by the exits ``L_exit``.
+            the feature lists), read by ``L_stage`` and, student side, by the exits ``L_exit``. The teacher's stage
+            maps are passed only when ``L_stage`` is on (:attr:`reads_teacher_stages`): the exits never read them.
         num_classes: ``K``, the class count of the exits (needed when ``config.exit_weight > 0``).
         ignore_index: void label value.
 
@@ -207,6 +208,11 @@ class C2VKDLoss(DistillationLoss):
         """Whether ``forward`` needs ``student_features`` and ``teacher_features``."""
         return any(k in self.weights for k in ("glob", "rel", "ling", "stage", "exit"))
 
+    @property
+    def reads_teacher_stages(self) -> bool:
+        """Whether ``forward`` reads the teacher's stage maps (``L_stage`` on); the exits read only the student's."""
+        return self.stage_projectors is not None
+
     def _check_features(self, student_features, teacher_features):
         fs = _as_feature_list("student_features", student_features)
         ft = _as_feature_list("teacher_features", teacher_features)
@@ -217,16 +223,17 @@ class C2VKDLoss(DistillationLoss):
                 "teacher_features"
             )
         s_ch = self.student_channels + self.stage_student_channels
-        t_ch = self.teacher_channels + self.stage_teacher_channels
-        n = len(s_ch)
-        if len(fs) != n or len(ft) != n:
-            raise ValueError(f"expected {n} feature pair(s), got {len(fs)} student and {len(ft)} teacher features")
-        for i, (a, b, ca, cb) in enumerate(zip(fs, ft, s_ch, t_ch)):
-            if a.dim() != 4 or b.dim() != 4 or a.shape[1] != ca or b.shape[1] != cb:
-                raise ValueError(
-                    f"feature pair {i}: expected (B, {ca}, h, w) student and (B, {cb}, h, w) teacher tensors, "
-                    f"got {tuple(a.shape)} and {tuple(b.shape)}"
-                )
+        t_ch = self.teacher_channels + (self.stage_teacher_channels if self.reads_teacher_stages else [])
+        if len(fs) != len(s_ch) or len(ft) != len(t_ch):
+            raise ValueError(f"expected {len(s_ch)} student and {len(t_ch)} teacher feature(s) (the feature pairs, "
+                             f"then the stage pairs; the teacher's stages only with the stage term), got {len(fs)} "
+                             f"and {len(ft)}")
+        for i, (a, ca) in enumerate(zip(fs, s_ch)):
+            if a.dim() != 4 or a.shape[1] != ca:
+                raise ValueError(f"student feature {i}: expected a (B, {ca}, h, w) tensor, got {tuple(a.shape)}")
+        for i, (b, cb) in enumerate(zip(ft, t_ch)):
+            if b.dim() != 4 or b.shape[1] != cb:
+                raise ValueError(f"teacher feature {i}: expected a (B, {cb}, h, w) tensor, got {tuple(b.shape)}")
         return fs, ft
 
     def distillation_terms(
