@@ -225,36 +225,11 @@ def loss_equality(args, name: str = "kd") -> dict:
 
 
 def ensure_kd_cache(args) -> None:
-    """Builds the KD teacher cache of ``ours_kd_cached`` (the teacher's logits only) outside the timed subprocesses
-    when it is missing or incomplete: setting up that row's training opens the cache and builds what it lacks."""
-    from transformers import HfArgumentParser, TrainingArguments
+    """The KD teacher cache of ``ours_kd_cached`` (the teacher's logits only), ``args.kd_cache``, built outside the
+    timed subprocesses when missing (:func:`~.runner.build_teacher_cache`)."""
+    from .runner import build_teacher_cache
 
-    from ..cache import cache_status
-    from ..config import DataArguments, DistillationArguments
-    from ..jobs import prepare_training_args, setup_distillation
-
-    if cache_status(args.kd_cache).complete:
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        parsed = HfArgumentParser((DistillationArguments, DataArguments, TrainingArguments)).parse_dict(
-            peer_config(args, "ours_kd_cached", tmp))
-        prepare_training_args(parsed[2])
-        print(f"[speed] building the KD teacher cache {args.kd_cache} ...", flush=True)
-        setup_distillation(*parsed)
-
-
-def pool(results: list[dict]) -> dict:
-    """One row over the rounds: step times pooled (median over the pool), the largest peak and extra memory."""
-    pooled = dict(results[0])
-    pooled["step_s_all"] = [x for r in results for x in r["step_s_all"]]
-    pooled["step_s_median"] = statistics.median(pooled["step_s_all"])
-    pooled["round_medians_s"] = [r["step_s_median"] for r in results]
-    pooled["steps_timed"] = len(pooled["step_s_all"])
-    pooled["load_end"] = results[-1]["load_end"]
-    for key in ("train_peak_rss_mb", "extra_mb", "rss_before_mb"):
-        values = [r[key] for r in results if r.get(key) is not None]
-        pooled[key] = max(values) if values else None
-    return pooled
+    build_teacher_cache(args.kd_cache, lambda output_dir: peer_config(args, "ours_kd_cached", output_dir))
 
 
 def summarise_peers(rows: dict) -> dict:
@@ -277,16 +252,17 @@ def summarise_peers(rows: dict) -> dict:
 
 def measure_peers(args, command: str) -> dict:
     """The peer mode: the fixed-batch loss check, then ``args.rounds`` rounds of every row of :data:`PEER_ROWS`
-    (each round runs every row once, in turn, each in a fresh subprocess), pooled; ``command`` is recorded."""
+    (each round runs every row once, in turn, each in a fresh subprocess), pooled (:func:`~.runner.pool_rounds`);
+    ``command`` is recorded."""
     from .plan import machine
-    from .runner import run_probe
+    from .runner import pool_rounds, run_probe
 
     start = time.time()
     info = machine(args)
     ensure_kd_cache(args)
     loss = run_probe(args, "peer_loss", "kd", module=__name__)
     rounds = [[run_probe(args, "peer", name, module=__name__) for name in PEER_ROWS] for _ in range(args.rounds)]
-    rows = {name: pool([r[i] for r in rounds]) for i, name in enumerate(PEER_ROWS)}
+    rows = {name: pool_rounds([r[i] for r in rounds]) for i, name in enumerate(PEER_ROWS)}
     import torchdistill
     import transformers
 

@@ -104,7 +104,7 @@ def pool_rounds(results: list[dict]) -> dict:
     pooled["round_medians_s"] = [r["step_s_median"] for r in results]
     pooled["steps_timed"] = len(pooled["step_s_all"])
     pooled["load_end"] = results[-1]["load_end"]
-    for key in ("peak_rss_mb", "train_peak_rss_mb", "gpu_peak_mb", "setup_peak_rss_mb"):
+    for key in ("peak_rss_mb", "train_peak_rss_mb", "gpu_peak_mb", "setup_peak_rss_mb", "rss_before_mb", "extra_mb"):
         values = [r[key] for r in results if r.get(key) is not None]
         pooled[key] = max(values) if values else None
     if "variants_s_all" in pooled:
@@ -117,23 +117,29 @@ def pool_rounds(results: list[dict]) -> dict:
     return pooled
 
 
-def ensure_cache(args) -> None:
-    """Builds the teacher cache for row (c) (outside the timed subprocesses) when it is missing or incomplete:
-    setting up that row's training opens the cache and builds what it lacks."""
+def build_teacher_cache(cache_dir: str, config_for) -> None:
+    """Builds the teacher cache ``cache_dir`` (outside the timed subprocesses) when it is missing or incomplete:
+    setting up the training of ``config_for(output_dir)`` (a ``distill.py`` configuration whose ``teacher_cache``
+    is ``cache_dir``) opens the cache and builds what it lacks."""
     from transformers import HfArgumentParser, TrainingArguments
 
     from ..cache import cache_status
     from ..config import DataArguments, DistillationArguments
     from ..jobs import prepare_training_args, setup_distillation
 
-    if cache_status(args.cache).complete:
+    if cache_status(cache_dir).complete:
         return
     with tempfile.TemporaryDirectory() as tmp:
         parsed = HfArgumentParser((DistillationArguments, DataArguments, TrainingArguments)).parse_dict(
-            train_config(args, "c2vkd_cached", tmp))
+            config_for(tmp))
         prepare_training_args(parsed[2])
-        print(f"[speed] building the teacher cache {args.cache} ...", flush=True)
+        print(f"[speed] building the teacher cache {cache_dir} ...", flush=True)
         setup_distillation(*parsed)
+
+
+def ensure_cache(args) -> None:
+    """The teacher cache of row (c), ``args.cache`` (:func:`build_teacher_cache`)."""
+    build_teacher_cache(args.cache, lambda output_dir: train_config(args, "c2vkd_cached", output_dir))
 
 
 def measure(args, command: str) -> dict:
