@@ -240,8 +240,8 @@ def test_distill_with_teacher_cache_trains_without_running_the_teacher(tmp_path,
     assert baseline["config"]["distillation"]["teacher_cache"] is None
     assert results["loss_history"] and "loss/pdd" in results["loss_history"][0]
     meta = json.loads((cache_dir / "cache_meta.json").read_text())
-    # the decoder pair and, for the default stage exits, the teacher's four stages (auto-paired with the student's)
-    assert meta["key"]["feature_names"] == ["decoder", "stage1", "stage2", "stage3", "stage4"]
+    # the decoder pair only: the default stage exits read the student's stages, not the teacher's
+    assert meta["key"]["feature_names"] == ["decoder"]
     assert meta["key"]["dataset"]["num_examples"] == 12
     model = AutoModelForSemanticSegmentation.from_pretrained(out)
     assert model.config.num_labels == 6
