@@ -70,7 +70,7 @@ def peer_config(args, name: str, output_dir: str) -> dict:
     return config
 
 
-def pixel_rows(logits, labels, ignore_index: int = 255):
+def pixel_rows(logits, labels, ignore_index: int):
     """``logits`` (B, K, h, w) upsampled bilinearly to the label grid, one row per labelled pixel: (n, K) float32."""
     from ..losses.common import resize
 
@@ -90,14 +90,15 @@ def torchdistill_box(trainer, steps: int):
     source = trainer.teacher_source
     loss = trainer.model.distill_loss
     training = trainer.args
-    if "c2vkd_student_rows" not in FORWARD_PROC_FUNC_DICT:
+    if "c2vkd_student_rows" not in FORWARD_PROC_FUNC_DICT:  # registered once per process; all they read is passed
         @register_forward_proc_func(key="c2vkd_student_rows")
         def student_rows(model, sample_batch, targets=None, supp_dict=None, **kwargs):
-            return pixel_rows(model(pixel_values=sample_batch).logits, supp_dict["labels"])
+            return pixel_rows(model(pixel_values=sample_batch).logits, supp_dict["labels"], supp_dict["ignore_index"])
 
         @register_forward_proc_func(key="c2vkd_teacher_rows")
         def teacher_rows(model, sample_batch, targets=None, supp_dict=None, **kwargs):
-            return pixel_rows(model(pixel_values=source.teacher_input(sample_batch)).logits, supp_dict["labels"])
+            logits = model(pixel_values=supp_dict["teacher_input"](sample_batch)).logits
+            return pixel_rows(logits, supp_dict["labels"], supp_dict["ignore_index"])
 
     kd = {"student_module_path": ".", "student_module_io": "output", "teacher_module_path": ".",
           "teacher_module_io": "output", "temperature": float(loss.temperature), "alpha": float(loss.weights["ce"]),
@@ -119,7 +120,8 @@ def torchdistill_box(trainer, steps: int):
     def inputs(batch: dict) -> dict:
         labels = batch["labels"]
         return {"sample_batch": batch["pixel_values"], "targets": labels[labels != loss.ignore_index],
-                "supp_dict": {"labels": labels}}
+                "supp_dict": {"labels": labels, "ignore_index": loss.ignore_index,
+                              "teacher_input": source.teacher_input}}
 
     return box, inputs
 
