@@ -29,17 +29,16 @@ same RNG state: stochastic depth draws alike), before any step.
 from __future__ import annotations
 
 import copy
-import json
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 from .plan import device_name, train_config
-from .probes import (load_average, release_free_memory, reset_hwm, set_threads, sync, touch_weights, vm_hwm_mb,
-                     vm_rss_mb)
+from .probes import (load_average, release_free_memory, reset_hwm, run_probe_main, set_threads, sync, touch_weights,
+                     vm_hwm_mb, vm_rss_mb)
+from .report import format_figure
 
 PEER_ROWS = {
     "ours_kd_online": "c2vkd-distill --method kd, teacher online (our Trainer)",
@@ -275,10 +274,6 @@ def measure_peers(args, command: str) -> dict:
             "load_average_at_end": load_average(), "wall_time_s": round(time.time() - start, 1)}
 
 
-def _fmt(value, spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)
-
-
 def write_peer_report(results: dict, path: Path) -> None:
     """``PEERS.md`` from :func:`measure_peers`' results."""
     m, loss, rows = results["machine"], results["loss_equality"], results["rows"]
@@ -302,14 +297,15 @@ def write_peer_report(results: dict, path: Path) -> None:
         "|---|---|---|---|---|",
     ]
     for name, row in rows.items():
-        lines.append(f"| `{name}` | {row['description']} | {_fmt(row['step_s_median'], '.3f')} | "
-                     f"{_fmt(row['train_peak_rss_mb'], '.0f')} | {_fmt(row['extra_mb'], '.0f')} |")
+        step = format_figure(row["step_s_median"], ".3f")
+        peak, extra = (format_figure(row[k], ".0f") for k in ("train_peak_rss_mb", "extra_mb"))
+        lines.append(f"| `{name}` | {row['description']} | {step} | {peak} | {extra} |")
     lines += ["", "| ratio | step time (median of the rounds' ratios; per round) | train peak RSS | memory over the "
               "built state |", "|---|---|---|---|"]
     for pair, ratio in results["ratios"].items():
-        rounds = ", ".join(_fmt(r, ".2f") for r in ratio["step_per_round"])
-        lines.append(f"| `{pair}` | {_fmt(ratio['step'], '.2f')}x ({rounds}) | {_fmt(ratio['train_peak'], '.2f')}x | "
-                     f"{_fmt(ratio['extra'], '.2f')}x |")
+        rounds = ", ".join(format_figure(r, ".2f") for r in ratio["step_per_round"])
+        step, peak, extra = (format_figure(ratio[k], ".2f") for k in ("step", "train_peak", "extra"))
+        lines.append(f"| `{pair}` | {step}x ({rounds}) | {peak}x | {extra}x |")
     lines += [
         "", "## What differs between the loops", "",
         "- The same student object (copied before any step), teacher, batches (our data loader, decoded cache, seed 0 "
@@ -331,10 +327,8 @@ PROBES = {"peer": peer_steps, "peer_loss": loss_equality}
 
 
 def main(argv: list[str]) -> None:
-    """Subprocess entry: ``ARGS.json KIND NAME OUT.json`` (as :func:`c2vkd_hf.speed.probes.main`)."""
-    args_path, kind, name, out = argv
-    args = SimpleNamespace(**json.loads(Path(args_path).read_text()))
-    Path(out).write_text(json.dumps(PROBES[kind](args, name)))
+    """Subprocess entry of this module's :data:`PROBES` (:func:`~.probes.run_probe_main`)."""
+    run_probe_main(argv, PROBES)
 
 
 if __name__ == "__main__":

@@ -466,12 +466,17 @@ def memory_steps(args, name: str) -> dict:
 PROBES = {"train": pipeline_steps, "bare": bare_step, "eval": metric_throughput, "memory": memory_steps}
 
 
-def main(argv: list[str]) -> None:
-    """Subprocess entry: ``ARGS.json KIND NAME OUT.json`` runs probe ``KIND`` for row ``NAME`` with the options in
+def run_probe_main(argv: list[str], probes: dict) -> None:
+    """Subprocess entry: ``ARGS.json KIND NAME OUT.json`` runs ``probes[KIND]`` for row ``NAME`` with the options in
     ``ARGS.json`` and writes its result to ``OUT.json``."""
     args_path, kind, name, out = argv
     args = SimpleNamespace(**json.loads(Path(args_path).read_text()))
-    Path(out).write_text(json.dumps(PROBES[kind](args, name)))
+    Path(out).write_text(json.dumps(probes[kind](args, name)))
+
+
+def main(argv: list[str]) -> None:
+    """Subprocess entry of this module's :data:`PROBES` (:func:`run_probe_main`)."""
+    run_probe_main(argv, PROBES)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ MEMORY_FLAGS = {"extra_mb": (1.15, MEMORY_NOISE_MB), "term_mb": (1.15, MEMORY_NO
                 "saved_mb": (1.05, 1.0), "term_saved_mb": (1.05, 1.0)}
 
 
-def _fmt(value, spec: str) -> str:
+def format_figure(value, spec: str) -> str:
     """``value`` formatted with ``spec``, or ``-`` for a missing figure."""
     return "-" if value is None else format(value, spec)
 
@@ -89,13 +89,13 @@ def write_report(results: dict, path: Path) -> None:
     protocol = PROTOCOLS[m.get("protocol", "camvid")]
 
     def mb(v):
-        return _fmt(v, ".0f")
+        return format_figure(v, ".0f")
 
     def s(v):
-        return _fmt(v, ".3f")
+        return format_figure(v, ".3f")
 
     def r2(v):
-        return _fmt(v, ".2f")
+        return format_figure(v, ".2f")
 
     def load(v):
         return "-" if not v else "/".join(f"{x:.1f}" for x in v)
@@ -346,13 +346,13 @@ def write_memory_report(results: dict, path: Path, *, analysis: str = "") -> Non
     m = results["machine"]
 
     def mb(v):
-        return _fmt(v, ".0f")
+        return format_figure(v, ".0f")
 
     def r2(v):
-        return _fmt(v, ".2f")
+        return format_figure(v, ".2f")
 
     def mf(v):
-        return _fmt(v, ".1f")
+        return format_figure(v, ".1f")
 
     sizes = ", ".join("x".join(map(str, s)) for s in results["sizes"])
     lines = [
