@@ -411,3 +411,20 @@ def test_bad_run_specs_and_splits_are_usage_errors(tmp_path, capsys, flags, mess
                   str(tmp_path / "w"), *flags])
     assert stop.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "w").exists()  # nothing ran
+
+
+def test_the_cross_dataset_summary_pairs_ours_with_the_best_peer_and_with_the_papers_recipe(tmp_path):
+    """One summary row from hand-made records: seed means, the gain ratio over the best peer, C2VKD minus that peer
+    and C2VKD (ours) minus C2VKD (paper), each paired by seed (ours - paper: s0 +2, s1 +4 = +3.00 ± 1.41)."""
+    for seed in range(2):
+        _run(tmp_path, "none", "none", seed, (0.30, 0.32)[seed])
+        _run(tmp_path, "dist", "dist", seed, (0.31, 0.33)[seed])
+        _run(tmp_path, "c2vkd", "c2vkd", seed, (0.33, 0.34)[seed])
+        _run(tmp_path, "c2vkd-paper", "c2vkd", seed, (0.31, 0.30)[seed])
+    spec = benchmark.load_spec(str(spec_file(tmp_path)))
+    lines = benchmark.summary_section([(spec, benchmark.mark_stale(benchmark.load_runs(tmp_path), spec, "long"))])
+    header = next(line for line in lines if line.startswith("| dataset"))
+    assert "| C2VKD (paper) | ours minus paper | ratio, defaults |" in header
+    assert ("| Tiny | val | 60.00 | 31.00 (2) | dist: 32.00 (2) | 33.50 (2) | 30.50 (2) | +3.00 ± 1.41 (2/2) | "
+            "2.50 (vs dist) | +1.50 ± 0.71 (2/2) | - | - |") in lines
+    assert "| Tiny | selection | - | - | - | - | - | - | - | - | - | - |" in lines
