@@ -17,6 +17,15 @@ from typing import Any, Callable, Optional
 from .errors import TeacherCacheError
 
 
+def file_sha256(path: Path) -> str:
+    """The SHA-256 hex digest of the file at ``path``, read in 4 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def read_json_meta(path: Path, error: Callable[[str], Exception], remedy: str) -> Optional[dict[str, Any]]:
     """The JSON content of a cache's metadata file ``path``, or ``None`` when there is none (not a cache,
     or not yet one). An unreadable or unparsable file raises ``error("<path> is unreadable (<why>); <remedy>")``."""

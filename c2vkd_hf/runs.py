@@ -22,7 +22,6 @@ header matches its size, every torch file's zip directory is readable (a truncat
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -32,6 +31,7 @@ import zipfile
 from pathlib import Path
 from typing import Any, Optional
 
+from .files import file_sha256
 from .validation import UserInputError
 
 logger = logging.getLogger(__name__)
@@ -182,14 +182,6 @@ def clear_previous_run(output_dir: Path, results_name: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ manifests
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 #: Files that other processes of a distributed run write into the checkpoint at the same time.
 _OTHER_PROCESS_FILE = re.compile(r"^rng_state_[1-9][0-9]*\.pth$")
 
@@ -207,7 +199,7 @@ def write_manifest(folder: os.PathLike | str) -> Path:
         fsync_path(p)
     for sub in sorted({p.parent for p in names}, key=lambda d: -len(d.parts)):
         fsync_path(sub)
-    files = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in names}
+    files = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": file_sha256(p)} for p in names}
     path = folder / MANIFEST_NAME
     write_text_durably(path, json.dumps({"files": files}, indent=1))
     return path
@@ -230,7 +222,7 @@ def manifest_problems(folder: os.PathLike | str) -> list[str]:
             problems.append(f"{name} is missing")
         elif file.stat().st_size != expected["size"]:
             problems.append(f"{name} is {file.stat().st_size} bytes, {expected['size']} were written (truncated?)")
-        elif _sha256(file) != expected["sha256"]:
+        elif file_sha256(file) != expected["sha256"]:
             problems.append(f"{name} does not match its checksum (corrupt)")
     return problems
 

@@ -383,6 +383,7 @@ def test_a_run_trains_through_the_distill_command_and_lands_in_its_record(tmp_pa
     assert set(record["runs"]["val"]["per_category_iou"]) == {"road", "car"}
     assert "c2vkd_hf.cli.distill" in record["runs"]["selection"]["command"]
     assert record["runs"]["val"]["torch_threads"] == 1  # --threads reached the training subprocess
+    assert record["teacher_sha256"] is None  # no teacher read
     held_out = json.loads((tmp_path / "work" / "short" / "none-seed0-selection" / "benchmark_config.json").read_text())
     assert held_out["selection_holdout"] == "0006R0_*"
     mtime = benchmark.record_path(tmp_path / "out", "short", "none", 0).stat().st_mtime
@@ -428,3 +429,55 @@ def test_the_cross_dataset_summary_pairs_ours_with_the_best_peer_and_with_the_pa
     assert ("| Tiny | val | 60.00 | 31.00 (2) | dist: 32.00 (2) | 33.50 (2) | 30.50 (2) | +3.00 ± 1.41 (2/2) | "
             "2.50 (vs dist) | +1.50 ± 0.71 (2/2) | - | - |") in lines
     assert "| Tiny | selection | - | - | - | - | - | - | - | - | - | - |" in lines
+
+
+def test_a_record_names_its_teacher_and_is_stale_once_the_teacher_changes(tmp_path, monkeypatch):
+    """``run_one`` records the SHA-256 of the teacher's weights; the record is current while the spec's teacher is
+    those weights and stale (listed with why) once they change. A teacher run whose record names no teacher is
+    stale; a teacher-free run never is. (The training subprocess is replaced by one that writes its outputs.)"""
+    import hashlib
+
+    from c2vkd_hf.benchmark import runner
+
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "model.safetensors").write_bytes(b"weights one")
+    spec = benchmark.load_spec(str(spec_file(tmp_path / "out", teacher=str(teacher), cached_protocols=[])))
+
+    def fake_training(cmd, **kwargs):
+        work = Path(json.loads(Path(cmd[-1]).read_text())["output_dir"])
+        (work / "config.json").write_text(json.dumps({"id2label": {"0": "road", "1": "car"}}))
+        (work / "results.json").write_text(json.dumps({
+            "val_mean_iou": 0.4, "config": _config("kd"), "per_category_iou": [0.5, 0.3], "steps": 10,
+            "wall_time_s": 1.0, "peak_rss_mb": 1.0, "eval_history": [], "loss_history": [], "loss_weights": {},
+            "text_head": False, "teacher_val_mean_iou": 0.6}))
+        return argparse.Namespace(returncode=0)
+
+    monkeypatch.setattr(runner.subprocess, "run", fake_training)
+    args = argparse.Namespace(out_dir=str(tmp_path / "out"), protocol="long", work_dir=str(tmp_path / "work"),
+                              spec=spec, threads=None, ablates=None, control=None)
+    runner.run_one("kd", "kd", [], 0, "val", args)
+    record = json.loads(benchmark.record_path(tmp_path / "out", "long", "kd", 0).read_text())
+    assert record["teacher_sha256"] == hashlib.sha256(b"weights one").hexdigest()
+    _run(tmp_path / "out", "none", "none", 0, 0.30)  # no teacher_sha256: a teacher-free run needs none
+    _run(tmp_path / "out", "cwd", "cwd", 0, 0.35)  # a teacher run that does not name its teacher
+
+    def stale():
+        return {r["name"]: r["stale"] for r in benchmark.mark_stale(benchmark.load_runs(tmp_path / "out"), spec, "long")}
+
+    assert stale()["kd"] == [] and stale()["none"] == []
+    assert stale()["cwd"] == [f"teacher: record made with an unrecorded teacher, the spec's teacher is "
+                              f"{record['teacher_sha256'][:12]}"]
+    (teacher / "model.safetensors").write_bytes(b"weights two")  # the teacher retrained into its folder
+    now = hashlib.sha256(b"weights two").hexdigest()[:12]
+    assert stale()["kd"] == [f"teacher: record made with {record['teacher_sha256'][:12]}, the spec's teacher is {now}"]
+    assert stale()["none"] == []
+
+
+def test_without_its_folder_the_teacher_is_the_one_teacher_json_records(tmp_path):
+    """A spec whose teacher folder is absent (a reset shared store) takes its teacher's identity from the
+    ``teacher.json`` beside it, so records of another teacher stay stale; with neither there is nothing to check."""
+    spec_path = spec_file(tmp_path, teacher=str(tmp_path / "gone"))
+    assert benchmark.load_spec(str(spec_path)).teacher_sha256() is None
+    (tmp_path / "teacher.json").write_text(json.dumps({"model_safetensors_sha256": "ab" * 32}))
+    assert benchmark.load_spec(str(spec_path)).teacher_sha256() == "ab" * 32

@@ -29,9 +29,10 @@ run it changes (``--ablates``, default ``c2vkd``) and, with the text head, again
 
 **Records.** ``runs/<protocol>/<name>-seed<k>.json``: ``protocol``, ``name``, ``method``, ``text_head``, ``seed``,
 ``val_mean_iou``, ``selection_mean_iou`` (``null`` until that run is made), ``ablation`` (``null`` for table runs),
-``config`` and per split the per-class IoU, histories, wall time and the command. A record whose configuration is not
-what today's code and defaults give its run (:func:`.plan.mark_stale`) is stale: left out of the tables, listed as
-missing, and trained again (its old record replaced) when the benchmark runs.
+``config``, ``teacher_sha256`` (the SHA-256 of the teacher's ``model.safetensors``; ``null`` without a teacher) and
+per split the per-class IoU, histories, wall time and the command. A record whose configuration is not what today's
+code and defaults give its run, or whose teacher is not the spec's teacher now (:func:`.plan.mark_stale`), is stale:
+left out of the tables, listed as missing, and trained again (its old record replaced) when the benchmark runs.
 
 **Teacher.** The spec's ``cached_protocols`` replay the teacher from a teacher cache (one per split and set of teacher
 outputs, built by the first run that needs it); the others run it online.

@@ -109,8 +109,11 @@ def mark_stale(runs: list[dict], spec, protocol: str) -> list[dict]:
     """Sets each record's ``stale``: the list of :func:`.records.stale_fields` against today's configuration of its
     run (empty: a run of today's code and defaults). Stale records are left out of the tables and listed as missing,
     so a changed default reruns the records it affects instead of relabelling them. Ablations are records of the
-    configuration they name (kept in ABLATIONS.md as history): they are never stale."""
+    configuration they name (kept in ABLATIONS.md as history): they are never stale. A run that reads the teacher
+    is also stale when its ``teacher_sha256`` is not the spec's teacher's now (:meth:`~.spec.DatasetSpec.
+    teacher_sha256`; not checked while the teacher is a Hub id or absent): another teacher is another run."""
     base = spec.shared_config(protocol, "val") if protocol in spec.protocols else {}
+    teacher = spec.teacher_sha256() if any(r.get("method") != "none" for r in runs) else None
     for record in runs:
         extra = record.get("extra_flags") or []
         if record.get("ablation"):
@@ -124,6 +127,9 @@ def mark_stale(runs: list[dict], spec, protocol: str) -> list[dict]:
             continue
         record["stale"] = records.stale_fields(record, expected, shared,
                                                loss_fields=C2VKD_FIELDS + PEER_FIELDS + ("ce_weight", "text_head"))
+        if teacher is not None and record["method"] != "none" and record.get("teacher_sha256") != teacher:
+            made = record["teacher_sha256"][:12] if record.get("teacher_sha256") else "an unrecorded teacher"
+            record["stale"].append(f"teacher: record made with {made}, the spec's teacher is {teacher[:12]}")
     return runs
 
 

@@ -422,7 +422,8 @@ def summary_section(datasets: list[tuple[object, list[dict]]], protocol: str = "
         return f"{statistics.mean(d):+.2f}{spread} ({sum(x > 0 for x in d)}/{len(d)})" if d else "-"
 
     for spec, runs in datasets:
-        teacher = next((r["teacher_val_mean_iou"] for r in runs if r.get("teacher_val_mean_iou")), None)
+        teacher = next((r["teacher_val_mean_iou"] for r in runs if r.get("teacher_val_mean_iou") and not r.get("stale")),
+                       None)  # a stale record may have been made with another teacher
         if teacher is None:
             teacher = _teacher_results_miou(spec.teacher)
         for split in spec.splits:

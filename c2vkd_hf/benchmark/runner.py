@@ -69,6 +69,7 @@ def run_one(name: str, method: str, extra: list[str], seed: int, split: str, arg
             work.rename(work.with_name(work.name + f"-stale-{int(time.time())}"))
             work.mkdir(parents=True)
             claim(work / "RUNNING")
+    teacher = args.spec.teacher_sha256() if method != "none" else None  # the weights this run distils from
     config = {**shared_config(args, split), "method": method, "seed": seed, "output_dir": str(work)}
     cache = teacher_cache_dir(args, split, method, extra)
     if cache:
@@ -102,6 +103,7 @@ def run_one(name: str, method: str, extra: list[str], seed: int, split: str, arg
         # the teacher's score on the official val split only (a selection run evaluates it on the held-out frames)
         "teacher_val_mean_iou": (results.get("teacher_val_mean_iou") if split == "val" else None)
         or record.get("teacher_val_mean_iou"),
+        "teacher_sha256": teacher,
     })
     if args.ablates and record["ablation"]:
         record["ablates"] = args.ablates

@@ -29,6 +29,8 @@ from typing import Any, Optional
 
 import yaml
 
+from ..files import file_sha256
+
 #: The shared training recipe of every benchmark run (a spec's ``training`` overrides entries).
 TRAINING = {
     "student_name_or_path": "segformer-b0",
@@ -60,6 +62,19 @@ class DatasetSpec:
     cached_protocols: tuple[str, ...]
     training: dict
     path: Optional[str] = None
+
+    def teacher_sha256(self) -> Optional[str]:
+        """The SHA-256 of the teacher folder's ``model.safetensors``: the identity of the teacher a run of this spec
+        distils from now. Where the folder is absent, the ``model_safetensors_sha256`` of a ``teacher.json`` beside
+        the spec (the record of the teacher trained for it, as ``benchmarks/<name>/teacher.json``); else ``None``
+        (a Hub id, or nothing recorded)."""
+        weights = Path(self.teacher) / "model.safetensors" if self.teacher else None
+        if weights is not None and weights.is_file():
+            return file_sha256(weights)
+        recorded = Path(self.path).parent / "teacher.json" if self.path else None
+        if recorded is not None and recorded.is_file():
+            return json.loads(recorded.read_text()).get("model_safetensors_sha256")
+        return None
 
     def shared_config(self, protocol: str, split: str) -> dict:
         """``c2vkd-distill``'s flags shared by every run of ``protocol`` on ``split``."""
