@@ -110,9 +110,9 @@ def mark_stale(runs: list[dict], spec, protocol: str) -> list[dict]:
     run (empty: a run of today's code and defaults). Stale records are left out of the tables and listed as missing,
     so a changed default reruns the records it affects instead of relabelling them. Ablations are records of the
     configuration they name (kept in ABLATIONS.md as history): they are never stale. A run that reads the teacher
-    is also stale when its ``teacher_sha256`` is not the spec's teacher's now (:meth:`~.spec.DatasetSpec.
-    teacher_sha256`; not checked for a Hub id, nor for an absent folder without a ``teacher.json``): another
-    teacher is another run."""
+    is also stale when its ``teacher_sha256`` is not the spec's teacher's now
+    (:meth:`~.spec.DatasetSpec.teacher_sha256`; not checked for a Hub id, nor for an absent folder without a
+    ``teacher.json``): another teacher is another run."""
     base = spec.shared_config(protocol, "val") if protocol in spec.protocols else {}
     teacher = spec.teacher_sha256() if any(r.get("method") != "none" for r in runs) else None
     for record in runs:
