@@ -70,7 +70,7 @@ def main(argv=None) -> dict:
     peers = parser.add_argument_group("peer mode")
     peers.add_argument("--peers", action="store_true", help="Time our loop beside torchdistill's (KD) and the "
                        "transformers example's (student alone) instead, and check the KD loss of one batch against "
-                       "torchdistill's (peers.json, PEERS.md in --out_dir; needs `pip install torchdistill`).")
+                       "torchdistill's (peers.json, PEERS.md in --out_dir; torchdistill comes with the test extra).")
     peers.add_argument("--kd_cache", default=str(ROOT / "outputs" / "teacher-cache" / "camvid-120x160-kd"),
                        help="the teacher cache of the KD row replaying it (built when missing)")
     args = parser.parse_args(argv)

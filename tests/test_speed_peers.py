@@ -1,6 +1,6 @@
 """The peer mode of the speed benchmark (``scripts/speed.py --peers``, :mod:`c2vkd_hf.speed.peers`): torchdistill's
-KD loss equals ours on a fixed batch, every loop trains, and the report regenerates. Runs where torchdistill is
-installed (``pip install torchdistill``; not a test dependency)."""
+KD loss equals ours on a fixed batch, every loop trains, and the report regenerates. torchdistill is a test
+dependency (``pip install -e ".[test]"``)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,8 @@ import PIL.Image
 import pytest
 import torch
 
-pytest.importorskip("torchdistill")
-
-from c2vkd_hf.speed import peers  # noqa: E402
-from tests.tiny import ID2LABEL, TINY_SEGFORMER_JSON, tiny_teacher  # noqa: E402
+from c2vkd_hf.speed import peers
+from tests.tiny import ID2LABEL, TINY_SEGFORMER_JSON, tiny_teacher
 
 
 def _camvid_shaped(root: Path, n: int = 4) -> None:
@@ -59,6 +57,14 @@ def test_torchdistill_computes_our_kd_loss_on_a_fixed_batch(peer_args):
     assert terms["kd"] > 0.1 and result["ours"] == pytest.approx(terms["ce"] + 0.5 * terms["kd"], rel=1e-6)
 
 
+def test_torchdistill_without_a_teacher_computes_our_cross_entropy(peer_args):
+    """The student-only rows train the same loss: torchdistill's ``CrossEntropyLoss`` over the labelled pixels (its
+    ``TrainingBox``) equals our ``--method none`` loss on the fixed batch, and it is not a trivial value."""
+    result = peers.loss_equality(peer_args, "ce")
+    assert result["equal"] and result["abs_diff"] <= peers.LOSS_TOLERANCE, result
+    assert result["ours"] > 0.5 and set(result["ours_terms"]) == {"ce", "loss"}
+
+
 def test_a_different_torchdistill_configuration_gives_another_loss(peer_args, monkeypatch):
     """The check can fail: with torchdistill's temperature at 1 instead of 2 its loss is another number."""
     build = peers.torchdistill_box
@@ -74,16 +80,24 @@ def test_a_different_torchdistill_configuration_gives_another_loss(peer_args, mo
 
 
 def test_every_loop_trains_and_the_report_regenerates(peer_args, tmp_path):
-    """All five rows in their own processes (the KD cache built first), their ratios, and PEERS.md from peers.json."""
+    """All six rows in their own processes (the KD cache built first), their ratios, each loop's distillation
+    overhead, and PEERS.md from peers.json."""
     results = peers.measure_peers(peer_args, "python scripts/speed.py --peers")
     assert set(results["rows"]) == set(peers.PEER_ROWS) and results["loss_equality"]["equal"]
+    assert results["ce_equality"]["equal"]
     for row in results["rows"].values():
         assert row["steps_timed"] == 2 and row["step_s_median"] > 0 and row["subprocess_wall_s"] > 0
         assert 0 < row["rss_before_mb"] <= row["train_peak_rss_mb"]
     ratio = results["ratios"]["ours_kd_online/torchdistill_kd"]
     online, torchdistill = (results["rows"][n]["step_s_median"] for n in ("ours_kd_online", "torchdistill_kd"))
     assert ratio["step"] == pytest.approx(online / torchdistill) and ratio["step_per_round"] == [ratio["step"]]
+    rows = results["rows"]
+    overheads = results["distillation_overheads_s"]
+    assert overheads["torchdistill_kd-torchdistill_student"] == pytest.approx(
+        rows["torchdistill_kd"]["step_s_median"] - rows["torchdistill_student"]["step_s_median"])
+    assert set(overheads) == {"ours_kd_online-ours_student_only", "torchdistill_kd-torchdistill_student"}
     assert (Path(peer_args.kd_cache) / "cache_meta.json").is_file()
     peers.write_peer_report(results, tmp_path / "PEERS.md")
     report = (tmp_path / "PEERS.md").read_text()
-    assert "| `torchdistill_kd` |" in report and "(within 1e-05)" in report
+    assert "| `torchdistill_kd` |" in report and "| `torchdistill_student` |" in report and "(within 1e-05)" in report
+    assert "`torchdistill_kd-torchdistill_student`" in report

@@ -2,7 +2,7 @@
 
 One configuration, the CamVid protocol of :mod:`c2vkd_hf.speed` (SegFormer-B0 from random init, the reference
 UperNet + EfficientNet-Lite0 teacher, 120x160 crops, batch 8, AdamW at lr 6e-4 and weight decay 0.01, gradient
-clipping at norm 1, a linear decay), trained by five loops, each in its own fresh subprocess:
+clipping at norm 1, a linear decay), trained by six loops, each in its own fresh subprocess:
 
 * ``ours_kd_online``: ``c2vkd-distill --method kd`` (our ``DistillationTrainer``), the teacher run online;
 * ``torchdistill_kd``: torchdistill's own loop (``DistillationBox.forward_process`` then
@@ -10,6 +10,8 @@ clipping at norm 1, a linear decay), trained by five loops, each in its own fres
   batches, with its ``WeightedSumLoss`` over its ``KDLoss`` at our temperature and weights;
 * ``ours_kd_cached``: ``--method kd`` replaying the teacher cache (``--teacher_cache``; torchdistill has none);
 * ``ours_student_only``: ``--method none``, the student alone in our loop;
+* ``torchdistill_student``: torchdistill's loop without a teacher (``TrainingBox``), its ``CrossEntropyLoss`` over
+  the labelled pixels, so that each loop's cost of distillation is its KD row minus its own student row;
 * ``hf_example_student``: the recipe of transformers' semantic-segmentation example: ``transformers.Trainer`` on
   ``SegformerForSemanticSegmentation``, whose own loss (cross-entropy of the logits upsampled to the labels) trains
   it, on the same batches.
@@ -46,12 +48,16 @@ PEER_ROWS = {
                        "batches, KD loss and optimizer",
     "ours_kd_cached": "c2vkd-distill --method kd, teacher cache replayed (torchdistill has no cache)",
     "ours_student_only": "c2vkd-distill --method none (our Trainer)",
+    "torchdistill_student": "torchdistill's loop without a teacher (TrainingBox), same student, batches, "
+                            "cross-entropy and optimizer",
     "hf_example_student": "transformers' semantic-segmentation example recipe: Trainer + "
                           "SegformerForSemanticSegmentation, its own loss",
 }
 #: (row, reference) pairs of the report's ratios.
 PEER_PAIRS = (("ours_kd_online", "torchdistill_kd"), ("ours_kd_cached", "torchdistill_kd"),
-              ("ours_student_only", "hf_example_student"))
+              ("ours_student_only", "torchdistill_student"), ("ours_student_only", "hf_example_student"))
+#: (distillation row, its loop's student-only row): what distillation adds to a step, per loop.
+KD_OVERHEADS = (("ours_kd_online", "ours_student_only"), ("torchdistill_kd", "torchdistill_student"))
 #: Largest difference accepted between the two frameworks' loss on the fixed batch (float32 sums in another order).
 LOSS_TOLERANCE = 1e-5
 
@@ -78,13 +84,15 @@ def pixel_rows(logits, labels, ignore_index: int):
 
 
 def torchdistill_box(trainer, steps: int):
-    """A torchdistill ``DistillationBox`` over our ``trainer``'s student (an untrained copy) and teacher, with
-    torchdistill's ``KDLoss`` at the trainer's temperature and weights (``alpha`` = the CE weight, ``beta`` = the KD
-    weight: ``alpha CE + beta T^2 KL``), AdamW at the trainer's learning rate and weight decay, clipping at its
-    ``max_grad_norm`` and a linear decay over ``steps``. Returns ``(box, inputs)``: ``inputs(batch)`` gives
-    ``forward_process``'s arguments for one of our batches."""
+    """A torchdistill box over our ``trainer``'s student (an untrained copy): with the trainer's teacher a
+    ``DistillationBox`` with torchdistill's ``KDLoss`` at the trainer's temperature and weights (``alpha`` = the CE
+    weight, ``beta`` = the KD weight: ``alpha CE + beta T^2 KL``), without one (``--method none``) a ``TrainingBox``
+    with ``CrossEntropyLoss`` over the labelled pixels at the CE weight. Both with AdamW at the trainer's learning
+    rate and weight decay, clipping at its ``max_grad_norm`` and a linear decay over ``steps``. Returns
+    ``(box, inputs)``: ``inputs(batch)`` gives ``forward_process``'s arguments for one of our batches."""
     from torchdistill.core.distillation import DistillationBox
     from torchdistill.core.interfaces.registry import FORWARD_PROC_FUNC_DICT, register_forward_proc_func
+    from torchdistill.core.training import TrainingBox
 
     source = trainer.teacher_source
     loss = trainer.model.distill_loss
@@ -99,14 +107,7 @@ def torchdistill_box(trainer, steps: int):
             logits = model(pixel_values=supp_dict["teacher_input"](sample_batch)).logits
             return pixel_rows(logits, supp_dict["labels"], supp_dict["ignore_index"])
 
-    kd = {"student_module_path": ".", "student_module_io": "output", "teacher_module_path": ".",
-          "teacher_module_io": "output", "temperature": float(loss.temperature), "alpha": float(loss.weights["ce"]),
-          "beta": float(loss.weights["kd"])}
     config = {
-        "teacher": {"forward_proc": "c2vkd_teacher_rows", "requires_grad": False},
-        "student": {"forward_proc": "c2vkd_student_rows"},
-        "criterion": {"key": "WeightedSumLoss",
-                      "kwargs": {"sub_terms": {"kd": {"criterion": {"key": "KDLoss", "kwargs": kd}, "weight": 1.0}}}},
         "optimizer": {"key": "AdamW", "kwargs": {"lr": training.learning_rate, "weight_decay": training.weight_decay},
                       "max_grad_norm": training.max_grad_norm},
         "scheduler": {"key": "LinearLR", "kwargs": {"start_factor": 1.0, "end_factor": 0.0, "total_iters": steps},
@@ -114,13 +115,32 @@ def torchdistill_box(trainer, steps: int):
         "num_epochs": 1,
     }
     student = copy.deepcopy(trainer.model.student)
-    box = DistillationBox(source.model, student, {}, config, training.device, None, False, 1)
+    if source is None:
+        ce = {"criterion": {"key": "CrossEntropyLoss", "kwargs": {"reduction": "mean"}},
+              "criterion_wrapper": {"key": "SimpleLossWrapper", "kwargs": {
+                  "input": {"is_from_teacher": False, "module_path": ".", "io": "output"},
+                  "target": {"uses_label": True}}},
+              "weight": float(loss.weights["ce"])}
+        config.update(model={"forward_proc": "c2vkd_student_rows"},
+                      criterion={"key": "WeightedSumLoss", "kwargs": {"sub_terms": {"ce": ce}}})
+        box = TrainingBox(student, {}, config, training.device, None, False, 1)
+    else:
+        kd = {"student_module_path": ".", "student_module_io": "output", "teacher_module_path": ".",
+              "teacher_module_io": "output", "temperature": float(loss.temperature),
+              "alpha": float(loss.weights["ce"]), "beta": float(loss.weights["kd"])}
+        config.update(teacher={"forward_proc": "c2vkd_teacher_rows", "requires_grad": False},
+                      student={"forward_proc": "c2vkd_student_rows"},
+                      criterion={"key": "WeightedSumLoss", "kwargs": {"sub_terms": {
+                          "kd": {"criterion": {"key": "KDLoss", "kwargs": kd}, "weight": 1.0}}}})
+        box = DistillationBox(source.model, student, {}, config, training.device, None, False, 1)
 
     def inputs(batch: dict) -> dict:
         labels = batch["labels"]
+        supp = {"labels": labels, "ignore_index": loss.ignore_index}
+        if source is not None:
+            supp["teacher_input"] = source.teacher_input
         return {"sample_batch": batch["pixel_values"], "targets": labels[labels != loss.ignore_index],
-                "supp_dict": {"labels": labels, "ignore_index": loss.ignore_index,
-                              "teacher_input": source.teacher_input}}
+                "supp_dict": supp}
 
     return box, inputs
 
@@ -154,7 +174,7 @@ def peer_steps(args, name: str) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         trainer, training_args = build_trainer(peer_config(args, name, tmp), [StepTimes()])
-        if name == "torchdistill_kd":
+        if name.startswith("torchdistill_"):
             box, inputs = torchdistill_box(trainer, total)
             loader = trainer.get_train_dataloader()
             run = None
@@ -196,17 +216,22 @@ def peer_steps(args, name: str) -> dict:
             "step_s_all": [round(t, 4) for t in times], **memory}
 
 
+#: The loss each fixed-batch check compares, and the row of ours it is built from.
+LOSS_CHECKS = {"kd": "ours_kd_online", "ce": "ours_student_only"}
+
+
 def loss_equality(args, name: str = "kd") -> dict:
-    """The KD loss of one fixed batch (the first of the seed's data order) computed by our trainer
-    (``compute_loss``) and by torchdistill's ``forward_process``, on the same untrained student under the same RNG
-    state; ``abs_diff`` and whether it is within :data:`LOSS_TOLERANCE`."""
+    """The loss ``name`` (:data:`LOSS_CHECKS`: KD, or the student-only cross-entropy) of one fixed batch (the first
+    of the seed's data order) computed by our trainer (``compute_loss``) and by torchdistill's ``forward_process``,
+    on the same untrained student under the same RNG state; ``abs_diff`` and whether it is within
+    :data:`LOSS_TOLERANCE`."""
     import torch
 
     from .probes import build_trainer
 
     set_threads(args)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer, training_args = build_trainer(peer_config(args, "ours_kd_online", tmp), [])
+        trainer, training_args = build_trainer(peer_config(args, LOSS_CHECKS[name], tmp), [])
         box, inputs = torchdistill_box(trainer, 1)
         batch = next(iter(trainer.get_train_dataloader()))
         batch = {k: v.to(training_args.device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -251,6 +276,16 @@ def summarise_peers(rows: dict) -> dict:
             for a, b in PEER_PAIRS if a in rows and b in rows}
 
 
+def distillation_overheads(rows: dict) -> dict:
+    """``{"ours_kd_online-ours_student_only": seconds, ...}`` for :data:`KD_OVERHEADS`: what distillation adds to one
+    loop's step, the median over rounds of the per-round differences of the rows' median step times."""
+    def per_round(row):
+        return row.get("round_medians_s", [row["step_s_median"]])
+
+    return {f"{a}-{b}": statistics.median(x - y for x, y in zip(per_round(rows[a]), per_round(rows[b])))
+            for a, b in KD_OVERHEADS if a in rows and b in rows}
+
+
 def measure_peers(args, command: str) -> dict:
     """The peer mode: the fixed-batch loss check, then ``args.rounds`` rounds of every row of :data:`PEER_ROWS`
     (each round runs every row once, in turn, each in a fresh subprocess), pooled (:func:`~.runner.pool_rounds`);
@@ -262,6 +297,7 @@ def measure_peers(args, command: str) -> dict:
     info = machine(args)
     ensure_kd_cache(args)
     loss = run_probe(args, "peer_loss", "kd", module=__name__)
+    ce = run_probe(args, "peer_loss", "ce", module=__name__)
     rounds = [[run_probe(args, "peer", name, module=__name__) for name in PEER_ROWS] for _ in range(args.rounds)]
     rows = {name: pool_rounds([r[i] for r in rounds]) for i, name in enumerate(PEER_ROWS)}
     import torchdistill
@@ -270,7 +306,8 @@ def measure_peers(args, command: str) -> dict:
     return {"command": command, "machine": info, "teacher": args.teacher, "steps": args.steps, "warmup": args.warmup,
             "rounds": args.rounds, "versions": {"torchdistill": torchdistill.__version__,
                                                 "transformers": transformers.__version__},
-            "loss_equality": loss, "rows": rows, "ratios": summarise_peers(rows),
+            "loss_equality": loss, "ce_equality": ce, "rows": rows, "ratios": summarise_peers(rows),
+            "distillation_overheads_s": distillation_overheads(rows),
             "load_average_at_end": load_average(), "wall_time_s": round(time.time() - start, 1)}
 
 
@@ -292,6 +329,14 @@ def write_peer_report(results: dict, path: Path) -> None:
         f"forward under the same RNG state, {loss['labelled_pixels']} labelled pixels: ours (`compute_loss`) "
         f"{loss['ours']:.7f}, torchdistill (`DistillationBox.forward_process`, its `KDLoss`) {loss['torchdistill']:.7f}, "
         f"difference {loss['abs_diff']:.1e} ({'within' if loss['equal'] else 'OUTSIDE'} {loss['tolerance']:.0e}).", "",
+    ]
+    ce = results.get("ce_equality")
+    if ce:
+        lines += [f"The student-only cross-entropy on the same batch: ours {ce['ours']:.7f}, torchdistill "
+                  f"(`TrainingBox.forward_process`, `CrossEntropyLoss` over the labelled pixels) {ce['torchdistill']:.7f}, "
+                  f"difference {ce['abs_diff']:.1e} ({'within' if ce['equal'] else 'OUTSIDE'} {ce['tolerance']:.0e}).",
+                  ""]
+    lines += [
         "## Step time and memory", "",
         "| row | loop | step s (median) | train peak RSS MiB | over the built state MiB |",
         "|---|---|---|---|---|",
@@ -306,6 +351,11 @@ def write_peer_report(results: dict, path: Path) -> None:
         rounds = ", ".join(format_figure(r, ".2f") for r in ratio["step_per_round"])
         step, peak, extra = (format_figure(ratio[k], ".2f") for k in ("step", "train_peak", "extra"))
         lines.append(f"| `{pair}` | {step}x ({rounds}) | {peak}x | {extra}x |")
+    overheads = results.get("distillation_overheads_s", {})
+    if overheads:
+        lines += ["", "What distillation adds to a step in each loop (the KD row's median step minus its own loop's "
+                  "student-only row's, median over rounds): " + "; ".join(
+                      f"`{pair}` {format_figure(value, '+.3f')} s" for pair, value in overheads.items()) + "."]
     lines += [
         "", "## What differs between the loops", "",
         "- The same student object (copied before any step), teacher, batches (our data loader, decoded cache, seed 0 "
