@@ -69,8 +69,8 @@ def main(argv=None) -> dict:
     memory.add_argument("--memory_teacher_backbone", default="resnet101", help="timm backbone of the built teacher")
     peers = parser.add_argument_group("peer mode")
     peers.add_argument("--peers", action="store_true", help="Time our loop beside torchdistill's (KD) and the "
-                       "transformers example's (student alone) instead, and check the KD loss of one batch against "
-                       "torchdistill's (peers.json, PEERS.md in --out_dir; torchdistill comes with the test extra).")
+                       "transformers example's (student alone) instead, and check the KD and cross-entropy losses of one "
+                       "batch against torchdistill's (peers.json, PEERS.md in --out_dir; torchdistill comes with the test extra).")
     peers.add_argument("--kd_cache", default=str(ROOT / "outputs" / "teacher-cache" / "camvid-120x160-kd"),
                        help="the teacher cache of the KD row replaying it (built when missing)")
     args = parser.parse_args(argv)

@@ -63,7 +63,8 @@ and its growth from the smallest to the largest size against the pixel ratio (:f
 
 **Peer mode** (``--peers``; writes ``peers.json`` and ``PEERS.md``): our loop beside torchdistill's (the same KD
 configuration in its ``DistillationBox``) and beside the transformers semantic-segmentation example's recipe (the
-student alone), and the KD loss of one fixed batch in both frameworks (:mod:`.peers`).
+student alone; also in torchdistill's ``TrainingBox``), and the KD and cross-entropy losses of one fixed batch in
+both frameworks (:mod:`.peers`).
 
 Modules: :mod:`.plan` (the rows, protocols, device and each row's training configuration), :mod:`.probes` (the
 timed measurements, each in a fresh subprocess), :mod:`.runner` (rounds, whole benchmark runs, the teacher cache;

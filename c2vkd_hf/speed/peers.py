@@ -24,8 +24,8 @@ pixels as rows (:func:`pixel_rows`), the per-pixel mean ours takes.
 Per row: the median step time (wall time between consecutive optimizer steps: data, teacher or cache, forward,
 loss, backward, clipping, optimizer) over ``--steps`` after ``--warmup``, and the peak resident set over the steps
 (``VmHWM`` reset right before the first) over the state built before it. Ratios are taken within one invocation.
-The loss values of one fixed batch (:func:`loss_equality`): ours and torchdistill's on the same student forward (the
-same RNG state: stochastic depth draws alike), before any step.
+The loss values of one fixed batch (:func:`loss_equality`, KD and the student-only cross-entropy): ours and
+torchdistill's on the same student forward (the same RNG state: stochastic depth draws alike), before any step.
 """
 
 from __future__ import annotations
@@ -258,6 +258,11 @@ def ensure_kd_cache(args) -> None:
     build_teacher_cache(args.kd_cache, lambda output_dir: peer_config(args, "ours_kd_cached", output_dir))
 
 
+def round_medians(row: dict) -> list:
+    """A pooled row's median step time of each round (one round: its median)."""
+    return row.get("round_medians_s", [row["step_s_median"]])
+
+
 def summarise_peers(rows: dict) -> dict:
     """``{"ours_kd_online/torchdistill_kd": {"step": ratio, "step_per_round": [...], "train_peak": ratio,
     "extra": ratio}, ...}`` for :data:`PEER_PAIRS` (None where a figure is missing): ``step`` is the median of the
@@ -266,8 +271,7 @@ def summarise_peers(rows: dict) -> dict:
         return None if a is None or not b else a / b
 
     def per_round(a, b):
-        return [ratio(x, y) for x, y in zip(a.get("round_medians_s", [a["step_s_median"]]),
-                                            b.get("round_medians_s", [b["step_s_median"]]))]
+        return [ratio(x, y) for x, y in zip(round_medians(a), round_medians(b))]
 
     return {f"{a}/{b}": {"step": statistics.median(per_round(rows[a], rows[b])),
                          "step_per_round": per_round(rows[a], rows[b]),
@@ -279,10 +283,7 @@ def summarise_peers(rows: dict) -> dict:
 def distillation_overheads(rows: dict) -> dict:
     """``{"ours_kd_online-ours_student_only": seconds, ...}`` for :data:`KD_OVERHEADS`: what distillation adds to one
     loop's step, the median over rounds of the per-round differences of the rows' median step times."""
-    def per_round(row):
-        return row.get("round_medians_s", [row["step_s_median"]])
-
-    return {f"{a}-{b}": statistics.median(x - y for x, y in zip(per_round(rows[a]), per_round(rows[b])))
+    return {f"{a}-{b}": statistics.median(x - y for x, y in zip(round_medians(rows[a]), round_medians(rows[b])))
             for a, b in KD_OVERHEADS if a in rows and b in rows}
 
 
@@ -311,9 +312,15 @@ def measure_peers(args, command: str) -> dict:
             "load_average_at_end": load_average(), "wall_time_s": round(time.time() - start, 1)}
 
 
+def _loss_check_sentence(check: dict, theirs: str) -> str:
+    """``ours X, torchdistill (theirs) Y, difference Z (within T)`` for one :func:`loss_equality` result."""
+    return (f"ours (`compute_loss`) {check['ours']:.7f}, torchdistill ({theirs}) {check['torchdistill']:.7f}, difference "
+            f"{check['abs_diff']:.1e} ({'within' if check['equal'] else 'OUTSIDE'} {check['tolerance']:.0e}).")
+
+
 def write_peer_report(results: dict, path: Path) -> None:
     """``PEERS.md`` from :func:`measure_peers`' results."""
-    m, loss, rows = results["machine"], results["loss_equality"], results["rows"]
+    m, loss, ce, rows = results["machine"], results["loss_equality"], results["ce_equality"], results["rows"]
     lines = [
         "# Our loop beside torchdistill's and the transformers example's", "",
         "Written by `scripts/speed.py --peers` (:mod:`c2vkd_hf.speed.peers`); do not edit. Reproduce with:", "",
@@ -326,17 +333,10 @@ def write_peer_report(results: dict, path: Path) -> None:
         "timed steps per row, each row in its own fresh process, the rows in turn.", "",
         "## The loss on one fixed batch", "",
         f"KD (temperature and weights of `--method kd`) on the first batch of seed 0, the same untrained student "
-        f"forward under the same RNG state, {loss['labelled_pixels']} labelled pixels: ours (`compute_loss`) "
-        f"{loss['ours']:.7f}, torchdistill (`DistillationBox.forward_process`, its `KDLoss`) {loss['torchdistill']:.7f}, "
-        f"difference {loss['abs_diff']:.1e} ({'within' if loss['equal'] else 'OUTSIDE'} {loss['tolerance']:.0e}).", "",
-    ]
-    ce = results.get("ce_equality")
-    if ce:
-        lines += [f"The student-only cross-entropy on the same batch: ours {ce['ours']:.7f}, torchdistill "
-                  f"(`TrainingBox.forward_process`, `CrossEntropyLoss` over the labelled pixels) {ce['torchdistill']:.7f}, "
-                  f"difference {ce['abs_diff']:.1e} ({'within' if ce['equal'] else 'OUTSIDE'} {ce['tolerance']:.0e}).",
-                  ""]
-    lines += [
+        f"forward under the same RNG state, {loss['labelled_pixels']} labelled pixels: "
+        + _loss_check_sentence(loss, "`DistillationBox.forward_process`, its `KDLoss`"), "",
+        "The student-only cross-entropy on the same batch: "
+        + _loss_check_sentence(ce, "`TrainingBox.forward_process`, `CrossEntropyLoss` over the labelled pixels"), "",
         "## Step time and memory", "",
         "| row | loop | step s (median) | train peak RSS MiB | over the built state MiB |",
         "|---|---|---|---|---|",
@@ -351,12 +351,10 @@ def write_peer_report(results: dict, path: Path) -> None:
         rounds = ", ".join(format_figure(r, ".2f") for r in ratio["step_per_round"])
         step, peak, extra = (format_figure(ratio[k], ".2f") for k in ("step", "train_peak", "extra"))
         lines.append(f"| `{pair}` | {step}x ({rounds}) | {peak}x | {extra}x |")
-    overheads = results.get("distillation_overheads_s", {})
-    if overheads:
-        lines += ["", "What distillation adds to a step in each loop (the KD row's median step minus its own loop's "
-                  "student-only row's, median over rounds): " + "; ".join(
-                      f"`{pair}` {format_figure(value, '+.3f')} s" for pair, value in overheads.items()) + "."]
     lines += [
+        "", "What distillation adds to a step in each loop (the KD row's median step minus its own loop's student-only "
+        "row's, median over rounds): " + "; ".join(f"`{pair}` {format_figure(value, '+.3f')} s"
+                                                   for pair, value in results["distillation_overheads_s"].items()) + ".",
         "", "## What differs between the loops", "",
         "- The same student object (copied before any step), teacher, batches (our data loader, decoded cache, seed 0 "
         "order) and loss formula in every row; the teacher runs under `no_grad` in eval mode in both KD loops.",
